@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random teacher/student pairs (Llama MHA; Qwen2 GQA + biases) and a tiny tokenizer.
+
+Fast tests use only these. Tests marked ``slow`` load the real embedded models; tests that read the
+benchmark data use the ``shared_data`` fixture, which fails (never skips) when PKT_DATA_DIR is unset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pkt import testing
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return testing.tiny_tokenizer()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_pair(request, tiny_tok):
+    """(teacher, student, tokenizer) for both families: every test using it runs twice."""
+    v = len(tiny_tok)
+    return testing.tiny_model(request.param, "teacher", v), testing.tiny_model(request.param, "student", v), tiny_tok
+
+
+@pytest.fixture
+def qwen_pair(tiny_tok):
+    v = len(tiny_tok)
+    return testing.tiny_model("qwen2", "teacher", v), testing.tiny_model("qwen2", "student", v), tiny_tok
+
+
+@pytest.fixture
+def llama_pair(tiny_tok):
+    v = len(tiny_tok)
+    return testing.tiny_model("llama", "teacher", v), testing.tiny_model("llama", "student", v), tiny_tok
+
+
+@pytest.fixture
+def shared_data():
+    raw = os.environ.get("PKT_DATA_DIR")
+    assert raw and Path(raw).is_dir(), "this test reads the benchmark data: set PKT_DATA_DIR (see README)"
+    return Path(raw)
