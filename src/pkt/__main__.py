@@ -1,0 +1,5 @@
+"""``python -m pkt`` = the ``pkt`` command."""
+
+from pkt.cli import main
+
+main()
