@@ -1,0 +1,247 @@
+"""Parametric similarity: how a LoRA init or an injected delta relates to the student's own weights.
+
+LoRA inits with a mutated base (PiSSA, Seeking) keep the model's function at step 0 by storing
+``W_remaining = W − scaling·BA`` as the frozen base weight. For every LoRA-wrapped linear layer
+``lora_similarity`` reports (flattened cosines, float64)
+
+* ``cos_BA_original``  = cos(scaling·BA, W_original) with ``W_original = W_remaining + scaling·BA``;
+* ``cos_BA_remaining`` = cos(scaling·BA, W_remaining);
+* ``norm_ratio``       = ‖scaling·BA‖_F / ‖W_original‖_F (also ``norm_ratio_remaining``).
+
+It works on *any* peft LoRA model whose base was mutated this way (for an ordinary zero-B LoRA the
+cosines are 0). Analytic checks: PiSSA gives cos(BA, W_res) = 0 and cos(BA, W) = sqrt(Σ_{i≤r}σᵢ²/Σσᵢ²);
+for a foreign (teacher) factor, cos(BA, W) ≈ 0 and cos(BA, W − BA) ≈ −‖BA‖/‖W − BA‖ (METHODS.md §3.1).
+
+``delta_similarity`` does the LaTen-style comparison: cos(delta, W) restricted to the rows/columns the
+delta touches (its support is the "located" mask).
+
+``pissa_init`` and ``seeking_init`` build the two inits on a student in process (see their docstrings).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pkt.analyse.similarity import flat_cosine
+from pkt.errors import PktError
+from pkt.models.arch import PEFT_NAMES, ArchSpec, unwrap
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def _layer_and_module(name: str) -> tuple[int | None, str]:
+    m = _LAYER_RE.search(name)
+    return (int(m.group(1)) if m else None), name.split(".")[-1]
+
+
+def lora_similarity(peft_model: nn.Module, adapter: str | None = None) -> list[dict]:
+    """Per LoRA-wrapped linear layer: cos(BA, W_original), cos(BA, W_remaining) and norm ratios.
+
+    ``BA`` is the effective update ``scaling·B@A`` of ``adapter`` (default: the active adapter).
+    Records are sorted by (module, layer).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    rows = []
+    for name, m in peft_model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        ad = adapter or _active(m)
+        if ad not in m.lora_A:
+            continue
+        a = m.lora_A[ad].weight.detach().to(torch.float64)
+        b = m.lora_B[ad].weight.detach().to(torch.float64)
+        ba = m.scaling[ad] * (b @ a)
+        w_rem = m.get_base_layer().weight.detach().to(torch.float64)
+        if getattr(m, "fan_in_fan_out", False):
+            w_rem = w_rem.T
+        if ba.shape != w_rem.shape:
+            raise PktError(f"{name}: LoRA update {tuple(ba.shape)} does not match base weight {tuple(w_rem.shape)}")
+        w_orig = w_rem + ba
+        layer, module = _layer_and_module(name)
+        n_ba, n_orig, n_rem = float(ba.norm()), float(w_orig.norm()), float(w_rem.norm())
+        rows.append({
+            "name": _strip_peft(name), "layer": layer, "module": module, "rank": int(a.shape[0]),
+            "scaling": float(m.scaling[ad]),
+            "cos_BA_original": flat_cosine(ba, w_orig),
+            "cos_BA_remaining": flat_cosine(ba, w_rem),
+            "norm_BA": n_ba, "norm_original": n_orig, "norm_remaining": n_rem,
+            "norm_ratio": n_ba / n_orig if n_orig else float("nan"),
+            "norm_ratio_remaining": n_ba / n_rem if n_rem else float("nan"),
+        })
+    if not rows:
+        raise PktError("no LoRA layers found: expected a peft LoRA model")
+    return sorted(rows, key=lambda r: (r["module"], r["layer"] if r["layer"] is not None else -1, r["name"]))
+
+
+def _active(m) -> str:
+    act = m.active_adapters if hasattr(m, "active_adapters") else m.active_adapter
+    return act[0] if isinstance(act, (list, tuple)) else act
+
+
+def _strip_peft(name: str) -> str:
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def delta_similarity(student: nn.Module, deltas: dict[str, torch.Tensor]) -> list[dict]:
+    """LaTen-style: per module, cos(delta, W) on the located rows × columns (the delta's support).
+
+    ``deltas`` maps a module name (``model.layers.3.mlp.up_proj``; a ``.weight`` suffix or a peft prefix
+    is accepted) to a delta of the weight's shape that is zero outside the located rows/columns.
+    Also reported: the cosine over the full matrix, the norm ratio ‖delta‖/‖W_located‖ and the counts.
+    """
+    plain = unwrap(student)
+    rows = []
+    for name, delta in deltas.items():
+        mod_name = _strip_peft(name)
+        mod_name = mod_name[: -len(".weight")] if mod_name.endswith(".weight") else mod_name
+        try:
+            mod = plain.get_submodule(mod_name)
+        except AttributeError:
+            raise PktError(f"delta for {name!r}: the student has no module {mod_name!r}") from None
+        base = getattr(mod, "get_base_layer", lambda: mod)()
+        w = base.weight.detach().to(torch.float64)
+        d = delta.detach().to(torch.float64)
+        if d.shape != w.shape:
+            raise PktError(f"delta for {name!r} is {tuple(d.shape)}, the weight is {tuple(w.shape)}")
+        r_mask = d.abs().sum(1) > 0
+        c_mask = d.abs().sum(0) > 0
+        d_loc, w_loc = d[r_mask][:, c_mask], w[r_mask][:, c_mask]
+        layer, module = _layer_and_module(mod_name)
+        n_wloc = float(w_loc.norm())
+        rows.append({
+            "name": mod_name, "layer": layer, "module": module,
+            "rows": int(r_mask.sum()), "cols": int(c_mask.sum()),
+            "cos_delta_located": flat_cosine(d_loc, w_loc) if d_loc.numel() else 0.0,
+            "cos_delta_full": flat_cosine(d, w),
+            "norm_delta": float(d.norm()), "norm_located": n_wloc,
+            "norm_ratio": float(d.norm()) / n_wloc if n_wloc else float("nan"),
+        })
+    return sorted(rows, key=lambda r: (r["module"], r["layer"] if r["layer"] is not None else -1, r["name"]))
+
+
+def summarise(records: list[dict], keys: tuple[str, ...] | None = None) -> dict[str, dict[str, dict]]:
+    """Per module: mean/std/min/max over layers of each numeric key (``cos_*`` and ``norm_ratio*``)."""
+    by_mod: dict[str, list[dict]] = {}
+    for r in records:
+        by_mod.setdefault(r["module"], []).append(r)
+    out = {}
+    for mod, rs in by_mod.items():
+        ks = keys or tuple(k for k in rs[0] if k.startswith(("cos_", "norm_ratio")))
+        out[mod] = {}
+        for k in ks:
+            vals = [r[k] for r in rs]
+            out[mod][k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+                           "min": min(vals), "max": max(vals), "n": len(vals)}
+    return out
+
+
+# ---- building the inits --------------------------------------------------------------------------
+
+def _target_names(kinds) -> list[str]:
+    bad = [k for k in kinds if k not in PEFT_NAMES]
+    if bad:
+        raise PktError(f"unknown module kind(s) {bad}; expected some of {', '.join(PEFT_NAMES)}")
+    return [PEFT_NAMES[k] for k in kinds]
+
+
+def pissa_init(student: nn.Module, rank: int = 16, kinds=("up", "down"), lora_alpha: int | None = None,
+               init: str = "pissa"):
+    """peft PiSSA init of ``student`` (mutates its weights in place): ``LoraConfig(init_lora_weights='pissa')``.
+
+    ``init`` may be ``"pissa_niter_K"`` for peft's fast randomised SVD.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=_target_names(kinds),
+                     init_lora_weights=init, lora_dropout=0.0)
+    return get_peft_model(student, cfg)
+
+
+def max_sum_block(score: torch.Tensor, shape: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of the contiguous ``shape`` block of ``score`` with the largest sum.
+
+    Vectorised summed-area table (float64); ``argmax`` keeps the first maximum in row-major order, the
+    tie-break of Seeking's loop (METHODS.md §7.2).
+    """
+    x, y = shape
+    big_x, big_y = score.shape
+    if x > big_x or y > big_y:
+        raise PktError(f"block {shape} does not fit in {tuple(score.shape)} (only shrinking is supported)")
+    p = torch.zeros(big_x + 1, big_y + 1, dtype=torch.float64)
+    p[1:, 1:] = score.to(torch.float64).cumsum(0).cumsum(1)
+    win = p[x:, y:] - p[:-x, y:] - p[x:, :-y] + p[:-x, :-y]
+    flat = int(torch.argmax(win))
+    return flat // win.shape[1], flat % win.shape[1]
+
+
+@dataclass(frozen=True)
+class SeekingBlock:
+    student_layer: int
+    teacher_layer: int
+    module: str
+    row0: int
+    col0: int
+
+
+def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layer for each student layer: ``n_student`` evenly spaced teacher layers, in order."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def seeking_init(teacher: nn.Module, student: nn.Module, rank: int = 16, kinds=("up", "down"),
+                 block: str = "max_abs", layer_map: list[int] | None = None, sensitivity=None):
+    """A Seeking-style LoRA init built here (``pkt.align`` may offer the full, sensitivity-driven one).
+
+    For student layer i and each module kind: take the teacher layer ``layer_map[i]`` (default: evenly
+    spaced, ``even_layer_map``), cut a contiguous sub-block of the student weight's shape — the block
+    with the largest ``Σ score`` where score is ``sensitivity[(teacher_layer, kind)]`` if given, else
+    ``|W|`` (``block="max_abs"``), or the leading block (``block="leading"``) — factor it by SVD and set
+    ``B = U_r Σ_r``, ``A = V_rᵀ`` (α = r, scaling 1), base ← ``W − BA``. Returns (peft model, blocks).
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
+    layer_map = layer_map or even_layer_map(t_spec.num_layers, s_spec.num_layers)
+    if len(layer_map) != s_spec.num_layers:
+        raise PktError(f"layer map has {len(layer_map)} entries, the student has {s_spec.num_layers} layers")
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=_target_names(kinds), init_lora_weights=False,
+                     lora_dropout=0.0)
+    model = get_peft_model(student, cfg)
+    blocks = []
+    with torch.no_grad():
+        for i, tl in enumerate(layer_map):
+            for kind in kinds:
+                tw = t_spec.linear(teacher, tl, kind).weight.detach().to(torch.float32)
+                lora = s_spec.linear(model, i, kind)
+                if not isinstance(lora, LoraLayer):
+                    raise PktError(f"student layer {i} {kind}: not wrapped by peft")
+                base = lora.get_base_layer()
+                shape = tuple(base.weight.shape)
+                if block == "leading":
+                    r0, c0 = 0, 0
+                elif block == "max_abs":
+                    score = sensitivity[(tl, kind)] if sensitivity is not None else tw.abs()
+                    r0, c0 = max_sum_block(score, shape)
+                else:
+                    raise PktError(f"block {block!r}: expected 'max_abs' or 'leading'")
+                sub = tw[r0:r0 + shape[0], c0:c0 + shape[1]]
+                u, s, vh = torch.linalg.svd(sub, full_matrices=False)
+                b = (u[:, :rank] * s[:rank]).to(base.weight.dtype)
+                a = vh[:rank].to(base.weight.dtype)
+                lora.lora_B["default"].weight.copy_(b)
+                lora.lora_A["default"].weight.copy_(a)
+                base.weight.sub_(lora.scaling["default"] * (b @ a))
+                blocks.append(SeekingBlock(i, tl, PEFT_NAMES[kind], r0, c0))
+    return model, blocks
