@@ -1,0 +1,1 @@
+"""Evaluation harness: GSM8K, MMLU, HumanEval, MBPP and answer loss (see docs/evaluation.md)."""
