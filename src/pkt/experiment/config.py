@@ -1,0 +1,73 @@
+"""The experiment file: teacher, student, tasks, methods, seeds and the budget of every stage.
+
+``pkt run CONFIG.yaml`` validates it into :class:`ExperimentConfig` (unknown keys are errors). The budget
+fields are the knobs that decide run time; configs/default.yaml sizes them for ≤ 15 min on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pkt.config import Settings
+from pkt.data.tasks import TASKS
+
+Method = Literal["student", "teacher", "lora", "pissa", "seeking", "laten", "kd"]
+ALL_METHODS: tuple[str, ...] = ("student", "teacher", "lora", "pissa", "seeking", "laten", "kd")
+
+
+class Budget(Settings):
+    # PostPKT / baselines fine-tuning (paper: r=16, α=16, lr 3e-4, 1000 examples, 5 epochs, batch 64)
+    train_examples: int = Field(1000, ge=1)
+    epochs: float = Field(5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = 3e-4
+    rank: int = Field(16, ge=1)
+    alpha: float = 16
+    max_length: int = Field(768, ge=16)
+    # Seeking extraction
+    extract_samples: int = Field(20, ge=1)
+    # LaTen (paper: P=16, rate 0.1, λ=1000, step from S3 Table 4)
+    laten_steps: int = Field(4, ge=1)
+    laten_batch: int = Field(16, ge=1)
+    laten_rate: float = Field(0.1, gt=0, le=1)
+    laten_lr: float = 3e-4
+    # knowledge distillation: teacher answers for the train prompts
+    kd_max_new_tokens: int = Field(256, ge=1)
+    # evaluation
+    eval_limit: int | None = Field(None, ge=1)
+    eval_max_new_tokens: int = Field(512, ge=1)
+    loss_examples: int = Field(80, ge=1)
+
+
+class ExperimentConfig(Settings):
+    name: str = "pkt-study"
+    teacher: str = "qwen2.5-coder-1.5b-instruct"
+    student: str = "qwen2.5-coder-0.5b-instruct"
+    tasks: list[str] = ["gsm8k"]
+    methods: list[Method] = list(ALL_METHODS)
+    seeds: list[int] = [0]
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    teacher_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    style: Literal["chat", "tulu"] = "chat"
+    analysis: bool = True
+    analysis_examples: int = Field(8, ge=2)
+    budget: Budget = Budget()
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v):
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {list(TASKS)}")
+        if not v:
+            raise ValueError("at least one task")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _student_first(cls, v):
+        if "student" not in v:
+            raise ValueError("'student' must be among the methods: every difference is measured against it")
+        return v
