@@ -1,0 +1,180 @@
+"""Differentiable injection of translated vectors into located rows/columns of a stock transformers model.
+
+What: a *delta* is a set of student rows (q, k, v, gate, up: output features) or columns (o, down: input
+features) of one projection plus the vectors to add there. The effective weight is ``W + Δ`` with Δ zero
+everywhere else (the reference adds, it does not replace). Two ways to apply it:
+
+* :class:`Injector`: forward hooks on the stock ``nn.Linear`` modules that add ``F.linear(x, Δ)``
+  computed sparsely (``x @ V.T`` scattered into the located output rows, or ``x[..., cols] @ V``). The
+  weights are untouched and the values may carry autograd history, so the LM loss back-propagates into
+  the hypernetwork that produced them. No forked modeling file; works with any module named by ArchSpec.
+* :func:`fuse`: add Δ into the weights (in fp32, then cast back) and :func:`save_fused` writes a standard
+  HF checkpoint. The reference stored Δ as a plain attribute and ``save_pretrained`` silently wrote the
+  unmodified student (METHODS.md §7.1 item 1); here the saved weights really contain the injection, and
+  the deltas themselves are saved next to them (``laten_deltas.safetensors``) for auditing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pkt.errors import PktError
+from pkt.io import atomic_dir, write_json
+from pkt.models.arch import ArchSpec, unwrap
+
+ROW_KINDS = ("q", "k", "v", "gate", "up")  # Δ lives in output rows: vectors have length in_features
+COL_KINDS = ("o", "down")  # Δ lives in input columns: vectors have length out_features
+
+# (student layer, module kind) -> (indices [n] (long, unique), values [n, d_student])
+Deltas = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def axis(kind: str) -> int:
+    """0 when a located neuron of this module is a weight row, 1 when it is a column."""
+    if kind in ROW_KINDS:
+        return 0
+    if kind in COL_KINDS:
+        return 1
+    raise PktError(f"cannot inject into module kind {kind!r}; expected one of {', '.join(ROW_KINDS + COL_KINDS)}")
+
+
+def check_deltas(model, deltas: Deltas, spec: ArchSpec | None = None) -> None:
+    spec = spec or ArchSpec.from_model(model)
+    for (layer, kind), (idx, val) in deltas.items():
+        if not 0 <= layer < spec.num_layers:
+            raise PktError(f"delta for layer {layer}: the model has {spec.num_layers} layers")
+        out_f, in_f = spec.weight_shape(kind)
+        n_axis, vec_len = (out_f, in_f) if axis(kind) == 0 else (in_f, out_f)
+        if idx.dim() != 1 or val.shape != (idx.numel(), vec_len):
+            raise PktError(f"delta {kind}@{layer}: values {tuple(val.shape)} for {idx.numel()} indices, "
+                           f"expected ({idx.numel()}, {vec_len})")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_axis):
+            raise PktError(f"delta {kind}@{layer}: index out of range 0..{n_axis - 1}")
+        if torch.unique(idx).numel() != idx.numel():
+            raise PktError(f"delta {kind}@{layer}: duplicate indices (each row/column gets one vector)")
+
+
+class Injector:
+    """Forward hooks adding sparse deltas to stock projections; a context manager.
+
+    ``set(deltas)`` may be called between forward passes (e.g. once per training step) without
+    re-registering hooks. Values are cast to the activation dtype inside the hook.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        self.model = unwrap(model)
+        self.spec = spec or ArchSpec.from_model(self.model)
+        self.deltas: Deltas = {}
+        self._handles: list = []
+
+    def set(self, deltas: Deltas, check: bool = True) -> "Injector":
+        if check:
+            check_deltas(self.model, deltas, self.spec)
+        new_keys = set(deltas) != set(self.deltas)
+        self.deltas = dict(deltas)
+        if self._handles and new_keys:
+            self.detach()
+            self.attach()
+        return self
+
+    def _hook(self, key):
+        row = axis(key[1]) == 0
+
+        def hook(mod, args, out):
+            if key not in self.deltas:
+                return out
+            idx, val = self.deltas[key]
+            x = args[0]
+            val = val.to(dtype=x.dtype, device=x.device)
+            idx = idx.to(x.device)
+            if row:  # rows idx of Δ are val: (x @ Δ.T)[..., idx] = x @ val.T
+                return out.index_add(-1, idx, x @ val.T)
+            return out + x.index_select(-1, idx) @ val  # columns idx of Δ are val.T
+
+        return hook
+
+    def attach(self) -> "Injector":
+        if self._handles:
+            return self
+        for key in self.deltas:
+            mod = self.spec.linear(self.model, *key)
+            self._handles.append(mod.register_forward_hook(self._hook(key)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def dense(spec: ArchSpec, kind: str, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """The full Δ matrix (fp32) of one delta: zero except the located rows/columns."""
+    d = torch.zeros(spec.weight_shape(kind), dtype=torch.float32)
+    if axis(kind) == 0:
+        d[idx] = val.detach().float().cpu()
+    else:
+        d[:, idx] = val.detach().float().cpu().T
+    return d
+
+
+@torch.no_grad()
+def fuse(model: nn.Module, deltas: Deltas, spec: ArchSpec | None = None) -> None:
+    """W <- W + Δ in place, added in fp32 then cast back to the weight's dtype."""
+    model = unwrap(model)
+    spec = spec or ArchSpec.from_model(model)
+    check_deltas(model, deltas, spec)
+    for (layer, kind), (idx, val) in deltas.items():
+        w = spec.linear(model, layer, kind).weight
+        new = w.detach().float().cpu()
+        idx = idx.cpu()
+        if axis(kind) == 0:
+            new[idx] += val.detach().float().cpu()
+        else:
+            new[:, idx] += val.detach().float().cpu().T
+        w.copy_(new.to(device=w.device, dtype=w.dtype))
+
+
+def save_deltas(deltas: Deltas, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for (layer, kind), (idx, val) in sorted(deltas.items()):
+        tensors[f"layers.{layer}.{kind}.index"] = idx.detach().cpu().long().contiguous()
+        tensors[f"layers.{layer}.{kind}.values"] = val.detach().cpu().float().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_deltas(path: str | Path) -> Deltas:
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    out: Deltas = {}
+    for name in raw:
+        if name.endswith(".index"):
+            _, layer, kind, _ = name.split(".")
+            out[(int(layer), kind)] = (raw[name], raw[name[: -len("index")] + "values"])
+    return out
+
+
+def save_fused(model: nn.Module, tokenizer, deltas: Deltas, out: str | Path, manifest: dict | None = None,
+               spec: ArchSpec | None = None) -> Path:
+    """Fuse ``deltas`` into ``model`` (in place) and write an ordinary HF checkpoint directory atomically."""
+    model = unwrap(model)
+    fuse(model, deltas, spec)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_deltas(deltas, tmp / "laten_deltas.safetensors")
+        write_json(tmp / "pkt-laten.json", manifest or {})
+    return out
