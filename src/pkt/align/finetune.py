@@ -1,0 +1,192 @@
+"""Post-alignment fine-tuning: LoRA SFT of the student, identical for the ``lora``/``pissa``/``seeking`` inits.
+
+PostPKT "injects then trains" (METHODS.md §1): the init is the only thing that differs between the three
+arms, so the loop, data order and hyperparameters here are shared. A compact accelerate loop rather than
+``Trainer``: gradient accumulation to the paper's batch size, AdamW, warm-up + schedule, clipping, one
+tqdm bar, and nothing else to configure. Tokenisation is :mod:`pkt.data.chat` (response-only labels
+unless ``train_on_inputs``).
+
+Outputs (written atomically, :func:`save_outputs`):
+  ``adapter_init/``  the initial adapter (peft's reference point for conversion);
+  ``adapter/``       a plain LoRA relative to the *original* student (for ``pissa``/``seeking`` peft's
+                     mutated-init conversion, rank 2r), loadable with ``PeftModel.from_pretrained``;
+  ``merged/``        the merged Hugging Face checkpoint + tokenizer, loadable with plain transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pkt.config import Settings
+from pkt.data.chat import STYLES, collate, tokenize_example
+from pkt.data.jsonl import ChatExample
+from pkt.errors import PktError
+from pkt.io import atomic_dir, write_json, write_jsonl
+
+
+class FinetuneConfig(Settings):
+    """LoRA SFT settings. Defaults follow Seeking's ``train.sh``/adapter config (METHODS.md §4.4-4.5):
+    r=16, α=16, dropout 0.05, lr 3e-4, batch 64, 3 epochs, warm-up 3%, cutoff 2048, seed 1."""
+
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: list[str] = ["q", "k", "v", "o", "gate", "up", "down"]
+    lr: float = 3e-4
+    epochs: float = 3
+    batch_size: int = 64  # examples per optimizer step (gradient accumulation over micro-batches)
+    micro_batch_size: int = 4
+    max_length: int = 2048
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    n_train: int | None = None  # first N examples of the train split (None = all)
+    seed: int = 1
+    style: str = "chat"
+    train_on_inputs: bool = False
+    dtype: str = "float32"
+    pissa_niter: int | None = None  # None = exact SVD for PiSSA; K = peft's pissa_niter_K
+    gradient_checkpointing: bool = False
+
+    def model_post_init(self, _ctx) -> None:
+        if self.style not in STYLES:
+            raise PktError(f"style {self.style!r}: expected one of {', '.join(STYLES)}")
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+            raise PktError("need 1 <= micro_batch_size <= batch_size")
+
+
+def _plan(n: int, cfg: FinetuneConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps)."""
+    per_epoch = math.ceil(n / cfg.batch_size)
+    return per_epoch, max(1, math.ceil(per_epoch * cfg.epochs))
+
+
+def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, progress: bool = True,
+             log=None) -> list[dict]:
+    """Train the LoRA parameters of a peft ``model`` in place; returns per-step logs (loss, lr, seconds)."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    if not examples:
+        raise PktError("fine-tuning: no training examples")
+    feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs) for e in examples]
+    feats = [f for f in feats if any(x != -100 for x in f["labels"][1:])]
+    if not feats:
+        raise PktError("fine-tuning: no example has labelled tokens; raise max_length")
+    acc = Accelerator()
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch, total = _plan(len(feats), cfg)
+    # floor: with a single step (tiny runs) a warm-up step would mean lr = 0 and no training at all
+    sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    rng = random.Random(cfg.seed)
+    logs: list[dict] = []
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress)
+    step, t0 = 0, time.perf_counter()
+    while step < total:
+        order = list(range(len(feats)))
+        rng.shuffle(order)
+        for s in range(per_epoch):
+            if step >= total:
+                break
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            loss_sum = 0.0
+            for m in range(0, len(idx), cfg.micro_batch_size):
+                mb = [feats[i] for i in idx[m:m + cfg.micro_batch_size]]
+                batch = {k: v.to(acc.device) for k, v in collate(mb, tokenizer.pad_token_id).items()}
+                loss = model(**batch, use_cache=False).loss
+                # weight each micro-batch by its share of the step's examples (mean over examples)
+                acc.backward(loss * len(mb) / len(idx))
+                loss_sum += loss.item() * len(mb) / len(idx)
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss_sum, 5), "lr": lr,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            logs.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if log:
+                log(rec)
+    bar.close()
+    model.eval()
+    return logs
+
+
+def save_initial_adapter(model, path: str | Path) -> None:
+    """Save the adapter as initialised (peft's reference point for converting a mutated init to LoRA).
+
+    The saved config says ``init_lora_weights=True``: loading it must not re-run PiSSA/Seeking on top of
+    an already mutated base (peft's rule for ``path_initial_model_for_weight_conversion``).
+    """
+    cfg = model.peft_config["default"]
+    how = cfg.init_lora_weights
+    cfg.init_lora_weights = True
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        cfg.init_lora_weights = how
+
+
+def save_outputs(model, tokenizer, init: str, tmp_dir: Path, init_adapter: Path) -> dict:
+    """Write ``adapter/`` (plain LoRA w.r.t. the original student) and ``merged/`` into ``tmp_dir``."""
+    from pkt.align.lora_init import VOCAB_KINDS
+
+    info: dict = {}
+    mutated = init in ("pissa", "seeking")
+    embed_lora = any(getattr(m, "lora_embedding_A", None) for m in model.modules())
+    if mutated and embed_lora:
+        # peft's conversion only handles lora_A/lora_B (Linear) tensors; embedding LoRAs would be left
+        # unconverted and wrong. The merged checkpoint is still exact.
+        info["adapter"] = f"not written: peft cannot convert a mutated-init embedding LoRA ({'/'.join(VOCAB_KINDS)})"
+    elif mutated:
+        model.save_pretrained(str(tmp_dir / "adapter"),
+                              path_initial_model_for_weight_conversion=str(init_adapter))
+        info["adapter"] = "adapter/: plain LoRA (rank 2r) relative to the original student (peft conversion)"
+    else:
+        model.save_pretrained(str(tmp_dir / "adapter"))
+        info["adapter"] = "adapter/: plain LoRA relative to the original student"
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(tmp_dir / "merged"))
+    tokenizer.save_pretrained(str(tmp_dir / "merged"))
+    info["merged"] = "merged/: Hugging Face checkpoint (student with the trained update merged)"
+    return info
+
+
+def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, init: str,
+                   out: str | Path, extra: dict | None = None, progress: bool = True) -> dict:
+    """Save the initial adapter, fine-tune, and write adapter/merged/logs atomically into ``out``."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        init_dir = tmp / "adapter_init"
+        save_initial_adapter(model, init_dir)
+        t0 = time.perf_counter()
+        logs = finetune(model, tokenizer, examples, cfg, progress=progress)
+        train_s = time.perf_counter() - t0
+        write_jsonl(tmp / "train_log.jsonl", logs)
+        t1 = time.perf_counter()
+        info = save_outputs(model, tokenizer, init, tmp, init_dir)
+        summary = {"init": init, "n_train": len(examples), "steps": len(logs),
+                   "final_loss": logs[-1]["loss"] if logs else None, "train_seconds": round(train_s, 1),
+                   "save_seconds": round(time.perf_counter() - t1, 1), "config": cfg.model_dump(),
+                   "outputs": info, **(extra or {})}
+        write_json(tmp / "summary.json", summary)
+    return summary
