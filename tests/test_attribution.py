@@ -112,6 +112,24 @@ def test_top_vocab_is_exact_when_it_covers_the_vocabulary_and_close_otherwise(qw
     torch.testing.assert_close(approx.attn_layers, exact.attn_layers)  # layer scores stay exact
 
 
+@pytest.mark.parametrize("vocab_top", [None, 64])
+@torch.no_grad()
+def test_certified_top_equals_full_scoring(tiny_pair, vocab_top):
+    teacher, _, tok = tiny_pair
+    ids, target = _inputs(tok)
+    full = attribute(teacher, ids, target, vocab_top=vocab_top)
+    k_attn, k_ffn = 9, 17
+    pruned = attribute(teacher, ids, target, vocab_top=vocab_top, top=(k_attn, k_ffn), chunk=2)
+    for got, want, k in ((pruned.ffn_neurons, full.ffn_neurons, k_ffn), (pruned.attn_neurons, full.attn_neurons, k_attn)):
+        g, w = torch.topk(got, k, dim=-1), torch.topk(want, k, dim=-1)
+        assert torch.equal(g.indices, w.indices)
+        torch.testing.assert_close(g.values, w.values)
+        hit = torch.isfinite(got)
+        torch.testing.assert_close(got[hit], want[hit])
+        assert bool((want[~hit] <= w.values[:, -1:].expand_as(want)[~hit] + 1e-6).all())
+    assert pruned.evaluated[1] < full.evaluated[1]
+
+
 def test_bad_inputs(qwen_pair):
     _, model, tok = qwen_pair
     ids, target = _inputs(tok)
@@ -139,7 +157,7 @@ def test_real_attribution_cost_vs_forward(shared_data, monkeypatch):
         model(input_ids=ids)
         fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    att = attribute(model, ids, target, vocab_top=512)
+    att = attribute(model, ids, target, vocab_top=1024, top=(89, 486))
     total = time.perf_counter() - t0
     print(f"T={ids.shape[1]} forward {fwd:.2f}s attribution {total:.2f}s ratio {total / fwd:.2f}")
     assert att.ffn_neurons.shape == (28, 8960) and total <= 3 * fwd
