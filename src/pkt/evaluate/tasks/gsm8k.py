@@ -1,0 +1,102 @@
+"""GSM8K test (1319): 0-shot in the PKT split format, or k-shot chain of thought (Wei et al. exemplars).
+
+User turn: ``"Answer the following question.\n\nQuestion: {q}"`` (0-shot, exactly the PKT gsm format) or
+``"Answer the following questions.\n\n" + demos + "Question: {q}"``; the assistant starts with ``"Answer:"``
+(PKT answers read ``"Answer: ... So the answer is N."``). Prediction: the last number in the output with
+thousands separators removed; correct when it equals the gold number (numeric comparison, so "18.0" == "18").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from pkt.evaluate.generate import generate
+from pkt.evaluate.tasks.common import prompt_text, select
+
+# The 8 chain-of-thought exemplars of Wei et al. (2022), Table 20 (as in open-instruct and lm-eval).
+EXEMPLARS = [
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. So the answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. So the answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. So the answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "So the answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "So the answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
+     "were added. 9 + 20 is 29. So the answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls. So the answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. So the answer is 8."),
+]
+ASSISTANT_PREFIX = "Answer:"
+STOP = ["\nQuestion:", "<|user|>"]
+_NUM = re.compile(r"[-+]?\d*\.\d+|[-+]?\d+")
+
+
+def user_turn(question: str, shots: int = 0, seed: int = 0) -> str:
+    if shots <= 0:
+        return "Answer the following question.\n\nQuestion: " + question.strip()
+    demos = EXEMPLARS if shots >= len(EXEMPLARS) else random.Random(seed).sample(EXEMPLARS, shots)
+    body = "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in demos)
+    return "Answer the following questions.\n\n" + body + "\n\nQuestion: " + question.strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The last number in ``text`` (thousands separators removed), or None."""
+    text = re.sub(r"(\d),(\d)", r"\1\2", text)
+    nums = _NUM.findall(text)
+    return nums[-1] if nums else None
+
+
+def _num(s: str | None) -> float | None:
+    try:
+        return float(str(s).replace(",", "").rstrip("."))
+    except (TypeError, ValueError):
+        return None
+
+
+def is_correct(pred: str | None, gold: str) -> bool:
+    p, g = _num(pred), _num(gold)
+    return p is not None and g is not None and abs(p - g) < 1e-6
+
+
+def load_rows() -> list[dict]:
+    from pkt.data.tasks import gsm8k_test
+
+    return gsm8k_test()
+
+
+def run(model, tokenizer, cfg, rows=None, stats=None):
+    rows = rows if rows is not None else load_rows()
+    rows = select([dict(r, _index=i) for i, r in enumerate(rows)], cfg.limit, cfg.seed)
+    for r in rows:
+        r.setdefault("gold", r["answer"].split("####")[-1].strip().replace(",", ""))
+    shots = cfg.shots if cfg.shots is not None else 0
+    prompts = [prompt_text(user_turn(r["question"], shots, cfg.seed), tokenizer, cfg.style, ASSISTANT_PREFIX)
+               for r in rows]
+    outs = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens or 256, stop=STOP,
+                    batch_size=cfg.batch_size, progress=cfg.progress, desc="gsm8k", seed=cfg.seed,
+                    stats=stats)
+    records = []
+    for i, (r, p, o) in enumerate(zip(rows, prompts, outs)):
+        pred = extract_answer(o[0])
+        records.append({"id": r["_index"], "prompt": p, "output": o[0], "extracted": pred, "gold": r["gold"],
+                        "correct": is_correct(pred, r["gold"])})
+    n = len(records)
+    return records, {"accuracy": sum(x["correct"] for x in records) / n if n else 0.0, "n": n, "shots": shots}
