@@ -199,49 +199,50 @@ def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def seeking_init(teacher: nn.Module, student: nn.Module, rank: int = 16, kinds=("up", "down"),
-                 block: str = "max_abs", layer_map: list[int] | None = None, sensitivity=None):
-    """A Seeking-style LoRA init built here (``pkt.align`` may offer the full, sensitivity-driven one).
+def seeking_factors(teacher: nn.Module, student: nn.Module, rank: int = 16, kinds=("up", "down"),
+                    block: str = "max_abs", layer_map: list[int] | None = None,
+                    sensitivity: dict[str, torch.Tensor] | None = None):
+    """Seeking-style factors for every (student layer, kind): ``{module name: (B, A)}`` and the blocks used.
 
-    For student layer i and each module kind: take the teacher layer ``layer_map[i]`` (default: evenly
-    spaced, ``even_layer_map``), cut a contiguous sub-block of the student weight's shape — the block
-    with the largest ``Σ score`` where score is ``sensitivity[(teacher_layer, kind)]`` if given, else
-    ``|W|`` (``block="max_abs"``), or the leading block (``block="leading"``) — factor it by SVD and set
-    ``B = U_r Σ_r``, ``A = V_rᵀ`` (α = r, scaling 1), base ← ``W − BA``. Returns (peft model, blocks).
+    Student layer i takes teacher layer ``layer_map[i]`` (default: evenly spaced, ``even_layer_map``). From
+    that teacher weight a contiguous sub-block of the student weight's shape is cut: the block with the
+    largest ``Σ score`` (``block="max_abs"``), where score is the teacher's sensitivity map
+    ``sensitivity[<teacher param name>]`` when given and ``|W|`` otherwise, or the leading block
+    (``block="leading"``). The block is factored by truncated SVD: ``B = U_rΣ_r``, ``A = V_rᵀ``.
     """
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
+    from pkt.align.lora_init import svd_factors
 
     t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
     layer_map = layer_map or even_layer_map(t_spec.num_layers, s_spec.num_layers)
     if len(layer_map) != s_spec.num_layers:
         raise PktError(f"layer map has {len(layer_map)} entries, the student has {s_spec.num_layers} layers")
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=_target_names(kinds), init_lora_weights=False,
-                     lora_dropout=0.0)
-    model = get_peft_model(student, cfg)
-    blocks = []
-    with torch.no_grad():
-        for i, tl in enumerate(layer_map):
-            for kind in kinds:
-                tw = t_spec.linear(teacher, tl, kind).weight.detach().to(torch.float32)
-                lora = s_spec.linear(model, i, kind)
-                if not isinstance(lora, LoraLayer):
-                    raise PktError(f"student layer {i} {kind}: not wrapped by peft")
-                base = lora.get_base_layer()
-                shape = tuple(base.weight.shape)
-                if block == "leading":
-                    r0, c0 = 0, 0
-                elif block == "max_abs":
-                    score = sensitivity[(tl, kind)] if sensitivity is not None else tw.abs()
-                    r0, c0 = max_sum_block(score, shape)
-                else:
-                    raise PktError(f"block {block!r}: expected 'max_abs' or 'leading'")
-                sub = tw[r0:r0 + shape[0], c0:c0 + shape[1]]
-                u, s, vh = torch.linalg.svd(sub, full_matrices=False)
-                b = (u[:, :rank] * s[:rank]).to(base.weight.dtype)
-                a = vh[:rank].to(base.weight.dtype)
-                lora.lora_B["default"].weight.copy_(b)
-                lora.lora_A["default"].weight.copy_(a)
-                base.weight.sub_(lora.scaling["default"] * (b @ a))
-                blocks.append(SeekingBlock(i, tl, PEFT_NAMES[kind], r0, c0))
+    if block not in ("max_abs", "leading"):
+        raise PktError(f"block {block!r}: expected 'max_abs' or 'leading'")
+    factors, blocks = {}, []
+    for i, tl in enumerate(layer_map):
+        for kind in kinds:
+            tw = t_spec.linear(teacher, tl, kind).weight.detach()
+            shape = tuple(s_spec.linear(student, i, kind).weight.shape)
+            if block == "leading":
+                r0, c0 = 0, 0
+            else:
+                key = t_spec.module_name(tl, kind) + ".weight"
+                score = sensitivity[key] if sensitivity is not None else tw.abs()
+                r0, c0 = max_sum_block(score, shape)
+            sub = tw[r0:r0 + shape[0], c0:c0 + shape[1]].float()
+            factors[s_spec.module_name(i, kind)] = svd_factors(sub, rank)
+            blocks.append(SeekingBlock(i, tl, PEFT_NAMES[kind], r0, c0))
+    return factors, blocks
+
+
+def seeking_init(teacher: nn.Module, student: nn.Module, rank: int = 16, kinds=("up", "down"),
+                 block: str = "max_abs", layer_map: list[int] | None = None,
+                 sensitivity: dict[str, torch.Tensor] | None = None):
+    """Seeking LoRA init of ``student`` (mutated in place) from ``seeking_factors``, built with the project's
+    ``pkt.align.lora_init.make_lora_model`` (α = r, base ← W − BA). Returns (peft model, blocks)."""
+    from pkt.align.lora_init import make_lora_model
+
+    factors, blocks = seeking_factors(teacher, student, rank, kinds, block, layer_map, sensitivity)
+    model = make_lora_model(student, "seeking", kinds=tuple(kinds), r=rank, alpha=rank, dropout=0.0,
+                            factors=factors)
     return model, blocks
