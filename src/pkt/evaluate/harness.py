@@ -80,12 +80,14 @@ def run_task(name: str, model, tokenizer, cfg: EvalConfig, rows=None, **extra) -
 
 def evaluate_model(model, tokenizer, tasks: str | Iterable[str] = T.GENERATION_TASKS, *,
                    out_dir: str | Path | None = None, config: EvalConfig | None = None,
-                   data: dict | None = None, answer_loss: bool = False, log=print, **overrides) -> dict:
+                   data: dict | None = None, answer_loss: bool = False, meta: dict | None = None, log=print,
+                   **overrides) -> dict:
     """Evaluate ``model`` (any causal LM in memory) and return ``{task: metrics, ..., "config": {...}}``.
 
     ``config`` (or keyword ``overrides`` of its fields, e.g. ``limit=50, shots=5``) sets the protocol;
     ``data`` maps task names to row lists that replace the default test sets (for tests / custom data);
-    ``answer_loss`` adds ``<task>_loss`` for each generation task listed.
+    ``answer_loss`` adds ``<task>_loss`` for each generation task listed; ``meta`` (e.g. the model name) is
+    stored in metrics.json.
     """
     if config is None:
         config = validate(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, "eval settings")
@@ -99,7 +101,7 @@ def evaluate_model(model, tokenizer, tasks: str | Iterable[str] = T.GENERATION_T
     was_training = model.training
     model.eval()
     out = Path(out_dir) if out_dir is not None else None
-    results: dict = {"config": config.model_dump(mode="json"), "tasks": names}
+    results: dict = {**(meta or {}), "config": config.model_dump(mode="json"), "tasks": names}
     try:
         for name in names:
             extra = {}

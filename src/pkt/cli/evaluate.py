@@ -1,0 +1,67 @@
+"""``pkt eval --model M --tasks gsm8k,mmlu,humaneval,mbpp [--limit N] [--shots K] --out DIR``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Embedded name, local HF directory or hub id."),
+    tasks: str = typer.Option("gsm8k,mmlu,humaneval,mbpp", "--tasks",
+                              help="Comma list of gsm8k, mmlu, humaneval, mbpp, <task>_loss, or 'loss' (all four)."),
+    out: str = typer.Option(..., "--out", help="Output directory (metrics.json, <task>/predictions.jsonl)."),
+    limit: int = typer.Option(None, "--limit", help="Seeded fixed subset of N examples per task."),
+    shots: int = typer.Option(None, "--shots", help="GSM8K / MMLU shots (default 0: the PKT format)."),
+    style: str = typer.Option("chat", "--style", help="Prompt style: chat (model's template) | tulu (paper)."),
+    answer_loss: bool = typer.Option(False, "--answer-loss", help="Also compute <task>_loss for each task."),
+    loss_split: str = typer.Option("align", "--loss-split", help="PKT split for answer loss (held out: align)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Default: 256 GSM8K, 512 code."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; >0 samples (pass@k)."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    n_samples: int = typer.Option(1, "--n-samples", help="Samples per code problem for pass@k."),
+    pass_k: str = typer.Option("1", "--pass-k", help="Comma list of k for pass@k (needs n-samples >= k)."),
+    mbpp_variant: str = typer.Option("full", "--mbpp-variant", help="full (500 test tasks) | sanitized (257)."),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    device: str = typer.Option(None, "--device", help="e.g. cuda, cpu (default: cuda if available)."),
+    exec_timeout: float = typer.Option(10.0, "--exec-timeout", help="Wall seconds per generated program."),
+    exec_workers: int = typer.Option(2, "--exec-workers", help="Programs run in parallel."),
+    allow_weak_sandbox: bool = typer.Option(False, "--allow-weak-sandbox",
+                                            help="Run code even without namespace/uid isolation (rlimits only)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Evaluate a model; writes per-example JSONL and metrics.json under --out."""
+    import torch
+
+    from pkt.errors import PktError
+    from pkt.evaluate.harness import EvalConfig, evaluate_model, parse_task_list
+    from pkt.config import validate
+    from pkt.models.load import load_model, load_tokenizer
+
+    names = parse_task_list(tasks, answer_loss)
+    try:
+        ks = tuple(int(k) for k in pass_k.split(",") if k.strip())
+    except ValueError:
+        raise PktError(f"--pass-k {pass_k!r}: expected a comma list of integers") from None
+    cfg = validate(EvalConfig, {
+        "limit": limit, "seed": seed, "shots": shots, "style": style, "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n_samples": n_samples,
+        "pass_ks": ks, "mbpp_variant": mbpp_variant, "loss_split": loss_split, "exec_timeout": exec_timeout,
+        "exec_workers": exec_workers, "allow_weak_sandbox": allow_weak_sandbox, "progress": progress,
+    }, "pkt eval")
+    tok = load_tokenizer(model)
+    m = load_model(model, dtype=dtype)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m.to(dev)
+    results = evaluate_model(m, tok, names, out_dir=out, config=cfg, log=typer.echo,
+                             meta={"model": model, "dtype": dtype, "device": dev})
+    summary = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}
+               for k, v in results.items() if k in names}
+    typer.echo(json.dumps({"model": model, **summary}, indent=1))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", help="Evaluate a model on GSM8K, MMLU, HumanEval, MBPP and answer loss.")(eval_command)

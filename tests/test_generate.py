@@ -1,0 +1,87 @@
+"""Batched, left-padded, KV-cached generation and scoring agree with one-prompt-at-a-time runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pkt.evaluate.generate import (GenStats, encode_left_padded, generate, next_token_logprobs, response_nll,
+                                   truncate_at_stop)
+
+PROMPTS = ["Question: Natalia sold 48 clips", "def add(a, b):\n", "The answer is", "A. B. C. D.",
+           "Complete the following python function. Here is the completed function: ```python\nfor i in range(10):"]
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("abc\n```def", ["\n```", "def"]) == "abc"
+    assert truncate_at_stop("abc", ["x"]) == "abc"
+    assert truncate_at_stop("abc", []) == "abc"
+
+
+def test_left_padding(tiny_tok):
+    b = encode_left_padded(tiny_tok, ["a", "def add(a, b):"], "cpu")
+    assert b["attention_mask"][0, 0] == 0 and b["attention_mask"][0, -1] == 1
+    assert b["input_ids"][0, 0] == tiny_tok.pad_token_id
+    assert b["attention_mask"].sum(1).tolist() == [len(tiny_tok("a")["input_ids"]),
+                                                   len(tiny_tok("def add(a, b):")["input_ids"])]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_batched_greedy_equals_single(kind, tiny_tok):
+    from pkt import testing
+
+    model = testing.tiny_model(kind, "student", len(tiny_tok))
+    stats = GenStats()
+    batched = generate(model, tiny_tok, PROMPTS, max_new_tokens=8, batch_size=3, progress=False, stats=stats)
+    single = [generate(model, tiny_tok, [p], max_new_tokens=8, batch_size=1, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert stats.prompts == len(PROMPTS) and 0 < stats.new_tokens <= 8 * len(PROMPTS)
+
+
+def test_stop_strings_cut_output(qwen_pair):
+    _, model, tok = qwen_pair
+    free = generate(model, tok, PROMPTS, max_new_tokens=12, progress=False)
+    # pick a character the free-running model produced and use it as a stop string
+    stops = [o[0][3] for o in free if len(o[0]) > 4][:2]
+    cut = generate(model, tok, PROMPTS, max_new_tokens=12, stop=stops, progress=False)
+    for f, c in zip(free, cut):
+        assert not any(s in c[0] for s in stops)
+        assert f[0].startswith(c[0])
+
+
+def test_seeded_sampling(qwen_pair):
+    _, model, tok = qwen_pair
+    a = generate(model, tok, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7, progress=False)
+    b = generate(model, tok, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7, progress=False)
+    c = generate(model, tok, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=8, progress=False)
+    assert a == b and a != c
+    assert [len(x) for x in a] == [3, 3]
+    with pytest.raises(ValueError):
+        generate(model, tok, PROMPTS[:1], num_samples=2, progress=False)
+
+
+def test_next_token_logprobs_batched_equals_single(qwen_pair):
+    _, model, tok = qwen_pair
+    ids = [5, 17, 42]
+    batched = next_token_logprobs(model, tok, PROMPTS, ids, batch_size=4, progress=False)
+    single = torch.cat([next_token_logprobs(model, tok, [p], ids, batch_size=1, progress=False) for p in PROMPTS])
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        enc = tok(PROMPTS[1], return_tensors="pt", add_special_tokens=False)
+        ref = torch.log_softmax(model(**enc).logits[0, -1], -1)[ids]
+    torch.testing.assert_close(batched[1], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_response_nll_matches_model_loss(qwen_pair):
+    _, model, tok = qwen_pair
+    feats = []
+    for p, r in [("Question: 1+1?", " Answer: 2"), ("def add(a, b):", "\n    return a + b\n")]:
+        pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
+        feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
+                      "labels": [-100] * len(pi) + ri})
+    res = response_nll(model, feats, tok.pad_token_id, batch_size=2, progress=False)
+    for f, (s, n) in zip(feats, res):
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
+        assert n == sum(1 for x in f["labels"] if x != -100)
+        assert s / n == pytest.approx(float(loss), rel=1e-4)
