@@ -148,8 +148,8 @@ def save_deltas(deltas: Deltas, path: str | Path) -> None:
 
     tensors = {}
     for (layer, kind), (idx, val) in sorted(deltas.items()):
-        tensors[f"layers.{layer}.{kind}.index"] = idx.detach().cpu().long().contiguous()
-        tensors[f"layers.{layer}.{kind}.values"] = val.detach().cpu().float().contiguous()
+        tensors[f"layers.{layer}.{kind}.index"] = idx.detach().cpu().long().clone()  # up and down share indices
+        tensors[f"layers.{layer}.{kind}.values"] = val.detach().cpu().float().clone()
     save_file(tensors, str(path))
 
 

@@ -1,0 +1,375 @@
+"""PrePKT / LaTen orchestration: locate → pair → translate (hypernetwork) → inject, train and apply.
+
+Flow of one training step t (METHODS.md §2.2, "as implemented"):
+
+1. **Locate** with extract example e_t: attribution (pkt.locate.attribution) on the teacher and on the
+   student; target = the last meaningful answer token.
+2. **Pair**: teacher layers = the top-L_student by layer score, sorted by index, the i-th feeding student
+   layer i (separately for attention and FFN; pkt.locate.layers.select_layers). In each pair of layers the
+   top-n neurons of both models are rank-matched (teacher's j-th best → student's j-th best) with
+   n = int(rate × the student's FFN width) for FFN and int(rate × the student's attention width
+   num_heads·head_dim) for attention; the teacher ranks neurons per layer whatever its head_dim.
+3. **Extract** the teacher's raw vectors: up/gate rows, down columns (FFN neurons); o columns and v rows
+   (attention neurons); all of length d_T. **GQA:** attention neuron (head h, dim j) reads value row
+   ``(h // gqa_group) * head_dim + j`` of v_proj, so under grouped-query attention several neurons share
+   one v row. Teacher side: the neuron's own row (duplicates allowed). Student side: each v row is
+   injected once, paired with the best-ranked located neuron that reads it (later duplicates dropped).
+4. **Translate** with the per-module hypernetwork (pkt.align.hypernet), **inject** differentiably
+   (pkt.inject.Injector) and train: batch of P = P−1 align samples (``random.Random(seed + t)``) + e_t;
+   loss = mean per-sample LM loss (response tokens) + λ·Σ_m mean(H_m(K_m)²); AdamW + OneCycle; a
+   checkpoint after every step (``checkpoints/step-KKKK/hypernet.pt``, K = optimiser steps taken, step 0 =
+   the initialisation; the reference's ``checkpoint_t`` is our step t+1); loss per step in ``log.jsonl``.
+   The hypernetwork runs once per step: micro-batches back-propagate into detached copies of its outputs
+   and the accumulated gradient is pushed through it once (the reference recomputed it per sample).
+
+**Apply**: load a step, re-locate with one seed example (``random.Random(seed)`` choice from the train
+split, like the reference's inference script), translate, fuse into the student's weights and save an HF
+checkpoint that really contains the injection (plus the deltas and a manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from pkt.align.hypernet import DEFAULT_KINDS, HyperNet, one_cycle, optimizer, penalty
+from pkt.config import Settings
+from pkt.data.chat import IGNORE, collate, tokenize_example
+from pkt.data.jsonl import ChatExample, read_chat_jsonl
+from pkt.errors import PktError
+from pkt.inject import Deltas, Injector, axis, save_fused
+from pkt.io import write_json, write_jsonl
+from pkt.locate.attribution import Attribution, attribute_example
+from pkt.locate.layers import select_layers
+from pkt.models.arch import ArchSpec
+
+FFN_KINDS = ("gate", "up", "down")
+ATTN_KINDS = ("v", "o")
+
+
+class LatenConfig(Settings):
+    """Training settings (defaults = the reference's, METHODS.md §2.4; see configs/laten.yaml)."""
+
+    teacher: str = "qwen2.5-coder-1.5b-instruct"
+    student: str = "qwen2.5-coder-0.5b-instruct"
+    task: str = "gsm8k"
+    extract_file: str | None = None  # chat JSONL overriding the task's extract split
+    align_file: str | None = None  # ... align split
+    seed_file: str | None = None  # ... train split (apply's seed example)
+    style: Literal["chat", "tulu"] = "chat"
+    modules: list[Literal["gate", "up", "down", "v", "o"]] = Field(default_factory=lambda: list(DEFAULT_KINDS))
+    transfer_rate: float = Field(0.1, gt=0, le=1)
+    layer_strategy: Literal["score", "random", "first", "last"] = "score"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    pct_start: float = Field(0.1, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1)  # P: P-1 align samples + the extract example
+    micro_batch: int = Field(4, ge=1)
+    penalty: float = Field(1000.0, ge=0)  # λ
+    init: Literal["normal", "kaiming", "zeros"] = "normal"
+    init_std: float = Field(1e-5, gt=0)
+    seed: int = 42
+    cutoff_len: int = Field(768, ge=8)
+    max_steps: int | None = Field(None, ge=1)  # default: one step per extract example
+    norm: Literal["yu", "laten"] = "yu"
+    vocab_top: int | None = Field(1024, ge=0)  # None or 0 = exact attribution (slow: see attribution.py)
+    chunk: int = Field(256, ge=1)
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    student_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class ApplyConfig(Settings):
+    step: int = Field(..., ge=0)
+    transfer_rate: float = Field(0.1, gt=0, le=1)
+    out: str
+    seed: int = 42
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def _examples(cfg: LatenConfig, split: str) -> list[ChatExample]:
+    override = {"extract": cfg.extract_file, "align": cfg.align_file, "train": cfg.seed_file}[split]
+    if override:
+        return read_chat_jsonl(override)
+    from pkt.data.tasks import load_split
+
+    return load_split(cfg.task, split)
+
+
+# ---- pairing --------------------------------------------------------------------------------------
+
+@dataclass
+class Pairing:
+    """Which teacher neurons feed which student neurons (rank-matched), per student layer."""
+
+    ffn_layers: list[int]  # teacher FFN layer feeding student layer i
+    attn_layers: list[int]  # teacher attention layer feeding student layer i
+    ffn: list[tuple[torch.Tensor, torch.Tensor]]  # (teacher idx [n], student idx [n]) in rank order
+    attn: list[tuple[torch.Tensor, torch.Tensor]]  # indices h*head_dim+j of the o_proj input
+
+    def summary(self) -> dict:
+        return {"ffn_layers": self.ffn_layers, "attn_layers": self.attn_layers,
+                "ffn_per_layer": int(self.ffn[0][0].numel()) if self.ffn else 0,
+                "attn_per_layer": int(self.attn[0][0].numel()) if self.attn else 0}
+
+
+def counts(student: ArchSpec, teacher: ArchSpec, rate: float) -> tuple[int, int]:
+    """(FFN neurons, attention neurons) per layer: rate × the student's FFN / attention width."""
+    n_ffn, n_attn = int(rate * student.intermediate_size), int(rate * student.q_dim)
+    if n_ffn < 1 or n_attn < 1:
+        raise PktError(f"transfer rate {rate} selects no neurons (student FFN {student.intermediate_size}, "
+                       f"attention {student.q_dim}); raise it")
+    if n_ffn > teacher.intermediate_size or n_attn > teacher.q_dim:
+        raise PktError(f"transfer rate {rate} needs {n_ffn} FFN / {n_attn} attention neurons per layer but the "
+                       f"teacher has only {teacher.intermediate_size} / {teacher.q_dim}")
+    return n_ffn, n_attn
+
+
+def pair(t_att: Attribution, s_att: Attribution, teacher: ArchSpec, student: ArchSpec, rate: float,
+         layer_strategy: str = "score", seed: int = 0) -> Pairing:
+    n_ffn, n_attn = counts(student, teacher, rate)
+    n_layers = student.num_layers
+    ffn_layers = select_layers(t_att.ffn_layers, n_layers, layer_strategy, seed)
+    attn_layers = select_layers(t_att.attn_layers, n_layers, layer_strategy, seed)
+    # topk returns indices sorted by descending score: position = rank.
+    t_ffn = torch.topk(t_att.ffn_neurons[ffn_layers], n_ffn, dim=-1).indices
+    s_ffn = torch.topk(s_att.ffn_neurons, n_ffn, dim=-1).indices
+    t_attn = torch.topk(t_att.attn_neurons[attn_layers], n_attn, dim=-1).indices
+    s_attn = torch.topk(s_att.attn_neurons, n_attn, dim=-1).indices
+    return Pairing(ffn_layers, attn_layers, list(zip(t_ffn, s_ffn)), list(zip(t_attn, s_attn)))
+
+
+def v_rows(neurons: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+    """v_proj row read by attention neuron h*head_dim+j: (h // gqa_group)*head_dim + j."""
+    return (neurons // spec.head_dim) // spec.gqa_group * spec.head_dim + neurons % spec.head_dim
+
+
+def pair_v(t_idx: torch.Tensor, s_idx: torch.Tensor, teacher: ArchSpec, student: ArchSpec):
+    """(teacher v rows, student v rows): one per distinct student row, from its best-ranked neuron."""
+    s_rows = v_rows(s_idx, student)
+    uniq, inverse = torch.unique(s_rows, return_inverse=True)
+    ranks = torch.arange(s_rows.numel())
+    first = torch.full((uniq.numel(),), s_rows.numel(), dtype=torch.long).scatter_reduce(0, inverse, ranks, "amin")
+    keep = torch.sort(first).values  # ranks of first occurrences, in rank order
+    return v_rows(t_idx[keep], teacher), s_rows[keep]
+
+
+# ---- extraction and translation ------------------------------------------------------------------
+
+Sites = dict[str, list[tuple[int, torch.Tensor]]]  # kind -> [(student layer, student indices)] in stacking order
+
+
+@torch.no_grad()
+def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds) -> tuple[dict, Sites]:
+    """Teacher vectors per module kind, stacked [N, d_T] (fp32), and where each goes in the student."""
+    sources: dict[str, torch.Tensor] = {}
+    sites: Sites = {}
+    for kind in kinds:
+        vecs, where = [], []
+        for i in range(s_spec.num_layers):
+            if kind in FFN_KINDS:
+                t_layer, (t_idx, s_idx) = pairing.ffn_layers[i], pairing.ffn[i]
+            else:
+                t_layer, (t_idx, s_idx) = pairing.attn_layers[i], pairing.attn[i]
+                if kind == "v":
+                    t_idx, s_idx = pair_v(t_idx, s_idx, t_spec, s_spec)
+            w = t_spec.linear(teacher, t_layer, kind).weight
+            t_idx = t_idx.to(w.device)
+            vecs.append((w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu())
+            where.append((i, s_idx.cpu()))
+        sources[kind] = torch.cat(vecs)
+        sites[kind] = where
+    return sources, sites
+
+
+def to_deltas(translated: dict[str, torch.Tensor], sites: Sites) -> Deltas:
+    """Split each kind's stacked translated vectors back into per-layer deltas."""
+    out: Deltas = {}
+    for kind, where in sites.items():
+        parts = torch.split(translated[kind], [idx.numel() for _, idx in where])
+        for (layer, idx), val in zip(where, parts):
+            out[(layer, kind)] = (idx, val)
+    return out
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    teacher: object
+    student: object
+    tokenizer: object
+    t_spec: ArchSpec
+    s_spec: ArchSpec
+
+
+def load_models(cfg: LatenConfig, log=print) -> Models:
+    from pkt.models.load import assert_same_tokenizer, load_model, load_tokenizer
+
+    log(f"loading teacher {cfg.teacher} ({cfg.teacher_dtype}) and student {cfg.student} ({cfg.student_dtype})")
+    tok = load_tokenizer(cfg.student, padding_side="right")
+    assert_same_tokenizer(load_tokenizer(cfg.teacher), tok)
+    return wrap_models(load_model(cfg.teacher, dtype=cfg.teacher_dtype), load_model(cfg.student, dtype=cfg.student_dtype),
+                       tok)
+
+
+def wrap_models(teacher, student, tokenizer) -> Models:
+    t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
+    if t_spec.vocab_size != s_spec.vocab_size:
+        raise PktError(f"teacher and student vocabularies differ ({t_spec.vocab_size} vs {s_spec.vocab_size})")
+    if t_spec.num_layers < s_spec.num_layers:
+        raise PktError(f"teacher has {t_spec.num_layers} layers, fewer than the student's {s_spec.num_layers}")
+    student.requires_grad_(False)  # only the hypernetwork trains (the reference let fp16 grads pile up)
+    teacher.requires_grad_(False)
+    return Models(teacher, student, tokenizer, t_spec, s_spec)
+
+
+def locate(m: Models, example: ChatExample, cfg: LatenConfig, rate: float) -> Pairing:
+    kw = dict(style=cfg.style, max_length=cfg.cutoff_len, norm=cfg.norm, vocab_top=cfg.vocab_top or None,
+              chunk=cfg.chunk, top=tuple(reversed(counts(m.s_spec, m.t_spec, rate))))
+    t_att = attribute_example(m.teacher, m.tokenizer, example, spec=m.t_spec, **kw)
+    s_att = attribute_example(m.student, m.tokenizer, example, spec=m.s_spec, **kw)
+    return pair(t_att, s_att, m.t_spec, m.s_spec, rate, cfg.layer_strategy, cfg.seed)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def ckpt_path(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:04d}" / "hypernet.pt"
+
+
+def available_steps(run: Path) -> list[int]:
+    root = Path(run) / "checkpoints"
+    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("step-*/hypernet.pt")) if root.is_dir() else []
+
+
+def lm_loss_sum(student, batch: dict) -> torch.Tensor:
+    """Σ over samples of the per-sample mean token loss on labelled (response) tokens."""
+    dev = student.device
+    logits = student(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    labels = batch["labels"].to(dev)[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    n = (labels != IGNORE).sum(-1).clamp(min=1)
+    return (ce.sum(-1) / n).sum()
+
+
+def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None, resume: bool = True,
+          progress: bool = True, log=print) -> list[dict]:
+    """Train the hypernetwork; returns the per-step log rows. Resumes from ``run_dir/state.pt`` if present."""
+    run = Path(run_dir)
+    extract_set, align_set = _examples(cfg, "extract"), _examples(cfg, "align")
+    steps = len(extract_set) if cfg.max_steps is None else min(cfg.max_steps, len(extract_set))
+    if cfg.batch_size - 1 > len(align_set):
+        raise PktError(f"batch_size {cfg.batch_size} needs {cfg.batch_size - 1} align examples, have {len(align_set)}")
+    cfg_dump = cfg.model_dump(mode="json")
+    state_file = run / "state.pt"
+    if resume and state_file.is_file():
+        saved_cfg = json.loads((run / "config.json").read_text())
+        if saved_cfg != cfg_dump:
+            diff = sorted(k for k in cfg_dump if saved_cfg.get(k) != cfg_dump[k])
+            raise PktError(f"{run}: existing run has different settings ({', '.join(diff)}); use a new --out or --no-resume")
+    m = models or load_models(cfg, log)
+    net = HyperNet(m.t_spec.hidden_size, m.s_spec.hidden_size, cfg.modules, cfg.init, cfg.init_std, seed=cfg.seed)
+    opt = optimizer(net, cfg.lr, cfg.weight_decay, cfg.betas)
+    sched = one_cycle(opt, cfg.lr, steps, cfg.pct_start)
+    start, rows = 0, []
+    if resume and state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        start, rows = state["step"], state["log"]
+        net = HyperNet.load(ckpt_path(run, start))
+        opt = optimizer(net, cfg.lr, cfg.weight_decay, cfg.betas)
+        opt.load_state_dict(state["optimizer"])
+        sched = one_cycle(opt, cfg.lr, steps, cfg.pct_start)
+        sched.load_state_dict(state["scheduler"])
+        log(f"resuming {run} after step {start}")
+    else:
+        write_json(run / "config.json", cfg_dump)
+        net.save(ckpt_path(run, 0), extra={"step": 0})
+    injector = Injector(m.student, m.s_spec)
+    pad = m.tokenizer.pad_token_id
+    bar = tqdm(range(start, steps), desc="laten train", disable=not progress, initial=start, total=steps)
+    for t in bar:
+        t0 = time.perf_counter()
+        example = extract_set[t]
+        pairing = locate(m, example, cfg, cfg.transfer_rate)
+        t_loc = time.perf_counter() - t0
+        sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, cfg.modules)
+        samples = random.Random(cfg.seed + t).sample(align_set, cfg.batch_size - 1) + [example]
+        feats = [tokenize_example(e, m.tokenizer, cfg.style, cfg.cutoff_len) for e in samples]
+        translated = net.translate(sources)
+        # Micro-batches back-propagate into detached copies; the sum of their grads goes through H once.
+        leaves = {k: v.detach().requires_grad_() for k, v in translated.items()}
+        lm_total = 0.0
+        with injector.set(to_deltas(leaves, sites)):
+            for s in range(0, len(feats), cfg.micro_batch):
+                loss = lm_loss_sum(m.student, collate(feats[s: s + cfg.micro_batch], pad, "right")) / len(feats)
+                loss.backward()
+                lm_total += float(loss.detach())
+        pen = cfg.penalty * penalty(translated)
+        surrogate = sum((translated[k] * leaves[k].grad).sum() for k in translated) + pen
+        opt.zero_grad(set_to_none=True)
+        surrogate.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf")))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        row = {"step": t + 1, "loss": lm_total + float(pen.detach()), "lm_loss": lm_total, "penalty": float(pen.detach()),
+               "lr": lr, "grad_norm": grad_norm, "example": example.meta.get("id", t), **pairing.summary(),
+               "seconds": round(time.perf_counter() - t0, 2), "locate_seconds": round(t_loc, 2)}
+        rows.append(row)
+        net.save(ckpt_path(run, t + 1), extra={"step": t + 1, "log": row})
+        # Optimiser state only for the latest step (resume); per-step checkpoints hold the hypernetwork.
+        tmp = run / f".state.pt.tmp"
+        torch.save({"step": t + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "log": rows}, tmp)
+        tmp.replace(state_file)
+        write_jsonl(run / "log.jsonl", rows)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lm=f"{lm_total:.4f}")
+        log(json.dumps(row))
+    return rows
+
+
+# ---- apply ----------------------------------------------------------------------------------------
+
+def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path, *, seed: int = 42,
+          models: Models | None = None, log=print) -> tuple[dict, Deltas]:
+    """Re-locate with a seed example, translate with checkpoint ``step``, fuse and save to ``out``."""
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise PktError(f"{run}: not a laten run directory (no config.json); run `pkt laten train` first")
+    cfg = LatenConfig(**json.loads((run / "config.json").read_text()))
+    ApplyConfig(step=step, transfer_rate=transfer_rate, out=str(out), seed=seed)  # validates
+    path = ckpt_path(run, step)
+    if not path.is_file():
+        raise PktError(f"{run}: no checkpoint for step {step}; available steps: {available_steps(run) or 'none'}")
+    net = HyperNet.load(path)
+    m = models or load_models(cfg, log)
+    if m.s_spec.weight_shape("o")[0] != net.meta["d_student"] or m.t_spec.hidden_size != net.meta["d_teacher"]:
+        raise PktError("the run's hypernetwork does not match these teacher/student hidden sizes")
+    seeds = _examples(cfg, "train")
+    example = random.Random(seed).choice(seeds)
+    t0 = time.perf_counter()
+    pairing = locate(m, example, cfg, transfer_rate)
+    sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, net.kinds)
+    with torch.no_grad():
+        deltas = to_deltas(net.translate(sources), sites)
+    manifest = {
+        "method": "laten", "teacher": cfg.teacher, "student": cfg.student, "run": str(run), "step": step,
+        "transfer_rate": transfer_rate, "seed": seed, "seed_example": example.meta.get("id"),
+        "modules": net.kinds, "norm": cfg.norm, "vocab_top": cfg.vocab_top, **pairing.summary(),
+        "delta_rms": {k: float(torch.cat([v for (_, kk), (_, v) in deltas.items() if kk == k]).pow(2).mean().sqrt())
+                      for k in net.kinds},
+        "seconds_locate": round(time.perf_counter() - t0, 2),
+    }
+    save_fused(m.student, m.tokenizer, deltas, out, manifest, m.s_spec)
+    log(f"wrote fused student to {out} (step {step}, rate {transfer_rate})")
+    return manifest, deltas

@@ -1,0 +1,187 @@
+"""LaTen orchestration on tiny pairs: pairing and GQA mapping, training, apply (fused checkpoint), CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pkt import testing
+from pkt.data.jsonl import ChatExample, write_chat_jsonl
+from pkt.errors import PktError
+from pkt.inject import dense, load_deltas
+from pkt.laten import (LatenConfig, ckpt_path, counts, extract, pair, pair_v, to_deltas, v_rows, wrap_models,
+                       apply, locate, train)
+from pkt.align.hypernet import HyperNet
+from pkt.models.arch import ArchSpec
+
+Q = [("Tom has 3 apples and buys 4 more. How many?", "3 + 4 = 7. So the answer is 7."),
+     ("A pen costs 2 dollars. How much do 5 pens cost?", "5 * 2 = 10. So the answer is 10."),
+     ("Sam reads 6 pages a day. How many in 3 days?", "6 * 3 = 18. So the answer is 18."),
+     ("Half of 48 clips?", "48 / 2 = 24. So the answer is 24."),
+     ("What is 9 minus 5?", "9 - 5 = 4. So the answer is 4.")]
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [ChatExample(u, a, {"id": f"ex{i}"}) for i, (u, a) in enumerate(Q)]
+    paths = {}
+    for name, sub in (("extract", rows[:2]), ("align", rows[2:]), ("train", rows)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        write_chat_jsonl(sub, paths[name])
+    return paths
+
+
+def _cfg(data, **kw):
+    base = dict(extract_file=str(data["extract"]), align_file=str(data["align"]), seed_file=str(data["train"]),
+                batch_size=3, micro_batch=2, cutoff_len=64, transfer_rate=0.25, init="kaiming", vocab_top=32,
+                chunk=16, teacher="unused", student="unused")
+    return LatenConfig(**{**base, **kw})
+
+
+def test_v_rows_under_gqa_and_dedup(qwen_pair):
+    teacher, student, _ = qwen_pair
+    s = ArchSpec.from_model(student)  # 6 query heads, 2 kv heads, head_dim 8: group 3
+    t = ArchSpec.from_model(teacher)  # 4 query heads, 2 kv heads, head_dim 16: group 2
+    assert s.gqa_group == 3 and t.gqa_group == 2
+    assert v_rows(torch.tensor([4 * 8 + 5]), s).tolist() == [1 * 8 + 5]  # head 4 -> kv head 1
+    assert v_rows(torch.tensor([3 * 16 + 2]), t).tolist() == [1 * 16 + 2]  # head 3 -> kv head 1
+    # student neurons (h0,j1) (h1,j1) (h3,j1) (h2,j7): rows 1, 1, 9, 7 -> keep ranks 0, 2, 3
+    s_idx = torch.tensor([0 * 8 + 1, 1 * 8 + 1, 3 * 8 + 1, 2 * 8 + 7])
+    t_idx = torch.tensor([0, 17, 33, 50])
+    t_rows, s_rows = pair_v(t_idx, s_idx, t, s)
+    assert s_rows.tolist() == [1, 9, 7]
+    # teacher 33 = (h2, j1) -> kv head 1 -> row 17; 50 = (h3, j2) -> row 18
+    assert t_rows.tolist() == v_rows(torch.tensor([0, 33, 50]), t).tolist() == [0, 16 + 1, 16 + 2]
+
+
+def test_pairing_counts_layers_and_rank_matching(tiny_pair):
+    from pkt.locate.attribution import attribute_example
+
+    teacher, student, tok = tiny_pair
+    t, s = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
+    ex = ChatExample(*Q[0])
+    ta, sa = attribute_example(teacher, tok, ex), attribute_example(student, tok, ex)
+    p = pair(ta, sa, t, s, 0.25)
+    n_ffn, n_attn = counts(s, t, 0.25)
+    assert (n_ffn, n_attn) == (int(0.25 * s.intermediate_size), int(0.25 * s.q_dim))
+    assert p.ffn_layers == sorted(torch.topk(ta.ffn_layers, s.num_layers).indices.tolist())
+    assert p.attn_layers == sorted(torch.topk(ta.attn_layers, s.num_layers).indices.tolist())
+    for i, (ti, si) in enumerate(p.ffn):
+        assert ti.numel() == si.numel() == n_ffn
+        tl = ta.ffn_neurons[p.ffn_layers[i]]
+        assert bool((tl[ti][:-1] >= tl[ti][1:]).all())  # rank order
+        assert bool((sa.ffn_neurons[i][si][:-1] >= sa.ffn_neurons[i][si][1:]).all())
+    with pytest.raises(PktError):
+        counts(s, t, 1e-4)
+
+
+def test_extract_and_deltas_shapes(qwen_pair, data):
+    teacher, student, tok = qwen_pair
+    m = wrap_models(teacher, student, tok)
+    cfg = _cfg(data, modules=["gate", "up", "down", "v", "o"])
+    p = locate(m, ChatExample(*Q[0]), cfg, cfg.transfer_rate)
+    sources, sites = extract(teacher, m.t_spec, m.s_spec, p, cfg.modules)
+    for kind, vecs in sources.items():
+        assert vecs.shape[1] == m.t_spec.hidden_size
+    i, (t_idx, _) = 0, p.ffn[0]
+    torch.testing.assert_close(sources["down"][: t_idx.numel()],
+                               teacher.model.layers[p.ffn_layers[0]].mlp.down_proj.weight[:, t_idx].T)
+    deltas = to_deltas({k: torch.zeros(v.shape[0], m.s_spec.hidden_size) for k, v in sources.items()}, sites)
+    assert {k for _, k in deltas} == set(cfg.modules) and len(deltas) == 5 * m.s_spec.num_layers
+
+
+def test_train_and_apply(qwen_pair, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher, student, tok = qwen_pair
+    original = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = _cfg(data)
+    run = tmp_path / "run"
+    rows = train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+    h0, h2 = HyperNet.load(ckpt_path(run, 0)), HyperNet.load(ckpt_path(run, 2))
+    assert not torch.equal(h0.nets["up"].fc2.weight, h2.nets["up"].fc2.weight)  # the LM loss reached H
+    assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())  # student frozen
+    # resume: nothing left to do, same log
+    again = train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    assert again == rows
+    with pytest.raises(PktError):
+        train(_cfg(data, lr=1e-3), run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+
+    manifest, deltas = apply(run, 2, 0.25, tmp_path / "fused", models=wrap_models(teacher, student, tok),
+                             log=lambda s: None)
+    assert manifest["step"] == 2 and manifest["ffn_per_layer"] == int(0.25 * 112)
+    spec = ArchSpec.from_model(student)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32).state_dict()
+    touched = set()
+    for (layer, kind), (idx, val) in deltas.items():
+        name = spec.module_name(layer, kind) + ".weight"
+        touched.add(name)
+        want = dense(spec, kind, idx, val)
+        diff = reloaded[name] - original[name]
+        torch.testing.assert_close(diff, want, atol=1e-6, rtol=0)
+        assert torch.equal(diff[want == 0], torch.zeros_like(diff[want == 0]))
+        assert float(want.abs().max()) > 0
+    assert all(torch.equal(reloaded[k], original[k]) for k in reloaded if k not in touched)
+    # the translated values are H_step(teacher vectors) of the seed example's located neurons
+    saved = load_deltas(tmp_path / "fused" / "laten_deltas.safetensors")
+    assert set(saved) == set(deltas)
+    with pytest.raises(PktError):
+        apply(run, 7, 0.25, tmp_path / "x", models=wrap_models(teacher, student, tok), log=lambda s: None)
+
+
+def test_step0_with_zero_output_equals_student(llama_pair, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher, student, tok = llama_pair
+    original = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = _cfg(data, init="zeros", max_steps=1)
+    train(cfg, tmp_path / "run", models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    apply(tmp_path / "run", 0, 0.25, tmp_path / "fused", models=wrap_models(teacher, student, tok), log=lambda s: None)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32).state_dict()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def _pkt(monkeypatch, capsys, *args):
+    from pkt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def test_cli_train_apply_and_errors(qwen_pair, data, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    teacher, student, tok = qwen_pair
+    tdir, sdir = testing.save_tiny(teacher, tok, tmp_path / "t"), testing.save_tiny(student, tok, tmp_path / "s")
+    yaml_path = tmp_path / "laten.yaml"
+    yaml_path.write_text(f"train:\n  teacher: {tdir}\n  student: {sdir}\n  batch_size: 3\n  cutoff_len: 64\n"
+                         f"  transfer_rate: 0.25\n  init: kaiming\n  vocab_top: 32\n"
+                         f"  extract_file: {data['extract']}\n  align_file: {data['align']}\n  seed_file: {data['train']}\n"
+                         "apply:\n  transfer_rate: 0.5\n")
+    run = tmp_path / "run"
+    code, out, err = _pkt(monkeypatch, capsys, "laten", "train", "--config", yaml_path, "--out", run, "--steps", 1,
+                          "--no-progress")
+    assert code == 0, err
+    assert "1 steps" in out and (run / "checkpoints" / "step-0001" / "hypernet.pt").is_file()
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 1
+    code, out, err = _pkt(monkeypatch, capsys, "laten", "apply", "--config", yaml_path, "--run", run, "--step", 1,
+                          "--out", tmp_path / "fused")
+    assert code == 0, err
+    assert json.loads(out)["transfer_rate"] == 0.5  # from the YAML apply section
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    gen = fused.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 6)
+    code, _, err = _pkt(monkeypatch, capsys, "laten", "apply", "--run", run, "--step", 9, "--out", tmp_path / "x")
+    assert code == 2 and "no checkpoint for step 9" in err
+    code, _, err = _pkt(monkeypatch, capsys, "laten", "train", "--config", yaml_path, "--out", tmp_path / "r2",
+                        "--transfer-rate", 2)
+    assert code == 2 and "transfer_rate" in err
