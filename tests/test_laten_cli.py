@@ -185,3 +185,22 @@ def test_cli_train_apply_and_errors(qwen_pair, data, tmp_path, monkeypatch, caps
     code, _, err = _pkt(monkeypatch, capsys, "laten", "train", "--config", yaml_path, "--out", tmp_path / "r2",
                         "--transfer-rate", 2)
     assert code == 2 and "transfer_rate" in err
+
+
+@pytest.mark.slow
+def test_real_pair_one_step_train_and_apply(shared_data, tmp_path, monkeypatch, capsys):
+    """1.5B -> 0.5B: one training step (P=2, short cutoff), apply, reload with plain transformers, generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    code, _, err = _pkt(monkeypatch, capsys, "laten", "train", "--out", run, "--steps", 1, "--batch-size", 2,
+                        "--cutoff-len", 128, "--no-progress", "--threads", 2)
+    assert code == 0, err
+    code, out, err = _pkt(monkeypatch, capsys, "laten", "apply", "--run", run, "--step", 1, "--transfer-rate", 0.1,
+                          "--out", tmp_path / "fused")
+    assert code == 0, err
+    assert json.loads(out)["ffn_per_layer"] == 486 and json.loads(out)["attn_per_layer"] == 89
+    tok = AutoTokenizer.from_pretrained(tmp_path / "fused")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    ids = tok("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]

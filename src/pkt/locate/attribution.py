@@ -191,11 +191,12 @@ class _Block:
             vocab = self.logp0.shape[0]
             top = torch.topk(self.logp0, min(vocab_top, vocab)).indices
             if not bool((top == target).any()):
-                top = torch.cat([top, torch.tensor([target])])
-            tail = torch.ones(vocab, dtype=torch.bool)
+                top = torch.cat([top, torch.tensor([target], device=top.device)])
+            tail = torch.ones(vocab, dtype=torch.bool, device=top.device)
             tail[top] = False
             has_tail = bool(tail.any())
-            self.tail_logmass = torch.logsumexp(self.logp0[tail], -1) if has_tail else torch.tensor(float("-inf"))
+            self.tail_logmass = (torch.logsumexp(self.logp0[tail], -1) if has_tail
+                                 else torch.tensor(float("-inf"), device=top.device))
             if has_tail:
                 p_tail = torch.exp(self.logp0 - self.tail_logmass).masked_fill(~tail, 0.0)  # sums to 1
                 self.mean_dir = (p_tail.to(w.dtype) @ w).float() * ro.post  # [d]
@@ -231,13 +232,13 @@ def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int
     blk = _Block(ro, base, target, vocab_top)
     n = subs.shape[0]
     if top is None or top >= n:
-        out = torch.empty(n)
+        out = torch.empty(n, device=subs.device)
         for s in range(0, n, chunk):
             out[s: s + chunk] = blk.score(subs[s: s + chunk])
-        return out, blk.tail_mass, n
+        return out.cpu(), blk.tail_mass, n
     ub = blk.bound(subs)
     order = torch.argsort(ub, descending=True)
-    out = torch.full((n,), float("-inf"))
+    out = torch.full((n,), float("-inf"), device=subs.device)
     done = 0
     while done < n:
         idx = order[done: done + chunk]
@@ -246,7 +247,7 @@ def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int
         # One scalar check per chunk (not per neuron): the k-th best so far vs the best bound left.
         if done >= top and done < n and bool(torch.topk(out, top).values[-1] >= ub[order[done]]):
             break
-    return out, blk.tail_mass, done
+    return out.cpu(), blk.tail_mass, done
 
 
 @dataclass
@@ -317,7 +318,8 @@ def attribute(model, input_ids: torch.Tensor, target: int, *, norm: str = "yu", 
             tail = None
     t2 = time.perf_counter()
     return Attribution(
-        target=target, logprob=float(ro.logprob(acts.final, target)), attn_layers=attn_layers, ffn_layers=ffn_layers,
+        target=target, logprob=float(ro.logprob(acts.final, target)), attn_layers=attn_layers.cpu(),
+        ffn_layers=ffn_layers.cpu(),
         attn_neurons=attn_n, ffn_neurons=ffn_n, norm=norm, vocab_top=vocab_top, tail_mass=tail,
         seconds={"forward": t1 - t0, "scoring": t2 - t1, "total": t2 - t0}, evaluated=tuple(evaluated),
     )
