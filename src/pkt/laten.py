@@ -234,9 +234,9 @@ def wrap_models(teacher, student, tokenizer) -> Models:
     return Models(teacher, student, tokenizer, t_spec, s_spec)
 
 
-def locate(m: Models, example: ChatExample, cfg: LatenConfig, rate: float) -> Pairing:
+def locate(m: Models, example: ChatExample, cfg: LatenConfig, rate: float, progress: bool = False) -> Pairing:
     kw = dict(style=cfg.style, max_length=cfg.cutoff_len, norm=cfg.norm, vocab_top=cfg.vocab_top or None,
-              chunk=cfg.chunk, top=tuple(reversed(counts(m.s_spec, m.t_spec, rate))))
+              chunk=cfg.chunk, top=tuple(reversed(counts(m.s_spec, m.t_spec, rate))), progress=progress)
     t_att = attribute_example(m.teacher, m.tokenizer, example, spec=m.t_spec, **kw)
     s_att = attribute_example(m.student, m.tokenizer, example, spec=m.s_spec, **kw)
     return pair(t_att, s_att, m.t_spec, m.s_spec, rate, cfg.layer_strategy, cfg.seed)
@@ -301,7 +301,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     for t in bar:
         t0 = time.perf_counter()
         example = extract_set[t]
-        pairing = locate(m, example, cfg, cfg.transfer_rate)
+        pairing = locate(m, example, cfg, cfg.transfer_rate, progress)
         t_loc = time.perf_counter() - t0
         sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, cfg.modules)
         samples = random.Random(cfg.seed + t).sample(align_set, cfg.batch_size - 1) + [example]
@@ -341,7 +341,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
 # ---- apply ----------------------------------------------------------------------------------------
 
 def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path, *, seed: int = 42,
-          models: Models | None = None, log=print) -> tuple[dict, Deltas]:
+          models: Models | None = None, progress: bool = False, log=print) -> tuple[dict, Deltas]:
     """Re-locate with a seed example, translate with checkpoint ``step``, fuse and save to ``out``."""
     run = Path(run_dir)
     if not (run / "config.json").is_file():
@@ -358,7 +358,7 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
     seeds = _examples(cfg, "train")
     example = random.Random(seed).choice(seeds)
     t0 = time.perf_counter()
-    pairing = locate(m, example, cfg, transfer_rate)
+    pairing = locate(m, example, cfg, transfer_rate, progress)
     sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, net.kinds)
     with torch.no_grad():
         deltas = to_deltas(net.translate(sources), sites)

@@ -76,6 +76,7 @@ def apply(
     out: str = typer.Option(None, help="Directory for the fused HF checkpoint."),
     seed: int = typer.Option(None, help="Seed choosing the seed example from the train split."),
     threads: int = typer.Option(None, help="torch CPU threads."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Re-locate with a seed example, translate with checkpoint STEP and save a fused student checkpoint."""
     from pkt.config import load_config
@@ -84,7 +85,7 @@ def apply(
     _threads(threads)
     acfg = load_config(ApplyConfig, config, section="apply" if config else None, step=step,
                        transfer_rate=transfer_rate, out=out, seed=seed)
-    manifest, _ = _apply(run, acfg.step, acfg.transfer_rate, acfg.out, seed=acfg.seed,
+    manifest, _ = _apply(run, acfg.step, acfg.transfer_rate, acfg.out, seed=acfg.seed, progress=progress,
                          log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(manifest, indent=2))
 

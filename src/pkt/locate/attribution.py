@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pkt.data.chat import render_prompt
 from pkt.data.jsonl import ChatExample
@@ -270,7 +271,7 @@ class Attribution:
 @torch.no_grad()
 def attribute(model, input_ids: torch.Tensor, target: int, *, norm: str = "yu", vocab_top: int | None = None,
               chunk: int = 256, neurons: bool = True, top: int | tuple[int, int] | None = None,
-              spec: ArchSpec | None = None) -> Attribution:
+              spec: ArchSpec | None = None, progress: bool = False) -> Attribution:
     """Score layers and (optionally) every FFN and attention neuron for predicting ``target`` after ``input_ids``.
 
     ``vocab_top=None`` is the exact score (full softmax per neuron); an integer uses the top-vocabulary
@@ -302,7 +303,7 @@ def attribute(model, input_ids: torch.Tensor, target: int, *, norm: str = "yu", 
         attn_n = torch.empty(n, spec.q_dim)
         ffn_n = torch.empty(n, spec.intermediate_size)
         tail = torch.zeros(n, 2)
-        for layer in range(n):
+        for layer in tqdm(range(n), desc="attribution", disable=not progress, leave=False):
             w_o = spec.linear(model, layer, "o").weight.detach()
             w_down = spec.linear(model, layer, "down").weight.detach()
             # Sub-value matrices: row i = activation_i × weight column i (the neuron's write to the residual).
