@@ -112,7 +112,7 @@ def test_top_vocab_is_exact_when_it_covers_the_vocabulary_and_close_otherwise(qw
     torch.testing.assert_close(approx.attn_layers, exact.attn_layers)  # layer scores stay exact
 
 
-@pytest.mark.parametrize("vocab_top", [None, 64])
+@pytest.mark.parametrize("vocab_top", [None, 64, 16])  # 16: tangent bound; others: coarse-vocab bound
 @torch.no_grad()
 def test_certified_top_equals_full_scoring(tiny_pair, vocab_top):
     teacher, _, tok = tiny_pair
