@@ -84,3 +84,41 @@ def test_reference_sensitivity_matches_pkt(kind):
         torch.testing.assert_close(s, ref[name].float(), rtol=1e-4, atol=1e-6, msg=name)
     # pkt leaves no gradients behind and restores flags; the reference leaves neither .grad
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------- P2: attribution
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_reference_attribution_matches_pkt(kind):
+    from benchmarks.reference_laten import reference_attribute
+    from pkt.locate.attribution import attribute
+
+    vocab = 384
+    model = testing.tiny_model(kind, "teacher", vocab)
+    ids = torch.randint(0, vocab, (1, 14), generator=torch.Generator().manual_seed(1))
+    target = 17
+    fast = attribute(model, ids, target, norm="laten")  # exact: full softmax for every neuron
+    ref = reference_attribute(model, ids, target, keep_logits=False)
+    L = fast.ffn_neurons.shape[0]
+    ref_ffn = torch.tensor([[ref["ffn"][(l, i)] for i in range(fast.ffn_neurons.shape[1])] for l in range(L)])
+    ref_attn = torch.tensor([[ref["attn"][(l, k)] for k in range(fast.attn_neurons.shape[1])] for l in range(L)])
+    # the reference rounds every neuron score to 4 decimals
+    torch.testing.assert_close(fast.ffn_neurons, ref_ffn, rtol=0, atol=6e-5)
+    torch.testing.assert_close(fast.attn_neurons, ref_attn, rtol=0, atol=6e-5)
+    torch.testing.assert_close(fast.ffn_layers, torch.tensor([ref["ffn_layers"][l] for l in range(L)]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.attn_layers, torch.tensor([ref["attn_layers"][l] for l in range(L)]), rtol=1e-4, atol=1e-5)
+    assert float(fast.ffn_neurons.abs().max()) > 1e-3  # non-trivial scores
+
+
+def test_reference_attribution_subset_and_logit_copies():
+    from benchmarks.reference_laten import reference_attribute
+
+    model = testing.tiny_model("qwen2", "teacher", 384)
+    ids = torch.arange(3, 13).view(1, -1)
+    ref = reference_attribute(model, ids, 5, layers=[1, 3], max_neurons=7)
+    assert ref["n"] == {"ffn": 14, "attn": 14, "layers": 2, "logit_copies": 28}
+    assert ref["logit_copy_bytes"] == 28 * 384 * 2  # one fp16 full-vocabulary copy per neuron
+    assert {l for l, _ in ref["ffn"]} == {1, 3}
+    # the attention list is re-sorted as a whole: its order is by score across layers
+    scores = [ref["attn"][k] for k in ref["attn_order"]]
+    assert scores == sorted(scores, reverse=True)
