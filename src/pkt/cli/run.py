@@ -1,0 +1,41 @@
+"""``pkt run [CONFIG.yaml]``: the whole study (methods × tasks × seeds), resumable, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def default_config() -> Path:
+    """configs/default.yaml of the source tree (pkt is installed editable), else ./configs/default.yaml."""
+    here = Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
+    return here if here.is_file() else Path("configs/default.yaml")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: Path = typer.Argument(None, help="Experiment YAML (default: configs/default.yaml)."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<name>)."),
+        dry_run: bool = typer.Option(False, help="Validate the config and list the stages, run nothing."),
+    ) -> None:
+        """Run the study: build every method's student, evaluate, analyse, and write results + report.html.
+
+        Stages are cached by a hash of their settings under OUT/stages: re-running after an interruption
+        resumes where it stopped; changing a setting recomputes only the stages it affects.
+        """
+        from pkt.config import load_config
+        from pkt.experiment.config import ExperimentConfig
+        from pkt.experiment.runner import Study
+
+        path = config or default_config()
+        cfg = load_config(ExperimentConfig, path)
+        out_dir = out or Path("runs") / cfg.name
+        study = Study(cfg, out_dir, Path(path).read_text(encoding="utf-8"), log=lambda s: typer.echo(s, err=True))
+        if dry_run:
+            typer.echo(f"{path}: OK; {study.n_stages()} stages -> {out_dir}")
+            return
+        result = study.run()
+        typer.echo((out_dir / "results.md").read_text(encoding="utf-8"))
+        typer.echo(f"report: {out_dir / 'report.html'} ({result['manifest']['seconds']:.0f} s)")

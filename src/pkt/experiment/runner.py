@@ -1,0 +1,376 @@
+"""``pkt run``: the whole study as a list of cached stages.
+
+For each task: the seed-independent stages (Seeking extraction, the teacher's KD answers), then for each
+seed every method's *build* stage (a fine-tuned / injected student checkpoint) and its *eval* stage, then
+one analysis stage (parametric, representation and behavioural similarity). Every stage's directory is
+keyed by a hash of what determines it (see :mod:`pkt.experiment.cache`), so a re-run after an
+interruption resumes at the first unfinished stage, and a changed setting recomputes only what it affects.
+
+Evaluation of a seed uses one seeded subset for every method, so differences to the vanilla student are
+paired per example. The answer loss is measured on the tail of the train split, which no method trains on
+(fine-tuning uses its head; LaTen uses extract/align; Seeking uses extract).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pkt.errors import PktError
+from pkt.experiment.cache import StageCache
+from pkt.experiment.config import ExperimentConfig
+from pkt.io import write_json
+
+FINETUNED = ("lora", "pissa", "seeking")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    import pkt
+
+    return {"pkt": pkt.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+class Study:
+    """Runs one :class:`ExperimentConfig` into ``out`` (stages under ``out/stages``, report at the top)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, config_text: str = "", log=print):
+        self.cfg, self.out, self.config_text, self.log = cfg, Path(out), config_text, log
+        self.cache = StageCache(self.out, log=self._log)
+        self.bar: tqdm | None = None
+        self._check_budget()
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(msg.strip()[:60])
+            tqdm.write(msg)
+        else:
+            self.log(msg)
+
+    def _stage(self, name: str, payload: dict, fn) -> tuple[Path, dict]:
+        path, result = self.cache.run(name, payload, fn)
+        if self.bar is not None:
+            self.bar.update(1)
+        gc.collect()
+        return path, result
+
+    def _check_budget(self) -> None:
+        from pkt.data.tasks import load_split
+
+        b = self.cfg.budget
+        self.n_train = {}
+        for task in self.cfg.tasks:
+            n = len(load_split(task, "train"))
+            if b.loss_examples >= n:
+                raise PktError(f"budget: loss_examples ({b.loss_examples}) must leave training examples in the "
+                               f"{n} of {task}/train")
+            # The answer loss uses the last loss_examples rows, so training stops short of them.
+            self.n_train[task] = min(b.train_examples, n - b.loss_examples)
+
+    def n_stages(self) -> int:
+        c, per_task = self.cfg, 0
+        m = set(c.methods)
+        per_task += ("seeking" in m) + ("kd" in m)
+        per_seed = len(m) + len(m & {"lora", "pissa", "seeking", "laten", "kd"})
+        return len(c.tasks) * (per_task + len(c.seeds) * per_seed) + int(c.analysis)
+
+    # ---- settings of the library stages ----------------------------------------------------------
+    def finetune_cfg(self, task: str, seed: int):
+        from pkt.align.finetune import FinetuneConfig
+
+        b = self.cfg.budget
+        return FinetuneConfig(r=b.rank, alpha=b.alpha, lr=b.lr, epochs=b.epochs, batch_size=b.batch_size,
+                              micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
+                              n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype)
+
+    def seeking_cfg(self):
+        from pkt.postpkt import SeekingConfig
+
+        b = self.cfg.budget
+        return SeekingConfig(n_samples=b.extract_samples, rank=b.rank, style=self.cfg.style,
+                             max_length=b.max_length, dtype=self.cfg.teacher_dtype)
+
+    def laten_cfg(self, task: str, seed: int):
+        from pkt.laten import LatenConfig
+
+        b = self.cfg.budget
+        return LatenConfig(teacher=self.cfg.teacher, student=self.cfg.student, task=task, style=self.cfg.style,
+                           transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
+                           micro_batch=min(4, b.laten_batch), max_steps=b.laten_steps, seed=seed,
+                           cutoff_len=b.max_length, teacher_dtype=self.cfg.teacher_dtype,
+                           student_dtype=self.cfg.dtype)
+
+    def eval_cfg(self, seed: int):
+        from pkt.evaluate.harness import EvalConfig
+
+        b = self.cfg.budget
+        return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
+                          max_prompt_tokens=max(b.max_length, 1024), progress=True)
+
+    def heldout(self, task: str):
+        from pkt.data.tasks import load_split
+
+        return load_split(task, "train")[-self.cfg.budget.loss_examples:]
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def extraction(self, task: str) -> Path:
+        from pkt.postpkt import run_extraction
+
+        cfg = self.seeking_cfg()
+        payload = {"teacher": self.cfg.teacher, "student": self.cfg.student, "task": task, "seeking": cfg.model_dump()}
+        path, _ = self._stage(f"extract-{task}", payload, lambda d: {
+            "manifest_keys": sorted(run_extraction(self.cfg.teacher, self.cfg.student, task, cfg, d / "factors",
+                                                   progress=True, log=self._log))})
+        return path / "factors"
+
+    def kd_data(self, task: str) -> Path:
+        from pkt.align.distill import teacher_answers
+        from pkt.data.jsonl import write_chat_jsonl
+        from pkt.data.tasks import load_split
+        from pkt.models.load import load_model, load_tokenizer
+
+        b = self.cfg.budget
+        n_train = self.n_train[task]
+        payload = {"teacher": self.cfg.teacher, "task": task, "n": n_train, "style": self.cfg.style,
+                   "max_new_tokens": b.kd_max_new_tokens, "dtype": self.cfg.teacher_dtype}
+
+        def fn(d: Path) -> dict:
+            tok = load_tokenizer(self.cfg.teacher)
+            teacher = load_model(self.cfg.teacher, dtype=self.cfg.teacher_dtype)
+            rows = teacher_answers(teacher, tok, load_split(task, "train")[:n_train], style=self.cfg.style,
+                                   max_new_tokens=b.kd_max_new_tokens)
+            write_chat_jsonl(rows, d / "kd_train.jsonl")
+            return {"n": len(rows), "mean_chars": sum(len(r.assistant) for r in rows) / max(1, len(rows))}
+
+        path, _ = self._stage(f"kd-data-{task}", payload, fn)
+        return path / "kd_train.jsonl"
+
+    def build(self, method: str, task: str, seed: int, shared: dict) -> tuple[str, str]:
+        """(model reference, dtype) of the method's model for this task and seed."""
+        c = self.cfg
+        if method == "student":
+            return c.student, c.dtype
+        if method == "teacher":
+            return c.teacher, c.teacher_dtype
+        if method in FINETUNED:
+            from pkt.postpkt import run_postpkt
+
+            ft = self.finetune_cfg(task, seed)
+            factors = shared.get("factors") if method == "seeking" else None
+            payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
+                       "finetune": ft.model_dump(), "factors": str(factors) if factors else None}
+            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
+                c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(), factors_dir=factors,
+                progress=True, log=self._log)))
+            return str(path / "run" / "merged"), c.dtype
+        if method == "kd":
+            ft = self.finetune_cfg(task, seed)
+            kd_file = shared["kd_file"]
+            payload = {"method": "kd", "task": task, "student": c.student, "finetune": ft.model_dump(),
+                       "data": str(kd_file)}
+            path, _ = self._stage(f"kd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"))
+            return str(path / "run" / "merged"), c.dtype
+        if method == "laten":
+            lc = self.laten_cfg(task, seed)
+            payload = {"method": "laten", "laten": lc.model_dump(mode="json"), "step": c.budget.laten_steps,
+                       "rate": c.budget.laten_rate}
+            path, _ = self._stage(f"laten-{task}-s{seed}", payload, lambda d: self._laten(lc, d))
+            return str(path / "fused"), c.dtype
+        raise PktError(f"unknown method {method!r}")
+
+    def _kd_finetune(self, kd_file: Path, ft, out: Path) -> dict:
+        from pkt.align.finetune import train_and_save
+        from pkt.align.lora_init import make_lora_model
+        from pkt.data.jsonl import read_chat_jsonl
+        from pkt.models.load import load_model, load_tokenizer
+
+        seed_everything(ft.seed)
+        tok = load_tokenizer(self.cfg.student, padding_side="right")
+        model = make_lora_model(load_model(self.cfg.student, dtype=ft.dtype), "lora", ft.targets, ft.r, ft.alpha,
+                                ft.dropout)
+        return _summary(train_and_save(model, tok, read_chat_jsonl(kd_file), ft, "lora", out,
+                                       extra={"method": "kd", "data": str(kd_file)}))
+
+    def _laten(self, lc, d: Path) -> dict:
+        from pkt.laten import apply, load_models, train
+
+        models = load_models(lc, log=self._log)
+        rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
+        manifest, _ = apply(d / "train", self.cfg.budget.laten_steps, self.cfg.budget.laten_rate, d / "fused",
+                            seed=lc.seed, models=models, log=self._log)
+        return {"train_log": rows, "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
+
+    def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int) -> dict:
+        from pkt.evaluate.harness import run_task
+        from pkt.models.load import load_model, load_tokenizer
+
+        ecfg = self.eval_cfg(seed)
+        payload = {"model": ref, "dtype": dtype, "task": task, "eval": ecfg.model_dump(mode="json"),
+                   "loss_examples": self.cfg.budget.loss_examples}
+
+        def fn(d: Path) -> dict:
+            seed_everything(seed)
+            tok = load_tokenizer(ref)
+            model = load_model(ref, dtype=dtype)
+            records, metrics = run_task(task, model, tok, ecfg)
+            loss_records, loss = run_task(f"{task}_loss", model, tok, ecfg.model_copy(update={"limit": None}),
+                                          rows=self.heldout(task))
+            from pkt.io import write_jsonl
+
+            write_jsonl(d / "predictions.jsonl", records)
+            write_jsonl(d / "answer_loss.jsonl", loss_records)
+            metric = "accuracy" if "accuracy" in metrics else "pass@1"
+            return {"metric": metric, "score": metrics[metric], "n": len(records),
+                    "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+
+        _, result = self._stage(f"eval-{method}-{task}-s{seed}", payload, fn)
+        return result
+
+    def analysis(self, shared: dict) -> list[Path]:
+        c = self.cfg
+        task = c.tasks[0]
+        factors = shared.get(task, {}).get("factors")
+        laten_dir = shared.get(task, {}).get("laten_dir")
+        payload = {"teacher": c.teacher, "student": c.student, "task": task, "n": c.analysis_examples,
+                   "rank": c.budget.rank, "factors": str(factors) if factors else None,
+                   "laten": str(laten_dir) if laten_dir else None, "style": c.style}
+        path, result = self._stage("analysis", payload, lambda d: run_analysis(c, task, factors, laten_dir, d,
+                                                                              self._log))
+        return [path / f for f in result["figures"]]
+
+    # ---- the study ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.cfg
+        t0 = time.perf_counter()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        records, shared = [], {}
+        self.bar = tqdm(total=self.n_stages(), desc="pkt run", unit="stage", dynamic_ncols=True)
+        try:
+            for task in c.tasks:
+                s = shared.setdefault(task, {})
+                if "seeking" in c.methods:
+                    s["factors"] = self.extraction(task)
+                if "kd" in c.methods:
+                    s["kd_file"] = self.kd_data(task)
+                for seed in c.seeds:
+                    for method in c.methods:
+                        seed_everything(seed)
+                        ref, dtype = self.build(method, task, seed, s)
+                        if method == "laten":
+                            s.setdefault("laten_dir", Path(ref))
+                        res = self.evaluate(method, ref, dtype, task, seed)
+                        records.append({"method": method, "task": task, "seed": seed, **res})
+            figures = self.analysis(shared) if c.analysis else []
+        finally:
+            self.bar.close()
+            self.bar = None
+        from pkt.experiment.report import write_report
+
+        manifest = {
+            "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
+            "methods": c.methods, "versions": versions(), "started": started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - t0, 1), "config": c.model_dump(mode="json"),
+            "config_yaml": self.config_text,
+            "stages": [r.__dict__ for r in self.cache.records],
+        }
+        write_json(self.out / "manifest.json", manifest)
+        report = write_report(self.out, records, manifest, figures)
+        self.log(f"wrote {self.out / 'results.md'} and {self.out / 'report.html'} "
+                 f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
+                 f"{sum(r.cached for r in self.cache.records)} cached)")
+        return {"manifest": manifest, **report}
+
+
+def _summary(summary: dict) -> dict:
+    keep = ("init", "n_train", "steps", "final_loss", "train_seconds", "save_seconds", "extract_seconds")
+    return {k: summary.get(k) for k in keep}
+
+
+def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, log) -> dict:
+    """Parametric (Seeking/PiSSA inits, LaTen deltas), representation and behaviour similarity → PNGs."""
+    from pkt.align.lora_init import make_lora_model
+    from pkt.analyse import params as P
+    from pkt.analyse import plots
+    from pkt.analyse.behaviour import BehaviourConfig, behaviour_similarity
+    from pkt.analyse.representations import RepConfig, representation_similarity
+    from pkt.data.tasks import load_split
+    from pkt.models.arch import ArchSpec
+    from pkt.models.load import assert_same_tokenizer, load_model, load_tokenizer
+
+    figures, out = [], {}
+    b = c.budget
+    kinds = ("up", "down", "v", "o")
+    inits = {}
+    if factors is not None:
+        from pkt.postpkt import load_extraction
+
+        fac, _ = load_extraction(factors)
+        model = make_lora_model(load_model(c.student), "seeking", list(fac_kinds(fac)), b.rank, b.alpha, factors=fac)
+        inits["seeking"] = P.lora_similarity(model)
+        del model
+    inits["pissa"] = P.lora_similarity(make_lora_model(load_model(c.student), "pissa", kinds, b.rank, b.alpha))
+    out["params"] = {k: P.summarise(v) for k, v in inits.items()}
+    figures.append(Path(plots.plot_params(inits, d / "params.png", title="LoRA init vs student weights")).name)
+    if laten_dir is not None:
+        from pkt.inject import dense, load_deltas
+
+        student = load_model(c.student)
+        spec = ArchSpec.from_model(student)
+        deltas = {spec.module_name(layer, kind): dense(spec, kind, idx, val)
+                  for (layer, kind), (idx, val) in load_deltas(Path(laten_dir) / "laten_deltas.safetensors").items()}
+        recs = P.delta_similarity(student, deltas)
+        out["laten_delta"] = P.summarise(recs)
+        figures.append(Path(plots.plot_delta(recs, d / "laten_delta.png", title="LaTen delta vs located weights")).name)
+        del student
+    tok = load_tokenizer(c.student, padding_side="right")
+    assert_same_tokenizer(load_tokenizer(c.teacher), tok)
+    examples = load_split(task, "train")[-b.loss_examples:][: c.analysis_examples]
+    rep_cfg = RepConfig(style=c.style, max_length=b.max_length, max_tokens=1024)
+    rep = representation_similarity(lambda: load_model(c.teacher, dtype="bfloat16"),
+                                    lambda: load_model(c.student, dtype="bfloat16"), tok, examples, rep_cfg, log=log)
+    out["representations"] = {k: {m: v[m]["summary"] for m in v} for k, v in rep["modules"].items()}
+    for m in rep_cfg.measures:
+        figures.append(Path(plots.plot_heatmaps(rep, m, d / f"representations_{m}.png")).name)
+    teacher, student = load_model(c.teacher, dtype="bfloat16"), load_model(c.student, dtype="bfloat16")
+    beh = behaviour_similarity(teacher, student, tok, examples, BehaviourConfig(style=c.style, max_length=b.max_length,
+                                                                                keep_per_token=True))
+    figures.append(Path(plots.plot_behaviour(beh, d / "behaviour.png", title="teacher vs student, per token")).name)
+    out["behaviour"] = beh["summary"]
+    write_json(d / "analysis.json", out)
+    return {"figures": figures, "summary": json.loads(json.dumps(out, default=float))}
+
+
+def fac_kinds(factors: dict) -> list[str]:
+    """The module kinds present in a Seeking factor dict (keys are plain module names)."""
+    from pkt.models.arch import PEFT_NAMES
+
+    by_name = {v: k for k, v in PEFT_NAMES.items()}
+    kinds = []
+    for name in factors:
+        last = name.split(".")[-1]
+        kind = by_name.get(last, {"embed_tokens": "embed", "lm_head": "lm_head"}.get(last))
+        if kind and kind not in kinds:
+            kinds.append(kind)
+    return kinds
