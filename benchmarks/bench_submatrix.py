@@ -6,6 +6,8 @@ repeat (pkt, sum, reference-table, reference-loop, pkt, ...):
 * ``pkt``: :func:`pkt.locate.structure.max_sum_submatrix` (the whole search).
 * ``sum``: one ``s.sum()`` over the same fp32 matrix — reads every element once, the memory-bound limit
   of any algorithm that must look at the whole map.
+* ``margin`` (a proposal, *not* pkt's code): :func:`margin_window_sums`, the same window sums from one
+  read of the matrix plus prefix sums of its margins only (shows what the ≤ 3× sum target needs).
 * ``reference``: :func:`benchmarks.reference_seeking.max_sens_submatrix`. Its summed-area table is timed
   in full; its Python loop is timed over a *measured subset* of top-left rows (every column offset of
   each row, ``--loop-iters`` iterations or more, starting mid-matrix) and **extrapolated linearly** to
@@ -39,6 +41,55 @@ SHAPES = {
 N_LAYERS = 32  # student layers: one selected teacher layer each
 
 
+def _pp(block: torch.Tensor) -> torch.Tensor:
+    """Zero-padded float64 prefix-sum table of a small block: P[i, j] = Σ block[:i, :j]."""
+    p = torch.zeros(block.shape[0] + 1, block.shape[1] + 1, dtype=torch.float64)
+    p[1:, 1:] = block
+    return p.cumsum_(0).cumsum_(1)
+
+
+def _p1(v: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(v.numel() + 1, dtype=torch.float64)
+    out[1:] = v
+    return out.cumsum_(0)
+
+
+def margin_window_sums(s: torch.Tensor, x: int, y: int) -> torch.Tensor:
+    """PROPOSAL, not pkt's code: every x×y window sum from one read of ``s`` plus prefix sums of its margins.
+
+    With a = X−x ≤ x and b = Y−y ≤ y (always so when the student is at least half the teacher), every
+    window covers the central block rows [a, x) × cols [b, y); it differs from the others only in how
+    much of the four margin strips and four a×b corners it takes. So the central block is only *summed*
+    (per edge row/column, in float64), and the 2-D prefix tables are built over the 4·a·b corner elements
+    only, instead of a float64 copy of the whole matrix with two cumsum passes. Same [(a+1), (b+1)] result
+    as :func:`pkt.locate.structure.window_sums` (up to float64 summation order).
+    """
+    X, Y = s.shape
+    a, b = X - x, Y - y
+    if a > x or b > y:
+        return window_sums(s, x, y)
+    f64 = torch.float64
+    c0 = s[a:x, b:y].sum(dtype=f64)
+    left = _p1(s[a:x, :b].sum(0, dtype=f64).flip(0)).flip(0)  # Σ central rows × cols [j, b)
+    right = _p1(s[a:x, y:].sum(0, dtype=f64))  # Σ central rows × cols [y, y+j)
+    top = _p1(s[:a, b:y].sum(1, dtype=f64).flip(0)).flip(0)  # Σ rows [i, a) × central cols
+    bottom = _p1(s[x:, b:y].sum(1, dtype=f64))  # Σ rows [x, x+i) × central cols
+    tl = _pp(s[:a, :b].flip(0, 1)).flip(0, 1)  # Σ rows [i, a) × cols [j, b)
+    tr = _pp(s[:a, y:].flip(0)).flip(0)  # Σ rows [i, a) × cols [y, y+j)
+    bl = _pp(s[x:, :b].flip(1)).flip(1)  # Σ rows [x, x+i) × cols [j, b)
+    br = _pp(s[x:, y:])  # Σ rows [x, x+i) × cols [y, y+j)
+    w = tl + tr + bl + br
+    w += (top + bottom)[:, None]
+    w += (left + right + c0)[None, :]
+    return w
+
+
+def margin_max_sum_submatrix(s: torch.Tensor, x: int, y: int) -> tuple[int, int]:
+    """PROPOSAL: the row-major first argmax of :func:`margin_window_sums` (same tie-break as pkt)."""
+    w = margin_window_sums(s, x, y)
+    return divmod(int(torch.argmax(w.view(-1)).item()), w.shape[1])
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -54,13 +105,16 @@ def bench_shape(name: str, repeats: int, loop_iters: int, seed: int = 0) -> dict
     k = min(n_rows, max(1, math.ceil(loop_iters / n_cols)))
     r_start = (n_rows - k) // 2
     rows = range(r_start, r_start + k)
-    t_pkt, t_sum, t_sat, t_loop = [], [], [], []
+    t_pkt, t_sum, t_sat, t_loop, t_margin, t_cumsum = [], [], [], [], [], []
     corner = loop_corner = None
     for _ in range(repeats):
         dt, corner = _timed(lambda: max_sum_submatrix(s, x, y))
         t_pkt.append(dt)
         # one sum pass is ~10-100 ms: take the median of 5 back-to-back passes per repeat
         t_sum.append(statistics.median(_timed(lambda: s.sum().item())[0] for _ in range(5)))
+        t_cumsum.append(_timed(lambda: torch.cumsum(s, 1))[0])  # one scan pass (yardstick for the why)
+        dt, margin_corner = _timed(lambda: margin_max_sum_submatrix(s, x, y))
+        t_margin.append(dt)
         dt, sat = _timed(lambda: summed_area_table(s))
         t_sat.append(dt)
         dt, loop_corner = _timed(lambda: max_sens_submatrix(s, x, y, rows=rows, sat=sat))
@@ -71,7 +125,8 @@ def bench_shape(name: str, repeats: int, loop_iters: int, seed: int = 0) -> dict
     flat = int(torch.argmax(w.reshape(-1)).item())
     pkt_subset_corner = (rows.start + flat // n_cols, flat % n_cols)
     med = {k_: statistics.median(v) for k_, v in
-           {"pkt": t_pkt, "sum": t_sum, "sat": t_sat, "loop_subset": t_loop}.items()}
+           {"pkt": t_pkt, "sum": t_sum, "sat": t_sat, "loop_subset": t_loop, "margin": t_margin,
+                           "cumsum_fp32": t_cumsum}.items()}
     timed_iters = k * n_cols
     all_iters = n_rows * n_cols
     per_iter = med["loop_subset"] / timed_iters
@@ -82,7 +137,8 @@ def bench_shape(name: str, repeats: int, loop_iters: int, seed: int = 0) -> dict
         "median_s": med, "samples_s": {"pkt": t_pkt, "sum": t_sum, "sat": t_sat, "loop_subset": t_loop},
         "ref_us_per_iter": per_iter * 1e6, "ref_full_extrapolated_s": ref_full,
         "speedup_vs_reference": ref_full / med["pkt"], "pkt_over_sum": med["pkt"] / med["sum"],
-        "pkt_corner": list(corner),
+        "pkt_corner": list(corner), "margin_corner": list(margin_corner),
+        "margin_over_sum": med["margin"] / med["sum"], "margin_speedup_vs_reference": ref_full / med["margin"],
         "subset_parity": {"reference": list(loop_corner), "pkt_float64": list(pkt_subset_corner),
                           "agree": tuple(loop_corner) == pkt_subset_corner},
     }
@@ -106,7 +162,9 @@ def main(argv=None) -> dict:
               f"ref {r['ref_full_extrapolated_s']:.0f}s (table {m['sat']:.2f}s + loop {r['ref_us_per_iter']:.2f}us"
               f" x {r['corners']:,}; timed {r['timed_corners']:,})  "
               f"-> {r['speedup_vs_reference']:.0f}x faster, {r['pkt_over_sum']:.1f}x one sum; "
-              f"subset parity {r['subset_parity']['agree']}", flush=True)
+              f"subset parity {r['subset_parity']['agree']}; proposal {m['margin']:.3f}s = "
+              f"{r['margin_over_sum']:.1f}x one sum, {r['margin_speedup_vs_reference']:.0f}x ref, "
+              f"same corner {r['margin_corner'] == r['pkt_corner']}", flush=True)
     if set(SHAPES) <= set(res["shapes"]):
         per_layer_pkt = sum(res["shapes"][n]["median_s"]["pkt"] * SHAPES[n][2] for n in SHAPES)
         per_layer_ref = sum(res["shapes"][n]["ref_full_extrapolated_s"] * SHAPES[n][2] for n in SHAPES)

@@ -122,3 +122,14 @@ def test_reference_attribution_subset_and_logit_copies():
     # the attention list is re-sorted as a whole: its order is by score across layers
     scores = [ref["attn"][k] for k in ref["attn_order"]]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("shape,block", [((9, 7), (5, 4)), ((12, 10), (12, 5)), ((6, 11), (4, 6)), ((8, 8), (8, 8))])
+def test_margin_proposal_matches_reference_and_pkt(shape, block):
+    from benchmarks.bench_submatrix import margin_max_sum_submatrix, margin_window_sums
+    from pkt.locate.structure import window_sums
+
+    for seed in range(3):
+        s = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(margin_window_sums(s, *block), window_sums(s, *block), rtol=1e-12, atol=1e-9)
+        assert margin_max_sum_submatrix(s, *block) == max_sum_submatrix(s, *block) == max_sens_submatrix(s.double(), *block)
