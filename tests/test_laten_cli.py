@@ -110,6 +110,13 @@ def test_train_and_apply(qwen_pair, data, tmp_path):
     # resume: nothing left to do, same log
     again = train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
     assert again == rows
+    # stopping early and continuing gives the same schedule (it always spans the extract split)
+    part = train(_cfg(data, max_steps=1), tmp_path / "r1", models=wrap_models(teacher, student, tok), progress=False,
+                 log=lambda s: None)
+    rest = train(cfg, tmp_path / "r1", models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    assert len(part) == 1 and [r["lr"] for r in rest] == [r["lr"] for r in rows]
+    torch.testing.assert_close(HyperNet.load(ckpt_path(tmp_path / "r1", 2)).nets["o"].fc2.weight,
+                               h2.nets["o"].fc2.weight)
     with pytest.raises(PktError):
         train(_cfg(data, lr=1e-3), run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
 

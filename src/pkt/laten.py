@@ -268,33 +268,45 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     """Train the hypernetwork; returns the per-step log rows. Resumes from ``run_dir/state.pt`` if present."""
     run = Path(run_dir)
     extract_set, align_set = _examples(cfg, "extract"), _examples(cfg, "align")
-    steps = len(extract_set) if cfg.max_steps is None else min(cfg.max_steps, len(extract_set))
+    # The schedule always spans the whole extract split (as in the reference, whose GSM8K result is checkpoint 4
+    # of a 20-step OneCycle); max_steps only stops early, and a later call with a larger one continues the run.
+    total = len(extract_set)
+    steps = total if cfg.max_steps is None else min(cfg.max_steps, total)
     if cfg.batch_size - 1 > len(align_set):
         raise PktError(f"batch_size {cfg.batch_size} needs {cfg.batch_size - 1} align examples, have {len(align_set)}")
     cfg_dump = cfg.model_dump(mode="json")
     state_file = run / "state.pt"
-    if resume and state_file.is_file():
+    resuming = resume and state_file.is_file()
+    if resuming:
         saved_cfg = json.loads((run / "config.json").read_text())
+        saved_cfg["max_steps"] = cfg_dump["max_steps"]
         if saved_cfg != cfg_dump:
             diff = sorted(k for k in cfg_dump if saved_cfg.get(k) != cfg_dump[k])
             raise PktError(f"{run}: existing run has different settings ({', '.join(diff)}); use a new --out or --no-resume")
     m = models or load_models(cfg, log)
     net = HyperNet(m.t_spec.hidden_size, m.s_spec.hidden_size, cfg.modules, cfg.init, cfg.init_std, seed=cfg.seed)
     opt = optimizer(net, cfg.lr, cfg.weight_decay, cfg.betas)
-    sched = one_cycle(opt, cfg.lr, steps, cfg.pct_start)
+    sched = one_cycle(opt, cfg.lr, total, cfg.pct_start)
     start, rows = 0, []
-    if resume and state_file.is_file():
+    if resuming:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         start, rows = state["step"], state["log"]
         net = HyperNet.load(ckpt_path(run, start))
         opt = optimizer(net, cfg.lr, cfg.weight_decay, cfg.betas)
+        # Scheduler first: a new OneCycleLR writes its step-0 lr and beta1 (it cycles momentum too) into the
+        # optimiser, which the optimiser's saved param groups then overwrite.
+        sched = one_cycle(opt, cfg.lr, total, cfg.pct_start)
         opt.load_state_dict(state["optimizer"])
-        sched = one_cycle(opt, cfg.lr, steps, cfg.pct_start)
         sched.load_state_dict(state["scheduler"])
         log(f"resuming {run} after step {start}")
-    else:
-        write_json(run / "config.json", cfg_dump)
+    else:  # a fresh run: drop what an earlier run left in this directory
+        import shutil
+
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        for name in ("state.pt", "log.jsonl"):
+            (run / name).unlink(missing_ok=True)
         net.save(ckpt_path(run, 0), extra={"step": 0})
+    write_json(run / "config.json", cfg_dump)
     injector = Injector(m.student, m.s_spec)
     pad = m.tokenizer.pad_token_id
     bar = tqdm(range(start, steps), desc="laten train", disable=not progress, initial=start, total=steps)

@@ -106,7 +106,7 @@ class HyperNet(nn.Module):
             raise PktError(f"{path}: no such hypernetwork checkpoint")
         blob = torch.load(path, map_location="cpu", weights_only=True)
         m = blob["meta"]
-        net = cls(m["d_teacher"], m["d_student"], m["kinds"], m["init"], m["init_std"])
+        net = cls(m["d_teacher"], m["d_student"], m["kinds"], m["init"], m["init_std"], seed=0)  # keeps global RNG
         net.load_state_dict(blob["state_dict"])
         return net
 
