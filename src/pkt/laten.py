@@ -341,7 +341,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         rows.append(row)
         net.save(ckpt_path(run, t + 1), extra={"step": t + 1, "log": row})
         # Optimiser state only for the latest step (resume); per-step checkpoints hold the hypernetwork.
-        tmp = run / f".state.pt.tmp"
+        tmp = run / ".state.pt.tmp"
         torch.save({"step": t + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "log": rows}, tmp)
         tmp.replace(state_file)
         write_jsonl(run / "log.jsonl", rows)
