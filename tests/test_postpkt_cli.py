@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pkt import testing
@@ -125,3 +126,26 @@ def test_repo_yaml_matches_defaults():
     path = ROOT / "configs" / "postpkt.yaml"
     assert load_config(SeekingConfig, path, section="extract") == SeekingConfig()
     assert load_config(FinetuneConfig, path, section="finetune") == FinetuneConfig()
+
+
+@pytest.mark.slow
+def test_real_pair_extraction_and_seeking_init(tmp_path, shared_data):
+    """Qwen2.5-Coder 1.5B → 0.5B: one seed sample, bf16 teacher, up/down only; the student's output is
+    unchanged by the Seeking init. Run under the real-model lock (flock /tmp/pkt-real.lock ...)."""
+    from pkt.align.lora_init import make_lora_model
+    from pkt.models.load import load_model, load_tokenizer
+    from pkt.postpkt import run_extraction
+
+    teacher, student = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+    cfg = SeekingConfig(n_samples=1, dtype="bfloat16", accum_device="cpu", targets=["up", "down"], max_length=256)
+    m = run_extraction(teacher, student, "gsm8k", cfg, tmp_path / "ext", progress=False, log=lambda s: None)
+    assert len(m["teacher_layers"]) == m["student_arch"]["num_layers"] < m["teacher_arch"]["num_layers"]
+    factors, _ = load_extraction(tmp_path / "ext")
+    tok = load_tokenizer(student)
+    model = load_model(student)
+    ids = torch.tensor([tok("Natalia sold clips to 48 of her friends.")["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        lora = make_lora_model(model, "seeking", ("up", "down"), r=16, alpha=16, factors=factors).eval()
+        got = lora(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-3
