@@ -84,7 +84,8 @@ def compute_sensitivity(
                 param.grad = None  # the whole point: never hold a full set of gradients
 
             handles.append(p.register_post_accumulate_grad_hook(hook))
-        device = next(iter(params.values())).device
+        # inputs go where the embedding is (with a device_map the layers may be spread over devices)
+        device = model.get_input_embeddings().weight.device
         was_training = model.training
         model.eval()  # no dropout: S is a property of the weights on these samples
         n_done = 0
