@@ -158,6 +158,8 @@ def save_outputs(model, tokenizer, init: str, tmp_dir: Path, init_adapter: Path)
         # unconverted and wrong. The merged checkpoint is still exact.
         info["adapter"] = f"not written: peft cannot convert a mutated-init embedding LoRA ({'/'.join(VOCAB_KINDS)})"
     elif mutated:
+        # the init is history now; peft warns on conversion unless the config says plain LoRA
+        model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(str(tmp_dir / "adapter"),
                               path_initial_model_for_weight_conversion=str(init_adapter))
         info["adapter"] = "adapter/: plain LoRA (rank 2r) relative to the original student (peft conversion)"
