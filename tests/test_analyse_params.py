@@ -132,3 +132,16 @@ def test_errors(llama_pair):
         P.lora_similarity(copy.deepcopy(student))
     with pytest.raises(PktError):
         P.delta_similarity(student, {"model.layers.0.mlp.nope": torch.zeros(2, 2)})
+
+
+@pytest.mark.slow
+def test_real_student_pissa_identities():
+    """Qwen2.5-Coder-0.5B (needs PKT_HOME with the prepared model; run under flock /tmp/pkt-real.lock)."""
+    from pkt.models.load import load_model
+
+    student = load_model("qwen2.5-coder-0.5b-instruct")
+    w = ArchSpec.from_model(student).linear(student, 0, "up").weight.detach().double().clone()
+    recs = P.lora_similarity(P.pissa_init(student, rank=16, kinds=("up",)))
+    s = torch.linalg.svdvals(w)
+    assert recs[0]["cos_BA_original"] == pytest.approx(math.sqrt(float((s[:16] ** 2).sum() / (s ** 2).sum())), abs=1e-3)
+    assert all(abs(r["cos_BA_remaining"]) < 1e-3 for r in recs)

@@ -71,7 +71,8 @@ def params(
     seeds: int = typer.Option(0, help="Seeking: teacher sensitivity on this many --task extract examples picks "
                                       "layers and blocks (0 = evenly spaced layers, |W| blocks)."),
     task: str = typer.Option("gsm8k", help="Task whose extract split gives the sensitivity seeds."),
-    dtype: str = typer.Option("float32", help="Load dtype (float32 keeps the SVD residual exact)."),
+    dtype: str = typer.Option("float32", help="Student load dtype (float32 keeps the SVD residual exact)."),
+    teacher_dtype: str = typer.Option("bfloat16", help="Teacher load dtype (its blocks are factored in float32)."),
 ) -> None:
     """Parametric similarity of LoRA inits: cos(BA, W_original), cos(BA, W_remaining), norm ratio per layer."""
     import torch
@@ -117,7 +118,7 @@ def params(
             raise PktError("give --init pissa|seeking (repeatable) with --student [--teacher], or --adapter")
         if not student:
             raise PktError("--init needs --student")
-        meta.update(student=student, teacher=teacher, inits={})
+        meta.update(student=student, teacher=teacher, inits={}, dtype=dtype, teacher_dtype=teacher_dtype)
         teacher_model = None
         for name in init:
             if name not in ("pissa", "seeking"):
@@ -132,7 +133,7 @@ def params(
                     raise PktError("--init seeking needs --teacher")
                 if teacher_model is None:
                     _log(f"[seeking] loading teacher {teacher}")
-                    teacher_model = load_model(teacher, dtype=dtype)
+                    teacher_model = load_model(teacher, dtype=teacher_dtype)
                 layer_map, sens, how = None, None, "evenly spaced teacher layers, max Σ|W| contiguous blocks"
                 if seeds > 0:
                     layer_map, sens = _seeking_sensitivity(teacher_model, stud, teacher, task, seeds, kinds)
