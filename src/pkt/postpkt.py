@@ -245,6 +245,8 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
 
     if init not in INITS:
         raise PktError(f"init {init!r}: expected one of {', '.join(INITS)}")
+    if factors_dir is not None and init != "seeking":
+        raise PktError(f"--factors is only used by --init seeking (got --init {init})")
     out = Path(out)
     extra: dict = {"task": task, "teacher": str(teacher_ref) if teacher_ref else None, "student": str(student_ref)}
     factors = None
