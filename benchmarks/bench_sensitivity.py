@@ -13,6 +13,10 @@ Variants (``VARIANTS``):
 * ``reference`` — load + :func:`benchmarks.reference_seeking.reference_sensitivity` (full ``.grad``,
   per-sample ``|w·g|`` dict, running dict; all parameters).
 
+Loading bf16 weights from the fp32 cache briefly holds both copies, so a child also resets the kernel's
+peak mark after loading (``/proc/self/clear_refs``) and reports ``compute_peak_kib``: the peak of the
+sensitivity phase alone (weights resident + everything the algorithm adds).
+
 Ratios are peak RSS / teacher weight bytes (Σ numel·itemsize of the loaded parameters); the fixed
 overhead is reported separately, and also subtracted in ``ratio_minus_overhead``. Samples: the first
 ``--samples`` examples of the task's ``extract`` split, tokenised with pkt's chat template
@@ -46,6 +50,24 @@ def _rss_kib() -> int:
     return -1
 
 
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux ≥ 4.0: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(a) -> dict:
     marks = {"start": _rss_kib()}
     t0 = time.perf_counter()
@@ -69,6 +91,8 @@ def child(a) -> dict:
         out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         out["n_params"] = sum(p.numel() for p in model.parameters())
         marks["loaded"] = _rss_kib()
+        out["load_peak_kib"] = _hwm_kib()
+        out["hwm_reset"] = _reset_hwm()  # from here VmHWM is the peak of the compute phase alone
         t1 = time.perf_counter()
         if a.variant == "pkt":
             sens = compute_sensitivity(model, samples, progress=False)
@@ -81,6 +105,7 @@ def child(a) -> dict:
             out["compute_s"] = time.perf_counter() - t1
             out["result_bytes"] = sum(t.numel() * t.element_size() for t in sens.values())
             marks["computed"] = _rss_kib()
+            out["compute_peak_kib"] = _hwm_kib()
     out["wall_s"] = time.perf_counter() - t0
     out["rss_kib"] = marks
     out["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -129,6 +154,8 @@ def main(argv=None):
         if "weight_bytes" in r:
             peak = r["peak_rss_kib"] * 1024
             r["ratio"] = peak / r["weight_bytes"]
+            if "compute_peak_kib" in r:
+                r["compute_ratio"] = r["compute_peak_kib"] * 1024 / r["weight_bytes"]
             if base is not None:
                 r["overhead_bytes"] = base
                 r["ratio_minus_overhead"] = (peak - base) / r["weight_bytes"]
@@ -137,6 +164,8 @@ def main(argv=None):
         extra = (f"  weights {r['weight_bytes'] / 2**30:.2f} GiB  peak/weights {r['ratio']:.2f}"
                  + (f" ({r['ratio_minus_overhead']:.2f} without the {base / 2**30:.2f} GiB overhead)" if base else "")
                  if "weight_bytes" in r else "")
+        if "compute_ratio" in r:
+            extra += f"  compute-phase peak {r['compute_peak_kib'] / 2**20:.2f} GiB = {r['compute_ratio']:.2f}x weights"
         print(f"{variant:9s} {dtype:8s} peak RSS {gib:6.2f} GiB{extra}  "
               f"compute {r.get('compute_s', 0):.0f}s  wall {r['wall_s']:.0f}s", flush=True)
     if a.out:
