@@ -34,6 +34,10 @@ def test_stage_cache_runs_once_and_leaves_nothing_on_failure(tmp_path):
         cache.run("stage", {"a": 3}, boom)
     assert not cache.path("stage", {"a": 3}).exists()
     assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
+    # a hard kill leaves a temporary directory: the next cache on the same root reclaims it
+    (tmp_path / "stages" / ".stage-abc.tmp999").mkdir()
+    StageCache(tmp_path, log=lambda s: None)
+    assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
 
 
 def test_stable_hash_ignores_key_order():

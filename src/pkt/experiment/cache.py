@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ class StageCache:
     root: Path
     log: Callable[[str], None] = print
     records: list[StageRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A stage killed hard (SIGKILL, power loss) leaves its temporary directory behind; it is never read,
+        # only reclaimed here. One runner per output directory is assumed.
+        stages = Path(self.root) / "stages"
+        if stages.is_dir():
+            for tmp in stages.glob(".*.tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def path(self, stage: str, payload) -> Path:
         return Path(self.root) / "stages" / f"{stage}-{stable_hash(payload)}"

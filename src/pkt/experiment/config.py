@@ -38,6 +38,7 @@ class Budget(Settings):
     # evaluation
     eval_limit: int | None = Field(None, ge=1)
     eval_max_new_tokens: int = Field(512, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
     loss_examples: int = Field(80, ge=1)
 
 
@@ -50,6 +51,9 @@ class ExperimentConfig(Settings):
     seeds: list[int] = [0]
     dtype: Literal["float32", "bfloat16"] = "float32"
     teacher_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # every model (teacher, vanilla and transferred students) is evaluated in this dtype, so the comparison
+    # is fair; bf16 is ~3x faster on CPUs with bf16 units and on GPUs
+    eval_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     style: Literal["chat", "tulu"] = "chat"
     analysis: bool = True
     analysis_examples: int = Field(8, ge=2)

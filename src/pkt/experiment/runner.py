@@ -125,6 +125,7 @@ class Study:
 
         b = self.cfg.budget
         return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
+                          batch_size=b.eval_batch_size,
                           max_prompt_tokens=max(b.max_length, 1024), progress=True)
 
     def heldout(self, task: str):
@@ -169,9 +170,9 @@ class Study:
         """(model reference, dtype) of the method's model for this task and seed."""
         c = self.cfg
         if method == "student":
-            return c.student, c.dtype
+            return c.student, c.eval_dtype
         if method == "teacher":
-            return c.teacher, c.teacher_dtype
+            return c.teacher, c.eval_dtype
         if method in FINETUNED:
             from pkt.postpkt import run_postpkt
 
@@ -182,20 +183,20 @@ class Study:
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(), factors_dir=factors,
                 progress=True, log=self._log)))
-            return str(path / "run" / "merged"), c.dtype
+            return str(path / "run" / "merged"), c.eval_dtype
         if method == "kd":
             ft = self.finetune_cfg(task, seed)
             kd_file = shared["kd_file"]
             payload = {"method": "kd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                        "data": str(kd_file)}
             path, _ = self._stage(f"kd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"))
-            return str(path / "run" / "merged"), c.dtype
+            return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten":
             lc = self.laten_cfg(task, seed)
             payload = {"method": "laten", "laten": lc.model_dump(mode="json"), "step": c.budget.laten_steps,
                        "rate": c.budget.laten_rate}
             path, _ = self._stage(f"laten-{task}-s{seed}", payload, lambda d: self._laten(lc, d))
-            return str(path / "fused"), c.dtype
+            return str(path / "fused"), c.eval_dtype
         raise PktError(f"unknown method {method!r}")
 
     def _kd_finetune(self, kd_file: Path, ft, out: Path) -> dict:
