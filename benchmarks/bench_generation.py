@@ -6,7 +6,9 @@
 Both sides use greedy decoding on the same GSM8K 0-shot chat prompts and count only real new tokens (up to
 and including the end-of-turn token). The baseline is plain ``model.generate`` on one un-padded prompt at a
 time (KV cache on); the batched side is :func:`pkt.evaluate.generate.generate` (length-sorted, left-padded).
-Writes a JSON line with both rates and their ratio.
+Writes a JSON line with both rates and their ratio. ``--fixed-length`` makes every row decode exactly
+``--max-new-tokens`` tokens (raw throughput); without it, rows that finish early leave batch slots idle, which
+lowers the batched rate on short answers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="Suppress eos before max-new-tokens on both sides (raw decoding throughput, no idle slots "
+                         "in the batch); without it, early-finishing rows leave batch slots idle.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,15 +55,16 @@ def main() -> None:
         for p in prompts:
             enc = tok(p, return_tensors="pt", add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                 min_new_tokens=args.max_new_tokens if args.fixed_length else 0)
             new = out[0, enc["input_ids"].shape[1]:].tolist()
             seq_tokens += next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
     seq_s = time.perf_counter() - t0
 
     stats = GenStats()
     generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-             progress=False, stats=stats)
-    res = {
+             progress=False, stats=stats, min_new_tokens=args.max_new_tokens if args.fixed_length else 0)
+    res = {"fixed_length": args.fixed_length,
         "model": args.model, "prompts": len(prompts), "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": args.threads,
         "sequential_tokens": seq_tokens, "sequential_s": round(seq_s, 2),

@@ -75,10 +75,11 @@ def encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.T
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, stop: list[str] | None = None,
              batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1,
              seed: int = 0, progress: bool = True, desc: str = "generating",
-             stats: GenStats | None = None) -> list[list[str]]:
+             stats: GenStats | None = None, min_new_tokens: int = 0) -> list[list[str]]:
     """Continuations of each prompt: ``out[i]`` is a list of ``num_samples`` strings (truncated at stops).
 
-    ``batch_size`` counts sequences (prompts x samples) per forward batch.
+    ``batch_size`` counts sequences (prompts x samples) per forward batch. ``min_new_tokens`` suppresses eos
+    before that many tokens (benchmarks use it to measure fixed-length decoding throughput).
     """
     stop = [s for s in (stop or []) if s]
     if num_samples > 1 and temperature <= 0:
@@ -98,6 +99,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
         batch = encode_left_padded(tokenizer, [prompts[i] for i in idx], device)
         kwargs = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad, eos_token_id=eos,
                       num_return_sequences=num_samples)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
         if temperature > 0:
             torch.manual_seed(seed + b)
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
