@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from pkt.locate.structure import max_sum_submatrix
+
 from pkt.analyse import params as P
 from pkt.analyse.similarity import flat_cosine
 from pkt.models.arch import ArchSpec
@@ -96,9 +98,9 @@ def test_max_sum_block_bruteforce_and_first_tie():
     for shape in [(1, 1), (3, 2), (9, 7), (4, 6)]:
         sums = {(i, j): float(score[i:i + shape[0], j:j + shape[1]].sum())
                 for i in range(9 - shape[0] + 1) for j in range(7 - shape[1] + 1)}
-        i, j = P.max_sum_block(score, shape)
+        i, j = max_sum_submatrix(score, *shape)
         assert sums[(i, j)] == pytest.approx(max(sums.values()))
-    assert P.max_sum_block(torch.ones(4, 4), (2, 2)) == (0, 0)
+    assert max_sum_submatrix(torch.ones(4, 4), 2, 2) == (0, 0)
     assert P.even_layer_map(28, 24)[0] == 0 and P.even_layer_map(28, 24)[-1] == 27
     assert len(set(P.even_layer_map(28, 24))) == 24
 

@@ -146,41 +146,11 @@ def summarise(records: list[dict], keys: tuple[str, ...] | None = None) -> dict[
 
 # ---- building the inits --------------------------------------------------------------------------
 
-def _target_names(kinds) -> list[str]:
-    bad = [k for k in kinds if k not in PEFT_NAMES]
-    if bad:
-        raise PktError(f"unknown module kind(s) {bad}; expected some of {', '.join(PEFT_NAMES)}")
-    return [PEFT_NAMES[k] for k in kinds]
+def pissa_init(student: nn.Module, rank: int = 16, kinds=("up", "down"), lora_alpha: int | None = None):
+    """peft PiSSA init of ``student`` (mutates its weights in place), as the PostPKT ``pissa`` arm builds it."""
+    from pkt.align.lora_init import make_lora_model
 
-
-def pissa_init(student: nn.Module, rank: int = 16, kinds=("up", "down"), lora_alpha: int | None = None,
-               init: str = "pissa"):
-    """peft PiSSA init of ``student`` (mutates its weights in place): ``LoraConfig(init_lora_weights='pissa')``.
-
-    ``init`` may be ``"pissa_niter_K"`` for peft's fast randomised SVD.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=_target_names(kinds),
-                     init_lora_weights=init, lora_dropout=0.0)
-    return get_peft_model(student, cfg)
-
-
-def max_sum_block(score: torch.Tensor, shape: tuple[int, int]) -> tuple[int, int]:
-    """Top-left corner of the contiguous ``shape`` block of ``score`` with the largest sum.
-
-    Vectorised summed-area table (float64); ``argmax`` keeps the first maximum in row-major order, the
-    tie-break of Seeking's loop (METHODS.md §7.2).
-    """
-    x, y = shape
-    big_x, big_y = score.shape
-    if x > big_x or y > big_y:
-        raise PktError(f"block {shape} does not fit in {tuple(score.shape)} (only shrinking is supported)")
-    p = torch.zeros(big_x + 1, big_y + 1, dtype=torch.float64)
-    p[1:, 1:] = score.to(torch.float64).cumsum(0).cumsum(1)
-    win = p[x:, y:] - p[:-x, y:] - p[x:, :-y] + p[:-x, :-y]
-    flat = int(torch.argmax(win))
-    return flat // win.shape[1], flat % win.shape[1]
+    return make_lora_model(student, "pissa", tuple(kinds), r=rank, alpha=lora_alpha or rank, dropout=0.0)
 
 
 @dataclass(frozen=True)
@@ -211,6 +181,7 @@ def seeking_factors(teacher: nn.Module, student: nn.Module, rank: int = 16, kind
     (``block="leading"``). The block is factored by truncated SVD: ``B = U_rΣ_r``, ``A = V_rᵀ``.
     """
     from pkt.align.lora_init import svd_factors
+    from pkt.locate.structure import max_sum_submatrix
 
     t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
     layer_map = layer_map or even_layer_map(t_spec.num_layers, s_spec.num_layers)
@@ -228,7 +199,7 @@ def seeking_factors(teacher: nn.Module, student: nn.Module, rank: int = 16, kind
             else:
                 key = t_spec.module_name(tl, kind) + ".weight"
                 score = sensitivity[key] if sensitivity is not None else tw.abs()
-                r0, c0 = max_sum_block(score, shape)
+                r0, c0 = max_sum_submatrix(score, *shape)
             sub = tw[r0:r0 + shape[0], c0:c0 + shape[1]].float()
             factors[s_spec.module_name(i, kind)] = svd_factors(sub, rank)
             blocks.append(SeekingBlock(i, tl, PEFT_NAMES[kind], r0, c0))
