@@ -277,6 +277,9 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
     log(f"{init}: LoRA r={ft_cfg.r} α={ft_cfg.alpha} on {','.join(ft_cfg.targets)}; "
         f"fine-tuning on {len(examples)} {task}/train examples")
     summary = train_and_save(model, tok, examples, ft_cfg, init, out, extra=extra, progress=progress)
-    summary["peak_rss_bytes"] = peak_rss_bytes()
-    write_json(out / "summary.json", summary)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` only the main process writes
+        summary["peak_rss_bytes"] = peak_rss_bytes()
+        write_json(out / "summary.json", summary)
     return summary

@@ -15,16 +15,18 @@ Outputs (written atomically, :func:`save_outputs`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pkt.config import Settings
-from pkt.data.chat import STYLES, collate, tokenize_example
+from pkt.data.chat import IGNORE, STYLES, collate, tokenize_example
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.io import atomic_dir, write_json, write_jsonl
@@ -62,6 +64,11 @@ class FinetuneConfig(Settings):
             raise PktError("need 1 <= micro_batch_size <= batch_size")
 
 
+def _n_labels(feat: dict) -> int:
+    """Labelled tokens of an example that enter the loss (the first position predicts nothing)."""
+    return sum(1 for x in feat["labels"][1:] if x != IGNORE)
+
+
 def _plan(n: int, cfg: FinetuneConfig) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps)."""
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -77,7 +84,7 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
     if not examples:
         raise PktError("fine-tuning: no training examples")
     feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs) for e in examples]
-    feats = [f for f in feats if any(x != -100 for x in f["labels"][1:])]
+    feats = [f for f in feats if _n_labels(f)]
     if not feats:
         raise PktError("fine-tuning: no example has labelled tokens; raise max_length")
     acc = Accelerator()
@@ -95,23 +102,38 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
     model.train()
     rng = random.Random(cfg.seed)
     logs: list[dict] = []
-    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress)
+    world, rank = acc.num_processes, acc.process_index
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress or not acc.is_main_process)
     step, t0 = 0, time.perf_counter()
     while step < total:
         order = list(range(len(feats)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # same seed on every process: all agree on each step's examples
         for s in range(per_epoch):
             if step >= total:
                 break
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            loss_sum = 0.0
-            for m in range(0, len(idx), cfg.micro_batch_size):
-                mb = [feats[i] for i in idx[m:m + cfg.micro_batch_size]]
-                batch = {k: v.to(acc.device) for k, v in collate(mb, tokenizer.pad_token_id).items()}
-                loss = model(**batch, use_cache=False).loss
-                # weight each micro-batch by its share of the step's examples (mean over examples)
-                acc.backward(loss * len(mb) / len(idx))
-                loss_sum += loss.item() * len(mb) / len(idx)
+            # Data parallel (accelerate launch): process r takes every world-th example of the step. Every
+            # process runs the same number of micro-batches (an empty one is a zero-weighted dummy) so the
+            # collective calls line up; gradients are synchronised once, on the last micro-batch.
+            mine = idx[rank::world]
+            n_micro = max(1, math.ceil(math.ceil(len(idx) / world) / cfg.micro_batch_size))
+            # The loss is the mean over all labelled tokens of the step, so it does not depend on how the
+            # step is split into micro-batches or processes (a per-micro-batch mean would).
+            n_tokens = sum(_n_labels(feats[i]) for i in idx)
+            loss_sum = torch.zeros((), device=acc.device)
+            for m in range(n_micro):
+                mb = [feats[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]]
+                batch = {k: v.to(acc.device) for k, v in collate(mb or [feats[idx[0]]], tokenizer.pad_token_id).items()}
+                sync = contextlib.nullcontext() if m == n_micro - 1 else acc.no_sync(model)
+                with sync:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+                    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE, reduction="sum") * (1.0 if mb else 0.0)
+                    # DDP averages gradients over processes, hence × world to get the step's sum
+                    acc.backward(token_loss * (world / n_tokens))
+                loss_sum += token_loss.detach() / n_tokens
+            loss_sum = float(acc.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = sched.get_last_lr()[0]
@@ -176,7 +198,14 @@ def save_outputs(model, tokenizer, init: str, tmp_dir: Path, init_adapter: Path)
 def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, init: str,
                    out: str | Path, extra: dict | None = None, progress: bool = True) -> dict:
     """Save the initial adapter, fine-tune, and write adapter/merged/logs atomically into ``out``."""
+    from accelerate import PartialState
+
     out = Path(out)
+    if not PartialState().is_main_process:
+        # other data-parallel workers train (their gradients are needed) but write nothing
+        logs = finetune(model, tokenizer, examples, cfg, progress=False)
+        return {"init": init, "n_train": len(examples), "steps": len(logs),
+                "final_loss": logs[-1]["loss"] if logs else None}
     with atomic_dir(out) as tmp:
         init_dir = tmp / "adapter_init"
         save_initial_adapter(model, init_dir)
