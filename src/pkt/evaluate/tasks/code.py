@@ -60,3 +60,18 @@ def pass_metrics(correct_per_problem: list[list[bool]], ks) -> dict:
             vals = [pass_at_k(len(c), sum(c), k) for c in correct_per_problem]
             out[f"pass@{k}"] = float(np.mean(vals)) if vals else 0.0
     return out
+
+
+def collect(rows, prompts, outs, codes, results) -> tuple[list[dict], list[list[bool]]]:
+    """Per-sample records and per-problem pass lists; ``results`` are in (problem, sample) order."""
+    records, correct, k = [], [], 0
+    for r, p, os_, cs in zip(rows, prompts, outs, codes):
+        per = []
+        for o, c in zip(os_, cs):
+            res = results[k]
+            k += 1
+            per.append(res.passed)
+            records.append({"id": r["task_id"], "prompt": p, "output": o, "extracted": c, "correct": res.passed,
+                            "status": res.status, "error": res.stderr[-500:] if not res.passed else ""})
+        correct.append(per)
+    return records, correct

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from pkt.evaluate.generate import generate
-from pkt.evaluate.tasks.code import ASSISTANT_PREFIX, INSTRUCTION, defines, execute, pass_metrics, strip_fences
+from pkt.evaluate.tasks.code import ASSISTANT_PREFIX, INSTRUCTION, collect, defines, execute, pass_metrics, strip_fences
 from pkt.evaluate.tasks.common import prompt_text, select
 
 STOP = ["\n```", "\nclass", "\ndef", "\n#", "\nif", "\nprint", "<|user|>"]
@@ -51,16 +51,7 @@ def run(model, tokenizer, cfg, rows=None, stats=None):
     comps = [[completion_code(r, o) for o in os_] for r, os_ in zip(rows, outs)]
     progs = [program(r, c) for r, cs in zip(rows, comps) for c in cs]
     results, iso = execute(progs, cfg, "humaneval exec")
-    records, correct, k = [], [], 0
-    for r, p, os_, cs in zip(rows, prompts, outs, comps):
-        per = []
-        for o, c in zip(os_, cs):
-            res = results[k]
-            k += 1
-            per.append(res.passed)
-            records.append({"id": r["task_id"], "prompt": p, "output": o, "extracted": c, "correct": res.passed,
-                            "status": res.status, "error": res.stderr[-500:] if not res.passed else ""})
-        correct.append(per)
+    records, correct = collect(rows, prompts, outs, comps, results)
     metrics = {"n": len(rows), "samples": cfg.n_samples, "temperature": cfg.temperature, "sandbox": iso,
                **pass_metrics(correct, cfg.pass_ks if cfg.n_samples > 1 else (1,))}
     return records, metrics

@@ -10,7 +10,7 @@ Deviation from open-instruct (MBPP+ is not available offline): base MBPP tests.
 from __future__ import annotations
 
 from pkt.evaluate.generate import generate
-from pkt.evaluate.tasks.code import ASSISTANT_PREFIX, INSTRUCTION, execute, pass_metrics, strip_fences
+from pkt.evaluate.tasks.code import ASSISTANT_PREFIX, INSTRUCTION, collect, execute, pass_metrics, strip_fences
 from pkt.evaluate.tasks.common import prompt_text, select
 
 STOP = ["\n```", "<|user|>"]
@@ -45,16 +45,7 @@ def run(model, tokenizer, cfg, rows=None, stats=None):
                     num_samples=cfg.n_samples, seed=cfg.seed, progress=cfg.progress, desc="mbpp", stats=stats)
     codes = [[extract_code(o) for o in os_] for os_ in outs]
     results, iso = execute([program(r, c) for r, cs in zip(rows, codes) for c in cs], cfg, "mbpp exec")
-    records, correct, k = [], [], 0
-    for r, p, os_, cs in zip(rows, prompts, outs, codes):
-        per = []
-        for o, c in zip(os_, cs):
-            res = results[k]
-            k += 1
-            per.append(res.passed)
-            records.append({"id": r["task_id"], "prompt": p, "output": o, "extracted": c, "correct": res.passed,
-                            "status": res.status, "error": res.stderr[-500:] if not res.passed else ""})
-        correct.append(per)
+    records, correct = collect(rows, prompts, outs, codes, results)
     metrics = {"n": len(rows), "variant": cfg.mbpp_variant, "samples": cfg.n_samples,
                "temperature": cfg.temperature, "sandbox": iso,
                **pass_metrics(correct, cfg.pass_ks if cfg.n_samples > 1 else (1,))}
