@@ -7,6 +7,7 @@ benchmark data use the ``shared_data`` fixture, which fails (never skips) when P
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,18 @@ def shared_data():
     raw = os.environ.get("PKT_DATA_DIR")
     assert raw and Path(raw).is_dir(), "this test reads the benchmark data: set PKT_DATA_DIR (see README)"
     return Path(raw)
+
+
+@pytest.fixture
+def fixture_data_dir(tmp_path, monkeypatch):
+    """A PKT_DATA_DIR with the real layout, filled from tests/fixtures (so the real loaders run)."""
+    root = tmp_path / "data"
+    (root / "gsm8k").mkdir(parents=True)
+    shutil.copy(FIXTURES / "gsm8k_tiny.jsonl", root / "gsm8k" / "test.jsonl")
+    shutil.copytree(FIXTURES / "mmlu_tiny", root / "mmlu")
+    (root / "mbpp").mkdir()
+    shutil.copy(FIXTURES / "mbpp_tiny.jsonl", root / "mbpp" / "mbpp.jsonl")
+    shutil.copy(FIXTURES / "sanitized_mbpp_tiny.json", root / "mbpp" / "sanitized-mbpp.json")
+    shutil.copytree(FIXTURES / "pkt_splits_tiny", root / "pkt_splits")
+    monkeypatch.setenv("PKT_DATA_DIR", str(root))
+    return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,20 +10,11 @@ from typer.testing import CliRunner
 
 from pkt import testing
 
-FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    (root / "gsm8k").mkdir(parents=True)
-    shutil.copy(FIX / "gsm8k_tiny.jsonl", root / "gsm8k" / "test.jsonl")
-    shutil.copytree(FIX / "mmlu_tiny", root / "mmlu")
-    (root / "mbpp").mkdir()
-    shutil.copy(FIX / "mbpp_tiny.jsonl", root / "mbpp" / "mbpp.jsonl")
-    shutil.copytree(FIX / "pkt_splits_tiny", root / "pkt_splits")
-    monkeypatch.setenv("PKT_DATA_DIR", str(root))
-    return root
+def data_dir(fixture_data_dir):
+    return fixture_data_dir
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ real data through ``shared_data``)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,6 @@ def _jsonl(name):
     return [json.loads(line) for line in (FIX / name).read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture
-def fixture_data_dir(tmp_path, monkeypatch):
-    """A PKT_DATA_DIR with the real layout, filled from tests/fixtures (so the real loaders run)."""
-    root = tmp_path / "data"
-    (root / "gsm8k").mkdir(parents=True)
-    shutil.copy(FIX / "gsm8k_tiny.jsonl", root / "gsm8k" / "test.jsonl")
-    shutil.copytree(FIX / "mmlu_tiny", root / "mmlu")
-    (root / "mbpp").mkdir()
-    shutil.copy(FIX / "mbpp_tiny.jsonl", root / "mbpp" / "mbpp.jsonl")
-    shutil.copy(FIX / "sanitized_mbpp_tiny.json", root / "mbpp" / "sanitized-mbpp.json")
-    shutil.copytree(FIX / "pkt_splits_tiny", root / "pkt_splits")
-    monkeypatch.setenv("PKT_DATA_DIR", str(root))
-    return root
 
 
 # ---- common -----------------------------------------------------------------------------------------

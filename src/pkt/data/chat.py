@@ -36,12 +36,9 @@ def render_prompt(user: str, tokenizer, style: str = "chat", assistant_prefix: s
 
 
 def response_suffix(tokenizer, style: str) -> str:
-    """What ends an assistant turn in the style (so a fine-tuned model learns to stop)."""
-    eos = tokenizer.eos_token or ""
-    if style == "chat":
-        # Most templates close the turn with the eos token (Qwen: <|im_end|>) and a newline.
-        return eos
-    return eos
+    """What ends an assistant turn, so a fine-tuned model learns to stop: the eos token in both styles
+    (chat templates close the turn with it, e.g. Qwen's <|im_end|>)."""
+    return tokenizer.eos_token or ""
 
 
 def render(example: ChatExample, tokenizer, style: str = "chat") -> tuple[str, str]:
