@@ -26,6 +26,9 @@ class Budget(Settings):
     rank: int = Field(16, ge=1)
     alpha: float = 16
     max_length: int = Field(768, ge=16)
+    # PiSSA's SVD: None = exact (the paper); K = peft's randomised pissa_niter_K (same output-preserving
+    # split W = W_res + BA, top-r subspace approximate), also used for the analysis' PiSSA init
+    pissa_niter: int | None = Field(None, ge=1)
     # Seeking extraction
     extract_samples: int = Field(20, ge=1)
     # LaTen (paper: P=16, rate 0.1, λ=1000, step from S3 Table 4)

@@ -101,7 +101,8 @@ class Study:
         b = self.cfg.budget
         return FinetuneConfig(r=b.rank, alpha=b.alpha, lr=b.lr, epochs=b.epochs, batch_size=b.batch_size,
                               micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
-                              n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype)
+                              n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype,
+                              pissa_niter=b.pissa_niter)
 
     def seeking_cfg(self):
         from pkt.postpkt import SeekingConfig
@@ -254,8 +255,9 @@ class Study:
         factors = shared.get(task, {}).get("factors")
         laten_dir = shared.get(task, {}).get("laten_dir")
         payload = {"teacher": c.teacher, "student": c.student, "task": task, "n": c.analysis_examples,
-                   "rank": c.budget.rank, "factors": str(factors) if factors else None,
-                   "laten": str(laten_dir) if laten_dir else None, "style": c.style}
+                   "rank": c.budget.rank, "pissa_niter": c.budget.pissa_niter,
+                   "factors": str(factors) if factors else None, "laten": str(laten_dir) if laten_dir else None,
+                   "style": c.style}
         path, result = self._stage("analysis", payload, lambda d: run_analysis(c, task, factors, laten_dir, d,
                                                                               self._log))
         return [path / f for f in result["figures"]]
@@ -331,7 +333,8 @@ def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, lo
         model = make_lora_model(load_model(c.student), "seeking", list(fac_kinds(fac)), b.rank, b.alpha, factors=fac)
         inits["seeking"] = P.lora_similarity(model)
         del model
-    inits["pissa"] = P.lora_similarity(make_lora_model(load_model(c.student), "pissa", kinds, b.rank, b.alpha))
+    inits["pissa"] = P.lora_similarity(make_lora_model(load_model(c.student), "pissa", kinds, b.rank, b.alpha,
+                                                       pissa_niter=b.pissa_niter))
     out["params"] = {k: P.summarise(v) for k, v in inits.items()}
     figures.append(Path(plots.plot_params(inits, d / "params.png", title="LoRA init vs student weights")).name)
     if laten_dir is not None:
