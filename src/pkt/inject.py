@@ -87,7 +87,9 @@ class Injector:
             if key not in self.deltas:
                 return out
             idx, val = self.deltas[key]
-            x = args[0]
+            # the output is where the module ran; the hook sees the input as passed in, before an
+            # accelerate hook (device_map) moved it there
+            x = args[0].to(out.device)
             val = val.to(dtype=x.dtype, device=x.device)
             idx = idx.to(x.device)
             if row:  # rows idx of Δ are val: (x @ Δ.T)[..., idx] = x @ val.T
@@ -128,10 +130,23 @@ def dense(spec: ArchSpec, kind: str, idx: torch.Tensor, val: torch.Tensor) -> to
 
 @torch.no_grad()
 def fuse(model: nn.Module, deltas: Deltas, spec: ArchSpec | None = None) -> None:
-    """W <- W + Δ in place, added in fp32 then cast back to the weight's dtype."""
+    """W <- W + Δ in place, added in fp32 then cast back to the weight's dtype.
+
+    Not for a model whose weights accelerate offloaded (``device_map`` with ``"disk"``, or ``"cpu"`` next
+    to a GPU): accelerate reloads them from its offload store for every forward and has no API to write
+    them back, so a fused value would be dropped. That is an error, named before anything is changed;
+    :class:`Injector` (hooks, weights untouched) works on such a model.
+    """
+    from accelerate.utils import has_offloaded_params
+
     model = unwrap(model)
     spec = spec or ArchSpec.from_model(model)
     check_deltas(model, deltas, spec)
+    for layer, kind in deltas:
+        if has_offloaded_params(spec.linear(model, layer, kind)):
+            raise PktError(f"cannot fuse into {spec.module_name(layer, kind)}: its weights are offloaded by "
+                           "accelerate (device_map 'disk'/'cpu' offload); load the student without offloading "
+                           "to fuse or save it, or apply the deltas with Injector")
     for (layer, kind), (idx, val) in deltas.items():
         w = spec.linear(model, layer, kind).weight
         new = w.detach().float().cpu()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pkt.data.chat import IGNORE, tokenize_example
 from pkt.errors import PktError
+from pkt.models.load import module_device
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ def _batches(feats: list[dict], batch_size: int, pad_id: int):
 
 
 def _logprobs(model, ids, mask, keep: torch.Tensor, b_idx, col, vocab: int) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = module_device(model.get_input_embeddings())  # not next(parameters()): meta when offloaded
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
                 use_cache=False)
-    logits = out.logits[b_idx.to(device), col.to(device), :vocab].float().cpu()
+    dev = out.logits.device  # the lm_head's device, not necessarily the embedding's
+    logits = out.logits[b_idx.to(dev), col.to(dev), :vocab].float().cpu()
     return F.log_softmax(logits, dim=-1)
 
 

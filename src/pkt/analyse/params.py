@@ -16,6 +16,9 @@ for a foreign (teacher) factor, cos(BA, W) ≈ 0 and cos(BA, W − BA) ≈ −�
 delta touches (its support is the "located" mask).
 
 ``pissa_init`` and ``seeking_init`` build the two inits on a student in process (see their docstrings).
+
+Weights are read inside accelerate's ``align_module_device``, so a model loaded with an offloading
+``device_map`` (parameters on ``meta``, brought in per forward) gives the same numbers as a plain one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from accelerate.utils import align_module_device
 
 from pkt.analyse.similarity import flat_cosine
 from pkt.errors import PktError
@@ -57,7 +61,9 @@ def lora_similarity(peft_model: nn.Module, adapter: str | None = None) -> list[d
         a = m.lora_A[ad].weight.detach().to(torch.float64)
         b = m.lora_B[ad].weight.detach().to(torch.float64)
         ba = m.scaling[ad] * (b @ a)
-        w_rem = m.get_base_layer().weight.detach().to(torch.float64)
+        base = m.get_base_layer()
+        with align_module_device(base):
+            w_rem = base.weight.detach().to(device=a.device, dtype=torch.float64)
         if getattr(m, "fan_in_fan_out", False):
             w_rem = w_rem.T
         if ba.shape != w_rem.shape:
@@ -108,8 +114,9 @@ def delta_similarity(student: nn.Module, deltas: dict[str, torch.Tensor]) -> lis
         except AttributeError:
             raise PktError(f"delta for {name!r}: the student has no module {mod_name!r}") from None
         base = getattr(mod, "get_base_layer", lambda: mod)()
-        w = base.weight.detach().to(torch.float64)
-        d = delta.detach().to(torch.float64)
+        with align_module_device(base):
+            w = base.weight.detach().to(device="cpu", dtype=torch.float64)
+        d = delta.detach().to(device="cpu", dtype=torch.float64)
         if d.shape != w.shape:
             raise PktError(f"delta for {name!r} is {tuple(d.shape)}, the weight is {tuple(w.shape)}")
         r_mask = d.abs().sum(1) > 0
@@ -192,8 +199,11 @@ def seeking_factors(teacher: nn.Module, student: nn.Module, rank: int = 16, kind
     factors, blocks = {}, []
     for i, tl in enumerate(layer_map):
         for kind in kinds:
-            tw = t_spec.linear(teacher, tl, kind).weight.detach()
-            shape = tuple(s_spec.linear(student, i, kind).weight.shape)
+            t_mod = t_spec.linear(teacher, tl, kind)
+            with align_module_device(t_mod):
+                # still valid after exit: accelerate swaps a meta parameter in, it does not free this one
+                tw = t_mod.weight.detach()
+            shape = tuple(s_spec.linear(student, i, kind).weight.shape)  # a meta tensor has its shape too
             if block == "leading":
                 r0, c0 = 0, 0
             else:

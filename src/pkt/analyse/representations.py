@@ -12,6 +12,8 @@ different widths (8960 vs 4864) cost one dot product. Matrices are ``[student_la
 
 Memory: activations are kept in the model's dtype (Qwen2.5 1.5B, all five kinds, 2048 tokens, bf16:
 ≈1.6 GB); the per-layer vectors of one module kind at a time take ≈24 MB per layer at 2048 tokens.
+Activations are gathered on each module's own device and moved to the CPU, so a model spread over devices
+or offloaded by accelerate (a ``device_map``) gives the same result as on one device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pkt.analyse.similarity import MEASURES, layer_vectors, pairwise
 from pkt.data.chat import IGNORE, tokenize_example
 from pkt.errors import PktError
 from pkt.models.arch import ArchSpec
+from pkt.models.load import module_device
 
 KINDS = ("up", "down", "v", "o", "residual")
 KIND_LABELS = {"up": "mlp.up_proj", "down": "mlp.down_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -127,7 +130,8 @@ def collect_activations(model: nn.Module, plan: TokenPlan, kinds=KINDS, batch_si
     def hook(kind: str, layer: int):
         def fn(_mod, _inp, out):
             h = _first(out)
-            store[kind][layer].append(h[where["b"], where["t"]].detach().cpu())
+            # under a device_map each layer's output is on that layer's device
+            store[kind][layer].append(h[where["b"].to(h.device), where["t"].to(h.device)].detach().cpu())
         return fn
 
     try:
@@ -138,10 +142,11 @@ def collect_activations(model: nn.Module, plan: TokenPlan, kinds=KINDS, batch_si
                 mods = [spec.linear(model, i, kind) for i in range(spec.num_layers)]
             store[kind] = [[] for _ in mods]
             handles += [m.register_forward_hook(hook(kind, j)) for j, m in enumerate(mods)]
-        device = next(model.parameters()).device
+        # inputs go where the embedding runs (its parameters are on meta if accelerate offloaded it)
+        device = module_device(model.get_input_embeddings())
         batches = list(_batches(plan, batch_size, pad_id))
         for ids, mask, b, t in (progress(batches) if progress else batches):
-            where["b"], where["t"] = b.to(device), t.to(device)
+            where["b"], where["t"] = b, t
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for h in handles:

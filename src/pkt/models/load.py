@@ -139,7 +139,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(ref, dtype: str | torch.dtype = torch.float32, device_map=None, max_memory=None, **kwargs):
-    """Load a causal LM (eval mode). ``device_map``/``max_memory`` go straight to transformers/accelerate."""
+    """Load a causal LM (eval mode). ``device_map``/``max_memory`` and any other ``from_pretrained`` option
+    (e.g. ``offload_folder`` for ``"disk"`` entries of a device_map) go straight to transformers/accelerate."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(ref)
@@ -150,6 +151,20 @@ def load_model(ref, dtype: str | torch.dtype = torch.float32, device_map=None, m
     except OSError as e:
         raise ModelError(f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from e
     return model.eval()
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s own weights *during its forward pass*.
+
+    Under a device_map with offloading (``"disk"`` entries, or ``"cpu"`` next to a GPU) accelerate leaves
+    the module's parameters on the ``meta`` device and its AlignDevicesHook brings them in for each
+    forward, so ``module.weight.device`` says ``meta``. ``align_module_device`` is accelerate's own way to
+    see the weights as the forward pass sees them (it loads this one module's weights once).
+    """
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        return next(module.parameters(recurse=False)).device
 
 
 def load_tokenizer(ref, padding_side: str = "left"):
