@@ -181,3 +181,21 @@ def test_injection_into_offloaded_student(tiny_pair, tmp_path):
     with pytest.raises(PktError, match="offloaded"):
         fuse(off, deltas, spec)
     assert torch.equal(off(input_ids=ids).logits, ref)
+
+
+@pytest.mark.parametrize("kind,offload", [("llama", "disk"), ("qwen2", "disk"), ("qwen2", "cpu_offload")])
+def test_attribution_on_offloaded_teacher(kind, offload, tiny_tok, tmp_path):
+    """Layer and neuron scores (exact, top-vocabulary and certified top-n) equal the plain model's."""
+    from pkt.locate.attribution import attribute, attribution_inputs
+
+    path = _save(testing.tiny_model(kind, "teacher", len(tiny_tok)), tiny_tok, tmp_path / "teacher")
+    plain = load_model(path)
+    model = _disk_offloaded(path, tmp_path) if offload == "disk" else _cpu_offloaded(path)
+    assert ArchSpec.from_model(model).tied_embeddings == ArchSpec.from_model(plain).tied_embeddings
+    ids, target = attribution_inputs(EXAMPLES[0], tiny_tok)
+    for kw in ({}, {"vocab_top": 16, "top": (3, 5)}):
+        want, got = attribute(plain, ids, target, **kw), attribute(model, ids, target, **kw)
+        assert got.logprob == pytest.approx(want.logprob, rel=RTOL)
+        for field in ("attn_layers", "ffn_layers", "attn_neurons", "ffn_neurons"):
+            _close(getattr(got, field), getattr(want, field), field)
+        assert torch.isfinite(got.ffn_neurons).sum() > 0

@@ -57,12 +57,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 
 from pkt.data.chat import render_prompt
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.models.arch import ArchSpec, unwrap
+from pkt.models.load import module_device
 
 NORMS = ("yu", "laten")
 # The reference strips these trailing characters so the target is the last *meaningful* answer token
@@ -105,10 +107,15 @@ class Activations:
 
 
 @torch.no_grad()
-def capture(model, input_ids: torch.Tensor, spec: ArchSpec | None = None) -> Activations:
-    """One forward pass with hooks on stock modules; keeps only the last position (what is scored)."""
+def capture(model, input_ids: torch.Tensor, spec: ArchSpec | None = None, device=None) -> Activations:
+    """One forward pass with hooks on stock modules; keeps only the last position (what is scored).
+
+    The kept vectors are gathered on ``device`` (default: lm_head's execution device, where they are
+    scored), so a model sharded over several devices by a device_map works unchanged.
+    """
     model = unwrap(model)
     spec = spec or ArchSpec.from_model(model)
+    device = device if device is not None else module_device(spec.lm_head(model))
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise PktError(f"attribution scores one sequence: input_ids must be [1, T], got {tuple(input_ids.shape)}")
     n = spec.num_layers
@@ -117,7 +124,7 @@ def capture(model, input_ids: torch.Tensor, spec: ArchSpec | None = None) -> Act
     handles = []
 
     def last(t):
-        return t[0, -1].detach().float()
+        return t[0, -1].detach().float().to(device)
 
     def pre(key, i):
         def hook(mod, args):
@@ -139,7 +146,8 @@ def capture(model, input_ids: torch.Tensor, spec: ArchSpec | None = None) -> Act
             handles.append(layer.get_submodule(spec.paths["down"]).register_forward_hook(fwd("coeff", "ffn_out", i)))
         handles.append(spec.final_norm(model).register_forward_pre_hook(lambda m, a: final.__setitem__(0, last(a[0]))))
         # logits_to_keep=1: the full-sequence lm_head is not needed (only hooks are read).
-        model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
+        # Inputs go where the embedding runs (model.device is ``meta`` when accelerate offloaded it).
+        model(input_ids=input_ids.to(module_device(spec.embed(model))), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
@@ -153,11 +161,15 @@ class Readout:
         if norm not in NORMS:
             raise PktError(f"final-norm convention {norm!r}: expected one of {', '.join(NORMS)}")
         model = unwrap(model)
-        head = spec.lm_head(model)
-        self.weight = head.weight.detach()
-        self.bias = None if head.bias is None else head.bias.detach()
-        g = spec.final_norm(model).weight.detach().float()
-        final = final.float()
+        head, norm_mod = spec.lm_head(model), spec.final_norm(model)
+        # align_module_device: an offloaded module's weights are ``meta`` outside its forward pass; this
+        # loads them as the forward would (the references kept here outlive the context).
+        with align_module_device(head):
+            self.weight = head.weight.detach()
+            self.bias = None if head.bias is None else head.bias.detach()
+        with align_module_device(norm_mod):
+            g = norm_mod.weight.detach().float().to(self.weight.device)
+        final = final.float().to(self.weight.device)
         if norm == "yu":
             scale = torch.rsqrt(final.pow(2).mean() + spec.rms_norm_eps)
         else:  # LaTen: sqrt of the centred std, as in knowledge_neurons.py
@@ -305,6 +317,12 @@ def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int
     return out.cpu(), blk.tail_mass, done
 
 
+def _weight(module, device) -> torch.Tensor:
+    """``module.weight`` on ``device``, also when accelerate offloaded it (see :class:`Readout`)."""
+    with align_module_device(module):
+        return module.weight.detach().to(device)
+
+
 @dataclass
 class Attribution:
     """Scores of one example. Neuron scores are per layer; index = neuron (FFN) or h*head_dim+j (attention)."""
@@ -365,8 +383,7 @@ def attribute(model, input_ids: torch.Tensor, target: int, *, norm: str = "yu", 
         fine, coarse = _blocks(ro, us[:2 * n], target, vocab_top, coarse_k if top is not None else None,
                                logp0=lp[:2 * n])
         for layer in tqdm(range(n), desc="attribution", disable=not progress, leave=False):
-            w_o = spec.linear(model, layer, "o").weight.detach()
-            w_down = spec.linear(model, layer, "down").weight.detach()
+            w_o, w_down = (_weight(spec.linear(model, layer, k), ro.weight.device) for k in ("o", "down"))
             # Sub-value matrices: row i = activation_i × weight column i (the neuron's write to the residual).
             attn_subs = (w_o.float() * acts.attn_heads[layer]).T.contiguous()  # [q_dim, d]
             ffn_subs = (w_down.float() * acts.coeff[layer]).T.contiguous()  # [f, d]

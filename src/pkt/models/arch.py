@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn as nn
 
 from pkt.errors import ModelError
@@ -39,6 +40,14 @@ MLP_KINDS = ("gate", "up", "down")
 LINEAR_KINDS = ATTN_KINDS + MLP_KINDS
 # peft target-module names for each kind (the last path component).
 PEFT_NAMES = {k: _LLAMA_LIKE[k].split(".")[-1] for k in LINEAR_KINDS}
+
+
+def _tied(head_w: torch.Tensor, embed_w: torch.Tensor, cfg) -> bool:
+    """lm_head shares the embedding's storage. Offloaded weights are ``meta`` tensors (data_ptr 0 for both,
+    whether tied or not), so for those the config's ``tie_word_embeddings`` has to be trusted instead."""
+    if head_w.is_meta or embed_w.is_meta:
+        return bool(getattr(cfg, "tie_word_embeddings", False))
+    return head_w is embed_w or head_w.data_ptr() == embed_w.data_ptr()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -99,8 +108,7 @@ class ArchSpec:
             head_dim=head_dim,
             vocab_size=embed.weight.shape[0],
             bias=bias,
-            tied_embeddings=head.weight is embed.weight
-            or head.weight.data_ptr() == embed.weight.data_ptr(),
+            tied_embeddings=_tied(head.weight, embed.weight, cfg),
             rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
             paths=dict(paths),
