@@ -199,3 +199,26 @@ def test_attribution_on_offloaded_teacher(kind, offload, tiny_tok, tmp_path):
         for field in ("attn_layers", "ffn_layers", "attn_neurons", "ffn_neurons"):
             _close(getattr(got, field), getattr(want, field), field)
         assert torch.isfinite(got.ffn_neurons).sum() > 0
+
+
+def test_laten_locate_and_extract_from_offloaded_teacher(tiny_tok, tmp_path):
+    """LaTen's pairing and the teacher vectors it reads come out the same from an offloaded teacher."""
+    from pkt.laten import LatenConfig, extract, locate, wrap_models
+
+    t_path = _save(testing.tiny_model("qwen2", "teacher", len(tiny_tok)), tiny_tok, tmp_path / "teacher")
+    student = testing.tiny_model("qwen2", "student", len(tiny_tok))
+    cfg = LatenConfig(teacher="unused", student="unused", modules=["up", "down", "v", "o"], transfer_rate=0.25,
+                      vocab_top=32, chunk=16, cutoff_len=64)
+    out = []
+    for teacher in (load_model(t_path), _disk_offloaded(t_path, tmp_path)):
+        m = wrap_models(teacher, student, tiny_tok)
+        p = locate(m, EXAMPLES[0], cfg, cfg.transfer_rate)
+        out.append((p, extract(teacher, m.t_spec, m.s_spec, p, cfg.modules)[0]))
+    (p0, src0), (p1, src1) = out
+    assert p1.ffn_layers == p0.ffn_layers and p1.attn_layers == p0.attn_layers
+    for (a, b), (c, d) in zip(p0.ffn + p0.attn, p1.ffn + p1.attn):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert src1.keys() == src0.keys()
+    for kind in src0:
+        _close(src1[kind], src0[kind], kind)
+        assert src1[kind].abs().sum() > 0

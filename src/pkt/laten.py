@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -183,9 +184,11 @@ def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds
                 t_layer, (t_idx, s_idx) = pairing.attn_layers[i], pairing.attn[i]
                 if kind == "v":
                     t_idx, s_idx = pair_v(t_idx, s_idx, t_spec, s_spec)
-            w = t_spec.linear(teacher, t_layer, kind).weight
-            t_idx = t_idx.to(w.device)
-            vecs.append((w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu())
+            mod = t_spec.linear(teacher, t_layer, kind)
+            with align_module_device(mod):  # an offloaded teacher's weights are meta outside forward
+                w = mod.weight
+                t_idx = t_idx.to(w.device)
+                vecs.append((w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu())
             where.append((i, s_idx.cpu()))
         sources[kind] = torch.cat(vecs)
         sites[kind] = where
