@@ -64,6 +64,19 @@ class FinetuneConfig(Settings):
             raise PktError("need 1 <= micro_batch_size <= batch_size")
 
 
+def dist_state():
+    """accelerate's per-process state (rank, world size, device), shared by everything in the process.
+
+    Honours ``ACCELERATE_USE_CPU`` as ``Accelerator()`` does. A bare ``PartialState()`` ignores it, and the
+    first state created is the one every later call gets: on a machine without GPUs each worker of
+    ``accelerate launch`` would then run alone (world 1) and all of them would write the outputs.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _n_labels(feat: dict) -> int:
     """Labelled tokens of an example that enter the loss (the first position predicts nothing)."""
     return sum(1 for x in feat["labels"][1:] if x != IGNORE)
@@ -198,10 +211,9 @@ def save_outputs(model, tokenizer, init: str, tmp_dir: Path, init_adapter: Path)
 def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, init: str,
                    out: str | Path, extra: dict | None = None, progress: bool = True) -> dict:
     """Save the initial adapter, fine-tune, and write adapter/merged/logs atomically into ``out``."""
-    from accelerate import PartialState
-
     out = Path(out)
-    if not PartialState().is_main_process:
+    state = dist_state()
+    if not state.is_main_process:
         # other data-parallel workers train (their gradients are needed) but write nothing
         logs = finetune(model, tokenizer, examples, cfg, progress=False)
         return {"init": init, "n_train": len(examples), "steps": len(logs),
@@ -216,7 +228,8 @@ def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneC
         t1 = time.perf_counter()
         info = save_outputs(model, tokenizer, init, tmp, init_dir)
         summary = {"init": init, "n_train": len(examples), "steps": len(logs),
-                   "final_loss": logs[-1]["loss"] if logs else None, "train_seconds": round(train_s, 1),
+                   "final_loss": logs[-1]["loss"] if logs else None, "processes": state.num_processes,
+                   "train_seconds": round(train_s, 1),
                    "save_seconds": round(time.perf_counter() - t1, 1), "config": cfg.model_dump(),
                    "outputs": info, **(extra or {})}
         write_json(tmp / "summary.json", summary)

@@ -6,7 +6,34 @@ Settings: defaults (Seeking's paper values) < ``--config`` YAML (sections ``fine
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+# The fine-tuning flags, shared with `pkt kd` (same LoRA SFT). None = keep the --config/default value.
+R = Annotated[int, typer.Option(help="LoRA rank [16].")]
+Alpha = Annotated[float, typer.Option(help="LoRA alpha [16].")]
+Targets = Annotated[str, typer.Option(help="Module kinds, comma-separated [q,k,v,o,gate,up,down].")]
+Lr = Annotated[float, typer.Option(help="Learning rate [3e-4].")]
+Epochs = Annotated[float, typer.Option(help="Epochs [3].")]
+BatchSize = Annotated[int, typer.Option(help="Examples per optimizer step [64].")]
+MicroBatchSize = Annotated[int, typer.Option(help="Examples per forward pass [4].")]
+MaxLength = Annotated[int, typer.Option(help="Token cutoff [2048].")]
+NTrain = Annotated[int, typer.Option(help="Use the first N training examples [all].")]
+Style = Annotated[str, typer.Option(help="Prompt style: chat | tulu [chat].")]
+TrainOnInputs = Annotated[bool, typer.Option("--train-on-inputs/--response-only",
+                                             help="Train on prompt tokens too [response only].")]
+Dtype = Annotated[str, typer.Option(help="Student dtype [float32].")]
+Seed = Annotated[int, typer.Option(help="Seed [1].")]
+
+
+def finetune_config(config: str | None, *, targets: str | None = None, **flags):
+    """FinetuneConfig from defaults < the ``finetune`` section of ``config`` < the non-None flags."""
+    from pkt.align.finetune import FinetuneConfig
+    from pkt.config import load_config
+
+    return load_config(FinetuneConfig, config, section="finetune", targets=targets.split(",") if targets else None,
+                       **flags)
 
 
 def postpkt(
@@ -17,39 +44,42 @@ def postpkt(
     teacher: str = typer.Option(None, help="Teacher (seeking without --factors)."),
     factors: str = typer.Option(None, help="Reuse an extraction directory from `pkt extract sensitivity`."),
     config: str = typer.Option(None, "--config", help="YAML settings file (sections 'finetune', 'extract')."),
-    r: int = typer.Option(None, help="LoRA rank [16]."),
-    alpha: float = typer.Option(None, help="LoRA alpha [16]."),
-    targets: str = typer.Option(None, help="Module kinds, comma-separated [q,k,v,o,gate,up,down]."),
-    lr: float = typer.Option(None, help="Learning rate [3e-4]."),
-    epochs: float = typer.Option(None, help="Epochs [3]."),
-    batch_size: int = typer.Option(None, help="Examples per optimizer step [64]."),
-    micro_batch_size: int = typer.Option(None, help="Examples per forward pass [4]."),
-    max_length: int = typer.Option(None, help="Token cutoff [2048]."),
-    n_train: int = typer.Option(None, help="Use the first N training examples [all]."),
-    style: str = typer.Option(None, help="Prompt style: chat | tulu [chat]."),
-    train_on_inputs: bool = typer.Option(None, "--train-on-inputs/--response-only",
-                                         help="Train on prompt tokens too [response only]."),
-    dtype: str = typer.Option(None, help="Student dtype [float32]."),
-    seed: int = typer.Option(None, help="Seed [1]."),
+    r: R = None,
+    alpha: Alpha = None,
+    targets: Targets = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    micro_batch_size: MicroBatchSize = None,
+    max_length: MaxLength = None,
+    n_train: NTrain = None,
+    style: Style = None,
+    train_on_inputs: TrainOnInputs = None,
+    dtype: Dtype = None,
+    seed: Seed = None,
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """PostPKT: init the student's LoRA (seeking = extracted teacher blocks; pissa; lora), fine-tune, save."""
-    from pkt.align.finetune import FinetuneConfig
+    import torch
+
+    from pkt.align.finetune import dist_state
     from pkt.config import load_config
     from pkt.errors import PktError
     from pkt.postpkt import SeekingConfig, run_postpkt
 
     if init not in ("seeking", "pissa", "lora"):
         raise PktError(f"--init {init!r}: expected seeking, pissa or lora")
-    ft = load_config(
-        FinetuneConfig, config, section="finetune", r=r, alpha=alpha,
-        targets=targets.split(",") if targets else None, lr=lr, epochs=epochs, batch_size=batch_size,
-        micro_batch_size=micro_batch_size, max_length=max_length, n_train=n_train, style=style,
-        train_on_inputs=train_on_inputs, dtype=dtype, seed=seed,
-    )
+    ft = finetune_config(config, r=r, alpha=alpha, targets=targets, lr=lr, epochs=epochs, batch_size=batch_size,
+                         micro_batch_size=micro_batch_size, max_length=max_length, n_train=n_train, style=style,
+                         train_on_inputs=train_on_inputs, dtype=dtype, seed=seed)
     ex = load_config(SeekingConfig, config, section="extract", style=style, train_on_inputs=train_on_inputs)
+    # The lora init's A factors come from torch's global RNG, which starts from a random seed in each process:
+    # seed it (as `pkt run` does before each build) so that --seed fixes the run, whatever the process count.
+    torch.manual_seed(ft.seed)
     s = run_postpkt(teacher, student, task, init, out, ft, ex, factors_dir=factors, progress=not quiet,
                     log=lambda m: typer.echo(m, err=True))
+    if not dist_state().is_main_process:  # under `accelerate launch` the other workers write and time nothing
+        return
     typer.echo(f"{out}: {s['steps']} steps, final loss {s['final_loss']}, train {s['train_seconds']} s, "
                f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB")
 
