@@ -14,7 +14,6 @@ Because the batches (and so the padding) are those of a 1-process run, the answe
 from __future__ import annotations
 
 import gc
-import random
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pkt.config import Settings
 from pkt.data.chat import render_prompt
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
+from pkt.seeding import seed_everything
 
 KD_FILE = "kd_train.jsonl"
 KD_META = "kd_data.json"
@@ -159,16 +159,11 @@ def distill_finetune(student_ref, examples: list[ChatExample], ft, out: str | Pa
     The body ``pkt run`` and ``pkt kd`` share; works under ``accelerate launch`` (see
     :func:`pkt.align.finetune.train_and_save`). Returns the training summary.
     """
-    import numpy as np
-
     from pkt.align.finetune import train_and_save
     from pkt.align.lora_init import make_lora_model
     from pkt.models.load import load_model, load_tokenizer
 
-    # the LoRA A init draws from the global RNGs: seed them as pkt.experiment.runner.seed_everything does
-    random.seed(ft.seed)
-    np.random.seed(ft.seed)
-    torch.manual_seed(ft.seed)
+    seed_everything(ft.seed)  # the LoRA A init draws from the global RNGs
     tok = load_tokenizer(student_ref, padding_side="right")
     model = make_lora_model(load_model(student_ref, dtype=ft.dtype), "lora", ft.targets, ft.r, ft.alpha, ft.dropout)
     return train_and_save(model, tok, examples, ft, "lora", out, extra={"method": "kd", **(extra or {})},

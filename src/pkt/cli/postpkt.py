@@ -60,12 +60,11 @@ def postpkt(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """PostPKT: init the student's LoRA (seeking = extracted teacher blocks; pissa; lora), fine-tune, save."""
-    import torch
-
     from pkt.align.finetune import dist_state
     from pkt.config import load_config
     from pkt.errors import PktError
     from pkt.postpkt import SeekingConfig, run_postpkt
+    from pkt.seeding import seed_everything
 
     if init not in ("seeking", "pissa", "lora"):
         raise PktError(f"--init {init!r}: expected seeking, pissa or lora")
@@ -75,7 +74,7 @@ def postpkt(
     ex = load_config(SeekingConfig, config, section="extract", style=style, train_on_inputs=train_on_inputs)
     # The lora init's A factors come from torch's global RNG, which starts from a random seed in each process:
     # seed it (as `pkt run` does before each build) so that --seed fixes the run, whatever the process count.
-    torch.manual_seed(ft.seed)
+    seed_everything(ft.seed)
     s = run_postpkt(teacher, student, task, init, out, ft, ex, factors_dir=factors, progress=not quiet,
                     log=lambda m: typer.echo(m, err=True))
     if not dist_state().is_main_process:  # under `accelerate launch` the other workers write and time nothing

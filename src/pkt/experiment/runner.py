@@ -16,12 +16,10 @@ from __future__ import annotations
 import gc
 import json
 import platform
-import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,14 +27,9 @@ from pkt.errors import PktError
 from pkt.experiment.cache import StageCache
 from pkt.experiment.config import ExperimentConfig
 from pkt.io import write_json
+from pkt.seeding import seed_everything
 
 FINETUNED = ("lora", "pissa", "seeking")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def versions() -> dict:
@@ -201,17 +194,11 @@ class Study:
         raise PktError(f"unknown method {method!r}")
 
     def _kd_finetune(self, kd_file: Path, ft, out: Path) -> dict:
-        from pkt.align.finetune import train_and_save
-        from pkt.align.lora_init import make_lora_model
+        from pkt.align.distill import distill_finetune
         from pkt.data.jsonl import read_chat_jsonl
-        from pkt.models.load import load_model, load_tokenizer
 
-        seed_everything(ft.seed)
-        tok = load_tokenizer(self.cfg.student, padding_side="right")
-        model = make_lora_model(load_model(self.cfg.student, dtype=ft.dtype), "lora", ft.targets, ft.r, ft.alpha,
-                                ft.dropout)
-        return _summary(train_and_save(model, tok, read_chat_jsonl(kd_file), ft, "lora", out,
-                                       extra={"method": "kd", "data": str(kd_file)}))
+        return _summary(distill_finetune(self.cfg.student, read_chat_jsonl(kd_file), ft, out,
+                                         extra={"data": str(kd_file)}))
 
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
