@@ -222,3 +222,16 @@ def test_laten_locate_and_extract_from_offloaded_teacher(tiny_tok, tmp_path):
     for kind in src0:
         _close(src1[kind], src0[kind], kind)
         assert src1[kind].abs().sum() > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "seeking"])
+def test_weight_rewriting_lora_inits_refuse_an_offloaded_student(init, tiny_tok, tmp_path):
+    """PiSSA/Seeking rewrite the base weights; on offloaded ones that would be silently lost, so: an error."""
+    from pkt.align.lora_init import make_lora_model
+
+    path = _save(testing.tiny_model("qwen2", "student", len(tiny_tok)), tiny_tok, tmp_path / "student")
+    model = _disk_offloaded(path, tmp_path)
+    factors = {"unused": (torch.zeros(1, 1), torch.zeros(1, 1))}
+    with pytest.raises(PktError, match="offloaded"):
+        make_lora_model(model, init, ("up", "down"), r=2, alpha=2, factors=factors)
+    make_lora_model(load_model(path), "pissa", ("up", "down"), r=2, alpha=2)  # the plain student is fine

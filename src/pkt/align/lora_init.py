@@ -79,10 +79,18 @@ def make_lora_model(student: nn.Module, init: str, kinds=DEFAULT_KINDS, r: int =
                     pissa_niter: int | None = None):
     """Wrap ``student`` in a peft LoRA with the given init; for ``seeking`` apply ``factors`` (see
     :func:`apply_factors`). The student's output is unchanged at init for all three inits."""
+    from accelerate.utils import has_offloaded_params
     from peft import get_peft_model
 
     spec = ArchSpec.from_model(student)
     kinds = parse_kinds(kinds)
+    if init in ("seeking", "pissa"):
+        # Both rewrite the base weights (W -> W - BA); accelerate reloads offloaded weights from its store on
+        # every forward and cannot take the rewrite back, so the change would be silently lost.
+        for name in module_names(spec, kinds):
+            if has_offloaded_params(student.get_submodule(name)):
+                raise PktError(f"init {init!r} rewrites {name}, whose weights accelerate offloaded (device_map "
+                               "'disk'/'cpu' offload): load the student without offloading")
     if init == "seeking" and not factors:
         raise PktError("init 'seeking' needs extracted factors (run `pkt extract sensitivity` or give --teacher)")
     if init == "lora" and any(k in VOCAB_KINDS for k in kinds) and spec.tied_embeddings:
