@@ -10,6 +10,9 @@ Variants (``VARIANTS``):
 * ``load``      — baseline + the teacher's weights (``pkt.models.load.load_model``).
 * ``pkt``       — load + :func:`pkt.locate.sensitivity.compute_sensitivity` (post-accumulate-grad hooks,
   fp32 accumulators, 2-D weights).
+* ``pkt-extract`` — the same, restricted to the weights the extraction can draw from, as ``pkt extract``
+  and ``pkt run`` call it (``param_filter`` = :func:`pkt.postpkt.target_weight_names` of the default
+  targets q, k, v, o, gate, up, down: no embedding or lm_head accumulators or gradients).
 * ``reference`` — load + :func:`benchmarks.reference_seeking.reference_sensitivity` (full ``.grad``,
   per-sample ``|w·g|`` dict, running dict; all parameters).
 
@@ -39,7 +42,7 @@ import sys
 import time
 
 LOCK = "/tmp/pkt-real.lock"
-VARIANTS = ("baseline", "load", "pkt", "reference")
+VARIANTS = ("baseline", "load", "pkt", "pkt-extract", "reference")
 
 
 def _rss_kib() -> int:
@@ -96,12 +99,18 @@ def child(a) -> dict:
         t1 = time.perf_counter()
         if a.variant == "pkt":
             sens = compute_sensitivity(model, samples, progress=False)
+        elif a.variant == "pkt-extract":
+            from pkt.align.lora_init import DEFAULT_KINDS
+            from pkt.postpkt import target_weight_names
+
+            wanted = target_weight_names(model, DEFAULT_KINDS)
+            sens = compute_sensitivity(model, samples, progress=False, param_filter=lambda n, p: n in wanted)
         elif a.variant == "reference":
             sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             from benchmarks.reference_seeking import reference_sensitivity
 
             sens = reference_sensitivity(model, samples)
-        if a.variant in ("pkt", "reference"):
+        if a.variant in ("pkt", "pkt-extract", "reference"):
             out["compute_s"] = time.perf_counter() - t1
             out["result_bytes"] = sum(t.numel() * t.element_size() for t in sens.values())
             marks["computed"] = _rss_kib()
