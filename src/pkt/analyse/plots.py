@@ -43,10 +43,14 @@ def plot_params(results: dict[str, list[dict]], path, title: str = "") -> str:
     for i, mod in enumerate(modules):
         for j, (key, label) in enumerate(cols):
             ax = axes[i][j]
-            for init, recs in results.items():
+            for k, (init, recs) in enumerate(results.items()):
                 rs = sorted((r for r in recs if r["module"] == mod), key=lambda r: r["layer"])
+                if not rs:  # an init that does not target this module (PiSSA here covers up/down/v/o)
+                    continue
                 ys = [r[key] for r in rs]
-                ax.plot([r["layer"] for r in rs], ys, marker="o", ms=3, label=f"{init} (mean {_mean(ys):.3f})")
+                # one colour per init in every panel, also where an earlier init has no line
+                ax.plot([r["layer"] for r in rs], ys, marker="o", ms=3, color=f"C{k}",
+                        label=f"{init} (mean {_mean(ys):.3f})")
             ax.axhline(0.0, color="grey", lw=0.6)
             ax.set_title(f"{mod}: {label}", fontsize=10)
             ax.set_xlabel("student layer")
@@ -54,7 +58,8 @@ def plot_params(results: dict[str, list[dict]], path, title: str = "") -> str:
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    # leave the suptitle its own strip above the first row's panel titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.8 * len(modules))) if title else None)
     return _save(fig, path)
 
 
