@@ -33,13 +33,7 @@ def saved(tmp_path_factory):
 
 
 def pkt(*args):
-    from typer.testing import CliRunner
-
-    from pkt.cli import _register, app
-
-    if not any(getattr(g, "name", None) == "analyze" for g in app.registered_groups):
-        _register()
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return testing.invoke_cli(args, catch_exceptions=False)
 
 
 def test_params_pissa_and_seeking(saved, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from pkt import testing
 
@@ -17,22 +16,14 @@ def data_dir(fixture_data_dir):
 
 
 @pytest.fixture
-def app():
-    from pkt.cli import _register, app
-
-    _register()
-    return app
-
-
-@pytest.fixture
 def tiny_model_dir(tmp_path, tiny_tok):
     model = testing.tiny_model("qwen2", "student", len(tiny_tok))
     return testing.save_tiny(model, tiny_tok, tmp_path / "tiny")
 
 
-def test_eval_cli_writes_metrics_and_predictions(app, data_dir, tiny_model_dir, tmp_path):
+def test_eval_cli_writes_metrics_and_predictions(data_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--tasks", "gsm8k,mmlu,mbpp", "--limit", "2",
+    r = testing.invoke_cli(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k,mmlu,mbpp", "--limit", "2",
                                  "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--answer-loss"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -44,9 +35,9 @@ def test_eval_cli_writes_metrics_and_predictions(app, data_dir, tiny_model_dir, 
     assert json.loads(r.output[r.output.index("{"):])["model"] == tiny_model_dir
 
 
-def test_eval_cli_shots_and_style(app, data_dir, tiny_model_dir, tmp_path):
+def test_eval_cli_shots_and_style(data_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--tasks", "mmlu", "--shots", "5",
+    r = testing.invoke_cli(["eval", "--model", tiny_model_dir, "--tasks", "mmlu", "--shots", "5",
                                  "--style", "tulu", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "mmlu" / "predictions.jsonl").read_text().splitlines()[0])

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pkt import testing
 from pkt.align.distill import KD_FILE, KD_META, teacher_answers
@@ -66,19 +65,12 @@ def env(tmp_path, monkeypatch, tiny_tok, one_thread):
     return tmp_path, t, s
 
 
-def _invoke(args):
-    from pkt.cli import _register, app
-
-    _register()
-    return CliRunner().invoke(app, args, catch_exceptions=True)
-
-
 def test_kd_cli_writes_answers_trains_and_resumes(env):
     tmp, t, s = env
     out = tmp / "kd"
     args = ["kd", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(out), "--n-train", "6",
             "--config", str(tmp / "kd.yaml"), *SMALL]
-    r = _invoke(args)
+    r = testing.invoke_cli(args)
     assert r.exit_code == 0, r.output
     rows = read_chat_jsonl(out / KD_FILE)
     assert [x.user for x in rows] == [x["messages"][0]["content"] for x in _rows(6)]
@@ -97,18 +89,18 @@ def test_kd_cli_writes_answers_trains_and_resumes(env):
 
     # a re-run resumes from the answers (the file is not rewritten) and trains to the same losses
     before = (out / KD_FILE).stat().st_mtime_ns
-    r = _invoke(args)
+    r = testing.invoke_cli(args)
     assert r.exit_code == 0, r.output
     assert (out / KD_FILE).stat().st_mtime_ns == before
     summary2 = json.loads((out / "run" / "summary.json").read_text())
     assert summary2["data_reused"] is True and summary2["final_loss"] == summary["final_loss"]
 
     # other teacher settings or other prompts: the file is not silently reused
-    r = _invoke(args + ["--max-new-tokens", "5"])
+    r = testing.invoke_cli(args + ["--max-new-tokens", "5"])
     assert r.exit_code != 0 and "max_new_tokens=12" in str(r.exception)
     args4 = [a if a != "6" else "4" for a in args]
     (out / KD_META).unlink()  # without the sidecar the prompts are still compared
-    r = _invoke(args4)
+    r = testing.invoke_cli(args4)
     assert r.exit_code != 0 and "6 prompts are not the 4 selected" in str(r.exception)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pkt import testing
 from pkt.config import load_config
@@ -39,17 +38,10 @@ def env(tmp_path, monkeypatch, tiny_tok):
     return tmp_path, t, s
 
 
-def _invoke(args):
-    from pkt.cli import _register, app
-
-    _register()
-    return CliRunner().invoke(app, args, catch_exceptions=True)
-
-
 def test_extract_cli_writes_factors_and_manifest(env):
     tmp, t, s = env
     out = tmp / "ext"
-    r = _invoke(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(out),
+    r = testing.invoke_cli(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(out),
                  "--rank", "4", "--n-samples", "2", "--targets", "q,k,v,o,gate,up,down,embed,lm_head", "--quiet"])
     assert r.exit_code == 0, r.output
     factors, m = load_extraction(out)
@@ -64,7 +56,7 @@ def test_extract_cli_writes_factors_and_manifest(env):
 def test_extract_rowcol_saves_indices(env):
     tmp, t, s = env
     out = tmp / "ext_rc"
-    r = _invoke(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(out),
+    r = testing.invoke_cli(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(out),
                  "--rank", "2", "--n-samples", "1", "--structure", "rowcol", "--layers", "last", "--quiet"])
     assert r.exit_code == 0, r.output
     from safetensors.torch import load_file
@@ -81,7 +73,7 @@ def test_postpkt_cli_each_init(env, init):
     cfg = tmp / "cfg.yaml"
     cfg.write_text("finetune:\n  r: 4\n  alpha: 4\n  batch_size: 4\n  micro_batch_size: 2\n  max_length: 64\n"
                    "  epochs: 1\nextract:\n  n_samples: 2\n")
-    r = _invoke(["postpkt", "--teacher", t, "--student", s, "--task", "gsm8k", "--init", init, "--out", str(out),
+    r = testing.invoke_cli(["postpkt", "--teacher", t, "--student", s, "--task", "gsm8k", "--init", init, "--out", str(out),
                  "--config", str(cfg), "--lr", "1e-3", "--quiet"])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
@@ -95,12 +87,12 @@ def test_postpkt_cli_each_init(env, init):
 def test_postpkt_reuses_factors_and_checks_rank(env):
     tmp, t, s = env
     ext = tmp / "ext"
-    assert _invoke(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(ext),
+    assert testing.invoke_cli(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out", str(ext),
                     "--rank", "2", "--n-samples", "1", "--quiet"]).exit_code == 0
     common = ["postpkt", "--student", s, "--task", "gsm8k", "--init", "seeking", "--factors", str(ext),
               "--batch-size", "6", "--micro-batch-size", "3", "--max-length", "64", "--epochs", "1", "--quiet"]
-    assert _invoke(common + ["--out", str(tmp / "ok"), "--r", "2", "--alpha", "2"]).exit_code == 0
-    bad = _invoke(common + ["--out", str(tmp / "bad"), "--r", "4"])
+    assert testing.invoke_cli(common + ["--out", str(tmp / "ok"), "--r", "2", "--alpha", "2"]).exit_code == 0
+    bad = testing.invoke_cli(common + ["--out", str(tmp / "bad"), "--r", "4"])
     assert bad.exit_code != 0 and "rank" in str(bad.exception)
 
 

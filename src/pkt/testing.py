@@ -114,3 +114,17 @@ def save_tiny(model, tok, path) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def invoke_cli(args, catch_exceptions: bool = True):
+    """Run the ``pkt`` command in this process (typer's CliRunner); returns its Result (exit_code, output).
+
+    The command groups are registered once per process: registering twice would list every group twice.
+    """
+    from typer.testing import CliRunner
+
+    from pkt.cli import _register, app
+
+    if not any(getattr(g, "name", None) == "analyze" for g in app.registered_groups):
+        _register()
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=catch_exceptions)
