@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path, tiny_tok):
 def test_eval_cli_writes_metrics_and_predictions(data_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     r = testing.invoke_cli(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k,mmlu,mbpp", "--limit", "2",
-                                 "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--answer-loss"])
+                           "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--answer-loss"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["tasks"] == ["gsm8k", "mmlu", "mbpp", "gsm8k_loss", "mmlu_loss", "mbpp_loss"]
@@ -38,7 +38,7 @@ def test_eval_cli_writes_metrics_and_predictions(data_dir, tiny_model_dir, tmp_p
 def test_eval_cli_shots_and_style(data_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     r = testing.invoke_cli(["eval", "--model", tiny_model_dir, "--tasks", "mmlu", "--shots", "5",
-                                 "--style", "tulu", "--out", str(out), "--no-progress"])
+                           "--style", "tulu", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "mmlu" / "predictions.jsonl").read_text().splitlines()[0])
     assert rec["shots"] == 5 and rec["prompt"].startswith("<|user|>\n")
