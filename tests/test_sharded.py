@@ -235,3 +235,27 @@ def test_weight_rewriting_lora_inits_refuse_an_offloaded_student(init, tiny_tok,
     with pytest.raises(PktError, match="offloaded"):
         make_lora_model(model, init, ("up", "down"), r=2, alpha=2, factors=factors)
     make_lora_model(load_model(path), "pissa", ("up", "down"), r=2, alpha=2)  # the plain student is fine
+
+
+def test_device_map_auto_with_max_memory_offloads_and_matches(tiny_tok, tmp_path):
+    """What a user with a too-large teacher writes: ``device_map="auto"`` and a ``max_memory`` budget the model
+    does not fit in. accelerate's planner puts the overflow on disk; sensitivity and attribution still equal
+    the plain model's."""
+    from pkt.locate.attribution import attribute, attribution_inputs
+
+    path = _save(testing.tiny_model("qwen2", "teacher", len(tiny_tok)), tiny_tok, tmp_path / "teacher")
+    plain = load_model(path)
+    weight_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+    model = load_model(path, device_map="auto", max_memory={"cpu": weight_bytes // 3},
+                       offload_folder=str(tmp_path / "offload"))
+    placed = set(model.hf_device_map.values())
+    assert "disk" in placed and "cpu" in placed, model.hf_device_map
+    samples = tokenize_samples(EXAMPLES[:2], tiny_tok)
+    want, got = (compute_sensitivity(m, samples, progress=False) for m in (plain, model))
+    assert got.keys() == want.keys()
+    for k in want:
+        _close(got[k], want[k], k)
+    ids, target = attribution_inputs(EXAMPLES[1], tiny_tok)
+    a, b = (attribute(m, ids, target, vocab_top=16, top=(3, 5)) for m in (plain, model))
+    _close(b.ffn_neurons, a.ffn_neurons, "ffn_neurons")
+    _close(b.attn_layers, a.attn_layers, "attn_layers")
