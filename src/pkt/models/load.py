@@ -158,13 +158,14 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
     Under a device_map with offloading (``"disk"`` entries, or ``"cpu"`` next to a GPU) accelerate leaves
     the module's parameters on the ``meta`` device and its AlignDevicesHook brings them in for each
-    forward, so ``module.weight.device`` says ``meta``. ``align_module_device`` is accelerate's own way to
-    see the weights as the forward pass sees them (it loads this one module's weights once).
+    forward, so ``module.weight.device`` says ``meta``; the hook's ``execution_device`` is where they go
+    (read, not loaded: an offloaded lm_head is a vocabulary-sized read from disk).
     """
-    from accelerate.utils import align_module_device
+    from accelerate.utils import has_offloaded_params
 
-    with align_module_device(module):
-        return next(module.parameters(recurse=False)).device
+    if has_offloaded_params(module):
+        return torch.device(module._hf_hook.execution_device)
+    return next(module.parameters(recurse=False)).device
 
 
 def load_tokenizer(ref, padding_side: str = "left"):
