@@ -238,7 +238,7 @@ def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out:
 def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path, ft_cfg, ex_cfg: SeekingConfig,
                 factors_dir: str | Path | None = None, progress: bool = True, log=print) -> dict:
     """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``."""
-    from pkt.align.finetune import train_and_save
+    from pkt.align.finetune import dist_state, train_and_save
     from pkt.align.lora_init import make_lora_model
     from pkt.data.tasks import load_split
     from pkt.models.load import load_model, load_tokenizer
@@ -277,9 +277,7 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
     log(f"{init}: LoRA r={ft_cfg.r} α={ft_cfg.alpha} on {','.join(ft_cfg.targets)}; "
         f"fine-tuning on {len(examples)} {task}/train examples")
     summary = train_and_save(model, tok, examples, ft_cfg, init, out, extra=extra, progress=progress)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:  # under `accelerate launch` only the main process writes
+    if dist_state().is_main_process:  # under `accelerate launch` only the main process writes
         summary["peak_rss_bytes"] = peak_rss_bytes()
         write_json(out / "summary.json", summary)
     return summary
