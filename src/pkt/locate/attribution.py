@@ -196,18 +196,14 @@ class _Block:
     Build blocks with :func:`_blocks`, which computes the baselines of many residuals together.
     """
 
-    def __init__(self, ro: Readout, base, target, vocab_top, logp0, grad_dir, tail_logmass=None, mean_dir=None):
+    def __init__(self, ro: Readout, base, target, vocab_top, logp0, grad_dir, top=None, tail_logmass=None,
+                 mean_dir=None):
         self.ro, self.base, self.target, self.vocab_top = ro, base, target, vocab_top
         self.logp0, self.grad_dir = logp0, grad_dir
         self.tail_mass = 0.0
-        if vocab_top is not None:
-            w = ro.weight
-            # The top set is the K most likely tokens plus the target (so K+1 tokens when it is not among them).
-            top = torch.topk(logp0, min(vocab_top, logp0.shape[0])).indices
-            if not bool((top == target).any()):
-                top = torch.cat([top, torch.tensor([target], device=top.device)])
+        if vocab_top is not None:  # ``top``: token ids of the top set (the complement of the tail)
             self.tail_logmass, self.mean_dir = tail_logmass, mean_dir
-            self.w_top = w[top].float() * ro.post  # [K, d]; lm_head's bias cancels in δ
+            self.w_top = ro.weight[top].float() * ro.post  # [K, d]; lm_head's bias cancels in δ
             self.lp_top = logp0[top]
             self.w_pos = int((top == target).nonzero()[0, 0])
             self.tail_mass = float(tail_logmass.exp())
@@ -225,8 +221,16 @@ class _Block:
         return subs @ self.grad_dir
 
 
+BOUND_VOCAB = 32  # tokens of the coarse upper bound used to order neurons for certified top-n
+
+
+def _coarse_k(vocab_top: int | None) -> int | None:
+    """Vocabulary of the coarse bound for certified top-n, if it is coarser than the scoring itself."""
+    return BOUND_VOCAB if vocab_top is None or vocab_top > BOUND_VOCAB else None
+
+
 def _tail_mask(logp0: torch.Tensor, target: int, k: int) -> torch.Tensor:
-    """[B, V] True outside each row's top-k tokens and the target."""
+    """[B, V] True outside each row's top set: its k most likely tokens plus the target."""
     tail = torch.ones_like(logp0, dtype=torch.bool)
     tail.scatter_(1, torch.topk(logp0, min(k, logp0.shape[1]), -1).indices, False)
     tail[:, target] = False
@@ -249,12 +253,13 @@ def _blocks(ro: Readout, bases: torch.Tensor, target: int, vocab_top: int | None
     if logp0 is None:
         logp0 = torch.log_softmax(ro.logits(bases), -1)  # [B, V]
     ks = [k for k in (vocab_top, coarse_k) if k is not None]
-    mixes, logmasses = [logp0.exp()], []
+    mixes, tails, logmasses = [logp0.exp()], [], []
     for k in ks:
         tail = _tail_mask(logp0, target, k)
         # log ε per row; -inf when the top set covers the vocabulary (then the mixture row is all zeros)
         logmass = torch.logsumexp(logp0.masked_fill(~tail, float("-inf")), -1)  # [B]
         mixes.append(torch.exp(logp0 - logmass[:, None]).masked_fill(~tail, 0.0))
+        tails.append(tail)
         logmasses.append(logmass)
     mixed = (torch.cat(mixes).to(w.dtype) @ w).float() * ro.post  # one pass over lm_head for all mixtures
     n = bases.shape[0]
@@ -263,15 +268,14 @@ def _blocks(ro: Readout, bases: torch.Tensor, target: int, vocab_top: int | None
     def make(k, j):
         if k is None:
             return [_Block(ro, bases[i], target, None, logp0[i], grad_dir[i]) for i in range(n)]
-        mean_dir, logmass = mixed[(j + 1) * n:(j + 2) * n], logmasses[j]
-        return [_Block(ro, bases[i], target, k, logp0[i], grad_dir[i], logmass[i], mean_dir[i]) for i in range(n)]
+        mean_dir, logmass, tail = mixed[(j + 1) * n:(j + 2) * n], logmasses[j], tails[j]
+        return [_Block(ro, bases[i], target, k, logp0[i], grad_dir[i], (~tail[i]).nonzero()[:, 0], logmass[i],
+                       mean_dir[i]) for i in range(n)]
 
     fine = make(vocab_top, 0)
     coarse = make(coarse_k, len(ks) - 1) if coarse_k is not None else [None] * n
     return fine, coarse
 
-
-BOUND_VOCAB = 32  # tokens of the coarse upper bound used to order neurons for certified top-n
 
 
 def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int, *, vocab_top: int | None = None,
@@ -287,7 +291,7 @@ def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int
     ``blocks`` = (block, coarse block or None), prebuilt by :func:`_blocks` for ``base`` (what
     :func:`attribute` passes, so lm_head is streamed once per example rather than once per block).
     """
-    coarse_k = BOUND_VOCAB if vocab_top is None or vocab_top > BOUND_VOCAB else None
+    coarse_k = _coarse_k(vocab_top)
     if blocks is None:
         fine, coarse = _blocks(ro, base[None], target, vocab_top, coarse_k)
         blocks = (fine[0], coarse[0])
@@ -378,10 +382,9 @@ def attribute(model, input_ids: torch.Tensor, target: int, *, norm: str = "yu", 
         attn_n = torch.empty(n, spec.q_dim)
         ffn_n = torch.empty(n, spec.intermediate_size)
         tail = torch.zeros(n, 2)
-        coarse_k = BOUND_VOCAB if vocab_top is None or vocab_top > BOUND_VOCAB else None
         # Rows 0..n-1: attention blocks (base = layer input); n..2n-1: FFN blocks (base = post-attention).
-        fine, coarse = _blocks(ro, us[:2 * n], target, vocab_top, coarse_k if top is not None else None,
-                               logp0=lp[:2 * n])
+        coarse_k = _coarse_k(vocab_top) if top is not None else None  # the bound is only needed for top-n
+        fine, coarse = _blocks(ro, us[:2 * n], target, vocab_top, coarse_k, logp0=lp[:2 * n])
         for layer in tqdm(range(n), desc="attribution", disable=not progress, leave=False):
             w_o, w_down = (_weight(spec.linear(model, layer, k), ro.weight.device) for k in ("o", "down"))
             # Sub-value matrices: row i = activation_i × weight column i (the neuron's write to the residual).
