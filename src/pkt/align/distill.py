@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from pkt.config import Settings
 from pkt.data.chat import render_prompt
@@ -32,13 +33,9 @@ KD_META = "kd_data.json"
 class KDConfig(Settings):
     """Teacher-side settings of the KD data (the student side is a :class:`~pkt.align.finetune.FinetuneConfig`)."""
 
-    max_new_tokens: int = 256
-    batch_size: int = 8  # prompts per generation batch
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)  # prompts per generation batch
     dtype: str = "float32"  # teacher weights
-
-    def model_post_init(self, _ctx) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise PktError("kd: max_new_tokens and batch_size must be at least 1")
 
 
 def teacher_answers(teacher, tokenizer, examples: list[ChatExample], *, style: str = "chat",
