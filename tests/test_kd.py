@@ -125,36 +125,6 @@ def test_split_generation_equals_one_generate_call(qwen_pair, one_thread):
     assert [g.meta for g in got] == [{"id": i, "answer_source": "teacher"} for i in range(7)]
 
 
-def test_distill_finetune_is_what_pkt_run_trains(env):
-    """`pkt run`'s KD build (Study._kd_finetune) and distill_finetune train the same student, bit for bit."""
-    from types import SimpleNamespace
-
-    from safetensors.torch import load_file
-
-    from pkt.align.distill import distill_finetune
-    from pkt.align.finetune import FinetuneConfig
-    from pkt.data.jsonl import write_chat_jsonl
-    from pkt.experiment.runner import Study
-
-    tmp, _, s = env
-    kd_file = tmp / KD_FILE
-    write_chat_jsonl([ChatExample(x["messages"][0]["content"], f"teacher says {i}") for i, x in enumerate(_rows(4))],
-                     kd_file)
-    ft = FinetuneConfig(r=4, alpha=8, lr=1e-2, batch_size=2, micro_batch_size=2, epochs=1, max_length=64,
-                        targets=["q", "v"])
-    study = Study.__new__(Study)  # only its settings are read: no stage cache, no budget check
-    study.cfg = SimpleNamespace(student=s)
-    study._kd_finetune(kd_file, ft, tmp / "run_study")
-    distill_finetune(s, read_chat_jsonl(kd_file), ft, tmp / "run_distill", extra={"data": str(kd_file)}, progress=False)
-    logs = [[json.loads(x)["loss"] for x in (tmp / d / "train_log.jsonl").read_text().splitlines()]
-            for d in ("run_study", "run_distill")]
-    assert len(logs[0]) == 2 and logs[0] == logs[1]
-    a, b = (load_file(str(tmp / d / "adapter" / "adapter_model.safetensors")) for d in ("run_study", "run_distill"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
-    summary = json.loads((tmp / "run_distill" / "summary.json").read_text())
-    assert summary["method"] == "kd" and summary["data"] == str(kd_file)
-
-
 def _run(cmd, cwd) -> str:
     # ACCELERATE_USE_CPU makes the torchrun workers CPU (gloo) processes on a machine without GPUs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
