@@ -64,8 +64,8 @@ def main() -> None:
     stats = GenStats()
     generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
              progress=False, stats=stats, min_new_tokens=args.max_new_tokens if args.fixed_length else 0)
-    res = {"fixed_length": args.fixed_length,
-        "model": args.model, "prompts": len(prompts), "batch_size": args.batch_size,
+    res = {
+        "fixed_length": args.fixed_length, "model": args.model, "prompts": len(prompts), "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": args.threads,
         "sequential_tokens": seq_tokens, "sequential_s": round(seq_s, 2),
         "sequential_tok_s": round(seq_tokens / seq_s, 2),

@@ -1,9 +1,11 @@
 """Check a `pkt postpkt` output dir: merged/ reloads with plain transformers and generates; adapter/ loads with
 plain peft on the original student and gives the merged model's logits. Usage: check_postpkt.py RUN_DIR STUDENT_DIR"""
-import sys, time, json
+import sys
+import time
+
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 run, student = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
