@@ -196,12 +196,17 @@ class _Block:
     Build blocks with :func:`_blocks`, which computes the baselines of many residuals together.
     """
 
-    def __init__(self, ro: Readout, base, target, vocab_top, logp0, grad_dir, top=None, tail_logmass=None,
-                 mean_dir=None):
+    def __init__(self, ro: Readout, base, target, vocab_top, logp0, grad_dir, tail_logmass=None, mean_dir=None):
         self.ro, self.base, self.target, self.vocab_top = ro, base, target, vocab_top
         self.logp0, self.grad_dir = logp0, grad_dir
         self.tail_mass = 0.0
-        if vocab_top is not None:  # ``top``: token ids of the top set (the complement of the tail)
+        if vocab_top is not None:
+            # The top set of _tail_mask, in descending probability with the target last if it is not among
+            # the K. The order only changes rounding, but rounding decides the ranks of neurons whose
+            # scores are at the noise floor (zero activations), so it is kept fixed.
+            top = torch.topk(logp0, min(vocab_top, logp0.shape[0])).indices
+            if not bool((top == target).any()):
+                top = torch.cat([top, torch.tensor([target], device=top.device)])
             self.tail_logmass, self.mean_dir = tail_logmass, mean_dir
             self.w_top = ro.weight[top].float() * ro.post  # [K, d]; lm_head's bias cancels in δ
             self.lp_top = logp0[top]
@@ -253,13 +258,12 @@ def _blocks(ro: Readout, bases: torch.Tensor, target: int, vocab_top: int | None
     if logp0 is None:
         logp0 = torch.log_softmax(ro.logits(bases), -1)  # [B, V]
     ks = [k for k in (vocab_top, coarse_k) if k is not None]
-    mixes, tails, logmasses = [logp0.exp()], [], []
+    mixes, logmasses = [logp0.exp()], []
     for k in ks:
         tail = _tail_mask(logp0, target, k)
         # log ε per row; -inf when the top set covers the vocabulary (then the mixture row is all zeros)
         logmass = torch.logsumexp(logp0.masked_fill(~tail, float("-inf")), -1)  # [B]
         mixes.append(torch.exp(logp0 - logmass[:, None]).masked_fill(~tail, 0.0))
-        tails.append(tail)
         logmasses.append(logmass)
     mixed = (torch.cat(mixes).to(w.dtype) @ w).float() * ro.post  # one pass over lm_head for all mixtures
     n = bases.shape[0]
@@ -268,14 +272,12 @@ def _blocks(ro: Readout, bases: torch.Tensor, target: int, vocab_top: int | None
     def make(k, j):
         if k is None:
             return [_Block(ro, bases[i], target, None, logp0[i], grad_dir[i]) for i in range(n)]
-        mean_dir, logmass, tail = mixed[(j + 1) * n:(j + 2) * n], logmasses[j], tails[j]
-        return [_Block(ro, bases[i], target, k, logp0[i], grad_dir[i], (~tail[i]).nonzero()[:, 0], logmass[i],
-                       mean_dir[i]) for i in range(n)]
+        mean_dir, logmass = mixed[(j + 1) * n:(j + 2) * n], logmasses[j]
+        return [_Block(ro, bases[i], target, k, logp0[i], grad_dir[i], logmass[i], mean_dir[i]) for i in range(n)]
 
     fine = make(vocab_top, 0)
     coarse = make(coarse_k, len(ks) - 1) if coarse_k is not None else [None] * n
     return fine, coarse
-
 
 
 def score_block(ro: Readout, base: torch.Tensor, subs: torch.Tensor, target: int, *, vocab_top: int | None = None,
