@@ -110,13 +110,18 @@ def test_train_and_apply(qwen_pair, data, tmp_path):
     # resume: nothing left to do, same log
     again = train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
     assert again == rows
-    # stopping early and continuing gives the same schedule (it always spans the extract split)
-    part = train(_cfg(data, max_steps=1), tmp_path / "r1", models=wrap_models(teacher, student, tok), progress=False,
-                 log=lambda s: None)
-    rest = train(cfg, tmp_path / "r1", models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    # schedule "extract": stopping early and continuing gives the same schedule (it spans the extract split)
+    ext = _cfg(data, schedule="extract")
+    part = train(_cfg(data, max_steps=1, schedule="extract"), tmp_path / "r1", models=wrap_models(teacher, student, tok),
+                 progress=False, log=lambda s: None)
+    rest = train(ext, tmp_path / "r1", models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
     assert len(part) == 1 and [r["lr"] for r in rest] == [r["lr"] for r in rows]
     torch.testing.assert_close(HyperNet.load(ckpt_path(tmp_path / "r1", 2)).nets["o"].fc2.weight,
                                h2.nets["o"].fc2.weight)
+    # schedule "trained" (the default): a 1-step run is a different run, not a prefix of the 2-step one
+    with pytest.raises(PktError, match="max_steps"):
+        train(_cfg(data, max_steps=1), run, models=wrap_models(teacher, student, tok), progress=False,
+              log=lambda s: None)
     with pytest.raises(PktError):
         train(_cfg(data, lr=1e-3), run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
 
@@ -140,6 +145,112 @@ def test_train_and_apply(qwen_pair, data, tmp_path):
     assert set(saved) == set(deltas)
     with pytest.raises(PktError):
         apply(run, 7, 0.25, tmp_path / "x", models=wrap_models(teacher, student, tok), log=lambda s: None)
+
+
+def _one_cycle_lr(lr: float, total: int, t: int, pct: float = 0.1) -> float:
+    """torch's OneCycleLR (cos, final_div_factor 1) written out: warm-up ends at step pct*total - 1."""
+    import math
+
+    lo, up_end, end = lr / 25, pct * total - 1, total - 1
+    if t <= up_end:
+        a, b, frac = lo, lr, t / up_end
+    else:
+        a, b, frac = lr, lo, (t - up_end) / (end - up_end)
+    return b + (a - b) / 2 * (1 + math.cos(math.pi * frac))
+
+
+def test_schedule_spans_the_trained_steps(llama_pair, data, tmp_path):
+    teacher, student, tok = llama_pair
+    rows = {}
+    for sched, steps in (("trained", 1), ("extract", 1), ("trained", 2)):
+        rows[sched, steps] = train(_cfg(data, max_steps=steps, schedule=sched, lr=1e-3), tmp_path / f"{sched}{steps}",
+                                   models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    # the extract split has 2 examples: one step of its 2-step cycle vs a 1-step cycle (run at the peak)
+    assert rows["extract", 1][0]["lr"] == pytest.approx(_one_cycle_lr(1e-3, 2, 0))
+    assert rows["trained", 1][0]["lr"] == pytest.approx(1e-3)
+    assert [r["lr"] for r in rows["trained", 2]] == pytest.approx([_one_cycle_lr(1e-3, 2, t) for t in (0, 1)])
+
+
+def test_trained_laten_changes_the_student_beyond_bf16(qwen_pair, data, tmp_path):
+    """Trained, applied, reloaded: the logits move by far more than bf16 rounding, and H learnt (≫ its init).
+
+    lr 1e-2: the translator's output after k Adam steps grows roughly like (k·lr)²·d_T from its 1e-5 init,
+    and the tiny teacher is 24x narrower than the real one (d_T 64 vs 1536); at 3e-4 its delta stays ~1e-5
+    of the weights on this pair (docs/laten.md has the real pair's figures).
+    """
+    from transformers import AutoModelForCausalLM
+
+    teacher, student, tok = qwen_pair
+    cfg = _cfg(data, init="normal", lr=1e-2, max_steps=2)
+    run = tmp_path / "run"
+    train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    vanilla = {k: v.clone() for k, v in student.state_dict().items()}
+    m0, _ = apply(run, 0, 0.25, tmp_path / "f0", models=wrap_models(teacher, student, tok), log=lambda s: None)
+    student.load_state_dict(vanilla)  # apply fuses in place
+    m2, _ = apply(run, 2, 0.25, tmp_path / "f2", models=wrap_models(teacher, student, tok), log=lambda s: None)
+    student.load_state_dict(vanilla)
+    assert m2["delta_rel_norm"] > 1e-3 and m2["delta_bf16_changed"] > 0.5
+    assert m2["delta_rel_norm"] > 100 * m0["delta_rel_norm"]  # it learnt: not the init's ~1e-10 delta
+    assert m0["delta_bf16_changed"] == 0
+    ids = tok("Tom has 3 apples and buys 4 more. How many? 3 + 4 = 7", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = student(input_ids=ids).logits
+        fused = AutoModelForCausalLM.from_pretrained(tmp_path / "f2", dtype=torch.float32)(input_ids=ids).logits
+    bf16_resolution = float((base.bfloat16().float() - base).abs().max())  # what bf16 rounding alone moves
+    assert float((fused - base).abs().max()) > 20 * bf16_resolution
+
+
+def test_delta_stats_oracle(qwen_pair):
+    from pkt.laten import delta_stats
+
+    _, student, _ = qwen_pair
+    spec = ArchSpec.from_model(student)
+    up = spec.linear(student, 0, "up").weight.detach()
+    down = spec.linear(student, 1, "down").weight.detach()
+    rows, cols = torch.tensor([0, 3, 5]), torch.tensor([1, 2])
+    deltas = {(0, "up"): (rows, 0.5 * up[rows]), (1, "down"): (cols, 1e-7 * down[:, cols].T)}
+    st = delta_stats(student, deltas, spec)
+    assert st["per_kind"]["up"]["rel_norm"] == pytest.approx(0.5, rel=1e-5)
+    assert st["per_kind"]["up"]["bf16_changed"] == pytest.approx(float((up[rows] != 0).float().mean()))
+    assert st["per_kind"]["down"]["rel_norm"] == pytest.approx(1e-7, rel=1e-3)
+    assert st["per_kind"]["down"]["bf16_changed"] == 0  # 1e-7 relative is far below bf16's 2^-9
+    n_up, n_down = up[rows].numel(), down[:, cols].numel()
+    want = ((0.25 * up[rows].pow(2).sum() + 1e-14 * down[:, cols].pow(2).sum())
+            / (up[rows].pow(2).sum() + down[:, cols].pow(2).sum())).sqrt()
+    assert st["rel_norm"] == pytest.approx(float(want), rel=1e-5)
+    assert st["bf16_changed"] == pytest.approx(st["per_kind"]["up"]["bf16_changed"] * n_up / (n_up + n_down))
+
+
+def test_select_point_matches_fused_losses(qwen_pair, data, tmp_path):
+    """The selection grid's losses (hooks) equal those of the fused, reloaded checkpoints; best = argmin."""
+    from transformers import AutoModelForCausalLM
+
+    from pkt.data.chat import collate, tokenize_example
+    from pkt.data.jsonl import read_chat_jsonl
+    from pkt.laten import lm_loss_sum, select_point
+
+    teacher, student, tok = qwen_pair
+    cfg = _cfg(data, init="normal", lr=1e-2, max_steps=2)
+    run = tmp_path / "run"
+    train(cfg, run, models=wrap_models(teacher, student, tok), progress=False, log=lambda s: None)
+    align = read_chat_jsonl(data["align"])
+    best, grid = select_point(run, [1, 2], [0.25, 0.5], align, models=wrap_models(teacher, student, tok),
+                              log=lambda s: None)
+    assert [(g["step"], g["rate"]) for g in grid] == [(1, 0.25), (2, 0.25), (1, 0.5), (2, 0.5)]
+    vanilla = {k: v.clone() for k, v in student.state_dict().items()}
+    batch = collate([tokenize_example(e, tok, "chat", 64) for e in align], tok.pad_token_id, "right")
+    for g in grid:
+        out = tmp_path / f"f{g['step']}-{g['rate']}"
+        apply(run, g["step"], g["rate"], out, models=wrap_models(teacher, student, tok), log=lambda s: None)
+        student.load_state_dict(vanilla)
+        with torch.no_grad():
+            fused = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            want = float(lm_loss_sum(fused, batch)) / len(align)
+        assert g["align_loss"] == pytest.approx(want, rel=1e-4)
+    assert best == min(grid, key=lambda g: g["align_loss"])
+    assert len({round(g["align_loss"], 6) for g in grid}) > 1  # the points really differ
+    with pytest.raises(PktError, match="no checkpoint for step"):
+        select_point(run, [3], [0.25], align, models=wrap_models(teacher, student, tok), log=lambda s: None)
 
 
 def test_step0_with_zero_output_equals_student(llama_pair, data, tmp_path):

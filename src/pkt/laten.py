@@ -19,12 +19,21 @@ Flow of one training step t (METHODS.md §2.2, "as implemented"):
    loss = mean per-sample LM loss (response tokens) + λ·Σ_m mean(H_m(K_m)²); AdamW + OneCycle; a
    checkpoint after every step (``checkpoints/step-KKKK/hypernet.pt``, K = optimiser steps taken, step 0 =
    the initialisation; the reference's ``checkpoint_t`` is our step t+1); loss per step in ``log.jsonl``.
+   The OneCycle schedule spans the steps actually trained (``schedule: trained``, the default) or, as the
+   reference ran it, the whole extract split (``schedule: extract``). The latter is a no-op at small
+   budgets: a run stopped after one step of a 20-step cycle trained at lr/25 only.
    The hypernetwork runs once per step: micro-batches back-propagate into detached copies of its outputs
    and the accumulated gradient is pushed through it once (the reference recomputed it per sample).
 
 **Apply**: load a step, re-locate with one seed example (``random.Random(seed)`` choice from the train
 split, like the reference's inference script), translate, fuse into the student's weights and save an HF
-checkpoint that really contains the injection (plus the deltas and a manifest).
+checkpoint that really contains the injection (plus the deltas and a manifest). The manifest records how
+large the injection is: ‖Δ‖/‖W‖ over the located rows/columns, and the share of located weights that Δ
+changes once rounded to bf16 (a delta below bf16's resolution leaves a bf16-evaluated student as it was).
+
+**Which step and rate**: the paper's per-task checkpoint (:data:`PAPER_STEPS`), or :func:`select_point`,
+which scores every (step, rate) of a grid by the LM loss on align examples, like the reference's
+inference script sweeps steps × rates.
 """
 
 from __future__ import annotations
@@ -53,8 +62,22 @@ from pkt.locate.attribution import Attribution, attribute_example
 from pkt.locate.layers import select_layers
 from pkt.models.arch import ArchSpec
 
+try:
+    from pkt.align.guard import check_finite
+except ImportError:  # the shared guard is newer than this module: same contract, one line naming the step
+    def check_finite(loss, step: int, what: str) -> None:
+        value = float(loss)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise PktError(f"{what}: loss is {value} at step {step}; lower the learning rate (nothing was saved "
+                           "for this step)")
+
 FFN_KINDS = ("gate", "up", "down")
 ATTN_KINDS = ("v", "o")
+# Alignment steps (optimiser steps) per task of the paper's runs (METHODS.md §2.4: S3 Table 4, whose
+# "Align Size" is steps × 16 samples).
+PAPER_STEPS = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8}
+# The reference inference script's transfer rates (METHODS.md §2.2 step 5).
+REFERENCE_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 class LatenConfig(Settings):
@@ -82,6 +105,9 @@ class LatenConfig(Settings):
     seed: int = 42
     cutoff_len: int = Field(768, ge=8)
     max_steps: int | None = Field(None, ge=1)  # default: one step per extract example
+    # "trained": the OneCycle schedule spans the steps trained (min(max_steps, #extract)); "extract": it
+    # spans the whole extract split whatever max_steps is (the reference's; stopping early then means low lr)
+    schedule: Literal["trained", "extract"] = "trained"
     norm: Literal["yu", "laten"] = "yu"
     vocab_top: int | None = Field(1024, ge=0)  # None or 0 = exact attribution (slow: see attribution.py)
     chunk: int = Field(256, ge=1)
@@ -271,10 +297,11 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     """Train the hypernetwork; returns the per-step log rows. Resumes from ``run_dir/state.pt`` if present."""
     run = Path(run_dir)
     extract_set, align_set = _examples(cfg, "extract"), _examples(cfg, "align")
-    # The schedule always spans the whole extract split (as in the reference, whose GSM8K result is checkpoint 4
-    # of a 20-step OneCycle); max_steps only stops early, and a later call with a larger one continues the run.
-    total = len(extract_set)
-    steps = total if cfg.max_steps is None else min(cfg.max_steps, total)
+    # schedule "extract": the cycle spans the whole extract split (the reference's), max_steps only stops early
+    # and a later call with a larger one continues the run. "trained": it spans the steps trained, so the
+    # peak lr is reached whatever the budget; a different max_steps is then a different run.
+    steps = len(extract_set) if cfg.max_steps is None else min(cfg.max_steps, len(extract_set))
+    total = len(extract_set) if cfg.schedule == "extract" else steps
     if cfg.batch_size - 1 > len(align_set):
         raise PktError(f"batch_size {cfg.batch_size} needs {cfg.batch_size - 1} align examples, have {len(align_set)}")
     cfg_dump = cfg.model_dump(mode="json")
@@ -282,7 +309,9 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     resuming = resume and state_file.is_file()
     if resuming:
         saved_cfg = json.loads((run / "config.json").read_text())
-        saved_cfg["max_steps"] = cfg_dump["max_steps"]
+        saved_cfg.setdefault("schedule", "extract")  # runs written before the setting existed
+        if cfg.schedule == "extract":
+            saved_cfg["max_steps"] = cfg_dump["max_steps"]
         if saved_cfg != cfg_dump:
             diff = sorted(k for k in cfg_dump if saved_cfg.get(k) != cfg_dump[k])
             raise PktError(f"{run}: existing run has different settings ({', '.join(diff)}); use a new --out or --no-resume")
@@ -331,6 +360,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
                 loss.backward()
                 lm_total += float(loss.detach())
         pen = cfg.penalty * penalty(translated)
+        check_finite(lm_total + float(pen.detach()), t + 1, "laten train")
         surrogate = sum((translated[k] * leaves[k].grad).sum() for k in translated) + pen
         opt.zero_grad(set_to_none=True)
         surrogate.backward()
@@ -351,6 +381,82 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         bar.set_postfix(loss=f"{row['loss']:.4f}", lm=f"{lm_total:.4f}")
         log(json.dumps(row))
     return rows
+
+
+# ---- how large the injection is --------------------------------------------------------------------
+
+@torch.no_grad()
+def delta_stats(student, deltas: Deltas, spec: ArchSpec) -> dict:
+    """Size of the injection relative to the weights it lands on, overall and per module kind.
+
+    ``rel_norm`` = ‖Δ‖_F / ‖W_located‖_F over the located rows/columns only (so it does not shrink with
+    the transfer rate); ``bf16_changed`` = share of the located weights whose bf16 value W + Δ differs from
+    W's (0 means a student evaluated in bf16 is exactly the vanilla one); ``rms`` = RMS of Δ's entries.
+    """
+    acc: dict[str, list[float]] = {}
+    for (layer, kind), (idx, val) in deltas.items():
+        w = spec.linear(student, layer, kind).weight.detach().float().cpu()
+        idx = idx.cpu()
+        loc = w[idx] if axis(kind) == 0 else w[:, idx].T  # [n, d], rows as the values are laid out
+        v = val.detach().float().cpu()
+        changed = ((loc + v).bfloat16() != loc.bfloat16()).sum().item()
+        a = acc.setdefault(kind, [0.0, 0.0, 0.0, 0])
+        a[0] += float(v.pow(2).sum())
+        a[1] += float(loc.pow(2).sum())
+        a[2] += changed
+        a[3] += v.numel()
+
+    def row(d2, w2, ch, n):
+        return {"rel_norm": (d2 / w2) ** 0.5 if w2 > 0 else float("nan"), "bf16_changed": ch / max(n, 1),
+                "rms": (d2 / max(n, 1)) ** 0.5}
+
+    per_kind = {k: row(*a) for k, a in sorted(acc.items())}
+    total = [sum(a[i] for a in acc.values()) for i in range(4)]
+    return {**row(*total), "per_kind": per_kind}
+
+
+def align_loss(m: Models, deltas: Deltas, examples: list[ChatExample], cfg: LatenConfig) -> float:
+    """Mean per-sample LM loss (response tokens) of the student with ``deltas`` injected by hooks."""
+    feats = [tokenize_example(e, m.tokenizer, cfg.style, cfg.cutoff_len) for e in examples]
+    total = 0.0
+    with torch.no_grad(), Injector(m.student, m.s_spec).set(deltas):
+        for s in range(0, len(feats), cfg.micro_batch):
+            total += float(lm_loss_sum(m.student, collate(feats[s: s + cfg.micro_batch], m.tokenizer.pad_token_id,
+                                                          "right")))
+    return total / len(feats)
+
+
+def select_point(run_dir: str | Path, steps, rates, examples: list[ChatExample], *, seed: int = 42,
+                 models: Models | None = None, log=print) -> tuple[dict, list[dict]]:
+    """The (step, rate) whose injected student has the lowest LM loss on ``examples``, and the whole grid.
+
+    Each rate is located once with apply's seed example (the pairing depends on the rate, not on the
+    step); each step's hypernetwork then translates the same teacher vectors. Ties go to the earlier step
+    and the lower rate.
+    """
+    run = Path(run_dir)
+    if not examples:
+        raise PktError("LaTen step selection needs at least one align example")
+    cfg = LatenConfig(**json.loads((run / "config.json").read_text()))
+    m = models or load_models(cfg, log)
+    have = set(available_steps(run))
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise PktError(f"{run}: no checkpoint for step(s) {missing}; available steps: {sorted(have) or 'none'}")
+    example = random.Random(seed).choice(_examples(cfg, "train"))
+    nets = {s: HyperNet.load(ckpt_path(run, s)) for s in steps}
+    grid = []
+    for rate in rates:
+        pairing = locate(m, example, cfg, rate)
+        sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, nets[steps[0]].kinds)
+        for s in steps:
+            with torch.no_grad():
+                deltas = to_deltas(nets[s].translate(sources), sites)
+            loss = align_loss(m, deltas, examples, cfg)
+            grid.append({"step": s, "rate": rate, "align_loss": loss})
+            log(f"laten select: step {s} rate {rate}: align loss {loss:.4f}")
+    best = min(grid, key=lambda r: (r["align_loss"], r["step"], r["rate"]))
+    return best, grid
 
 
 # ---- apply ----------------------------------------------------------------------------------------
@@ -377,12 +483,15 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
     sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, net.kinds)
     with torch.no_grad():
         deltas = to_deltas(net.translate(sources), sites)
+    size = delta_stats(m.student, deltas, m.s_spec)  # before fusing: relative to the student's own weights
     manifest = {
         "method": "laten", "teacher": cfg.teacher, "student": cfg.student, "run": str(run), "step": step,
         "transfer_rate": transfer_rate, "seed": seed, "seed_example": example.meta.get("id"),
         "modules": net.kinds, "norm": cfg.norm, "vocab_top": cfg.vocab_top, **pairing.summary(),
         "delta_rms": {k: float(torch.cat([v for (_, kk), (_, v) in deltas.items() if kk == k]).pow(2).mean().sqrt())
                       for k in net.kinds},
+        "delta_rel_norm": size["rel_norm"], "delta_bf16_changed": size["bf16_changed"],
+        "delta_size": size["per_kind"],
         "seconds_locate": round(time.perf_counter() - t0, 2),
     }
     save_fused(m.student, m.tokenizer, deltas, out, manifest, m.s_spec)

@@ -13,7 +13,7 @@ small effect). The init is configurable (``normal`` with a std, ``kaiming``, or 
 which makes step 0 exactly the student).
 
 Also here: the optimiser and schedule of the paper (AdamW wd 0.05, betas 0.9/0.95; OneCycle, 10%
-warm-up, cosine, final_div_factor 1) and checkpoint save/load.
+warm-up, cosine, final_div_factor 1; a one-step cycle runs at the peak lr) and checkpoint save/load.
 """
 
 from __future__ import annotations
@@ -121,8 +121,16 @@ def optimizer(net: HyperNet, lr: float = 3e-4, weight_decay: float = 0.05, betas
 
 
 def one_cycle(opt, lr: float, total_steps: int, pct_start: float = 0.1):
-    """OneCycleLR as in train_LaTen.py (cosine anneal, final_div_factor 1)."""
+    """OneCycleLR as in train_LaTen.py (cosine anneal, final_div_factor 1).
+
+    A one-step cycle has no room for warm-up or annealing, and torch's OneCycleLR would run its only step
+    at lr/25 (its end point): that step runs at the peak ``lr`` instead.
+    """
     if total_steps < 1:
         raise PktError(f"training needs at least one step, got {total_steps}")
+    if total_steps == 1:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=pct_start,
                                                anneal_strategy="cos", final_div_factor=1.0)

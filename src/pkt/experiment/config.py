@@ -6,7 +6,7 @@ fields are the knobs that decide run time; configs/default.yaml sizes them for �
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -31,8 +31,18 @@ class Budget(Settings):
     pissa_niter: int | None = Field(None, ge=1)
     # Seeking extraction
     extract_samples: int = Field(20, ge=1)
-    # LaTen (paper: P=16, rate 0.1, λ=1000, step from S3 Table 4)
+    # LaTen (paper: P=16, rate 0.1, λ=1000, step from S3 Table 4). Which (step, rate) is applied:
+    # "paper" = the paper's step for the task (pkt.laten.PAPER_STEPS) at laten_rate; "select" = train
+    # laten_select_steps steps and pick the step (1..laten_select_steps) × rate (laten_select_rates) with the
+    # lowest LM loss on the first laten_select_examples align examples; "fixed" = laten_steps at laten_rate
+    laten_choice: Literal["paper", "select", "fixed"] = "paper"
     laten_steps: int = Field(4, ge=1)
+    laten_select_steps: int = Field(8, ge=1)
+    laten_select_rates: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.1, 0.3, 0.5, 0.7, 0.9, 1.0], min_length=1)
+    laten_select_examples: int = Field(16, ge=1)
+    # the OneCycle schedule spans the steps trained ("trained") or the whole extract split ("extract",
+    # the reference's; at a budget of fewer steps than extract examples the lr then stays near lr/25)
+    laten_schedule: Literal["trained", "extract"] = "trained"
     laten_batch: int = Field(16, ge=1)
     laten_rate: float = Field(0.1, gt=0, le=1)
     laten_lr: float = 3e-4

@@ -110,9 +110,21 @@ class Study:
         b = self.cfg.budget
         return LatenConfig(teacher=self.cfg.teacher, student=self.cfg.student, task=task, style=self.cfg.style,
                            transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
-                           micro_batch=min(4, b.laten_batch), max_steps=b.laten_steps, seed=seed,
+                           micro_batch=min(4, b.laten_batch), max_steps=self.laten_train_steps(task), seed=seed,
                            cutoff_len=b.max_length, teacher_dtype=self.cfg.teacher_dtype,
-                           student_dtype=self.cfg.dtype)
+                           student_dtype=self.cfg.dtype, schedule=b.laten_schedule)
+
+    def laten_train_steps(self, task: str) -> int:
+        """Hypernetwork steps to train: the paper's for the task, the selection grid's last, or a fixed count."""
+        from pkt.laten import PAPER_STEPS
+
+        b = self.cfg.budget
+        if b.laten_choice == "paper":
+            if task not in PAPER_STEPS:
+                raise PktError(f"budget.laten_choice 'paper': the paper gives no LaTen step for task {task!r}; "
+                               "use 'select' or 'fixed'")
+            return PAPER_STEPS[task]
+        return b.laten_select_steps if b.laten_choice == "select" else b.laten_steps
 
     def eval_cfg(self, seed: int):
         from pkt.evaluate.harness import EvalConfig
@@ -187,8 +199,11 @@ class Study:
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten":
             lc = self.laten_cfg(task, seed)
-            payload = {"method": "laten", "laten": lc.model_dump(mode="json"), "step": c.budget.laten_steps,
-                       "rate": c.budget.laten_rate}
+            b = c.budget
+            choice = {"choice": b.laten_choice}
+            if b.laten_choice == "select":
+                choice.update(rates=b.laten_select_rates, examples=b.laten_select_examples)
+            payload = {"method": "laten", "laten": lc.model_dump(mode="json"), **choice}
             path, _ = self._stage(f"laten-{task}-s{seed}", payload, lambda d: self._laten(lc, d))
             return str(path / "fused"), c.eval_dtype
         raise PktError(f"unknown method {method!r}")
@@ -203,11 +218,22 @@ class Study:
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
 
+        b = self.cfg.budget
         models = load_models(lc, log=self._log)
         rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
-        manifest, _ = apply(d / "train", self.cfg.budget.laten_steps, self.cfg.budget.laten_rate, d / "fused",
-                            seed=lc.seed, models=models, log=self._log)
-        return {"train_log": rows, "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
+        point, grid = {"step": lc.max_steps, "rate": b.laten_rate}, None
+        if b.laten_choice == "select":
+            from pkt.laten import _examples, select_point
+
+            align = _examples(lc, "align")[: b.laten_select_examples]
+            point, grid = select_point(d / "train", list(range(1, lc.max_steps + 1)), b.laten_select_rates, align,
+                                       seed=lc.seed, models=models, log=self._log)
+        manifest, _ = apply(d / "train", point["step"], point["rate"], d / "fused", seed=lc.seed, models=models,
+                            log=self._log)
+        return {"train_log": rows, "choice": b.laten_choice, "step": point["step"], "rate": point["rate"],
+                "selection": grid, "delta_rel_norm": manifest["delta_rel_norm"],
+                "delta_bf16_changed": manifest["delta_bf16_changed"], "delta_size": manifest["delta_size"],
+                "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
 
     def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int) -> dict:
         from pkt.evaluate.harness import run_task
