@@ -1,0 +1,126 @@
+"""Training logs in the trackers users already have, through accelerate's tracker classes.
+
+Every training loop of pkt (LoRA fine-tuning for the PostPKT arms and KD, the LaTen hypernetwork) keeps its
+own per-step log (``train_log.jsonl`` / ``log.jsonl``); :class:`TrainingLog` forwards the same records to
+the tracker chosen with ``report_to`` (``--report-to`` on the command line):
+
+* ``tensorboard`` (default): event files under ``<run dir>/logs/<run name>/``, offline, readable with
+  ``tensorboard --logdir <run dir>/logs`` or the tensorboard package's ``EventAccumulator``;
+* ``trackio``, ``wandb``, ``mlflow``: optional extras (``pip install 'pkt[wandb]'`` ...); wandb and trackio
+  follow their own environment (``WANDB_MODE=offline`` ...); mlflow writes under ``<run dir>/mlruns``
+  unless ``MLFLOW_TRACKING_URI`` says otherwise;
+* ``none``: the loop's own log only.
+
+accelerate's tracker classes are used directly rather than through an ``Accelerator``: the LaTen loop has
+none, and one tracker run per loop is all that is needed. Only the main process of a data-parallel run
+logs (the others hold the same numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pkt.errors import PktError
+
+REPORT_TO = ("tensorboard", "trackio", "wandb", "mlflow", "none")
+LOG_SUBDIR = "logs"
+_EXTRA = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _available(name: str) -> bool:
+    from accelerate.utils import imports
+
+    check = {"tensorboard": "is_tensorboard_available", "trackio": "is_trackio_available",
+             "wandb": "is_wandb_available", "mlflow": "is_mlflow_available"}[name]
+    return bool(getattr(imports, check)())
+
+
+def check_report_to(name: str, setting: str = "report_to") -> str:
+    """``name`` if it is a known tracker whose package is installed, else a one-line :class:`PktError`."""
+    if name not in REPORT_TO:
+        raise PktError(f"{setting} {name!r}: expected one of {', '.join(REPORT_TO)}")
+    if name != "none" and not _available(name):
+        raise PktError(f"{setting} {name!r}: the {_EXTRA[name]} package is not installed "
+                       f"(pip install 'pkt[{_EXTRA[name]}]'), or use --report-to none")
+    return name
+
+
+def _scalar_config(config: dict) -> dict:
+    """Hyperparameters as the trackers accept them (bool/int/float/str; lists and None as text)."""
+    out = {}
+    for k, v in config.items():
+        out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numeric fields of a loop's log record, without the step counter (it is the x axis)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TrainingLog:
+    """One tracker run for one training loop; a no-op for ``none`` and on non-main processes."""
+
+    def __init__(self, report_to: str, run_dir: str | Path, run_name: str, config: dict | None = None,
+                 main_process: bool = True):
+        self.report_to = check_report_to(report_to)
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name
+        self.tracker = None
+        if report_to == "none" or not main_process:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        cls = LOGGER_TYPE_TO_CLASS[report_to]
+        if report_to == "tensorboard":
+            tracker = cls(run_name, self.run_dir / LOG_SUBDIR)
+        elif report_to == "wandb":
+            tracker = cls(run_name, dir=str(self.run_dir))
+        elif report_to == "mlflow":
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                mlflow.set_tracking_uri((self.run_dir / "mlruns").resolve().as_uri())
+            tracker = cls(experiment_name=run_name, run_name=run_name)
+        else:  # trackio
+            tracker = cls(run_name)
+        # The tracker's own main-process guard builds accelerate's PartialState; pkt decides who is main
+        # (pkt.align.finetune.dist_state), so the guard is switched off for this, already chosen, process.
+        tracker.main_process_only = False
+        tracker.start()
+        if config:
+            tracker.store_init_configuration(_scalar_config(config))
+        self.tracker = tracker
+
+    @property
+    def log_dir(self) -> Path | None:
+        """Where TensorBoard event files go (None for the other trackers)."""
+        return self.run_dir / LOG_SUBDIR / self.run_name if self.report_to == "tensorboard" else None
+
+    def log(self, record: dict, step: int | None = None) -> None:
+        if self.tracker is None:
+            return
+        self.tracker.log(scalars(record), step=record.get("step") if step is None else step)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
+
+    def __enter__(self) -> TrainingLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_tensorboard(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files in ``log_dir``: tag → [(step, value)] in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
