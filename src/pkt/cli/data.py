@@ -52,3 +52,25 @@ def show(task: str, split: str = typer.Argument("extract", help="extract | align
             n_resp = sum(1 for x in feats["labels"] if x != -100)
             typer.echo(f"--- prompt ---\n{prompt}--- response ---\n{response}\n--- {len(feats['input_ids'])} tokens, "
                        f"{n_resp} labelled ---")
+
+
+@app.command()
+def prepare(out: str = typer.Option(None, help="Data directory to write [$PKT_HOME/data]."),
+            force: bool = typer.Option(False, help="Replace an existing directory not written by this command.")) -> None:
+    """Download the data directory once (PKT splits, GSM8K, MMLU, MBPP) with sha256 checks; then run offline."""
+    from pathlib import Path
+
+    from pkt.data.prepare import prepare as run_prepare
+    from pkt.settings import pkt_home
+
+    root = Path(out) if out else pkt_home() / "data"
+    digests = run_prepare(root, force=force, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{root}: {len(digests)} files, sha256 recorded in SHA256SUMS; use it with PKT_DATA_DIR={root}")
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="A directory written by `pkt data prepare`.")) -> None:
+    """Check a prepared data directory against its SHA256SUMS (offline)."""
+    from pkt.data.prepare import verify as run_verify
+
+    typer.echo(f"{path}: {len(run_verify(path))} files OK")
