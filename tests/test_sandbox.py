@@ -126,13 +126,36 @@ def test_network_connect_fails():
     assert not r.passed and not accepted
 
 
-def test_environment_secrets_are_not_visible(monkeypatch):
-    monkeypatch.setenv("PKT_TEST_SECRET_TOKEN", "hunter2-secret")
-    prog = ("import os\nfound = 'hunter2-secret' in repr(dict(os.environ))\n"
-            "try:\n    found = found or b'hunter2-secret' in open(f'/proc/{os.getppid()}/environ', 'rb').read()\n"
-            "except OSError:\n    pass\nassert found, 'no secret'\n")
-    r = run_program(prog, FAST)
-    assert not r.passed
+_ENV_PROBE = ("import os\nwhere = []\n"
+              "if 'hunter2-secret' in repr(dict(os.environ)):\n    where.append('environ')\n"
+              "try:\n    if b'hunter2-secret' in open(f'/proc/{os.getppid()}/environ', 'rb').read():\n"
+              "        where.append('parent')\nexcept OSError:\n    pass\nprint('FOUND:' + ','.join(where))\n")
+
+_ENV_HELPER = """
+import json, subprocess, sys
+from pkt.evaluate.sandbox import SandboxConfig, run_program
+prog = sys.argv[1]
+r = run_program(prog, SandboxConfig(timeout=5))
+plain = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
+print(json.dumps({"sandbox": [r.status, r.stdout], "plain": plain.stdout}))
+"""
+
+
+def test_environment_secrets_are_not_visible():
+    # The secret must be in the evaluator's real environment (/proc/<pid>/environ shows the environment the
+    # process was started with, not later setenv calls), so the evaluator is a fresh process started with it.
+    # The same probe run without the sandbox finds it both ways: a leak would be seen.
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PKT_TEST_SECRET_TOKEN": "hunter2-secret"}
+    out = subprocess.run([sys.executable, "-c", _ENV_HELPER, _ENV_PROBE], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["plain"].strip() == "FOUND:environ,parent"
+    assert got["sandbox"] == ["passed", "FOUND:\n"]
 
 
 @needs_strong
@@ -158,3 +181,109 @@ def test_workdir_removed_and_fresh():
     assert r2.passed
     leftovers = [p for p in Path("/tmp").glob("pkt-sbx-*") if time.time() - p.stat().st_mtime < 5]
     assert not [p for p in leftovers if (p / "marker").exists()]
+
+
+# --- verdicts that cannot be forged by ending the program early --------------------------------------------
+
+FORGED = {
+    "raise SystemExit": "raise SystemExit\nassert False\n",
+    "SystemExit(0) in a function body": "def f(x):\n    raise SystemExit(0)\n\nassert f(1) == 2\n",
+    "sys.exit(0) before the asserts": "import sys\nsys.exit(0)\nassert 1 == 2\n",
+    "sys.exit(1)": "import sys\nsys.exit(1)\n",
+    "exit()": "exit()\nassert False\n",
+    "os._exit(0)": "import os\nos._exit(0)\nassert 1 == 2\n",
+    "unittest.main(), 0 tests": 'import unittest\nif __name__ == "__main__":\n    unittest.main()\nassert False\n',
+    "unittest.main() after passing tests": ("import unittest\nclass T(unittest.TestCase):\n"
+                                            "    def test_ok(self):\n        self.assertEqual(1, 1)\n"
+                                            "unittest.main()\nassert False\n"),
+    "SIGKILL itself": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "SIGTERM itself": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
+    "exception in an atexit handler": ("import atexit\ndef bad():\n    raise AssertionError('late check')\n"
+                                       "atexit.register(bad)\n"),
+    "SystemExit in an atexit handler": "import atexit, sys\natexit.register(sys.exit, 0)\n",
+    "os._exit(0) in an atexit handler": "import atexit, os\natexit.register(os._exit, 0)\n",
+    "closes every inherited fd": "import os\nos.closerange(3, 1024)\n",
+    "closes the fds, opens files on them": ("import os\nos.closerange(3, 1024)\n"
+                                            "fs = [open(f'f{i}', 'w') for i in range(20)]\n"),
+    "writes to every fd then ends": ("import os\nfor fd in range(3, 1024):\n    try:\n"
+                                     "        os.write(fd, b'ready {}\\nstart\\nok')\n    except OSError:\n"
+                                     "        pass\n"),
+    "prints and writes a guessed token": ("import os, secrets\nt = secrets.token_hex(16)\nprint(t)\n"
+                                          "for fd in range(3, 1024):\n    try:\n        os.write(fd, t.encode())\n"
+                                          "    except OSError:\n        pass\nos._exit(0)\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORGED))
+def test_forged_exit_fails(name):
+    r = run_program(FORGED[name], FAST)
+    assert not r.passed and r.status == "failed", (name, r.status, r.stderr[-300:])
+
+
+def test_programs_that_finish_still_pass():
+    # The oracle side of the forged-exit tests: the same constructs, when the checks do complete, pass.
+    progs = [
+        'import unittest\nclass T(unittest.TestCase):\n    def test_ok(self):\n        self.assertEqual(1, 1)\n'
+        'r = unittest.main(exit=False)\nassert r.result.wasSuccessful() and r.result.testsRun == 1\n',
+        "import atexit\nseen = []\natexit.register(seen.append, 1)\nassert True\n",
+        'if __name__ == "__main__":\n    print("main")\nelse:\n    raise AssertionError(__name__)\n',
+        "try:\n    raise SystemExit(3)\nexcept SystemExit:\n    pass\n",
+        "import sys\nassert sys.argv == ['prog.py'], sys.argv\n",
+    ]
+    rs = run_programs(progs, FAST)
+    assert [r.status for r in rs] == ["passed"] * len(progs), [r.stderr[-300:] for r in rs]
+    assert "main" in rs[2].stdout
+
+
+def test_forged_exit_reasons_are_reported():
+    r = run_program("import sys\nsys.exit(0)\n", FAST)
+    assert r.returncode == 1 and "SystemExit(0)" in r.stderr
+    r = run_program(FORGED["exception in an atexit handler"], FAST)
+    assert "atexit" in r.stderr and "late check" in r.stderr
+
+
+# --- isolation fails closed ---------------------------------------------------------------------------------
+
+def test_missing_required_isolation_means_error_and_the_program_never_runs(monkeypatch):
+    # An invalid clone flag makes every unshare() fail (EINVAL), so no network namespace can be made.
+    monkeypatch.setattr(sandbox, "NS_FLAGS", {**sandbox.NS_FLAGS, "NEWNET": 0x80000000})
+    prog = "print('RAN')\n"
+    r = run_program(prog, SandboxConfig(timeout=5, require={"net": "namespace"}))
+    assert r.status == "error" and not r.passed and "RAN" not in r.stdout and "setup failed" in r.stderr
+    # The default requirement is what isolation() found: here a network namespace, if it found one.
+    r = run_program(prog, SandboxConfig(timeout=5))
+    if ISO.get("net") == "namespace":
+        assert r.status == "error" and "RAN" not in r.stdout
+    else:
+        assert r.status == "passed" and "RAN" in r.stdout
+
+
+def test_setup_step_that_raises_means_error_and_the_program_never_runs():
+    # RLIMIT_NOFILE above the kernel's nr_open cannot be set, not even by root.
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    r = run_program("print('RAN')\n", SandboxConfig(timeout=5, max_open_files=nr_open + 1))
+    assert r.status == "error" and "RAN" not in r.stdout and "setup failed" in r.stderr
+
+
+def test_required_isolation_follows_settings():
+    strong = {k: v for k, v in ISO.items() if v in ("namespace", "dedicated-uid")}
+    assert sandbox.required_isolation(SandboxConfig()) == strong
+    assert sandbox.required_isolation(SandboxConfig(namespaces=False)) == {
+        k: v for k, v in strong.items() if k == "user"}
+    assert sandbox.required_isolation(SandboxConfig(require=None)) == {}
+
+
+def test_default_limits_fit_beside_the_evaluator():
+    # Worst case the programs can hold at once, in GiB; docs/evaluation.md budgets 4 GiB next to the
+    # evaluator on a 24 GB machine.
+    c = SandboxConfig()
+    assert sandbox.DEFAULT_WORKERS * c.max_procs * c.max_memory_mb / 1024 <= 4
+
+
+@needs_strong
+def test_process_limit_is_enforced():
+    prog = ("import os\nn = 0\ntry:\n    for _ in range(10):\n        if os.fork() == 0:\n"
+            "            import time; time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
+            "print('forked', n)\n")
+    r = run_program(prog, SandboxConfig(timeout=8, max_procs=3))
+    assert r.passed and "forked 2" in r.stdout, r.stderr  # 3 processes of the uid: itself and 2 children
