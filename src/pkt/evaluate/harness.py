@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pkt.config import Settings, validate
 from pkt.errors import PktError
@@ -26,7 +26,7 @@ from pkt.io import write_json, write_jsonl
 
 
 class EvalConfig(Settings):
-    limit: int | None = Field(None, ge=0, description="seeded subset of N examples per task (None: all)")
+    limit: int | None = Field(None, ge=1, description="seeded subset of N examples per task (None: all)")
     seed: int = 0
     shots: int | None = Field(None, ge=0, description="GSM8K/MMLU shots (default 0 = PKT format)")
     style: str = Field("chat", pattern="^(chat|tulu)$")
@@ -41,8 +41,22 @@ class EvalConfig(Settings):
     loss_split: str = Field("align", pattern="^(extract|align|train)$")
     exec_timeout: float = Field(10.0, gt=0)
     exec_workers: int = Field(2, ge=1)
+    # Per generated program; worst case exec_workers x exec_max_procs x exec_max_memory_mb (4 GiB by default).
+    exec_max_memory_mb: int = Field(512, ge=64, description="address-space limit of each program process (MiB)")
+    exec_max_procs: int = Field(4, ge=1, description="processes + threads each program may run")
     allow_weak_sandbox: bool = False
     progress: bool = True
+
+    # Checked when the settings are read, so a bad combination fails before any task runs.
+    @model_validator(mode="after")
+    def _sampling_is_consistent(self):
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"n_samples={self.n_samples} at temperature 0: greedy decoding makes every sample "
+                             "the same; set temperature > 0 or n_samples 1")
+        bad = [k for k in self.pass_ks if not 1 <= k <= self.n_samples]
+        if bad:
+            raise ValueError(f"pass_ks: pass@{bad[0]} needs 1 <= k <= n_samples ({self.n_samples})")
+        return self
 
 
 def parse_task_list(tasks: str | Iterable[str], answer_loss: bool = False) -> list[str]:
@@ -114,8 +128,13 @@ def evaluate_model(model, tokenizer, tasks: str | Iterable[str] = T.GENERATION_T
                 log(f"{name}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in metrics.items() if not isinstance(v, dict)))
             if out is not None:
-                write_jsonl(out / name / "predictions.jsonl", records)
-                write_json(out / "metrics.json", results)
+                target = out / name / "predictions.jsonl"
+                try:
+                    write_jsonl(target, records)
+                    target = out / "metrics.json"
+                    write_json(target, results)
+                except OSError as e:  # full disk, read-only or removed --out: one line, no traceback
+                    raise PktError(f"{target}: cannot write ({e.strerror or e})") from e
     finally:
         if was_training:
             model.train()
