@@ -48,8 +48,15 @@ def execute(programs: list[str], cfg, desc: str):
     if not strong and not cfg.allow_weak_sandbox:
         raise PktError(f"code sandbox isolation is incomplete here ({iso}); run as root or with user namespaces, "
                        "or pass allow_weak_sandbox (--allow-weak-sandbox) to accept rlimits-only isolation")
-    sc = sandbox.SandboxConfig(timeout=cfg.exec_timeout)
-    return sandbox.run_programs(programs, sc, workers=cfg.exec_workers, progress=cfg.progress, desc=desc), iso
+    sc = sandbox.SandboxConfig(timeout=cfg.exec_timeout, max_memory_mb=cfg.exec_max_memory_mb,
+                               max_procs=cfg.exec_max_procs)
+    results = sandbox.run_programs(programs, sc, workers=cfg.exec_workers, progress=cfg.progress, desc=desc)
+    # Recorded with the metrics: the limits the verdicts were reached under, and how many programs were
+    # never judged (setup refused or failed: they count as not passed, but a large number means the
+    # score measures the machine, not the model).
+    info = {**iso, "max_memory_mb": sc.max_memory_mb, "max_procs": sc.max_procs, "timeout": sc.timeout,
+            "workers": cfg.exec_workers, "errors": sum(r.status == "error" for r in results)}
+    return results, info
 
 
 def pass_metrics(correct_per_problem: list[list[bool]], ks) -> dict:
