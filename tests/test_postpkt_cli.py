@@ -141,3 +141,108 @@ def test_real_pair_extraction_and_seeking_init(tmp_path, shared_data):
         lora = make_lora_model(model, "seeking", ("up", "down"), r=16, alpha=16, factors=factors).eval()
         got = lora(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-3
+
+
+# ---- Seeking controls ---------------------------------------------------------------------------------
+
+def _extraction(env, rank=2):
+    tmp, t, s = env
+    ext = tmp / "ext"
+    r = testing.invoke_cli(["extract", "sensitivity", "--teacher", t, "--student", s, "--task", "gsm8k", "--out",
+                            str(ext), "--rank", str(rank), "--n-samples", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return ext
+
+
+def test_derangement_has_no_fixed_point():
+    from pkt.errors import PktError
+    from pkt.postpkt import derangement
+
+    for n in (2, 3, 5, 24):
+        perms = {tuple(derangement(n, seed)) for seed in range(20)}
+        for p in perms:
+            assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
+        assert n == 2 or len(perms) > 1  # seeded, not one fixed answer (n=2 has a single derangement)
+    assert derangement(7, 3) == derangement(7, 3)
+    with pytest.raises(PktError, match="at least 2"):
+        derangement(1, 0)
+
+
+def test_random_control_keeps_singular_values_not_subspaces(env):
+    from pkt.postpkt import control_factors
+
+    factors, manifest = load_extraction(_extraction(env))
+    new, info = control_factors(factors, manifest["blocks"], "random", seed=5)
+    assert info["control"] == "random" and set(new) == set(factors)
+    for name, (b, a) in factors.items():
+        b2, a2 = new[name]
+        assert b2.shape == b.shape and a2.shape == a.shape
+        r = b.shape[1]
+        want = torch.linalg.svdvals((b @ a).double())[:r]
+        got = torch.linalg.svdvals((b2 @ a2).double())[:r]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # same spectrum, rank and scale
+        torch.testing.assert_close(a2 @ a2.T, torch.eye(r), atol=1e-5, rtol=0)  # A = V'ᵀ orthonormal rows
+        # the column and row spaces are not the extracted ones: the cosines of the principal angles
+        # between the two r-dim subspaces (singular values of U1ᵀU2) are not all 1
+        u1 = torch.linalg.qr(b.double())[0]
+        u2 = torch.linalg.qr(b2.double())[0]
+        assert float(torch.linalg.svdvals(u1.T @ u2).min()) < 0.99, name
+        assert float(torch.linalg.svdvals(a.double() @ a2.double().T).min()) < 0.99, name
+    again, _ = control_factors(factors, manifest["blocks"], "random", seed=5)
+    assert all(torch.equal(again[k][0], new[k][0]) for k in new)  # seeded
+
+
+def test_shuffled_control_moves_each_factor_to_a_deranged_layer(env):
+    from pkt.postpkt import control_factors
+
+    factors, manifest = load_extraction(_extraction(env))
+    new, info = control_factors(factors, manifest["blocks"], "shuffled", seed=1)
+    perm = info["layer_perm"]
+    n_layers = manifest["student_arch"]["num_layers"]
+    assert sorted(perm) == list(range(n_layers)) and all(perm[j] != j for j in range(n_layers))
+    assert set(new) == set(factors)
+    for blk in manifest["blocks"]:
+        j, kind, name = blk["student_layer"], blk["kind"], blk["student"]
+        dest = next(b["student"] for b in manifest["blocks"] if b["student_layer"] == perm[j] and b["kind"] == kind)
+        assert dest != name
+        assert torch.equal(new[dest][0], factors[name][0]) and torch.equal(new[dest][1], factors[name][1])
+
+
+@pytest.mark.parametrize("control", ["random", "shuffled"])
+def test_controls_keep_the_student_output(env, control):
+    from transformers import AutoModelForCausalLM
+
+    from pkt.align.lora_init import make_lora_model
+    from pkt.postpkt import control_factors
+
+    tmp, _, s = env
+    factors, manifest = load_extraction(_extraction(env))
+    new, _ = control_factors(factors, manifest["blocks"], control, seed=0)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32)(input_ids=ids).logits
+        model = make_lora_model(AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32), "seeking",
+                                manifest["targets"], r=2, alpha=2, dropout=0.0, factors=new)
+        got = model(input_ids=ids).logits
+        lora_on = sum(float((m.lora_B["default"].weight @ m.lora_A["default"].weight).norm())
+                      for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B)
+    assert lora_on > 0  # the control's BA is really in the adapter ...
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)  # ... and removed from the base: W - BA + BA
+
+
+def test_postpkt_cli_control(env):
+    tmp, t, s = env
+    ext = _extraction(env)
+    out = tmp / "ctrl"
+    r = testing.invoke_cli(["postpkt", "--student", s, "--task", "gsm8k", "--init", "seeking", "--factors", str(ext),
+                            "--control", "shuffled", "--r", "2", "--alpha", "2", "--batch-size", "6",
+                            "--micro-batch-size", "3", "--max-length", "64", "--epochs", "1", "--quiet", "--out",
+                            str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["control"] == "shuffled" and Path(summary["factors"]) == tmp / "ctrl.shuffled-factors"
+    cm = json.loads((tmp / "ctrl.shuffled-factors" / "manifest.json").read_text())
+    assert cm["method"] == "seeking-shuffled" and cm["source_extraction"] == str(ext)
+    bad = testing.invoke_cli(["postpkt", "--student", s, "--task", "gsm8k", "--init", "lora", "--control", "random",
+                              "--out", str(tmp / "bad")])
+    assert bad.exit_code != 0 and "--control" in str(bad.exception) and not (tmp / "bad").exists()

@@ -10,6 +10,13 @@ An extraction is a directory: ``factors.safetensors`` (``<student module>.lora_B
 ``<student module>.lora_A`` = V_rᵀ, and ``.rows``/``.cols`` index tensors for non-contiguous blocks) and
 ``manifest.json`` (teacher/student, chosen layers and mapping, every block, timings, peak RSS). The
 factors carry no α: :func:`pkt.align.lora_init.apply_factors` folds the LoRA scaling in.
+
+Controls (:func:`control_factors`), which keep what Seeking's init has besides the teacher's knowledge:
+``random`` replaces each (U_r, V_r) by random orthonormal bases carrying the same singular values (same
+rank, same ‖BA‖, no teacher subspace); ``shuffled`` keeps every extracted factor but puts it into the
+wrong layer (a seeded derangement of the student layers, per module kind). Both stay output-preserving
+(W − BA + BA), so a gap between Seeking and a control is what the teacher's subspaces, or their
+placement, add beyond a large initial LoRA.
 """
 
 from __future__ import annotations
@@ -194,6 +201,75 @@ def load_extraction(path: str | Path) -> tuple[dict, dict]:
     return factors, manifest
 
 
+CONTROLS = ("random", "shuffled")
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded uniform permutation of range(n) with no fixed point (rejection sampling, ~e tries)."""
+    import random
+
+    if n < 2:
+        raise PktError(f"a shuffled-layer control needs at least 2 student layers, the student has {n}")
+    rng = random.Random(seed)
+    while True:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        if all(p != i for i, p in enumerate(perm)):
+            return perm
+
+
+def random_orthonormal(rows: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """[rows × r] with orthonormal columns, Haar-distributed (QR of a Gaussian with the sign fix)."""
+    q, rr = torch.linalg.qr(torch.randn(rows, r, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(rr))).float()
+
+
+def control_factors(factors: dict, blocks: list[dict], control: str, seed: int = 0) -> tuple[dict, dict]:
+    """Seeking's factors turned into a control: (new factors, what was done, for the manifest).
+
+    ``blocks`` is the extraction manifest's list (student module name, kind, student layer of each factor).
+    ``random``: B = U'Σ, A = V'ᵀ with U', V' random orthonormal and Σ = the column norms of the extracted B
+    (U_rΣ_r has orthogonal columns of norm σ_i), so rank and singular values are those of the extraction.
+    ``shuffled``: the factors of student layer j go to layer perm[j] (perm a derangement of the layers) for
+    every module kind; embed/lm_head factors, which belong to no layer, stay where they are.
+    """
+    if control not in CONTROLS:
+        raise PktError(f"seeking control {control!r}: expected one of {', '.join(CONTROLS)}")
+    if control == "random":
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for name in sorted(factors):
+            b, a = (t.float() for t in factors[name])
+            sigma = b.norm(dim=0)
+            out[name] = ((random_orthonormal(b.shape[0], b.shape[1], gen) * sigma).contiguous(),
+                         random_orthonormal(a.shape[1], a.shape[0], gen).T.contiguous())
+        return out, {"control": "random", "seed": seed}
+    layered = {b["student"]: (b["student_layer"], b["kind"]) for b in blocks if b.get("student_layer") is not None}
+    name_of = {where: name for name, where in layered.items()}
+    layers = sorted({j for j, _ in layered.values()})
+    if layers != list(range(len(layers))):
+        raise PktError(f"shuffled control: the extraction covers student layers {layers}, not 0..n-1")
+    perm = derangement(len(layers), seed)
+    out = {}
+    for name, fac in factors.items():
+        if name in layered:
+            j, kind = layered[name]
+            if (perm[j], kind) not in name_of:
+                raise PktError(f"shuffled control: no {kind} factor in student layer {perm[j]} to swap with")
+            out[name_of[perm[j], kind]] = fac
+        else:
+            out[name] = fac
+    return out, {"control": "shuffled", "seed": seed, "layer_perm": perm}
+
+
+def write_control(factors_dir: str | Path, out: str | Path, control: str, seed: int = 0) -> Path:
+    """A control extraction directory built from an existing one (its manifest, plus the control)."""
+    factors, manifest = load_extraction(factors_dir)
+    new, info = control_factors(factors, manifest.get("blocks", []), control, seed)
+    return save_extraction(out, new, {}, {**manifest, **info, "method": f"seeking-{control}",
+                                          "source_extraction": str(factors_dir)})
+
+
 def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out: str | Path,
                    progress: bool = True, log=print) -> dict:
     """Load the teacher, compute sensitivity on the task's seed split, extract and save. Returns the manifest."""
@@ -236,8 +312,13 @@ def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out:
 
 
 def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path, ft_cfg, ex_cfg: SeekingConfig,
-                factors_dir: str | Path | None = None, progress: bool = True, log=print) -> dict:
-    """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``."""
+                factors_dir: str | Path | None = None, progress: bool = True, log=print,
+                control: str | None = None) -> dict:
+    """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``.
+
+    ``control`` (``random`` | ``shuffled``, seeking only): fine-tune from the control made of the extraction
+    (:func:`control_factors`, seeded with the fine-tuning seed), written next to ``out``.
+    """
     from pkt.align.finetune import dist_state, train_and_save
     from pkt.align.lora_init import make_lora_model
     from pkt.data.tasks import load_split
@@ -247,6 +328,8 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
         raise PktError(f"init {init!r}: expected one of {', '.join(INITS)}")
     if factors_dir is not None and init != "seeking":
         raise PktError(f"--factors is only used by --init seeking (got --init {init})")
+    if control is not None and (init != "seeking" or control not in CONTROLS):
+        raise PktError(f"--control {control!r}: expected one of {', '.join(CONTROLS)}, with --init seeking")
     out = Path(out)
     extra: dict = {"task": task, "teacher": str(teacher_ref) if teacher_ref else None, "student": str(student_ref)}
     factors = None
@@ -258,6 +341,10 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
             factors_dir = out.with_name(out.name + ".extraction")
             ex_cfg = ex_cfg.model_copy(update={"rank": ft_cfg.r, "targets": list(ft_cfg.targets)})
             run_extraction(teacher_ref, student_ref, task, ex_cfg, factors_dir, progress=progress, log=log)
+        if control is not None:
+            factors_dir = write_control(factors_dir, out.with_name(f"{out.name}.{control}-factors"), control,
+                                        seed=ft_cfg.seed)
+            extra["control"] = control
         factors, manifest = load_extraction(factors_dir)
         if manifest.get("rank") != ft_cfg.r:
             raise PktError(f"{factors_dir}: factors have rank {manifest.get('rank')}, fine-tuning uses r={ft_cfg.r}")

@@ -43,6 +43,8 @@ def postpkt(
     out: str = typer.Option(..., help="Output directory (adapter/, adapter_init/, merged/, summary.json)."),
     teacher: str = typer.Option(None, help="Teacher (seeking without --factors)."),
     factors: str = typer.Option(None, help="Reuse an extraction directory from `pkt extract sensitivity`."),
+    control: str = typer.Option(None, help="Seeking control: random (random orthonormal factors with the "
+                                "extracted singular values) | shuffled (extracted factors in deranged layers)."),
     config: str = typer.Option(None, "--config", help="YAML settings file (sections 'finetune', 'extract')."),
     r: R = None,
     alpha: Alpha = None,
@@ -68,6 +70,8 @@ def postpkt(
 
     if init not in ("seeking", "pissa", "lora"):
         raise PktError(f"--init {init!r}: expected seeking, pissa or lora")
+    if control is not None and (init != "seeking" or control not in ("random", "shuffled")):
+        raise PktError(f"--control {control!r}: expected random or shuffled, with --init seeking")
     ft = finetune_config(config, r=r, alpha=alpha, targets=targets, lr=lr, epochs=epochs, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, max_length=max_length, n_train=n_train, style=style,
                          train_on_inputs=train_on_inputs, dtype=dtype, seed=seed)
@@ -76,7 +80,7 @@ def postpkt(
     # seed it (as `pkt run` does before each build) so that --seed fixes the run, whatever the process count.
     seed_everything(ft.seed)
     s = run_postpkt(teacher, student, task, init, out, ft, ex, factors_dir=factors, progress=not quiet,
-                    log=lambda m: typer.echo(m, err=True))
+                    log=lambda m: typer.echo(m, err=True), control=control)
     if not dist_state().is_main_process:  # under `accelerate launch` the other workers write and time nothing
         return
     typer.echo(f"{out}: {s['steps']} steps, final loss {s['final_loss']}, train {s['train_seconds']} s, "
