@@ -10,7 +10,10 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from pkt.errors import PktError
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -23,6 +26,26 @@ def write_text(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or an interrupt must not leave a half-written temp file
         raise
+
+
+def check_output_dir(path: str | Path, setting: str = "--out") -> None:
+    """Fail before any work, naming the setting, when ``path`` cannot be (or become) a directory pkt can
+    write in: a file in the way, a read-only or full filesystem, no permission. Creates nothing: the
+    probe file in the nearest existing directory is removed at once."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PktError(f"{setting} {path}: exists and is not a directory")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise PktError(f"{setting} {path}: {base} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".pkt-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PktError(f"{setting} {path}: cannot write in {base} ({e.strerror or e})") from None
 
 
 def write_json(path: str | Path, obj, indent: int = 2) -> None:
