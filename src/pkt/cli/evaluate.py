@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 
@@ -29,6 +30,10 @@ def eval_command(
     device: str = typer.Option(None, "--device", help="e.g. cuda, cpu (default: cuda if available)."),
     exec_timeout: float = typer.Option(10.0, "--exec-timeout", help="Wall seconds per generated program."),
     exec_workers: int = typer.Option(2, "--exec-workers", help="Programs run in parallel."),
+    exec_max_memory_mb: int = typer.Option(512, "--exec-max-memory-mb",
+                                           help="Address-space limit of each program process (MiB)."),
+    exec_max_procs: int = typer.Option(4, "--exec-max-procs", help="Processes + threads each program may run "
+                                       "(worst case: workers x procs x memory; 4 GiB by default)."),
     allow_weak_sandbox: bool = typer.Option(False, "--allow-weak-sandbox",
                                             help="Run code even without namespace/uid isolation (rlimits only)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -39,7 +44,8 @@ def eval_command(
     from pkt.errors import PktError
     from pkt.evaluate.harness import EvalConfig, evaluate_model, parse_task_list
     from pkt.config import validate
-    from pkt.models.load import load_model, load_tokenizer
+    from pkt.io import check_output_dir
+    from pkt.models.load import check_model_dir, load_model, load_tokenizer, parse_dtype, resolve
 
     names = parse_task_list(tasks, answer_loss)
     try:
@@ -50,8 +56,15 @@ def eval_command(
         "limit": limit, "seed": seed, "shots": shots, "style": style, "batch_size": batch_size,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n_samples": n_samples,
         "pass_ks": ks, "mbpp_variant": mbpp_variant, "loss_split": loss_split, "exec_timeout": exec_timeout,
-        "exec_workers": exec_workers, "allow_weak_sandbox": allow_weak_sandbox, "progress": progress,
+        "exec_workers": exec_workers, "exec_max_memory_mb": exec_max_memory_mb, "exec_max_procs": exec_max_procs,
+        "allow_weak_sandbox": allow_weak_sandbox, "progress": progress,
     }, "pkt eval")
+    # Everything the user can get wrong is checked here, before a model is loaded or a task runs.
+    check_output_dir(out, "--out")
+    parse_dtype(dtype)
+    path = resolve(model)
+    if os.path.isdir(path):
+        check_model_dir(path, model)
     tok = load_tokenizer(model)
     m = load_model(model, dtype=dtype)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

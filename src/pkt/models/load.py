@@ -138,18 +138,64 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike mean an unreadable file
+            raise ModelError(f"{f}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_model_dir(path: str | os.PathLike, ref=None) -> None:
+    """Cheap checks of a local model directory before any weight is read: a config transformers knows, of a
+    causal LM, and safetensors files whose headers parse and cover the whole file (a truncated or
+    overwritten file fails here, in milliseconds, instead of after loading its siblings)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    name = ref if ref is not None else str(path)
+    _check_safetensors(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return  # a PEFT adapter: transformers loads its base model, which is checked when that loads
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model {name!r}: {path / 'config.json'} not found (not a Hugging Face model directory)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"model {name!r}: {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    # `architectures` says what was saved (a BertModel encoder has a causal class in transformers, but
+    # loading it as one would evaluate a randomly initialised head).
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not causal.intersection(archs):
+        raise ModelError(f"model {name!r}: {path / 'config.json'} describes {', '.join(archs)}, not a causal LM "
+                         "(expected e.g. Qwen2ForCausalLM)")
+    if not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model {name!r}: model_type {config.model_type!r} has no causal-LM class")
+
+
 def load_model(ref, dtype: str | torch.dtype = torch.float32, device_map=None, max_memory=None, **kwargs):
     """Load a causal LM (eval mode). ``device_map``/``max_memory`` and any other ``from_pretrained`` option
     (e.g. ``offload_folder`` for ``"disk"`` entries of a device_map) go straight to transformers/accelerate."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(ref)
+    if Path(path).is_dir():
+        check_model_dir(path, ref)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=parse_dtype(dtype), device_map=device_map, max_memory=max_memory, **kwargs
         )
     except OSError as e:
         raise ModelError(f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"cannot load model {ref!r}: corrupt safetensors ({str(e).splitlines()[0]})") from e
     return model.eval()
 
 
