@@ -19,25 +19,26 @@ def test_stage_cache_runs_once_and_leaves_nothing_on_failure(tmp_path):
         (d / "artifact.txt").write_text("x")
         return {"value": 1}
 
-    p1, r1 = cache.run("stage", {"a": 1}, work)
-    p2, r2 = cache.run("stage", {"a": 1}, work)
-    assert p1 == p2 and r1 == r2 == {"value": 1} and len(calls) == 1 and (p1 / "artifact.txt").is_file()
-    assert [r.cached for r in cache.records] == [False, True]
-    p3, _ = cache.run("stage", {"a": 2}, work)  # different config -> different key -> recomputed
-    assert p3 != p1 and len(calls) == 2
+    with cache.lock():
+        p1, r1 = cache.run("stage", {"a": 1}, work)
+        p2, r2 = cache.run("stage", {"a": 1}, work)
+        assert p1 == p2 and r1 == r2 == {"value": 1} and len(calls) == 1 and (p1 / "artifact.txt").is_file()
+        assert [r.cached for r in cache.records] == [False, True]
+        p3, _ = cache.run("stage", {"a": 2}, work)  # different config -> different key -> recomputed
+        assert p3 != p1 and len(calls) == 2
 
-    def boom(d):
-        (d / "half.txt").write_text("half")
-        raise RuntimeError("killed")
+        def boom(d):
+            (d / "half.txt").write_text("half")
+            raise RuntimeError("killed")
 
-    with pytest.raises(RuntimeError):
-        cache.run("stage", {"a": 3}, boom)
-    assert not cache.path("stage", {"a": 3}).exists()
-    assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
-    # a hard kill leaves a temporary directory: the next cache on the same root reclaims it
+        with pytest.raises(RuntimeError):
+            cache.run("stage", {"a": 3}, boom)
+        assert not cache.path("stage", {"a": 3}).exists()
+        assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
+    # a hard kill leaves a temporary directory: the next runner, once it holds the lock, reclaims it
     (tmp_path / "stages" / ".stage-abc.tmp999").mkdir()
-    StageCache(tmp_path, log=lambda s: None)
-    assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
+    with StageCache(tmp_path, log=lambda s: None).lock():
+        assert not [p for p in (tmp_path / "stages").iterdir() if ".tmp" in p.name]
 
 
 def test_stable_hash_ignores_key_order():
@@ -63,9 +64,10 @@ def test_report_files(tmp_path):
     recs = []
     for seed in (0, 1):
         recs.append({"method": "student", "task": "gsm8k", "seed": seed, "metric": "accuracy", "score": 0.25,
-                     "per_example": [1, 0, 0, 0], "answer_loss": 1.5, "n": 4})
+                     "per_example": [1, 0, 0, 0], "answer_loss": 1.5, "n": 4, "dtype": "bfloat16"})
         recs.append({"method": "seeking", "task": "gsm8k", "seed": seed, "metric": "accuracy", "score": 0.5,
-                     "per_example": [1, 1, 0, 0], "answer_loss": 1.2, "n": 4})
+                     "per_example": [1, 1, 0, 0], "answer_loss": 1.2, "n": 4, "dtype": "float32",
+                     "precision": {"fallback": True, "fraction": 0.02 + seed / 100, "requested": "bfloat16"}})
     rows = aggregate(recs)
     seek = next(r for r in rows if r["method"] == "seeking")
     assert seek["mean"] == 0.5 and seek["delta"] == pytest.approx(0.25) and seek["answer_loss_mean"] == pytest.approx(1.2)
@@ -76,4 +78,9 @@ def test_report_files(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["method"] == "seeking"
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "<td>seeking</td>" in html
-    assert "| seeking | gsm8k | accuracy | 4 | 0.500 ± 0.000 | +0.250" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| seeking | gsm8k | accuracy | 4 | 0.500 ± 0.000 | +0.250" in md
+    # the dtype each row was evaluated in, with the worst seed's surviving fraction when it fell back
+    assert md.splitlines()[-1].endswith("| float32 (2.0% of the change survives bfloat16) |")
+    assert "| 1.500 ± 0.000 | bfloat16 |" in md
+    assert "dtype" in (tmp_path / "results.csv").read_text().splitlines()[0]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pkt.config import Settings
+from pkt.align.guard import check_finite
 from pkt.data.chat import IGNORE, STYLES, collate, tokenize_example
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
@@ -147,6 +148,8 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
                     acc.backward(token_loss * (world / n_tokens))
                 loss_sum += token_loss.detach() / n_tokens
             loss_sum = float(acc.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
+            # before the optimizer step: a diverged step must not be applied, logged or saved
+            check_finite(loss_sum, step + 1, "fine-tuning")
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = sched.get_last_lr()[0]

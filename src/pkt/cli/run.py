@@ -18,12 +18,15 @@ def register(app: typer.Typer) -> None:
     def run(
         config: Path = typer.Argument(None, help="Experiment YAML (default: configs/default.yaml)."),
         out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<name>)."),
-        dry_run: bool = typer.Option(False, help="Validate the config and list the stages, run nothing."),
+        dry_run: bool = typer.Option(False, help="Check the config and models, print the plan (stages, estimated "
+                                                 "time, disk), run nothing."),
     ) -> None:
         """Run the study: build every method's student, evaluate, analyse, and write results + report.html.
 
-        Stages are cached by a hash of their settings under OUT/stages: re-running after an interruption
-        resumes where it stopped; changing a setting recomputes only the stages it affects.
+        Stages are cached under OUT/stages by a hash of everything that determines them (settings, pkt's
+        code, library versions, model and data files): re-running after an interruption resumes where it
+        stopped; a change recomputes only the stages it affects. Before any stage, the models, tokenizers,
+        dimensions, code sandbox and free disk are checked (seconds); one runner per OUT at a time.
         """
         from pkt.config import load_config
         from pkt.experiment.config import ExperimentConfig
@@ -34,7 +37,9 @@ def register(app: typer.Typer) -> None:
         out_dir = out or Path("runs") / cfg.name
         study = Study(cfg, out_dir, Path(path).read_text(encoding="utf-8"), log=lambda s: typer.echo(s, err=True))
         if dry_run:
-            typer.echo(f"{path}: OK; {study.n_stages()} stages -> {out_dir}")
+            est = study.preflight(plan=True)
+            typer.echo(f"{path}: OK -> {out_dir}")
+            typer.echo(est.render())
             return
         result = study.run()
         typer.echo((out_dir / "results.md").read_text(encoding="utf-8"))

@@ -53,6 +53,9 @@ class Budget(Settings):
     eval_max_new_tokens: int = Field(512, ge=1)
     eval_batch_size: int = Field(8, ge=1)
     loss_examples: int = Field(80, ge=1)
+    # loss on the prompt tokens too (LaTen's README: MMLU needs it, its answer is one letter); read by
+    # fine-tuning (LoRA, PiSSA, Seeking, KD) and Seeking's sensitivity
+    train_on_inputs: bool = False
 
 
 class ExperimentConfig(Settings):
@@ -71,6 +74,22 @@ class ExperimentConfig(Settings):
     analysis: bool = True
     analysis_examples: int = Field(8, ge=2)
     budget: Budget = Budget()
+    # per-task changes to the budget (the paper's epochs / lr / train size / seed samples differ by task);
+    # a task's budget is `budget` updated by `per_task[task]`, validated like `budget`
+    per_task: dict[str, dict] = {}
+    # merged / fused model weights are deleted once evaluated (the stage is rebuilt if ever needed again);
+    # true keeps them (each is a full copy of the student)
+    keep_checkpoints: bool = False
+    # a built model is evaluated in eval_dtype only if at least this fraction of the entries it changed
+    # (vs the student) survive the cast to eval_dtype; otherwise in float32 (pkt.evaluate.precision)
+    eval_min_surviving: float = Field(0.5, ge=0, le=1)
+    # run generated code with rlimits only when namespaces / a dedicated uid are unavailable
+    allow_weak_sandbox: bool = False
+
+    def budget_for(self, task: str) -> Budget:
+        """The budget of one task: ``budget`` updated by ``per_task[task]``."""
+        extra = self.per_task.get(task)
+        return Budget.model_validate({**self.budget.model_dump(), **extra}) if extra else self.budget
 
     @field_validator("tasks")
     @classmethod
@@ -80,6 +99,22 @@ class ExperimentConfig(Settings):
             raise ValueError(f"unknown task(s) {bad}; known: {list(TASKS)}")
         if not v:
             raise ValueError("at least one task")
+        return v
+
+    @field_validator("per_task")
+    @classmethod
+    def _per_task_budgets(cls, v, info):
+        from pydantic import ValidationError
+
+        base = info.data.get("budget") or Budget()
+        for task, extra in v.items():
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+            try:
+                Budget.model_validate({**base.model_dump(), **extra})
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"{task}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
         return v
 
     @field_validator("methods")

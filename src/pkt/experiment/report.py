@@ -39,6 +39,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                 "answer_loss_mean": mean_std(losses)[0] if losses else None,
                 "answer_loss_std": mean_std(losses)[1] if losses else None,
                 "delta": None, "delta_low": None, "delta_high": None,
+                "dtype": _dtype_cell(recs),
             }
             if method != BASELINE and base and all(r["seed"] in base for r in recs):
                 d, lo, hi = paired_bootstrap([r["per_example"] for r in recs],
@@ -48,18 +49,30 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _dtype_cell(recs: list[dict]) -> str | None:
+    """The evaluation dtype(s) of a row; a float32 fallback says how little of the change survived."""
+    used = sorted({r["dtype"] for r in recs if r.get("dtype")})
+    if not used:
+        return None
+    falls = [r["precision"] for r in recs if (r.get("precision") or {}).get("fallback")]
+    if falls:
+        frac = min(p["fraction"] for p in falls)
+        return f"{'/'.join(used)} ({frac:.1%} of the change survives {falls[0]['requested']})"
+    return "/".join(used)
+
+
 def _fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] | answer loss |",
-             "|---|---|---|---:|---|---|---|"]
+    lines = ["| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] | answer loss | eval dtype |",
+             "|---|---|---|---:|---|---|---|---|"]
     for r in rows:
         delta = "–" if r["delta"] is None else f"{r['delta']:+.3f} [{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]"
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {r['n_examples']} | "
-                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} | {loss} |")
+                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} | {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +105,7 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     write_json(out / "results.json", {"rows": rows, "records": records})
     buf = io.StringIO()
     cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high",
-            "answer_loss_mean", "answer_loss_std"]
+            "answer_loss_mean", "answer_loss_std", "dtype"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -105,12 +118,13 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
 
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path]) -> str:
-    head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "answer loss"]
+    head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "answer loss", "eval dtype"]
     body = []
     for r in rows:
         delta = "–" if r["delta"] is None else f"{r['delta']:+.3f} [{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]"
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
-        cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta, loss]
+        cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta, loss,
+                 r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
     for f in figures:

@@ -24,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from pkt.errors import PktError
-from pkt.experiment.cache import StageCache
+from pkt.experiment import fingerprint
+from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
 from pkt.io import write_json
 from pkt.seeding import seed_everything
 
 FINETUNED = ("lora", "pissa", "seeking")
+SPLITS = ("extract", "align", "train")
 
 
 def versions() -> dict:
@@ -60,19 +62,32 @@ class Study:
         else:
             self.log(msg)
 
-    def _stage(self, name: str, payload: dict, fn) -> tuple[Path, dict]:
-        path, result = self.cache.run(name, payload, fn)
-        if self.bar is not None:
+    def _stage(self, name: str, payload: dict, fn, reads: dict | None = None) -> tuple[Path, dict]:
+        """Run (or reuse) a stage. Its key covers ``payload`` (the settings), pkt's code, the library versions
+        and ``reads``: {"models": [refs], "data": {task: [parts]}}, where a part is a PKT split or "test".
+        Without ``reads``, the models named teacher/student/model anywhere in the payload and the PKT splits
+        of its task are assumed. In a plan (dry cache) nothing runs and the result is None."""
+        reads = reads if reads is not None else _default_reads(payload)
+        key = {"settings": payload, "code": fingerprint.code_identity(), "libraries": fingerprint.library_versions(),
+               "models": {str(m): fingerprint.model_identity(m, self.cache.stages) for m in reads.get("models", [])},
+               "data": {t: fingerprint.data_identity(t, tuple(parts)) for t, parts in reads.get("data", {}).items()}}
+        try:
+            path, result = self.cache.run(name, key, fn)
+        except PktError as e:
+            # one line naming the stage; atomic_dir has removed its half-written directory
+            raise PktError(f"stage {name}: {e}") from None
+        if self.bar is not None and not self.cache.dry:
             self.bar.update(1)
-        gc.collect()
+        if not self.cache.dry:
+            gc.collect()
         return path, result
 
     def _check_budget(self) -> None:
         from pkt.data.tasks import load_split
 
-        b = self.cfg.budget
         self.n_train = {}
         for task in self.cfg.tasks:
+            b = self.cfg.budget_for(task)
             n = len(load_split(task, "train"))
             if b.loss_examples >= n:
                 raise PktError(f"budget: loss_examples ({b.loss_examples}) must leave training examples in the "
@@ -81,33 +96,40 @@ class Study:
             self.n_train[task] = min(b.train_examples, n - b.loss_examples)
 
     def n_stages(self) -> int:
-        c, per_task = self.cfg, 0
-        m = set(c.methods)
-        per_task += ("seeking" in m) + ("kd" in m)
-        per_seed = len(m) + len(m & {"lora", "pissa", "seeking", "laten", "kd"})
-        return len(c.tasks) * (per_task + len(c.seeds) * per_seed) + int(c.analysis)
+        return len(self.plan_stages())
+
+    def plan_stages(self) -> list[StageRecord]:
+        """Every stage of the study with its key and whether it is cached, computing nothing."""
+        self.cache.dry, n0 = True, len(self.cache.records)
+        try:
+            self._walk([], {})
+            return self.cache.records[n0:]
+        finally:
+            del self.cache.records[n0:]
+            self.cache.dry = False
 
     # ---- settings of the library stages ----------------------------------------------------------
     def finetune_cfg(self, task: str, seed: int):
         from pkt.align.finetune import FinetuneConfig
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task)
         return FinetuneConfig(r=b.rank, alpha=b.alpha, lr=b.lr, epochs=b.epochs, batch_size=b.batch_size,
                               micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
                               n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype,
-                              pissa_niter=b.pissa_niter)
+                              pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs)
 
-    def seeking_cfg(self):
+    def seeking_cfg(self, task: str | None = None):
         from pkt.postpkt import SeekingConfig
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task) if task else self.cfg.budget
         return SeekingConfig(n_samples=b.extract_samples, rank=b.rank, style=self.cfg.style,
-                             max_length=b.max_length, dtype=self.cfg.teacher_dtype)
+                             max_length=b.max_length, dtype=self.cfg.teacher_dtype,
+                             train_on_inputs=b.train_on_inputs)
 
     def laten_cfg(self, task: str, seed: int):
         from pkt.laten import LatenConfig
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task)
         return LatenConfig(teacher=self.cfg.teacher, student=self.cfg.student, task=task, style=self.cfg.style,
                            transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
                            micro_batch=min(4, b.laten_batch), max_steps=self.laten_train_steps(task), seed=seed,
@@ -118,7 +140,7 @@ class Study:
         """Hypernetwork steps to train: the paper's for the task, the selection grid's last, or a fixed count."""
         from pkt.laten import PAPER_STEPS
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task)
         if b.laten_choice == "paper":
             if task not in PAPER_STEPS:
                 raise PktError(f"budget.laten_choice 'paper': the paper gives no LaTen step for task {task!r}; "
@@ -126,28 +148,29 @@ class Study:
             return PAPER_STEPS[task]
         return b.laten_select_steps if b.laten_choice == "select" else b.laten_steps
 
-    def eval_cfg(self, seed: int):
+    def eval_cfg(self, seed: int, task: str | None = None):
         from pkt.evaluate.harness import EvalConfig
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task) if task else self.cfg.budget
         return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
-                          batch_size=b.eval_batch_size,
+                          batch_size=b.eval_batch_size, allow_weak_sandbox=self.cfg.allow_weak_sandbox,
                           max_prompt_tokens=max(b.max_length, 1024), progress=True)
 
     def heldout(self, task: str):
         from pkt.data.tasks import load_split
 
-        return load_split(task, "train")[-self.cfg.budget.loss_examples:]
+        return load_split(task, "train")[-self.cfg.budget_for(task).loss_examples:]
 
     # ---- stages ------------------------------------------------------------------------------------
     def extraction(self, task: str) -> Path:
         from pkt.postpkt import run_extraction
 
-        cfg = self.seeking_cfg()
+        cfg = self.seeking_cfg(task)
         payload = {"teacher": self.cfg.teacher, "student": self.cfg.student, "task": task, "seeking": cfg.model_dump()}
         path, _ = self._stage(f"extract-{task}", payload, lambda d: {
             "manifest_keys": sorted(run_extraction(self.cfg.teacher, self.cfg.student, task, cfg, d / "factors",
-                                                   progress=True, log=self._log))})
+                                                   progress=True, log=self._log))},
+            reads={"models": [self.cfg.teacher, self.cfg.student], "data": {task: [cfg.split]}})
         return path / "factors"
 
     def kd_data(self, task: str) -> Path:
@@ -156,7 +179,7 @@ class Study:
         from pkt.data.tasks import load_split
         from pkt.models.load import load_model, load_tokenizer
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(task)
         n_train = self.n_train[task]
         payload = {"teacher": self.cfg.teacher, "task": task, "n": n_train, "style": self.cfg.style,
                    "max_new_tokens": b.kd_max_new_tokens, "dtype": self.cfg.teacher_dtype}
@@ -169,7 +192,8 @@ class Study:
             write_chat_jsonl(rows, d / "kd_train.jsonl")
             return {"n": len(rows), "mean_chars": sum(len(r.assistant) for r in rows) / max(1, len(rows))}
 
-        path, _ = self._stage(f"kd-data-{task}", payload, fn)
+        path, _ = self._stage(f"kd-data-{task}", payload, fn,
+                              reads={"models": [self.cfg.teacher], "data": {task: ["train"]}})
         return path / "kd_train.jsonl"
 
     def build(self, method: str, task: str, seed: int, shared: dict) -> tuple[str, str]:
@@ -187,19 +211,20 @@ class Study:
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
                        "finetune": ft.model_dump(), "factors": str(factors) if factors else None}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
-                c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(), factors_dir=factors,
-                progress=True, log=self._log)))
+                c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
+                progress=True, log=self._log)), reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "kd":
             ft = self.finetune_cfg(task, seed)
             kd_file = shared["kd_file"]
             payload = {"method": "kd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                        "data": str(kd_file)}
-            path, _ = self._stage(f"kd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"))
+            path, _ = self._stage(f"kd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"),
+                                  reads={"models": [c.student]})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten":
             lc = self.laten_cfg(task, seed)
-            b = c.budget
+            b = c.budget_for(task)
             choice = {"choice": b.laten_choice}
             if b.laten_choice == "select":
                 choice.update(rates=b.laten_select_rates, examples=b.laten_select_examples)
@@ -218,7 +243,7 @@ class Study:
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
 
-        b = self.cfg.budget
+        b = self.cfg.budget_for(lc.task)
         models = load_models(lc, log=self._log)
         rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
         point, grid = {"step": lc.max_steps, "rate": b.laten_rate}, None
@@ -235,88 +260,199 @@ class Study:
                 "delta_bf16_changed": manifest["delta_bf16_changed"], "delta_size": manifest["delta_size"],
                 "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
 
-    def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int) -> dict:
+    def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int) -> dict | None:
+        """Metrics of one model (None in a plan when not cached). A built model is evaluated in ``dtype`` only
+        if its changes to the student survive that dtype (:mod:`pkt.evaluate.precision`), else in float32."""
         from pkt.evaluate.harness import run_task
         from pkt.models.load import load_model, load_tokenizer
 
-        ecfg = self.eval_cfg(seed)
+        c = self.cfg
+        ecfg = self.eval_cfg(seed, task)
+        built = method not in ("student", "teacher")
         payload = {"model": ref, "dtype": dtype, "task": task, "eval": ecfg.model_dump(mode="json"),
-                   "loss_examples": self.cfg.budget.loss_examples}
+                   "loss_examples": c.budget_for(task).loss_examples,
+                   "precision": {"reference": c.student, "min_surviving": c.eval_min_surviving} if built else None}
+        reads = {"models": [ref, c.student] if built else [ref], "data": {task: ["test", "train"]}}
 
         def fn(d: Path) -> dict:
+            from pkt.io import write_jsonl
+
+            used, precision = dtype, None
+            if built:
+                from pkt.evaluate.precision import choose_dtype
+
+                used, precision = choose_dtype(ref, c.student, dtype, c.eval_min_surviving)
+                if precision["fallback"]:
+                    self._log(f"{method}: only {precision['surviving']}/{precision['changed']} changed entries "
+                              f"survive {dtype}; evaluating in float32")
             seed_everything(seed)
             tok = load_tokenizer(ref)
-            model = load_model(ref, dtype=dtype)
+            model = load_model(ref, dtype=used)
             records, metrics = run_task(task, model, tok, ecfg)
             loss_records, loss = run_task(f"{task}_loss", model, tok, ecfg.model_copy(update={"limit": None}),
                                           rows=self.heldout(task))
-            from pkt.io import write_jsonl
-
             write_jsonl(d / "predictions.jsonl", records)
             write_jsonl(d / "answer_loss.jsonl", loss_records)
             metric = "accuracy" if "accuracy" in metrics else "pass@1"
             return {"metric": metric, "score": metrics[metric], "n": len(records),
                     "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
+                    "dtype": used, "precision": precision,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 
-        _, result = self._stage(f"eval-{method}-{task}-s{seed}", payload, fn)
+        _, result = self._stage(f"eval-{method}-{task}-s{seed}", payload, fn, reads=reads)
         return result
 
     def analysis(self, shared: dict) -> list[Path]:
         c = self.cfg
         task = c.tasks[0]
+        b = c.budget_for(task)
         factors = shared.get(task, {}).get("factors")
         laten_dir = shared.get(task, {}).get("laten_dir")
+        # everything run_analysis reads: budgets, example counts, style, and both models' weights
         payload = {"teacher": c.teacher, "student": c.student, "task": task, "n": c.analysis_examples,
-                   "rank": c.budget.rank, "pissa_niter": c.budget.pissa_niter,
-                   "factors": str(factors) if factors else None, "laten": str(laten_dir) if laten_dir else None,
-                   "style": c.style}
+                   "rank": b.rank, "alpha": b.alpha, "pissa_niter": b.pissa_niter, "max_length": b.max_length,
+                   "loss_examples": b.loss_examples, "factors": str(factors) if factors else None,
+                   "laten": str(laten_dir) if laten_dir else None, "style": c.style}
         path, result = self._stage("analysis", payload, lambda d: run_analysis(c, task, factors, laten_dir, d,
-                                                                              self._log))
-        return [path / f for f in result["figures"]]
+                                                                              self._log),
+                                   reads={"models": [c.teacher, c.student], "data": {task: ["train"]}})
+        return [path / f for f in result["figures"]] if result else []
 
     # ---- the study ----------------------------------------------------------------------------------
+    def preflight(self, plan: bool = False):
+        """Check models, tokenizers, dimensions, sandbox and disk (:mod:`pkt.experiment.preflight`) and
+        estimate the plan. A real run raises on the first failure; a plan reports them as warnings."""
+        from pkt.experiment import preflight as pf
+        from pkt.experiment.plan import estimate
+
+        teacher, student = pf.check_models(self.cfg, plan=plan)
+        warnings = [*teacher.notes, *student.notes]
+        try:
+            pf.check_sandbox(self.cfg.tasks, self.cfg.allow_weak_sandbox)
+        except PktError as e:
+            if not plan:
+                raise
+            warnings.append(f"a real run would stop here: {e}")
+        est = estimate(self, teacher, student)
+        est.warnings += warnings
+        est.free = pf.free_bytes(self.out)
+        if est.free < est.disk_bytes:
+            try:
+                pf.check_disk(self.out, est.disk_bytes)
+            except PktError as e:
+                if not plan:
+                    raise
+                est.warnings.append(f"a real run would stop here: {e}")
+        return est
+
+    def _peek(self, fn):
+        """``fn()`` against the dry cache: (its value, the stage records it would produce); nothing runs."""
+        dry, n0 = self.cache.dry, len(self.cache.records)
+        self.cache.dry = True
+        try:
+            return fn(), self.cache.records[n0:]
+        finally:
+            del self.cache.records[n0:]
+            self.cache.dry = dry
+
+    def _build_lazily(self, method: str, task: str, seed: int, shared: dict) -> tuple[str, str]:
+        """Build the method's model unless its evaluation is cached (its weights may have been pruned)."""
+        if self.cache.dry:
+            return self.build(method, task, seed, shared)
+        (ref, dtype), peeked = self._peek(lambda: self.build(method, task, seed, shared))
+        if peeked and self._peek(lambda: self.evaluate(method, ref, dtype, task, seed))[0] is not None:
+            for r in peeked:
+                self.cache.records.append(StageRecord(r.stage, r.key, r.seconds, True))
+                self._log(f"[cached] {r.stage}: not needed, its evaluation is cached")
+                if self.bar is not None:
+                    self.bar.update(1)
+            return ref, dtype
+        return self.build(method, task, seed, shared)
+
+    def _prune(self, ref: str) -> None:
+        """Delete an evaluated model's weights unless keep_checkpoints (LaTen's delta file is kept)."""
+        path = Path(ref)
+        if self.cfg.keep_checkpoints or not path.is_dir():
+            return
+        try:
+            stage = self.cache.stages / path.resolve().relative_to(self.cache.stages.resolve()).parts[0]
+        except ValueError:
+            return  # not a stage output (a vanilla model)
+        files = sorted([*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin")])
+        if files:
+            freed = self.cache.prune(stage, files, f"weights of {path.name}/ deleted after evaluation")
+            self._log(f"[pruned] {stage.name}/{path.relative_to(stage)}: {freed / 1e9:.2f} GB")
+
+    def _walk(self, records: list, shared: dict) -> list[Path]:
+        """Every stage in order; in a plan (dry cache) only keys are computed."""
+        c = self.cfg
+        for task in c.tasks:
+            s = shared.setdefault(task, {})
+            if "seeking" in c.methods:
+                s["factors"] = self.extraction(task)
+            if "kd" in c.methods:
+                s["kd_file"] = self.kd_data(task)
+            for seed in c.seeds:
+                for method in c.methods:
+                    seed_everything(seed)
+                    ref, dtype = self._build_lazily(method, task, seed, s)
+                    if method == "laten":
+                        s.setdefault("laten_dir", Path(ref))
+                    res = self.evaluate(method, ref, dtype, task, seed)
+                    if res is not None:
+                        records.append({"method": method, "task": task, "seed": seed, **res})
+                    if not self.cache.dry:
+                        self._prune(ref)
+        return self.analysis(shared) if c.analysis else []
+
     def run(self) -> dict:
         c = self.cfg
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         records, shared = [], {}
-        self.bar = tqdm(total=self.n_stages(), desc="pkt run", unit="stage", dynamic_ncols=True)
-        try:
-            for task in c.tasks:
-                s = shared.setdefault(task, {})
-                if "seeking" in c.methods:
-                    s["factors"] = self.extraction(task)
-                if "kd" in c.methods:
-                    s["kd_file"] = self.kd_data(task)
-                for seed in c.seeds:
-                    for method in c.methods:
-                        seed_everything(seed)
-                        ref, dtype = self.build(method, task, seed, s)
-                        if method == "laten":
-                            s.setdefault("laten_dir", Path(ref))
-                        res = self.evaluate(method, ref, dtype, task, seed)
-                        records.append({"method": method, "task": task, "seed": seed, **res})
-            figures = self.analysis(shared) if c.analysis else []
-        finally:
-            self.bar.close()
-            self.bar = None
-        from pkt.experiment.report import write_report
+        with self.cache.lock():
+            est = self.preflight()
+            self.log(est.summary_line())
+            self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
+            try:
+                figures = self._walk(records, shared)
+            finally:
+                self.bar.close()
+                self.bar = None
+            from pkt.experiment.report import write_report
 
-        manifest = {
-            "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
-            "methods": c.methods, "versions": versions(), "started": started,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - t0, 1), "config": c.model_dump(mode="json"),
-            "config_yaml": self.config_text,
-            "stages": [r.__dict__ for r in self.cache.records],
-        }
-        write_json(self.out / "manifest.json", manifest)
-        report = write_report(self.out, records, manifest, figures)
+            manifest = {
+                "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
+                "methods": c.methods, "versions": versions(), "code": fingerprint.code_identity(),
+                "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - t0, 1), "config": c.model_dump(mode="json"),
+                "config_yaml": self.config_text, "estimate": est.to_dict(),
+                "stages": [r.__dict__ for r in self.cache.records],
+            }
+            write_json(self.out / "manifest.json", manifest)
+            report = write_report(self.out, records, manifest, figures)
         self.log(f"wrote {self.out / 'results.md'} and {self.out / 'report.html'} "
                  f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
                  f"{sum(r.cached for r in self.cache.records)} cached)")
         return {"manifest": manifest, **report}
+
+
+def _default_reads(payload: dict) -> dict:
+    """Models and data a stage reads, guessed from its settings (stages that know better pass ``reads``)."""
+    models, tasks = [], []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k in ("teacher", "student", "model") and isinstance(v, str) and v not in models:
+                    models.append(v)
+                elif k == "task" and isinstance(v, str) and v not in tasks:
+                    tasks.append(v)
+                else:
+                    walk(v)
+
+    walk(payload)
+    return {"models": models, "data": {t: list(SPLITS) for t in tasks}}
 
 
 def _summary(summary: dict) -> dict:

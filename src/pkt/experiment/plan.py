@@ -1,0 +1,230 @@
+"""The plan of a study before it runs: its stages, an estimated wall time and the disk it needs.
+
+``pkt run --dry-run CONFIG`` and the preflight of ``pkt run`` use it. The stages (names, keys, cached or
+not) come from walking the study against a dry cache (:meth:`Study.plan_stages`), so the plan lists
+exactly the stages a run would run. Each stage's time is its work in tokens divided by a throughput
+measured on this project's reference machine, :data:`THROUGHPUT` (tokens/s by work kind, dtype and model
+size; interpolated log-log between the measured sizes, ∝ 1/size beyond them); the numbers are for that
+machine (a 2-core CPU) and say nothing about a GPU. Generation is counted at its token cap (an upper
+bound: answers that end early cost less). Token counts of the PKT splits are measured with the
+student's tokenizer when it is available (characters / 4 otherwise).
+
+Disk: each fine-tuned or injected model writes a full copy of the student (in its dtype), plus
+adapters, LaTen's hypernetwork checkpoints, Seeking's factors and not-yet-prepared embedded models.
+Without ``keep_checkpoints`` each copy is deleted once evaluated, so only the largest one counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# tokens/s on the reference machine: 2-core x86-64 CPU (no GPU), torch 2.x, 2 threads;
+# produced by `flock /tmp/pkt-heavy.lock .venv/bin/python benchmarks/bench_throughput.py` (docs/benchmarks.md, P5).
+# [parameters, tokens/s] per (work, dtype)
+THROUGHPUT_MACHINE = "2-core x86-64 CPU, 24 GiB, torch CPU build, 2 threads"
+THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
+    "forward": {"float32": [[494032768, 400.0], [1543714304, 130.0]],
+                "bfloat16": [[494032768, 400.0], [1543714304, 130.0]]},
+    "train": {"float32": [[494032768, 130.0], [1543714304, 40.0]],
+              "bfloat16": [[494032768, 130.0], [1543714304, 40.0]]},
+    "generate": {"float32": [[494032768, 20.0], [1543714304, 8.0]],
+                 "bfloat16": [[494032768, 20.0], [1543714304, 8.0]]},
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
+TEST_SIZES = {"gsm8k": 1319, "mmlu": 14042, "humaneval": 164, "mbpp": 500}
+TEST_PROMPT_TOKENS = {"gsm8k": 120, "mmlu": 160, "humaneval": 180, "mbpp": 150}  # incl. the chat template
+
+
+def tokens_per_second(work: str, params: int, dtype: str) -> float:
+    """Interpolated throughput (log-log in model size) of ``work`` for a model of ``params`` parameters."""
+    table = THROUGHPUT[work].get(dtype) or THROUGHPUT[work]["float32"]
+    pts = sorted(table)
+    if params <= pts[0][0]:
+        return pts[0][1] * pts[0][0] / params if params < pts[0][0] else pts[0][1]
+    if params >= pts[-1][0]:
+        return pts[-1][1] * pts[-1][0] / params
+    for (p0, t0), (p1, t1) in zip(pts, pts[1:]):
+        if p0 <= params <= p1:
+            w = (math.log(params) - math.log(p0)) / (math.log(p1) - math.log(p0))
+            return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Estimate:
+    stages: list[dict] = field(default_factory=list)  # stage, key, cached, seconds, bytes, work
+    seconds: float = 0.0
+    disk_bytes: int = 0
+    free: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    machine: str = THROUGHPUT_MACHINE
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds), "disk_bytes": self.disk_bytes, "free_bytes": self.free,
+                "machine": self.machine, "warnings": self.warnings,
+                "stages": [{k: v for k, v in s.items()} for s in self.stages]}
+
+    def summary_line(self) -> str:
+        todo = [s for s in self.stages if not s["cached"]]
+        free = "" if self.free is None else f", {self.free / 1e9:.1f} GB free"
+        return (f"plan: {len(self.stages)} stages ({len(self.stages) - len(todo)} cached), estimated "
+                f"{human(self.seconds)} on the reference machine ({self.machine}), disk up to "
+                f"{self.disk_bytes / 1e9:.2f} GB{free}")
+
+    def render(self) -> str:
+        lines = [f"{'stage':<34} {'status':<7} {'estimate':>10} {'disk':>9}  work"]
+        for s in self.stages:
+            lines.append(f"{s['stage']:<34} {'cached' if s['cached'] else 'run':<7} {human(s['seconds']):>10} "
+                         f"{s['bytes'] / 1e9:>7.2f}GB  {s['work']}")
+        lines.append(self.summary_line())
+        lines += [f"note: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class _Tokens:
+    """Mean tokens per example of each PKT split (measured once per split)."""
+
+    def __init__(self, tokenizer_path: str | None):
+        self.tok = None
+        if tokenizer_path:
+            try:
+                from transformers import AutoTokenizer
+
+                self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+            except (OSError, ValueError):
+                self.tok = None
+        self.memo: dict = {}
+
+    def mean(self, task: str, split: str, limit: int = 64) -> float:
+        if (task, split) not in self.memo:
+            from pkt.data.tasks import load_split
+
+            rows = load_split(task, split)[:limit]
+            texts = [r.user + r.assistant for r in rows]
+            if self.tok is not None and rows:
+                n = sum(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]) / len(rows)
+            else:
+                n = sum(len(t) for t in texts) / max(1, len(rows)) / 4
+            self.memo[(task, split)] = n + 12  # chat template tokens
+        return self.memo[(task, split)]
+
+
+def _split_size(task: str, split: str) -> int:
+    from pkt.data.tasks import load_split
+
+    return len(load_split(task, split))
+
+
+def estimate(study, teacher, student) -> Estimate:
+    """The plan of ``study`` (a :class:`pkt.experiment.runner.Study`) with time and disk per stage."""
+    c = study.cfg
+    est = Estimate()
+    toks = _Tokens(student.path)
+    tp = teacher.params or 0
+    sp = student.params or 0
+    if not tp or not sp:
+        est.warnings.append("a model's size is unknown until it is prepared: its stages are estimated at 0")
+
+    def secs(work: str, params: int, dtype: str, tokens: float) -> float:
+        return tokens / tokens_per_second(work, params, dtype) if params and tokens else 0.0
+
+    def load(params: int, dtype: str) -> float:
+        return params * DTYPE_BYTES.get(dtype, 4) / 1e9 * LOAD_SECONDS_PER_GB
+
+    def model_bytes(params: int, dtype: str) -> int:
+        return int(params * DTYPE_BYTES.get(dtype, 4))
+
+    def lora_bytes(spec, rank: int) -> int:
+        if spec is None:
+            return 0
+        per_layer = sum(sum(spec.weight_shape(k)) for k in ("q", "k", "v", "o", "gate", "up", "down"))
+        return per_layer * spec.num_layers * rank * 4
+
+    checkpoint_bytes, other_bytes = [], 0
+    for rec in study.plan_stages():
+        name = rec.stage
+        seconds, nbytes, work, is_ckpt = 0.0, 0, "", False
+        if name == "analysis":
+            task = c.tasks[0]
+            b = c.budget_for(task)
+            n = c.analysis_examples * toks.mean(task, "train")
+            seconds = 2 * (secs("forward", tp, "bfloat16", n) + secs("forward", sp, "bfloat16", n)) + \
+                2 * (load(tp, "bfloat16") + load(sp, "bfloat16"))
+            work = f"{c.analysis_examples} examples through both models, twice"
+        elif name.startswith("eval-"):
+            method, task, _ = name[len("eval-"):].rsplit("-", 2)
+            b = c.budget_for(task)
+            n = min(b.eval_limit or TEST_SIZES[task], TEST_SIZES[task])
+            params = tp if method == "teacher" else sp
+            gen = 0 if task == "mmlu" else b.eval_max_new_tokens
+            seconds = (secs("forward", params, c.eval_dtype, n * TEST_PROMPT_TOKENS[task])
+                       + secs("generate", params, c.eval_dtype, n * gen)
+                       + secs("forward", params, c.eval_dtype, b.loss_examples * toks.mean(task, "train"))
+                       + load(params, c.eval_dtype))
+            work = f"{n} {task} questions" + (f" x <= {gen} new tokens" if gen else "") + \
+                f", {b.loss_examples} loss examples ({c.eval_dtype})"
+        elif name.startswith("extract-"):
+            task = name[len("extract-"):]
+            b = c.budget_for(task)
+            n = min(b.extract_samples, _split_size(task, "extract"))
+            seconds = secs("train", tp, c.teacher_dtype, n * toks.mean(task, "extract")) + load(tp, c.teacher_dtype)
+            nbytes = lora_bytes(student.spec, b.rank)
+            work = f"teacher sensitivity on {n} examples"
+        elif name.startswith("kd-data-"):
+            task = name[len("kd-data-"):]
+            b = c.budget_for(task)
+            n = study.n_train[task]
+            seconds = secs("generate", tp, c.teacher_dtype, n * b.kd_max_new_tokens) + load(tp, c.teacher_dtype)
+            work = f"teacher answers {n} prompts x <= {b.kd_max_new_tokens} tokens"
+        else:
+            method, task, _ = name.rsplit("-", 2)
+            b = c.budget_for(task)
+            is_ckpt = True
+            nbytes = model_bytes(sp, c.dtype)
+            if method.startswith("laten"):
+                steps = study.laten_train_steps(task) if hasattr(study, "laten_train_steps") else b.laten_steps
+                per_step = b.laten_batch * toks.mean(task, "align")
+                seconds = steps * (secs("forward", tp, c.teacher_dtype, per_step) + secs("train", sp, c.dtype, per_step))
+                if getattr(b, "laten_choice", None) == "select":
+                    n_sel = steps * len(b.laten_select_rates) * b.laten_select_examples * toks.mean(task, "align")
+                    seconds += secs("forward", sp, c.dtype, n_sel)
+                seconds += load(tp, c.teacher_dtype) + load(sp, c.dtype)
+                if teacher.spec is not None and student.spec is not None:
+                    h_t, h_s = teacher.spec.hidden_size, student.spec.hidden_size
+                    nbytes += (steps + 1) * 4 * (h_t * h_t + h_s * h_t) * 4  # a translator checkpoint per step
+                work = f"{steps} hypernetwork steps x {b.laten_batch} examples"
+            else:
+                n = study.n_train[task]
+                tokens = n * b.epochs * toks.mean(task, "train")
+                seconds = secs("train", sp, c.dtype, tokens) + load(sp, c.dtype)
+                nbytes += 3 * lora_bytes(student.spec, b.rank)
+                work = f"fine-tune {n} examples x {b.epochs:g} epochs ({c.dtype})"
+        if rec.cached:
+            seconds, nbytes = 0.0, 0
+        est.stages.append({"stage": rec.stage, "key": rec.key, "cached": rec.cached, "seconds": round(seconds, 1),
+                           "bytes": nbytes, "work": work})
+        if is_ckpt and not rec.cached:
+            ckpt = model_bytes(sp, c.dtype)
+            checkpoint_bytes.append(ckpt)
+            other_bytes += nbytes - ckpt
+        else:
+            other_bytes += nbytes
+    for facts in (teacher, student):
+        if facts.source == "embedded" and facts.path is None and facts.params:
+            other_bytes += model_bytes(facts.params, "float32")
+    est.seconds = sum(s["seconds"] for s in est.stages)
+    peak_ckpt = sum(checkpoint_bytes) if c.keep_checkpoints else max(checkpoint_bytes, default=0)
+    est.disk_bytes = int(other_bytes + peak_ckpt)
+    return est

@@ -1,0 +1,215 @@
+"""Checks that ``pkt run`` makes before any stage, so a study that cannot succeed fails in seconds.
+
+Each failed check raises one :class:`~pkt.errors.PktError` line (the CLI exits with status 2):
+
+1. every model resolves: an embedded name whose chunk packages are installed, a local directory holding
+   a causal-LM config and weights, or a hub id reachable (or cached) from here;
+2. tokenizers are identical where a method needs it (LaTen, on-policy distillation and the analysis
+   compare or move token-indexed quantities);
+3. the teacher is at least as large as the student in every dimension a parametric transfer reads:
+   layers and every projection's (out, in) shape (hidden size, FFN width, query and key/value widths),
+   read from the models' configs on the ``meta`` device, without loading a weight;
+4. the code sandbox's isolation holds when a code task is selected (or ``allow_weak_sandbox``);
+5. the disk holds what the plan writes (see :mod:`pkt.experiment.plan`; the estimate is printed).
+
+Model facts come from ``model.config``. In a plan (``pkt run --dry-run``) a hub model that is not
+reachable offline may use the config snapshot shipped in ``configs/model-configs/`` (noted in the plan);
+a real run never does.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pkt.errors import ModelError, PktError
+
+CODE_TASKS = ("humaneval", "mbpp")
+SNAPSHOTS = Path(__file__).resolve().parents[3] / "configs" / "model-configs"
+
+
+def transfers(method: str) -> bool:
+    """Methods that move teacher weights into the student (and their controls)."""
+    return method.startswith(("seeking", "laten"))
+
+
+def needs_same_tokenizer(method: str) -> bool:
+    return method.startswith(("laten", "gkd"))
+
+
+@dataclass
+class ModelFacts:
+    ref: str
+    source: str  # embedded | dir | hub | snapshot
+    config: object = None
+    params: int | None = None
+    spec: object = None
+    notes: list[str] = field(default_factory=list)
+    path: str | None = None  # where from_pretrained finds config + tokenizer, when known
+
+
+def _snapshot(ref: str) -> Path:
+    return SNAPSHOTS / (ref.replace("/", "--") + ".json")
+
+
+def _causal_lm_config(where: str, ref: str):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        cfg = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {ref!r}: no usable config ({str(e).splitlines()[0]})") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model {ref!r}: model_type {cfg.model_type!r} is not a causal language model")
+    return cfg
+
+
+def model_facts(ref: str, plan: bool = False) -> ModelFacts:
+    """Resolve a model reference far enough to read its config, without loading (or preparing) weights."""
+    from pkt.models.load import cache_dir, is_prepared
+    from pkt.models.registry import EMBEDDED
+
+    ref = str(ref)
+    if ref in EMBEDDED:
+        facts = ModelFacts(ref, "embedded")
+        if not is_prepared(ref) and not plan:
+            from pkt.models.load import prepare
+
+            prepare(ref)  # the first stage needs it anyway; the config check needs its config now
+        if is_prepared(ref):
+            facts.path = str(cache_dir(ref))
+            facts.config = _causal_lm_config(facts.path, ref)
+        else:
+            EMBEDDED[ref].chunk_paths()  # raises if a chunk package is missing
+            facts.notes.append(f"{ref} is not prepared yet: the first stage prepares it (~1-2 min, once)")
+    elif Path(ref).expanduser().is_dir():
+        path = Path(ref).expanduser()
+        facts = ModelFacts(ref, "dir", path=str(path))
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model {ref!r}: directory has no config.json")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise ModelError(f"model {ref!r}: directory has no weights (*.safetensors or *.bin)")
+        facts.config = _causal_lm_config(str(path), ref)
+    else:
+        from pkt.models.load import resolve
+
+        resolve(ref)  # the shape of a hub id, or a clear error
+        facts = ModelFacts(ref, "hub", path=ref)
+        try:
+            facts.config = _causal_lm_config(ref, ref)
+        except ModelError as e:
+            snap = _snapshot(ref)
+            if not (plan and snap.is_file()):
+                raise ModelError(f"model {ref!r}: not a local directory and not reachable on the hub from here "
+                                 f"(offline, gated or misspelt?): {e}") from None
+            from transformers import AutoConfig
+
+            facts.source, facts.path = "snapshot", None
+            facts.config = AutoConfig.for_model(**{k: v for k, v in _read_json(snap).items() if k != "_source"})
+            facts.notes.append(f"{ref}: not reachable offline; the plan uses {snap.relative_to(SNAPSHOTS.parents[1])}")
+    if facts.config is not None:
+        facts.params, facts.spec = _meta_facts(facts.config, ref)
+    return facts
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _meta_facts(config, ref: str):
+    """(parameter count, ArchSpec) of the model a config describes, built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from pkt.models.arch import ArchSpec
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        spec = ArchSpec.from_model(model)
+    except ModelError:
+        spec = None  # an architecture pkt cannot transfer: fine for teacher/student rows, checked below
+    return params, spec
+
+
+def check_dimensions(teacher: ModelFacts, student: ModelFacts, methods: list[str]) -> None:
+    moving = [m for m in methods if transfers(m)]
+    if not moving or teacher.config is None or student.config is None:
+        return
+    for f in (teacher, student):
+        if f.spec is None:
+            raise ModelError(f"model {f.ref!r}: architecture {f.config.model_type!r} is not supported by "
+                             f"{', '.join(moving)}")
+    t, s = teacher.spec, student.spec
+    small = []
+    if t.num_layers < s.num_layers:
+        small.append(f"layers {t.num_layers} < {s.num_layers}")
+    for kind in ("q", "k", "v", "o", "gate", "up", "down"):
+        ts, ss = t.weight_shape(kind), s.weight_shape(kind)
+        if ts[0] < ss[0] or ts[1] < ss[1]:
+            small.append(f"{kind}_proj {ts[0]}x{ts[1]} < {ss[0]}x{ss[1]}")
+    if small:
+        raise PktError(f"teacher {teacher.ref!r} is smaller than student {student.ref!r} in {'; '.join(small)}: "
+                       f"{', '.join(moving)} move teacher weights into the student and need the teacher at least "
+                       "as large in every transferred dimension")
+
+
+def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str], analysis: bool) -> None:
+    need = [m for m in methods if needs_same_tokenizer(m)] + (["analysis"] if analysis else [])
+    if not need or teacher.path is None or student.path is None:
+        return
+    from transformers import AutoTokenizer
+
+    from pkt.models.load import assert_same_tokenizer
+
+    try:
+        a, b = AutoTokenizer.from_pretrained(teacher.path), AutoTokenizer.from_pretrained(student.path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizers of {teacher.ref!r} / {student.ref!r}: "
+                         f"{str(e).splitlines()[0]}") from None
+    try:
+        assert_same_tokenizer(a, b)
+    except PktError as e:
+        raise PktError(f"{', '.join(need)}: {e}") from None
+
+
+def check_sandbox(tasks: list[str], allow_weak: bool) -> dict | None:
+    code = [t for t in tasks if t in CODE_TASKS]
+    if not code:
+        return None
+    from pkt.evaluate import sandbox
+
+    iso = sandbox.isolation()
+    strong = iso.get("net") == "namespace" and iso.get("fs") == "namespace" and iso.get("user") != "self"
+    if not strong and not allow_weak:
+        raise PktError(f"{', '.join(code)} run generated code, but the sandbox isolation is incomplete here "
+                       f"({iso}); run as root or with user namespaces, or set allow_weak_sandbox: true")
+    return iso
+
+
+def free_bytes(out: Path) -> int:
+    p = Path(out).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk(out: Path, need: int) -> int:
+    free = free_bytes(out)
+    if free < need:
+        raise PktError(f"disk: {out} has {free / 1e9:.1f} GB free, the plan writes up to {need / 1e9:.1f} GB "
+                       "(set keep_checkpoints: false, shrink the study, or choose another --out)")
+    return free
+
+
+def check_models(cfg, plan: bool = False) -> tuple[ModelFacts, ModelFacts]:
+    """Checks 1-3: resolve both models, then tokenizers and dimensions."""
+    teacher, student = model_facts(cfg.teacher, plan), model_facts(cfg.student, plan)
+    check_dimensions(teacher, student, list(cfg.methods))
+    check_tokenizers(teacher, student, list(cfg.methods), cfg.analysis)
+    return teacher, student
