@@ -1,4 +1,9 @@
-"""The knowledge-distillation baseline as its own command, `pkt kd`, on tiny models.
+"""The knowledge-distillation baselines as their own command, `pkt kd` (seqkd, gkd), on tiny models.
+
+* seqkd answers: generated to completion within the budget and flagged ``finished``; truncated ones dropped
+  or kept open (no end-of-turn token in the training labels), with their counts;
+* gkd: the loss against a direct float64 computation of the generalized JSD; the loop's first logged loss
+  (off-policy, LoRA B = 0) against the teacher-vs-student forward KL computed outside it; the CLI run;
 
 * in process (CliRunner): teacher answers written to OUT/kd_train.jsonl and reused by a re-run; the student
   trained on them; a stale answers file and an unknown task are one-line errors with exit status 2;
@@ -57,7 +62,8 @@ def env(tmp_path, monkeypatch, tiny_tok, one_thread):
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(8)))
     # both sections of the settings file: the fine-tuning one (shared with `pkt postpkt`) and the teacher's
-    (tmp_path / "kd.yaml").write_text("finetune:\n  dropout: 0.0\nkd:\n  max_new_tokens: 12\n")
+    # the tiny random teacher rarely ends an answer within 12 tokens: keep truncated answers (open)
+    (tmp_path / "kd.yaml").write_text("finetune:\n  dropout: 0.0\nkd:\n  max_new_tokens: 12\n  truncated: keep\n")
     monkeypatch.setenv("PKT_DATA_DIR", str(tmp_path / "data"))
     v = len(tiny_tok)
     t = testing.save_tiny(testing.tiny_model("qwen2", "teacher", v), tiny_tok, tmp_path / "teacher")
@@ -79,7 +85,10 @@ def test_kd_cli_writes_answers_trains_and_resumes(env):
     meta = json.loads((out / KD_META).read_text())
     assert meta["teacher"] == t and meta["n"] == 6 and meta["max_new_tokens"] == 12 and meta["task"] == "gsm8k"
     summary = json.loads((out / "run" / "summary.json").read_text())
-    assert summary["method"] == "kd" and summary["init"] == "lora" and summary["steps"] == 4
+    assert summary["method"] == "seqkd" and summary["init"] == "lora" and summary["steps"] == 4
+    n_done = sum(bool(x.meta["finished"]) for x in rows)
+    assert summary["answers"] == {"answers": 6, "finished": n_done, "truncated": 6 - n_done, "dropped": 0,
+                                  "kept_open": 6 - n_done, "train_rows": 6}
     assert summary["config"]["r"] == 4 and summary["config"]["lr"] == 1e-2 and summary["config"]["dropout"] == 0
     assert summary["kd"]["max_new_tokens"] == 12 and summary["data_reused"] is False
     for d in ("adapter", "adapter_init", "merged"):
@@ -122,7 +131,151 @@ def test_split_generation_equals_one_generate_call(qwen_pair, one_thread):
     want = generate(teacher, tok, [render_prompt(e.user, tok, "chat") for e in ex], max_new_tokens=8, batch_size=3,
                     temperature=0.0, progress=False)
     assert [g.assistant for g in got] == [w[0].strip() for w in want]
-    assert [g.meta for g in got] == [{"id": i, "answer_source": "teacher"} for i in range(7)]
+    assert [{k: v for k, v in g.meta.items() if k != "finished"} for g in got] == \
+        [{"id": i, "answer_source": "teacher"} for i in range(7)]
+
+
+def test_answers_run_to_completion_within_the_budget(qwen_pair, one_thread):
+    """Property: a finished answer is what a larger budget also gives; a truncated one is a prefix of it."""
+    teacher, _, tok = qwen_pair
+    ex = [ChatExample(x["messages"][0]["content"], "", {"id": i}) for i, x in enumerate(_rows(8))]
+    short = teacher_answers(teacher, tok, ex, max_new_tokens=40, batch_size=3, progress=False)
+    long = teacher_answers(teacher, tok, ex, max_new_tokens=80, batch_size=3, progress=False)
+    assert {g.meta["finished"] for g in short} == {True, False}  # both kinds occur on this pair
+    for a, b in zip(short, long):
+        if a.meta["finished"]:
+            assert b.meta["finished"] and b.assistant == a.assistant
+        else:
+            assert b.assistant.startswith(a.assistant) and len(b.assistant) > len(a.assistant)
+
+
+def test_budget_policy_counts_and_open_answers(tiny_tok):
+    from pkt.align.distill import budget_policy
+    from pkt.data.chat import IGNORE, tokenize_example
+    from pkt.errors import PktError
+
+    rows = [ChatExample(f"q{i}", f"answer {i}", {"id": i, "finished": i % 3 == 0}) for i in range(6)]
+    kept, counts = budget_policy(rows, "drop")
+    assert [r.meta["id"] for r in kept] == [0, 3]
+    assert counts == {"answers": 6, "finished": 2, "truncated": 4, "dropped": 4, "kept_open": 0, "train_rows": 2}
+    kept, counts = budget_policy(rows, "keep")
+    assert [r.meta["id"] for r in kept] == list(range(6)) and counts["kept_open"] == 4 and counts["dropped"] == 0
+    eos = tiny_tok.eos_token_id
+    for r in kept:
+        labels = [t for t in tokenize_example(r, tiny_tok, "chat", 128)["labels"] if t != IGNORE]
+        # a finished answer is closed with the end-of-turn token; a truncated one is not
+        assert (labels[-1] == eos) == r.meta["finished"]
+        assert tiny_tok.decode(labels, skip_special_tokens=True).strip() == r.assistant
+    with pytest.raises(PktError, match="every one of the 2"):
+        budget_policy([ChatExample("q", "a", {"finished": False})] * 2, "drop")
+
+
+# ---- GKD ----------------------------------------------------------------------------------------------
+
+def _direct_gjsd(s_logits, t_logits, mask, beta):
+    """Eq. (1) of the GKD paper in float64, token by token: β·KL(T‖M) + (1−β)·KL(S‖M), M = βT + (1−β)S."""
+    out = []
+    for pos in mask.nonzero().tolist():
+        ps = torch.softmax(s_logits[tuple(pos)].double(), -1)
+        pt = torch.softmax(t_logits[tuple(pos)].double(), -1)
+
+        def kl(p, q):
+            return float((p * (p.log() - q.log())).sum())
+
+        if beta == 0:
+            out.append(kl(pt, ps))
+        elif beta == 1:
+            out.append(kl(ps, pt))
+        else:
+            mix = beta * pt + (1 - beta) * ps
+            out.append(beta * kl(pt, mix) + (1 - beta) * kl(ps, mix))
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_generalized_jsd_loss_matches_direct_computation(qwen_pair, beta):
+    from pkt.align.gkd import generalized_jsd_loss
+
+    teacher, student, tok = qwen_pair
+    ids = torch.tensor([[5, 17, 9, 33, 2, 41, 8], [12, 3, 3, 27, 19, 0, 0]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    with torch.no_grad():
+        s, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+    want = _direct_gjsd(s, t, labels != -100, beta)
+    got = generalized_jsd_loss(s, t, labels, beta=beta, reduction="none")
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert float(generalized_jsd_loss(s, t, labels, beta=beta, reduction="batchmean")) == \
+        pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert min(want) > 0  # two different random models: a non-trivial oracle
+
+
+def test_gkd_loop_first_loss_is_the_forward_kl(qwen_pair, one_thread):
+    """Off-policy (lmbda 0), LoRA B = 0 at step 1: the logged loss is KL(teacher‖student) over the gold
+    answer tokens of the step, computed here without the loop."""
+    from pkt.align.finetune import FinetuneConfig
+    from pkt.align.gkd import GKDConfig, gkd_finetune
+    from pkt.align.lora_init import make_lora_model
+    from pkt.data.chat import tokenize_example
+
+    teacher, student, tok = qwen_pair
+    ex = [ChatExample(x["messages"][0]["content"], x["messages"][1]["content"], {}) for x in _rows(4)]
+    ft = FinetuneConfig(r=4, alpha=8, dropout=0.0, lr=1e-2, epochs=2, batch_size=4, micro_batch_size=2,
+                        max_length=64, warmup_ratio=0.0)
+    want = []
+    for e in ex:
+        f = tokenize_example(e, tok, "chat", 64)
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+        with torch.no_grad():
+            want += _direct_gjsd(student(input_ids=ids).logits[:, :-1], teacher(input_ids=ids).logits[:, :-1],
+                                 labels[:, 1:] != -100, 0.0)
+    model = make_lora_model(student, "lora", ft.targets, ft.r, ft.alpha, ft.dropout)
+    logs = gkd_finetune(model, teacher, tok, ex, ft, GKDConfig(lmbda=0.0), progress=False)
+    assert len(logs) == 2 and logs[0]["on_policy"] == 0 and logs[0]["tokens"] == len(want)
+    assert logs[0]["loss"] == pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert logs[1]["loss"] < logs[0]["loss"]  # it learns the teacher's distributions
+
+
+def test_gkd_loop_is_on_policy_and_stops_on_a_non_finite_loss(qwen_pair, one_thread):
+    from pkt.align.finetune import FinetuneConfig
+    from pkt.align.gkd import GKDConfig, gkd_finetune
+    from pkt.align.lora_init import make_lora_model
+    from pkt.errors import PktError
+
+    teacher, student, tok = qwen_pair
+    ex = [ChatExample(x["messages"][0]["content"], x["messages"][1]["content"], {}) for x in _rows(3)]
+    ft = FinetuneConfig(r=4, alpha=8, dropout=0.0, lr=1e-3, epochs=1, batch_size=3, micro_batch_size=3,
+                        max_length=64)
+    model = make_lora_model(student, "lora", ft.targets, ft.r, ft.alpha, ft.dropout)
+    logs = gkd_finetune(model, teacher, tok, ex, ft, GKDConfig(max_new_tokens=6), progress=False)
+    # every prompt answered by the student's own sample (at most 6 tokens each), not by the gold answer
+    assert logs[0]["on_policy"] == 3 and 3 <= logs[0]["tokens"] <= 3 * 6
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(PktError, match="gkd: loss is nan at step 1"):
+        gkd_finetune(model, teacher, tok, ex, ft, GKDConfig(max_new_tokens=6), progress=False)
+
+
+def test_kd_cli_gkd(env):
+    tmp, t, s = env
+    out = tmp / "gkd"
+    r = testing.invoke_cli(["kd", "--method", "gkd", "--teacher", t, "--student", s, "--task", "gsm8k", "--out",
+                            str(out), "--n-train", "4", "--gkd-max-new-tokens", "8", "--config", str(tmp / "kd.yaml"),
+                            *SMALL])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["method"] == "gkd" and summary["gkd"]["lmbda"] == 1.0 and summary["gkd"]["beta"] == 0.0
+    assert summary["steps"] == 2 and not (out / KD_FILE).exists()  # no teacher answers: the student samples
+    from safetensors.torch import load_file
+
+    merged, student = load_file(str(out / "run" / "merged" / "model.safetensors")), load_file(
+        str(Path(s) / "model.safetensors"))
+    assert any(not torch.equal(merged[k], student[k]) for k in merged)
+    r = testing.invoke_cli(["kd", "--method", "sft", "--teacher", t, "--student", s, "--task", "gsm8k", "--out",
+                            str(tmp / "bad")])
+    assert r.exit_code != 0 and "--method 'sft'" in str(r.exception) and not (tmp / "bad").exists()
 
 
 def _run(cmd, cwd) -> str:

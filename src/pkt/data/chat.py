@@ -208,6 +208,9 @@ def segments(example, tokenizer, style: str = "chat", assistant_turns: str = "al
     msgs = messages_of(example)
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     suffix = response_suffix(tokenizer, style)
+    # a final answer cut by a generation budget (meta "open_end", e.g. a truncated teacher answer for KD) is
+    # not closed: closing it would teach the model to stop mid-answer
+    open_end = bool(getattr(example, "meta", None) and example.meta.get("open_end"))
     pieces: list[tuple[str, bool]] = []
     done = ""
     for k, a in enumerate(answers):
@@ -215,7 +218,7 @@ def segments(example, tokenizer, style: str = "chat", assistant_turns: str = "al
         if not prompt.startswith(done):
             raise PktError(f"the {style!r} chat template does not render conversation turn {a} as an extension of "
                            "the turns before it; multi-turn labels need a prefix-stable template")
-        response = msgs[a]["content"] + suffix
+        response = msgs[a]["content"] + ("" if open_end and k == len(answers) - 1 else suffix)
         pieces.append((prompt[len(done):], False))
         pieces.append((response, assistant_turns == "all" or k == len(answers) - 1))
         done = prompt + response
