@@ -166,16 +166,16 @@ def check_model_dir(path: str | os.PathLike, ref=None) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"model {name!r}: {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from None
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     # `architectures` says what was saved (a BertModel encoder has a causal class in transformers, but
     # loading it as one would evaluate a randomly initialised head).
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not causal.intersection(archs):
-        raise ModelError(f"model {name!r}: {path / 'config.json'} describes {', '.join(archs)}, not a causal LM "
+        raise ModelError(f"{path / 'config.json'}: describes {', '.join(archs)}, not a causal LM "
                          "(expected e.g. Qwen2ForCausalLM)")
     if not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"model {name!r}: model_type {config.model_type!r} has no causal-LM class")
+        raise ModelError(f"{path / 'config.json'}: model_type {config.model_type!r} has no causal-LM class")
 
 
 def load_model(ref, dtype: str | torch.dtype = torch.float32, device_map=None, max_memory=None, **kwargs):
