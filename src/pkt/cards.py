@@ -143,6 +143,10 @@ def eval_results(results: list[dict]):
     return out
 
 
+def default_name(student, method: str, task=None) -> str:
+    return f"{(hub_id(student) or 'student').split('/')[-1]}-pkt-{method}{'-' + task if task else ''}"
+
+
 def build_card(*, library: str, method: str, student, teacher=None, task=None, data=None, command: str | None = None,
                details: dict | None = None, results: list[dict] | None = None, name: str | None = None):
     """A ``huggingface_hub.ModelCard`` for one checkpoint (``library="transformers"``) or adapter (``"peft"``)."""
@@ -150,7 +154,7 @@ def build_card(*, library: str, method: str, student, teacher=None, task=None, d
 
     base = hub_id(student)
     data_text, datasets = _data_line(task, data)
-    name = name or f"{(base or 'student').split('/')[-1]}-pkt-{method}{'-' + task if task else ''}"
+    name = name or default_name(student, method, task)
     evals = eval_results(results or [])
     card_data = ModelCardData(base_model=base, library_name=library, tags=["pkt", method], datasets=datasets or None,
                               license=license_of(student), model_name=name if evals else None,
@@ -235,6 +239,14 @@ def write_run_cards(run_dir: str | Path, summary: dict, command: str | None = No
     if (run_dir / "adapter").is_dir():
         fix_adapter_config(run_dir / "adapter", summary.get("student"))
         written.append(save_card(build_card(library="peft", **kw), run_dir / "adapter"))
+    if (run_dir / "adapter_init").is_dir():
+        fix_adapter_config(run_dir / "adapter_init", summary.get("student"))
+        note = ("the adapter as initialised, before fine-tuning: peft's reference point for converting the trained "
+                "adapter" + ("; it applies to the residual base W - BA, not to the student itself"
+                             if method in ("pissa", "seeking") else ""))
+        init_kw = {**kw, "details": {**kw["details"], "note": note}, "results": None}
+        written.append(save_card(build_card(library="peft", name=default_name(kw["student"], method, kw["task"]) + "-init",
+                                            **init_kw), run_dir / "adapter_init"))
     return written
 
 
