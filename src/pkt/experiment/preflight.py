@@ -61,8 +61,11 @@ def _causal_lm_config(where: str, ref: str):
         cfg = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelError(f"model {ref!r}: no usable config ({str(e).splitlines()[0]})") from None
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"model {ref!r}: model_type {cfg.model_type!r} is not a causal language model")
+    archs = getattr(cfg, "architectures", None) or []
+    causal = [a for a in archs if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal):
+        what = f"{'/'.join(archs)} ({cfg.model_type})" if archs else repr(cfg.model_type)
+        raise ModelError(f"model {ref!r}: {what} is not a causal language model")
     return cfg
 
 
@@ -127,8 +130,15 @@ def _meta_facts(config, ref: str):
 
     from pkt.models.arch import ArchSpec
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a meta-device build is not a model the user will run: no advice
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_logging.set_verbosity(level)
     params = sum(p.numel() for p in model.parameters())
     try:
         spec = ArchSpec.from_model(model)

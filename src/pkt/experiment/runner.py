@@ -31,6 +31,8 @@ from pkt.io import write_json
 from pkt.seeding import seed_everything
 
 FINETUNED = ("lora", "pissa", "seeking")
+SEEKING_CONTROLS = ("seeking-random", "seeking-shuffled")  # Seeking's init with random / misplaced factors
+SEEKING = ("seeking", *SEEKING_CONTROLS)  # the methods that need the extraction
 SPLITS = ("extract", "align", "train")
 
 
@@ -123,8 +125,16 @@ class Study:
 
         b = self.cfg.budget_for(task) if task else self.cfg.budget
         return SeekingConfig(n_samples=b.extract_samples, rank=b.rank, style=self.cfg.style,
+                             targets=self.seeking_targets(task),
                              max_length=b.max_length, dtype=self.cfg.teacher_dtype,
                              train_on_inputs=b.train_on_inputs)
+
+    def seeking_targets(self, task: str | None = None) -> list[str]:
+        """Module kinds Seeking (and its controls) transfer: the fine-tuning targets, plus embed/lm_head if asked."""
+        from pkt.align.finetune import FinetuneConfig
+
+        b = self.cfg.budget_for(task) if task else self.cfg.budget
+        return list(FinetuneConfig().targets) + (["embed", "lm_head"] if b.seeking_embeddings else [])
 
     def laten_cfg(self, task: str, seed: int):
         from pkt.laten import LatenConfig
@@ -166,6 +176,14 @@ class Study:
         from pkt.postpkt import run_extraction
 
         cfg = self.seeking_cfg(task)
+        if "embed" in cfg.targets:  # checked on the configs (meta device), before the teacher's sensitivity
+            from pkt.postpkt import spec_from_ref
+
+            s_spec, t_spec = spec_from_ref(self.cfg.student), spec_from_ref(self.cfg.teacher)
+            if s_spec.tied_embeddings or s_spec.vocab_size != t_spec.vocab_size:
+                raise PktError("budget.seeking_embeddings needs one vocabulary and a student with untied embeddings "
+                               f"(student {s_spec.vocab_size} tokens, tied={s_spec.tied_embeddings}; teacher "
+                               f"{t_spec.vocab_size})")
         payload = {"teacher": self.cfg.teacher, "student": self.cfg.student, "task": task, "seeking": cfg.model_dump()}
         path, _ = self._stage(f"extract-{task}", payload, lambda d: {
             "manifest_keys": sorted(run_extraction(self.cfg.teacher, self.cfg.student, task, cfg, d / "factors",
@@ -174,7 +192,9 @@ class Study:
         return path / "factors"
 
     def kd_data(self, task: str) -> Path:
-        from pkt.align.distill import teacher_answers
+        """SeqKD's training rows: the teacher's answers, to completion within the budget (truncated ones
+        dropped or kept open); the stage result counts them."""
+        from pkt.align.distill import budget_policy, teacher_answers
         from pkt.data.jsonl import write_chat_jsonl
         from pkt.data.tasks import load_split
         from pkt.models.load import load_model, load_tokenizer
@@ -182,15 +202,21 @@ class Study:
         b = self.cfg.budget_for(task)
         n_train = self.n_train[task]
         payload = {"teacher": self.cfg.teacher, "task": task, "n": n_train, "style": self.cfg.style,
-                   "max_new_tokens": b.kd_max_new_tokens, "dtype": self.cfg.teacher_dtype}
+                   "max_new_tokens": b.kd_max_new_tokens, "dtype": self.cfg.teacher_dtype,
+                   "truncated": b.kd_truncated, "answers": "to completion"}
 
         def fn(d: Path) -> dict:
             tok = load_tokenizer(self.cfg.teacher)
             teacher = load_model(self.cfg.teacher, dtype=self.cfg.teacher_dtype)
-            rows = teacher_answers(teacher, tok, load_split(task, "train")[:n_train], style=self.cfg.style,
-                                   max_new_tokens=b.kd_max_new_tokens)
+            answers = teacher_answers(teacher, tok, load_split(task, "train")[:n_train], style=self.cfg.style,
+                                      max_new_tokens=b.kd_max_new_tokens)
+            rows, counts = budget_policy(answers, b.kd_truncated)
+            write_chat_jsonl(answers, d / "kd_answers.jsonl")
             write_chat_jsonl(rows, d / "kd_train.jsonl")
-            return {"n": len(rows), "mean_chars": sum(len(r.assistant) for r in rows) / max(1, len(rows))}
+            self._log(f"seqkd data: {counts['finished']} of {counts['answers']} teacher answers finished within "
+                      f"{b.kd_max_new_tokens} tokens; {counts['dropped']} dropped, {counts['kept_open']} kept open")
+            return {"n": len(rows), **counts,
+                    "mean_chars": sum(len(r.assistant) for r in rows) / max(1, len(rows))}
 
         path, _ = self._stage(f"kd-data-{task}", payload, fn,
                               reads={"models": [self.cfg.teacher], "data": {task: ["train"]}})
@@ -208,18 +234,45 @@ class Study:
 
             ft = self.finetune_cfg(task, seed)
             factors = shared.get("factors") if method == "seeking" else None
+            if method == "seeking":
+                ft = ft.model_copy(update={"targets": self.seeking_targets(task)})
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
                        "finetune": ft.model_dump(), "factors": str(factors) if factors else None}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
                 progress=True, log=self._log)), reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
-        if method == "kd":
+        if method in SEEKING_CONTROLS:
+            from pkt.postpkt import run_postpkt
+
+            control = method.split("-", 1)[1]
+            ft = self.finetune_cfg(task, seed).model_copy(update={"targets": self.seeking_targets(task)})
+            factors = shared["factors"]
+            payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
+                       "finetune": ft.model_dump(), "factors": str(factors), "control": control}
+            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
+                c.teacher, c.student, task, "seeking", d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
+                progress=True, log=self._log, control=control)),
+                reads={"models": [c.student], "data": {task: ["train"]}})
+            return str(path / "run" / "merged"), c.eval_dtype
+        if method == "gkd":
+            from pkt.align.gkd import GKDConfig
+
+            b = c.budget_for(task)
+            ft = self.finetune_cfg(task, seed)
+            gc = GKDConfig(lmbda=b.gkd_lmbda, beta=b.gkd_beta, temperature=b.gkd_temperature,
+                           max_new_tokens=b.gkd_max_new_tokens, teacher_dtype=c.teacher_dtype)
+            payload = {"method": "gkd", "task": task, "teacher": c.teacher, "student": c.student,
+                       "finetune": ft.model_dump(), "gkd": gc.model_dump()}
+            path, _ = self._stage(f"gkd-{task}-s{seed}", payload, lambda d: self._gkd(task, ft, gc, d / "run"),
+                                  reads={"models": [c.teacher, c.student], "data": {task: ["train"]}})
+            return str(path / "run" / "merged"), c.eval_dtype
+        if method == "seqkd":
             ft = self.finetune_cfg(task, seed)
             kd_file = shared["kd_file"]
-            payload = {"method": "kd", "task": task, "student": c.student, "finetune": ft.model_dump(),
+            payload = {"method": "seqkd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                        "data": str(kd_file)}
-            path, _ = self._stage(f"kd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"),
+            path, _ = self._stage(f"seqkd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"),
                                   reads={"models": [c.student]})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten":
@@ -239,6 +292,13 @@ class Study:
 
         return _summary(distill_finetune(self.cfg.student, read_chat_jsonl(kd_file), ft, out,
                                          extra={"data": str(kd_file)}))
+
+    def _gkd(self, task: str, ft, gc, out: Path) -> dict:
+        from pkt.align.gkd import gkd_distill
+        from pkt.data.tasks import load_split
+
+        prompts = load_split(task, "train")[: ft.n_train]
+        return _summary(gkd_distill(self.cfg.teacher, self.cfg.student, prompts, ft, gc, out, progress=True))
 
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
@@ -357,15 +417,17 @@ class Study:
 
     def _build_lazily(self, method: str, task: str, seed: int, shared: dict) -> tuple[str, str]:
         """Build the method's model unless its evaluation is cached (its weights may have been pruned)."""
-        if self.cache.dry:
-            return self.build(method, task, seed, shared)
         (ref, dtype), peeked = self._peek(lambda: self.build(method, task, seed, shared))
         if peeked and self._peek(lambda: self.evaluate(method, ref, dtype, task, seed))[0] is not None:
             for r in peeked:
                 self.cache.records.append(StageRecord(r.stage, r.key, r.seconds, True))
-                self._log(f"[cached] {r.stage}: not needed, its evaluation is cached")
+                if not self.cache.dry:
+                    self._log(f"[cached] {r.stage}: not needed, its evaluation is cached")
                 if self.bar is not None:
                     self.bar.update(1)
+            return ref, dtype
+        if self.cache.dry:
+            self.cache.records.extend(peeked)
             return ref, dtype
         return self.build(method, task, seed, shared)
 
@@ -388,9 +450,9 @@ class Study:
         c = self.cfg
         for task in c.tasks:
             s = shared.setdefault(task, {})
-            if "seeking" in c.methods:
+            if set(SEEKING) & set(c.methods):
                 s["factors"] = self.extraction(task)
-            if "kd" in c.methods:
+            if "seqkd" in c.methods:
                 s["kd_file"] = self.kd_data(task)
             for seed in c.seeds:
                 for method in c.methods:
@@ -410,9 +472,9 @@ class Study:
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         records, shared = [], {}
+        est = self.preflight()  # read-only: a failing check leaves no trace in the output directory
+        self.log(est.summary_line())
         with self.cache.lock():
-            est = self.preflight()
-            self.log(est.summary_line())
             self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
             try:
                 figures = self._walk(records, shared)

@@ -1,0 +1,134 @@
+"""`pkt run` refuses a study that cannot succeed before any stage runs: one line, exit status 2.
+
+Each case starts from a config whose preflight passes (the control) and breaks exactly one thing. The
+CLI cases run the real `pkt` process; sandbox and disk failures are simulated in-process (the machine's
+real isolation and free space are what they are).
+"""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pkt.config import validate
+from pkt.errors import PktError
+from pkt.experiment.config import ExperimentConfig
+from pkt.experiment.runner import Study
+from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
+
+BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
+              laten_batch=2, kd_max_new_tokens=8, eval_limit=3, eval_max_new_tokens=8, loss_examples=3)
+
+
+@pytest.fixture
+def pair(tmp_path, qwen_pair):
+    teacher, student, tok = qwen_pair
+    return save_tiny(teacher, tok, tmp_path / "teacher"), save_tiny(student, tok, tmp_path / "student")
+
+
+def _config(tmp_path, name="c.yaml", **over):
+    data = {"name": "pre", "teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student"),
+            "tasks": ["gsm8k"], "methods": ["student", "teacher", "seeking", "laten"], "seeds": [0],
+            "teacher_dtype": "float32", "analysis": False, "budget": BUDGET, **over}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path, validate(ExperimentConfig, data)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pkt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line(res, *needles):
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("pkt: error:"), res.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_control_passes_preflight(tmp_path, pair, shared_data):
+    _, cfg = _config(tmp_path)
+    est = Study(cfg, tmp_path / "out", log=lambda s: None).preflight()
+    assert [s["stage"] for s in est.stages][:2] == ["extract-gsm8k", "eval-student-gsm8k-s0"]
+    assert not (tmp_path / "out").exists()  # preflight writes nothing
+
+
+def test_model_that_does_not_resolve(tmp_path, pair, shared_data):
+    path, _ = _config(tmp_path, teacher=str(tmp_path / "no-such-model"))
+    line = _one_line(_cli("run", path, "--out", tmp_path / "out"), "no-such-model")
+    assert "not an embedded name" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_that_is_not_a_causal_lm(tmp_path, pair, shared_data):
+    from transformers import BertConfig
+
+    d = tmp_path / "bert"
+    d.mkdir()
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+               architectures=["BertForMaskedLM"]).save_pretrained(d)  # a masked-LM checkpoint
+    (d / "model.safetensors").write_bytes(b"")
+    path, _ = _config(tmp_path, student=str(d))
+    _one_line(_cli("run", path, "--out", tmp_path / "out"), "BertForMaskedLM (bert) is not a causal language model")
+
+
+def test_teacher_smaller_than_student(tmp_path, pair, shared_data):
+    # the tiny teacher is deeper and wider than the student in every projection: swapping them must fail,
+    # naming each dimension in which the "teacher" is smaller (tiny_config: 3 < 4 layers, 48 < 64 hidden ...)
+    path, _ = _config(tmp_path, teacher=str(tmp_path / "student"), student=str(tmp_path / "teacher"))
+    line = _one_line(_cli("run", path, "--out", tmp_path / "out"), "is smaller than student", "layers 3 < 4",
+                     "up_proj 112x48 < 176x64", "seeking, laten")
+    assert not (tmp_path / "out").exists()
+    assert line.count("_proj") == 7  # every projection is smaller in the swapped pair
+
+
+def test_transfer_free_study_accepts_any_sizes(tmp_path, pair, shared_data):
+    # the same swap without a parametric transfer is a valid study (KD works from any teacher)
+    _, cfg = _config(tmp_path, teacher=str(tmp_path / "student"), student=str(tmp_path / "teacher"),
+                     methods=["student", "teacher", "lora"])
+    Study(cfg, tmp_path / "out", log=lambda s: None).preflight()
+
+
+def test_tokenizers_differ(tmp_path, qwen_pair, shared_data):
+    teacher, student, tok = qwen_pair
+    save_tiny(teacher, tok, tmp_path / "teacher")
+    other = tiny_tokenizer(vocab_size=300)
+    save_tiny(tiny_model("qwen2", "student", len(tok)), other, tmp_path / "student")
+    path, _ = _config(tmp_path)
+    _one_line(_cli("run", path, "--out", tmp_path / "out"), "laten:", "tokenizers differ")
+    # LaTen is what needs them identical: without it (and without the analysis) the study may proceed
+    _, cfg = _config(tmp_path, methods=["student", "teacher", "seeking"])
+    Study(cfg, tmp_path / "out", log=lambda s: None).preflight()
+
+
+def test_sandbox_isolation_missing(tmp_path, pair, shared_data, monkeypatch):
+    from pkt.evaluate import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation", lambda config=None: {"net": "prelude", "fs": "none", "user": "self"})
+    _, cfg = _config(tmp_path, tasks=["mbpp"])
+    with pytest.raises(PktError, match=r"^mbpp run generated code, but the sandbox isolation is incomplete") as e:
+        Study(cfg, tmp_path / "out", log=lambda s: None).run()
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    _, ok = _config(tmp_path, tasks=["mbpp"], allow_weak_sandbox=True)
+    Study(ok, tmp_path / "out", log=lambda s: None).preflight()
+    _, no_code = _config(tmp_path, tasks=["gsm8k"])  # no code task: isolation is not needed
+    Study(no_code, tmp_path / "out", log=lambda s: None).preflight()
+
+
+def test_disk_too_small(tmp_path, pair, shared_data, monkeypatch):
+    import pkt.experiment.preflight as pf
+
+    _, cfg = _config(tmp_path)
+    study = Study(cfg, tmp_path / "out", log=lambda s: None)
+    need = study.preflight().disk_bytes
+    assert need > 0
+    monkeypatch.setattr(pf, "free_bytes", lambda out: need - 1)
+    with pytest.raises(PktError, match=r"^disk: .* GB free, the plan writes up to") as e:
+        study.run()
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    monkeypatch.setattr(pf, "free_bytes", lambda out: need)
+    assert study.preflight().disk_bytes == need
