@@ -47,6 +47,10 @@ METHODS = {
              "fine-tuning",
     "lora": "LoRA baseline: standard LoRA fine-tuning",
     "kd": "knowledge-distillation baseline: LoRA fine-tuning on the teacher's greedy answers to the training prompts",
+    "seqkd": "sequence-level knowledge distillation: LoRA fine-tuning on the teacher's greedy answers to the "
+             "training prompts",
+    "gkd": "on-policy knowledge distillation (GKD): the LoRA student learns the teacher's next-token distributions "
+           "on its own samples",
     "laten": "PrePKT / LaTen: teacher neurons translated to the student's width by a trained hypernetwork and "
              "injected into the student's weights (no fine-tuning)",
 }
