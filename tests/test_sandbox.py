@@ -84,9 +84,11 @@ def test_writes_outside_workdir_do_not_reach_host(tmp_path):
     prog = "import os\nok = 0\n"
     for t in targets:
         prog += f"try:\n    open({t!r}, 'w').write('pwned'); ok += 1\nexcept OSError:\n    pass\n"
-    prog += "raise SystemExit(1)\n"  # never 'passes'
+    prog += "print('written', ok)\nraise SystemExit(1)\n"  # never 'passes'
     r = run_program(prog, FAST)
     assert not r.passed
+    # The writes into /tmp, /var/tmp and /dev/shm did happen (they landed in the private working directory).
+    assert int(r.stdout.split("written")[-1]) >= 3, r.stdout
     for t in targets:
         assert not os.path.exists(t), t
 
@@ -97,8 +99,11 @@ def test_file_size_limit():
 
 
 def test_huge_output_is_capped():
+    # The flood is stopped by the file-size limit on the captured stdout (EFBIG: Python ignores SIGXFSZ),
+    # long before the wall timeout; the result keeps only a tail.
     r = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", SandboxConfig(timeout=3, max_file_mb=2))
-    assert not r.passed and len(r.stdout) <= SandboxConfig().output_chars
+    assert r.status == "failed" and "File too large" in r.stderr and r.duration < 3
+    assert r.stdout == "x" * SandboxConfig().output_chars
 
 
 @needs_strong
