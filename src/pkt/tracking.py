@@ -124,3 +124,36 @@ def read_tensorboard(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_loss_curve(log_file: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) of a loop's own JSONL log (``train_log.jsonl`` of fine-tuning, ``log.jsonl`` of LaTen)."""
+    import json
+
+    rows = [json.loads(line) for line in Path(log_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["loss"])) for r in rows if "step" in r and "loss" in r]
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
+                     title: str = "training loss per step") -> Path | None:
+    """One PNG with a loss curve per trained arm (label → [(step, loss)]); None when there is none."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, pts in curves.items():
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
