@@ -16,8 +16,10 @@ from pkt.experiment.runner import Study
 from pkt.testing import save_tiny
 
 BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3, eval_max_new_tokens=8,
-              loss_examples=3)
+              laten_choice="fixed", laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3,
+              eval_max_new_tokens=8, loss_examples=3,
+              # the tiny teacher never ends an answer within 8 tokens: keep them open rather than drop all
+              kd_truncated="keep", gkd_max_new_tokens=4)
 
 
 @pytest.fixture
@@ -63,7 +65,8 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     reused = {r.key for r in study.cache.records if r.cached}
     assert done_before <= reused
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"student", "teacher", "lora", "pissa", "seeking", "laten", "kd"}
+    assert methods == {"student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled",
+                       "laten", "seqkd", "gkd"}
     for f in ("results.md", "results.csv", "results.json", "report.html", "manifest.json"):
         assert (out / f).is_file()
     manifest = json.loads((out / "manifest.json").read_text())

@@ -13,8 +13,12 @@ from pydantic import Field, field_validator
 from pkt.config import Settings
 from pkt.data.tasks import TASKS
 
-Method = Literal["student", "teacher", "lora", "pissa", "seeking", "laten", "kd"]
-ALL_METHODS: tuple[str, ...] = ("student", "teacher", "lora", "pissa", "seeking", "laten", "kd")
+Method = Literal["student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled", "laten",
+                 "seqkd", "gkd"]
+ALL_METHODS: tuple[str, ...] = ("student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled",
+                                "laten", "seqkd", "gkd")
+# old method names still accepted in a config, with a warning
+RENAMED_METHODS = {"kd": "seqkd"}
 
 
 class Budget(Settings):
@@ -48,6 +52,17 @@ class Budget(Settings):
     laten_lr: float = 3e-4
     # knowledge distillation: teacher answers for the train prompts
     kd_max_new_tokens: int = Field(256, ge=1)
+    # teacher answers still going at kd_max_new_tokens: dropped, or kept without the end-of-turn token
+    kd_truncated: Literal["drop", "keep"] = "drop"
+    # on-policy distillation (GKD; the authors' baseline: lmbda 1 = always the student's own samples, beta 0
+    # = forward KL), on the LoRA of the fine-tuning budget; continuations up to gkd_max_new_tokens tokens
+    gkd_lmbda: float = Field(1.0, ge=0, le=1)
+    gkd_beta: float = Field(0.0, ge=0, le=1)
+    gkd_temperature: float = Field(0.9, gt=0)
+    gkd_max_new_tokens: int = Field(128, ge=1)
+    # Seeking and its controls also transfer embed_tokens and lm_head (the reference's extra targets; needs
+    # one vocabulary and a student with untied embeddings)
+    seeking_embeddings: bool = False
     # evaluation
     eval_limit: int | None = Field(None, ge=1)
     eval_max_new_tokens: int = Field(512, ge=1)
@@ -115,6 +130,19 @@ class ExperimentConfig(Settings):
             except ValidationError as e:
                 err = e.errors()[0]
                 raise ValueError(f"{task}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+        return v
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _renamed(cls, v):
+        import warnings
+
+        if isinstance(v, list):
+            for old, new in RENAMED_METHODS.items():
+                if old in v:
+                    warnings.warn(f"methods: {old!r} is now called {new!r}; read as {new!r}", FutureWarning,
+                                  stacklevel=2)
+            v = [RENAMED_METHODS.get(m, m) if isinstance(m, str) else m for m in v]
         return v
 
     @field_validator("methods")
