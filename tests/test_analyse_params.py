@@ -101,8 +101,11 @@ def test_max_sum_block_bruteforce_and_first_tie():
         i, j = max_sum_submatrix(score, *shape)
         assert sums[(i, j)] == pytest.approx(max(sums.values()))
     assert max_sum_submatrix(torch.ones(4, 4), 2, 2) == (0, 0)
-    assert P.even_layer_map(28, 24)[0] == 0 and P.even_layer_map(28, 24)[-1] == 27
-    assert len(set(P.even_layer_map(28, 24))) == 24
+    assert P.even_layer_map(5, 3) == [0, 2, 4] and P.even_layer_map(7, 4) == [0, 2, 4, 6]
+    assert P.even_layer_map(4, 2) == [0, 3] and P.even_layer_map(3, 1) == [2]
+    m = P.even_layer_map(28, 24)  # the real pair: 24 distinct layers, each within half a step of i·27/23
+    assert m[0] == 0 and m[-1] == 27 and all(a < b for a, b in zip(m, m[1:]))
+    assert all(abs(t - i * 27 / 23) <= 0.5 for i, t in enumerate(m))
 
 
 def test_delta_similarity_located(llama_pair):

@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from pkt import testing
 
@@ -36,16 +38,61 @@ def pkt(*args):
     return testing.invoke_cli(args, catch_exceptions=False)
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _rank_r(w: torch.Tensor, r: int) -> torch.Tensor:
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u[:, :r] * sv[:r]) @ vh[:r]
+
+
+def _max_abs_corner(w: torch.Tensor, x: int, y: int) -> tuple[int, int]:
+    """The contiguous x×y block with the largest Σ|W|, first corner in row-major order (a plain loop)."""
+    a = w.abs().double()
+    sums = {(i, j): float(a[i:i + x, j:j + y].sum()) for i in range(a.shape[0] - x + 1) for j in range(a.shape[1] - y + 1)}
+    best = max(sums.values())
+    return min(k for k, v in sums.items() if v == best)
+
+
 def test_params_pissa_and_seeking(saved, tmp_path):
+    from pkt.models.load import load_model
+
     t, s, _ = saved
+    r = 4
     res = pkt("analyze", "params", "--init", "pissa", "--init", "seeking", "--student", s, "--teacher", t,
-              "--rank", "4", "--out", str(tmp_path))
+              "--rank", str(r), "--teacher-dtype", "float32", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "params.json").read_text())
     assert set(out["records"]) == {"pissa", "seeking"}
-    assert abs(out["summary"]["pissa"]["up_proj"]["cos_BA_remaining"]["mean"]) < 1e-4
-    assert len(out["seeking_blocks"]) == 2 * 3
     assert (tmp_path / "params.png").stat().st_size > 1000
+    teacher, student = load_model(t), load_model(s)
+    w_s = {(i, m): student.model.layers[i].mlp.get_submodule(m).weight.detach() for i in range(3)
+           for m in ("up_proj", "down_proj")}
+    # PiSSA: B·A is W's own top-r part, so cos(BA, W) = sqrt(top-r energy) (plain LoRA would give 0) and
+    # cos(BA, W - BA) = 0.
+    pissa = {(x["layer"], x["module"]): x for x in out["records"]["pissa"]}
+    assert set(pissa) == set(w_s)
+    for key, w in w_s.items():
+        sv = torch.linalg.svdvals(w.double())
+        assert pissa[key]["cos_BA_original"] == pytest.approx(float((sv[:r].square().sum() / sv.square().sum()).sqrt()),
+                                                              abs=1e-5)
+        assert abs(pissa[key]["cos_BA_remaining"]) < 1e-4
+    # Seeking (no seeds): evenly spaced teacher layers 0, 2, 3 for the 3 student layers; in each teacher
+    # weight the student-shaped block with the largest Σ|W|; B·A its rank-r part.
+    blocks = {(b["student_layer"], b["module"]): b for b in out["seeking_blocks"]}
+    seeking = {(x["layer"], x["module"]): x for x in out["records"]["seeking"]}
+    assert set(blocks) == set(seeking) == set(w_s)
+    for (i, m), w in w_s.items():
+        tl = [0, 2, 3][i]
+        tw = teacher.model.layers[tl].mlp.get_submodule(m).weight.detach()
+        r0, c0 = _max_abs_corner(tw, *w.shape)
+        assert (blocks[(i, m)]["teacher_layer"], blocks[(i, m)]["row0"], blocks[(i, m)]["col0"]) == (tl, r0, c0)
+        ba = _rank_r(tw[r0:r0 + w.shape[0], c0:c0 + w.shape[1]], r)
+        assert seeking[(i, m)]["cos_BA_original"] == pytest.approx(_cos(ba, w), abs=1e-5)
+        assert seeking[(i, m)]["cos_BA_remaining"] == pytest.approx(_cos(ba, w.double() - ba), abs=1e-5)
+        assert seeking[(i, m)]["norm_ratio"] == pytest.approx(float(ba.norm() / w.double().norm()), rel=1e-5)
 
 
 def test_params_from_saved_adapter(saved, tmp_path):
@@ -70,22 +117,61 @@ def test_params_from_saved_adapter(saved, tmp_path):
     assert [round(r["cos_BA_remaining"], 4) for r in got2] == [round(r["cos_BA_remaining"], 4) for r in want]
 
 
+def _np_cka(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
 def test_representations_and_behaviour(saved, tmp_path):
+    import torch.nn.functional as F
+
+    from pkt.data.chat import IGNORE, tokenize_example
+    from pkt.data.jsonl import ChatExample
+    from pkt.models.load import load_model, load_tokenizer
+
     t, s, data = saved
-    res = pkt("analyze", "representations", "--teacher", t, "--student", s, "--data", data, "--max-tokens", "24",
-              "--dtype", "float32", "--out", str(tmp_path))
+    res = pkt("analyze", "representations", "--teacher", t, "--student", s, "--data", data, "--tokens", "all",
+              "--max-tokens", "10000", "--dtype", "float32", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "representations.json").read_text())
-    assert rep["n_tokens"] == 24 and set(rep["modules"]) == {"up", "down", "v", "o", "residual"}
-    assert len(rep["modules"]["up"]["rsa"]["matrix"]) == 3 and len(rep["modules"]["residual"]["cka"]["matrix"]) == 4
+    assert set(rep["modules"]) == {"up", "down", "v", "o", "residual"}
     for m in ("cka", "dcka", "rsa"):
         assert (tmp_path / f"representations_{m}.png").stat().st_size > 1000
     res = pkt("analyze", "behaviour", "--teacher", t, "--student", s, "--data", data, "--dtype", "float32",
               "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
     beh = json.loads((tmp_path / "behaviour.json").read_text())
-    assert beh["summary"]["n_examples"] == 3 and 0 <= beh["summary"]["top1_agreement"] <= 1
     assert (tmp_path / "behaviour.png").stat().st_size > 1000
+
+    # The oracle: every example's tokens through each model, unbatched.
+    tok = load_tokenizer(s)
+    teacher, student = load_model(t), load_model(s)
+    feats = [tokenize_example(ChatExample(u, a), tok) for u, a in ROWS]
+    hs, kl, agree = {"t": [], "s": []}, [], []
+    for f in feats:
+        ids = torch.tensor([f["input_ids"]])
+        with torch.no_grad():
+            ot, os_ = (m(input_ids=ids, output_hidden_states=True) for m in (teacher, student))
+        hs["t"].append(ot.hidden_states)
+        hs["s"].append(os_.hidden_states)
+        lt, ls = F.log_softmax(ot.logits[0].double(), -1), F.log_softmax(os_.logits[0].double(), -1)
+        for pos in range(1, len(f["input_ids"])):
+            if f["labels"][pos] != IGNORE:
+                kl.append(float((lt[pos - 1].exp() * (lt[pos - 1] - ls[pos - 1])).sum()))
+                agree.append(int(lt[pos - 1].argmax()) == int(ls[pos - 1].argmax()))
+    # residual stream: the CLI's [student layer][teacher layer] CKA over all tokens of the three examples;
+    # output_hidden_states gives the same states except the last one (taken after the final norm there)
+    states = {k: [torch.cat([h[layer][0] for h in v]).double().numpy() for layer in range(len(v[0]) - 1)]
+              for k, v in hs.items()}
+    cka = rep["modules"]["residual"]["cka"]["matrix"]
+    assert rep["n_tokens"] == sum(len(f["input_ids"]) for f in feats) and len(cka) == 4 and len(cka[0]) == 5
+    for i, x in enumerate(states["s"]):
+        for j, y in enumerate(states["t"]):
+            assert cka[i][j] == pytest.approx(_np_cka(x, y), abs=1e-4), (i, j)
+    summ = beh["summary"]
+    assert (summ["n_examples"], summ["n_tokens"]) == (3, len(kl))
+    assert summ["kl_mean"] == pytest.approx(sum(kl) / len(kl), rel=1e-4)  # KL(teacher ‖ student), not reversed
+    assert summ["top1_agreement"] == pytest.approx(sum(agree) / len(agree))
 
 
 def test_bad_input_is_one_line_error(saved, tmp_path):

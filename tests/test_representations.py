@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,36 @@ def test_summarise_matrix():
     assert s["teacher_ge_student"]["mean"] == pytest.approx(sum(ge) / len(ge))
 
 
+def _np_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al.'s feature-space linear CKA, written out in NumPy."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _np_rsa(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of the strict upper triangles of the token-by-token cosine matrices."""
+    def upper_cos(a):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        return (a @ a.T)[np.triu_indices(a.shape[0], k=1)]
+    return float(np.corrcoef(upper_cos(x), upper_cos(y))[0, 1])
+
+
+def _hooked_outputs(model, plan, path: str) -> list[np.ndarray]:
+    """Per layer, the outputs of the module at ``path`` at the plan's tokens: own hooks, one example per pass."""
+    per_layer = [[] for _ in model.model.layers]
+    for f, pos in zip(plan.features, plan.positions):
+        got = {}
+        handles = [layer.get_submodule(path).register_forward_hook(
+            lambda _m, _i, out, k=k: got.__setitem__(k, out[0])) for k, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([f["input_ids"]]))
+        for h in handles:
+            h.remove()
+        for k in got:
+            per_layer[k].append(got[k][pos])
+    return [torch.cat(x).double().numpy() for x in per_layer]
+
+
 def test_representation_similarity_with_loaders(qwen_pair):
     teacher, student, tok = qwen_pair
     calls = []
@@ -98,11 +129,25 @@ def test_representation_similarity_with_loaders(qwen_pair):
         calls.append("t")
         return teacher
 
-    res = R.representation_similarity(load_t, student, tok, EXAMPLES, R.RepConfig(max_tokens=32, kinds=("v", "o")))
+    cfg = R.RepConfig(max_tokens=32, kinds=("v", "o"), compute_dtype="float64")
+    res = R.representation_similarity(load_t, student, tok, EXAMPLES, cfg)
     assert calls == ["t"] and res["n_tokens"] == 32
     assert set(res["modules"]) == {"v", "o"} and set(res["modules"]["v"]) == {"cka", "dcka", "rsa"}
     assert res["layers"] == {"teacher": {"v": 4, "o": 4}, "student": {"v": 3, "o": 3}}
     json.dumps(res)
+    # Every cell [student layer i][teacher layer j] is the measure of the two modules' outputs at the same
+    # 32 planned tokens, re-collected here with separate hooks and scored with NumPy formulas.
+    plan = R.plan_tokens(EXAMPLES, tok, cfg)
+    for kind, path in (("v", "self_attn.v_proj"), ("o", "self_attn.o_proj")):
+        t_acts, s_acts = _hooked_outputs(teacher, plan, path), _hooked_outputs(student, plan, path)
+        assert t_acts[0].shape == (32, teacher.config.num_key_value_heads * 16 if kind == "v" else 64)
+        for measure, fn in (("cka", _np_cka), ("rsa", _np_rsa)):
+            mat = res["modules"][kind][measure]["matrix"]
+            want = [[fn(s, t) for t in t_acts] for s in s_acts]
+            assert mat == [pytest.approx(row, abs=1e-5) for row in want], (kind, measure)
+        dcka = res["modules"][kind]["dcka"]["matrix"]
+        assert dcka[1][2] == pytest.approx(linear_cka(torch.from_numpy(s_acts[1]), torch.from_numpy(t_acts[2]),
+                                                      debiased=True), abs=1e-5)
     from pkt.errors import PktError
 
     with pytest.raises(PktError):
