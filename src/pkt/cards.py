@@ -273,9 +273,25 @@ def add_results(model_dir: str | Path, results: list[dict]) -> None:
     if not path.is_file():
         return
     card = ModelCard.load(path)
+    if "pkt" not in (card.data.tags or []):  # a model directory pkt did not write (e.g. the user's teacher)
+        return
     evals = eval_results(results)
     if not evals:
         return
     card.data.eval_results = evals
     card.data.model_name = card.data.model_name or Path(model_dir).parent.name
     write_text(path, str(card))
+
+
+def add_study_results(records: list[dict]) -> None:
+    """Put each evaluated model's results (``pkt run`` records with a ``model_dir``) into its cards: the
+    checkpoint's and, for a fine-tuned arm, its adapter's."""
+    by_dir: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("model_dir") and Path(str(r["model_dir"])).is_dir():
+            by_dir.setdefault(str(r["model_dir"]), []).append({"task": r["task"], "score": r["score"], "n": r.get("n")})
+    for model_dir, results in by_dir.items():
+        add_results(model_dir, results)
+        adapter = Path(model_dir).parent / "adapter"
+        if adapter.is_dir():
+            add_results(adapter, results)

@@ -157,3 +157,23 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def study_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Loss curve of every trained arm of a study: records with a ``model_dir`` next to its loop's log
+    (``train_log.jsonl`` of fine-tuning / KD, ``train/log.jsonl`` of LaTen), labelled method (task, seed)."""
+    curves = {}
+    for r in records:
+        if not r.get("model_dir"):
+            continue
+        parent = Path(str(r["model_dir"])).parent
+        for log in (parent / "train_log.jsonl", parent / "train" / "log.jsonl"):
+            if log.is_file():
+                curves[f"{r['method']} ({r['task']}, seed {r['seed']})"] = read_loss_curve(log)
+                break
+    return curves
+
+
+def study_loss_curves(records: list[dict], out: str | Path) -> Path | None:
+    """``out/loss_curves.png`` with :func:`study_curves` (None when no arm was trained)."""
+    return plot_loss_curves(study_curves(records), Path(out) / "loss_curves.png")
