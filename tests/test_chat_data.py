@@ -207,3 +207,16 @@ def test_multi_turn_jsonl_with_system_turns_fine_tunes_on_the_tiny_pair(qwen_pai
         runs = _labelled_runs(tokenize_example(conv, tok, cfg.style, cfg.max_length))
         assert [tok.decode(r) for r in runs] == [m["content"] + tok.eos_token for m in conv.messages()
                                                  if m["role"] == "assistant"]
+
+
+def test_data_identity_follows_the_content(tmp_path):
+    from pkt.data.chat import data_identity
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CONV) + "\n")
+    first = data_identity(path)
+    assert first["source"] == str(path) and len(first["sha256"]) == 64
+    assert data_identity(path) == first
+    path.write_text(json.dumps(CONV) + "\n" + json.dumps(CONV) + "\n")
+    assert data_identity(path)["sha256"] != first["sha256"]
+    assert data_identity("owner/name") == {"source": "owner/name"} and data_identity(None) is None

@@ -282,3 +282,23 @@ def with_answer(example, answer: str, meta: dict | None = None):
     if isinstance(example, ChatExample):
         return ChatExample(example.user, answer, meta)
     return Conversation(example.turns[:-1] + (("assistant", answer),), meta)
+
+
+def data_identity(spec) -> dict | None:
+    """What a cached stage's key records of user data: where it is and, for local data, a hash of its content
+    (a changed file must not reuse a stage trained on the old one; a hub id is named only)."""
+    import hashlib
+
+    if spec is None:
+        return None
+    path = Path(str(spec)).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return {"source": str(spec)}
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return {"source": str(spec), "sha256": h.hexdigest()}
