@@ -27,6 +27,12 @@ def eval_command(
     mbpp_variant: str = typer.Option("full", "--mbpp-variant", help="full (500 test tasks) | sanitized (257)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    reference: str = typer.Option(None, "--reference",
+                                  help="The model MODEL was built from (e.g. the student): if too few of the "
+                                       "entries MODEL changed survive --dtype, evaluate in float32 instead."),
+    min_surviving: float = typer.Option(0.5, "--min-surviving", min=0.0, max=1.0,
+                                        help="With --reference: the fraction of changed entries that must survive "
+                                             "--dtype."),
     device: str = typer.Option(None, "--device", help="e.g. cuda, cpu (default: cuda if available)."),
     exec_timeout: float = typer.Option(10.0, "--exec-timeout", help="Wall seconds per generated program."),
     exec_workers: int = typer.Option(2, "--exec-workers", help="Programs run in parallel."),
@@ -65,12 +71,20 @@ def eval_command(
     path = resolve(model)
     if os.path.isdir(path):
         check_model_dir(path, model)
+    precision = None
+    if reference is not None:
+        from pkt.evaluate.precision import choose_dtype
+
+        dtype, precision = choose_dtype(model, reference, dtype, min_surviving)
+        if precision["fallback"]:
+            typer.echo(f"only {precision['surviving']}/{precision['changed']} entries changed vs {reference} survive "
+                       f"{precision['requested']}: evaluating in float32", err=True)
     tok = load_tokenizer(model)
     m = load_model(model, dtype=dtype)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m.to(dev)
     results = evaluate_model(m, tok, names, out_dir=out, config=cfg, log=typer.echo,
-                             meta={"model": model, "dtype": dtype, "device": dev})
+                             meta={"model": model, "dtype": dtype, "device": dev, "precision": precision})
     summary = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}
                for k, v in results.items() if k in names}
     typer.echo(json.dumps({"model": model, **summary}, indent=1))
