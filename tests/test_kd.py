@@ -10,10 +10,11 @@
 * the split generation in :func:`pkt.align.distill.teacher_answers` answers exactly as one plain
   ``generate`` call over all prompts (what ``pkt run`` got before it was split);
 * ``accelerate launch`` with 2 CPU processes (gloo): the same answers file (byte for byte), per-step losses
-  (rel 1e-5) and merged student weights (rel 1e-5, abs 1e-6) as one process with the same global batch.
+  (rel 1e-5) and merged student weights (rel 1e-5, abs 5e-6) as one process with the same global batch.
   LoRA dropout is off: its masks are drawn per process, so with dropout the runs agree only in
   distribution. Without it they differ only in the order in which gradients are summed (measured: losses
-  equal to the 5 logged decimals, merged weights within 1.5e-7).
+  equal to the 5 logged decimals, merged weights within 1.5e-7 when every answer was closed with the
+  end-of-turn token, within 1.8e-6 of weights up to 0.4 now that the truncated answers are kept open).
 """
 
 from __future__ import annotations
@@ -306,6 +307,6 @@ def test_two_process_kd_matches_one_process(env):
     a, b = (load_file(str(d / "run" / "merged" / "model.safetensors")) for d in (one, two))
     assert a.keys() == b.keys() and a
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=5e-6, msg=k)
     student = load_file(str(Path(s) / "model.safetensors"))
     assert any(not torch.equal(a[k], student[k]) for k in a)  # the merged update is not empty

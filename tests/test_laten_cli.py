@@ -200,6 +200,15 @@ def test_trained_laten_changes_the_student_beyond_bf16(qwen_pair, data, tmp_path
     assert float((fused - base).abs().max()) > 20 * bf16_resolution
 
 
+def test_non_finite_loss_stops_training_before_the_step_is_saved(llama_pair, data, tmp_path):
+    teacher, student, tok = llama_pair
+    run = tmp_path / "run"
+    with pytest.raises(PktError, match=r"laten train: loss is (nan|inf) at step 2"):
+        train(_cfg(data, lr=1e30, init="kaiming"), run, models=wrap_models(teacher, student, tok), progress=False,
+              log=lambda s: None)
+    assert ckpt_path(run, 1).is_file() and not ckpt_path(run, 2).exists()  # the diverged step left nothing
+
+
 def test_delta_stats_oracle(qwen_pair):
     from pkt.laten import delta_stats
 

@@ -51,6 +51,7 @@ from accelerate.utils import align_module_device
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from pkt.align.guard import check_finite
 from pkt.align.hypernet import DEFAULT_KINDS, HyperNet, one_cycle, optimizer, penalty
 from pkt.config import Settings
 from pkt.data.chat import IGNORE, collate, tokenize_example
@@ -61,15 +62,6 @@ from pkt.io import write_json, write_jsonl
 from pkt.locate.attribution import Attribution, attribute_example
 from pkt.locate.layers import select_layers
 from pkt.models.arch import ArchSpec
-
-try:
-    from pkt.align.guard import check_finite
-except ImportError:  # the shared guard is newer than this module: same contract, one line naming the step
-    def check_finite(loss, step: int, what: str) -> None:
-        value = float(loss)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise PktError(f"{what}: loss is {value} at step {step}; lower the learning rate (nothing was saved "
-                           "for this step)")
 
 FFN_KINDS = ("gate", "up", "down")
 ATTN_KINDS = ("v", "o")

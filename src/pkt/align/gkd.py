@@ -111,13 +111,7 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
     from transformers import get_scheduler
 
     from pkt.align.finetune import dist_state
-
-    try:
-        from pkt.align.guard import check_finite
-    except ImportError:  # the shared guard is newer than this module
-        def check_finite(loss, step, what):
-            if not math.isfinite(float(loss)):
-                raise PktError(f"{what}: loss is {float(loss)} at step {step}; lower the learning rate")
+    from pkt.align.guard import check_finite
 
     if dist_state().num_processes > 1:
         raise PktError("gkd runs in one process (its sampling is not split across processes); use seqkd for "
