@@ -37,6 +37,8 @@ def train(
     seed_file: str = typer.Option(None, help="Chat JSONL replacing the train split (apply's seed example)."),
     style: str = typer.Option(None, help="Prompt style: chat | tulu."),
     steps: int = typer.Option(None, help="Stop after this many steps (default: one per extract example)."),
+    schedule: str = typer.Option(None, help="OneCycle over the steps trained (trained) or over the whole extract "
+                                 "split, the reference's (extract) [trained]."),
     batch_size: int = typer.Option(None, help="P: samples per step (P-1 align + the extract example)."),
     micro_batch: int = typer.Option(None, help="Samples per forward/backward pass."),
     lr: float = typer.Option(None, help="Peak learning rate (OneCycle)."),
@@ -58,7 +60,7 @@ def train(
     _threads(threads)
     cfg = load_config(LatenConfig, config, section="train" if config else None, teacher=teacher, student=student,
                       task=task, extract_file=extract_file, align_file=align_file, seed_file=seed_file, style=style,
-                      max_steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+                      max_steps=steps, schedule=schedule, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       transfer_rate=transfer_rate, penalty=penalty, init_std=init_std, cutoff_len=cutoff_len,
                       norm=norm, vocab_top=vocab_top, seed=seed)
     t0 = time.perf_counter()
