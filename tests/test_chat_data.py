@@ -220,3 +220,21 @@ def test_data_identity_follows_the_content(tmp_path):
     path.write_text(json.dumps(CONV) + "\n" + json.dumps(CONV) + "\n")
     assert data_identity(path)["sha256"] != first["sha256"]
     assert data_identity("owner/name") == {"source": "owner/name"} and data_identity(None) is None
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(CONV).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: not UTF-8 \\(byte 0xff"):
+        read_conversations(path)
+
+
+def test_cli_validate_conversations(tmp_path):
+    from pkt.testing import invoke_cli
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(CONV) + "\n")
+    ok = invoke_cli(["data", "validate", "--conversations", path])
+    assert ok.exit_code == 0 and "1 conversations OK" in ok.output, ok.output
+    strict = invoke_cli(["data", "validate", path])  # the PKT-split format: exactly user, assistant
+    assert strict.exit_code != 0 and "2 turns" in str(strict.exception)

@@ -18,12 +18,20 @@ def tasks() -> None:
 
 
 @app.command()
-def validate(paths: list[str] = typer.Argument(..., help="Chat-messages JSONL files.")) -> None:
+def validate(paths: list[str] = typer.Argument(..., help="Chat-messages JSONL files."),
+             conversations: bool = typer.Option(False, "--conversations", help="Check training data for --data "
+                                                "(system turn, multi-turn) instead of the two-turn PKT-split format.")
+             ) -> None:
     """Check that files are valid chat-messages JSONL (errors name file and line)."""
     from pkt.data.jsonl import read_chat_jsonl
 
     for p in paths:
-        typer.echo(f"{p}: {len(read_chat_jsonl(p))} examples OK")
+        if conversations:
+            from pkt.data.chat import read_conversations
+
+            typer.echo(f"{p}: {len(read_conversations(p))} conversations OK")
+        else:
+            typer.echo(f"{p}: {len(read_chat_jsonl(p))} examples OK")
 
 
 @app.command()

@@ -102,8 +102,13 @@ def read_conversations(path: str | Path) -> list[Conversation]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
