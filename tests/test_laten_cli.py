@@ -331,3 +331,22 @@ def test_real_pair_one_step_train_and_apply(shared_data, tmp_path, monkeypatch, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
     ids = tok("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+def test_pkt_run_trains_the_papers_step_or_the_selection_grid(shared_data, tmp_path):
+    """`pkt run`'s LaTen settings: S3 Table 4's steps per task, the grid's last step, or a fixed count; the
+    schedule spans the steps trained."""
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.runner import Study
+
+    def cfg(**budget):
+        return ExperimentConfig(tasks=["gsm8k", "mmlu"], budget={"loss_examples": 2, "train_examples": 4, **budget})
+
+    paper = Study(cfg(), tmp_path / "a", log=lambda s: None)
+    assert [paper.laten_cfg(t, 0).max_steps for t in ("gsm8k", "mmlu")] == [4, 2]
+    assert paper.laten_cfg("gsm8k", 0).schedule == "trained"
+    grid = Study(cfg(laten_choice="select", laten_select_steps=6), tmp_path / "b", log=lambda s: None)
+    assert grid.laten_cfg("mmlu", 0).max_steps == 6
+    fixed = Study(cfg(laten_choice="fixed", laten_steps=3, laten_schedule="extract"), tmp_path / "c",
+                  log=lambda s: None)
+    assert fixed.laten_cfg("gsm8k", 0).max_steps == 3 and fixed.laten_cfg("gsm8k", 0).schedule == "extract"
