@@ -167,8 +167,10 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
                     t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).logits
-                loss = generalized_jsd_loss(s_logits[:, :-1], t_logits[:, :-1].to(s_logits.device),
-                                            batch["labels"][:, 1:], beta=gcfg.beta) / n_tokens
+                # only the continuation's positions: the vocabulary-wide softmaxes are the memory here
+                keep = batch["labels"][:, 1:] != IGNORE
+                loss = generalized_jsd_loss(s_logits[:, :-1][keep], t_logits[:, :-1][keep].to(s_logits.device),
+                                            None, beta=gcfg.beta) / n_tokens
                 loss.backward()
                 loss_sum += float(loss.detach())
             check_finite(loss_sum, step + 1, "gkd")  # before the step: a diverged update is never applied
