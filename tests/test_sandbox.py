@@ -58,11 +58,11 @@ def test_memory_bomb_fails():
 @needs_strong
 def test_fork_bomb_is_contained():
     prog = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    before = len(psutil.pids())
     r = run_program(prog, SandboxConfig(timeout=2.0, max_procs=16))
     assert not r.passed and r.status in ("timeout", "failed")
     assert _no_sandbox_processes()
-    assert len(psutil.pids()) < before + 20
+    # Nothing of the run is left under this process (a machine-wide pid count is noise on a shared host).
+    assert [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
 @needs_strong
@@ -85,8 +85,8 @@ def test_writes_outside_workdir_do_not_reach_host(tmp_path):
     for t in targets:
         prog += f"try:\n    open({t!r}, 'w').write('pwned'); ok += 1\nexcept OSError:\n    pass\n"
     prog += "print('written', ok)\nraise SystemExit(1)\n"  # never 'passes'
-    r = run_program(prog, FAST)
-    assert not r.passed
+    r = run_program(prog, SandboxConfig(timeout=20))
+    assert r.status == "failed", (r.status, r.stderr[-300:])
     # The writes into /tmp, /var/tmp and /dev/shm did happen (they landed in the private working directory).
     assert int(r.stdout.split("written")[-1]) >= 3, r.stdout
     for t in targets:

@@ -275,12 +275,14 @@ class _UidPool:
         self.base, self.count = base, count
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
+        self._next = 0  # round robin: a uid just released is the last to be reused
 
     def acquire(self, wait: float = 60.0) -> tuple[int, int] | None:
         deadline = time.monotonic() + wait
         while True:
             with self._lock:
-                for uid in range(self.base, self.base + self.count):
+                for i in range(self.count):
+                    uid = self.base + (self._next + i) % self.count
                     if uid in self._held:
                         continue
                     fd = os.open(f"/tmp/.pkt-sandbox-uid-{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -289,7 +291,12 @@ class _UidPool:
                     except OSError:
                         os.close(fd)
                         continue
+                    if _uid_processes(uid, zombies=True):  # leftovers (unreaped zombies) would eat its NPROC
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                        os.close(fd)
+                        continue
                     self._held[uid] = fd
+                    self._next = (uid - self.base + 1) % self.count
                     return uid, fd
             if time.monotonic() > deadline:
                 return None
@@ -306,27 +313,31 @@ class _UidPool:
 _POOL = _UidPool()
 
 
-def _uid_processes(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is ``uid``."""
+def _uid_processes(uid: int, zombies: bool = False) -> list[int]:
+    """Processes whose real uid is ``uid``: live ones, plus zombies when asked."""
     import psutil
 
     pids = []
     for p in psutil.process_iter(["uids", "status"]):
         try:
-            if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if p.info["uids"] and p.info["uids"].real == uid and (zombies or p.info["status"] != psutil.STATUS_ZOMBIE):
                 pids.append(p.pid)
         except psutil.Error:
             pass
     return pids
 
 
-def _kill_uid(uid: int, deadline_s: float = 10.0) -> None:
+def _kill_uid(uid: int, deadline_s: float = 10.0, reap_s: float = 2.0) -> None:
     """SIGKILL every process owned by ``uid``; repeat until none is left (a fork bomb spawns while we sweep).
-    Zombies are ignored: they hold no resources and are reaped by init."""
+    Then give init up to ``reap_s`` to reap the zombies: they still count towards the uid's RLIMIT_NPROC, so
+    the next program under this uid could not even start (execve fails with EAGAIN)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         pids = _uid_processes(uid)
         if not pids:
+            reaped = time.monotonic() + reap_s
+            while _uid_processes(uid, zombies=True) and time.monotonic() < reaped:
+                time.sleep(0.02)
             return
         for pid in pids:
             try:
