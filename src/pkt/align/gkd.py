@@ -2,10 +2,13 @@
 
 Their baseline is TRL's ``GKDTrainer`` with ``lmbda=1`` (every step trains on continuations the student
 samples itself) and ``beta=0`` (the generalized Jensen-Shannon divergence at β=0 is the forward KL
-KL(teacher ‖ student) per token), on a LoRA student (METHODS.md §2.3). TRL ships the trainer only in
-``trl.experimental`` as a ``Trainer`` subclass, so this is the same loss in pkt's own loop, which gives
-GKD exactly the ``lora`` baseline's LoRA, data order, optimiser, schedule and outputs
-(:mod:`pkt.align.finetune`):
+KL(teacher ‖ student) per token), on a LoRA student (METHODS.md §2.3). TRL 1.16's ``GKDTrainer`` does
+run with this project's transformers and peft (``benchmarks/crosscheck_gkd_trl.py``: two steps on the
+tiny pair, and its ``generalized_jsd_loss`` equals :func:`generalized_jsd_loss` to 2.4e-7), but it lives
+in ``trl.experimental`` (TRL itself points users to another trainer) and is a ``Trainer`` with its own
+schedule, accumulation and saving. The same loss in pkt's own loop gives GKD exactly the ``lora``
+baseline's LoRA, data order, optimiser, schedule, finite-loss guard and outputs (:mod:`pkt.align.finetune`),
+without a dependency on an unstable API:
 
 per optimiser step, for each prompt of the batch: with probability ``lmbda`` the student samples a
 continuation (``temperature``, up to ``max_new_tokens``, cut after its first end token, which is kept),
