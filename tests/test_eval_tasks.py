@@ -273,3 +273,150 @@ def test_all_canonical_solutions_pass_in_sandbox(shared_data):
     assert sum(r.passed for r in rs) == 500, [p["task_id"] for p, r in zip(full, rs) if not r.passed]
     rs = run_programs([mbpp.program(r, r["code"]) for r in san])
     assert sum(r.passed for r in rs) == 257, [p["task_id"] for p, r in zip(san, rs) if not r.passed]
+
+
+# ---- standard protocols -------------------------------------------------------------------------------
+
+from pkt.evaluate.tasks import common as C  # noqa: E402
+from pkt.evaluate.tasks.sanitize import sanitize  # noqa: E402
+
+
+def test_parse_protocol_names_and_errors():
+    assert C.parse_protocol("pkt") == {t: "pkt" for t in C.PROTOCOLS}
+    assert C.parse_protocol("standard") == C.STANDARD
+    assert C.parse_protocol("pkt,humaneval=qwen-coder") == {"gsm8k": "pkt", "mmlu": "pkt", "humaneval": "qwen-coder",
+                                                             "mbpp": "pkt"}
+    assert C.parse_protocol("standard,mmlu=pkt")["mmlu"] == "pkt"
+    with pytest.raises(ValueError, match="gsm8k has no protocol 'qwen-coder'"):
+        C.parse_protocol("gsm8k=qwen-coder")
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+        C.parse_protocol("gsm9k=pkt")
+    with pytest.raises(PktError, match="protocol"):
+        evaluate_model(None, None, ["gsm8k"], protocol="lm-eval-cot", log=None)  # rejected before any work
+
+
+# Golden strings copied verbatim from lm-eval 0.4.13 (tasks/gsm8k/gsm8k-cot.yaml, tasks/mmlu/default/*.yaml).
+GSM8K_COT_HEAD = ("Q: There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they "
+                  "are done, there will be 21 trees. How many trees did the grove workers plant today?\nA: There are "
+                  "15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+                  "been 21 - 15 = 6. The answer is 6.\n\nQ: If there are 3 cars in the parking lot and 2 more cars "
+                  "arrive, how many cars are in the parking lot?\nA: There are originally 3 cars. 2 more cars "
+                  "arrive. 3 + 2 = 5. The answer is 5.\n\n")
+GSM8K_COT_LAST = ("Q: Olivia has $23. She bought five bagels for $3 each. How much money does she have left?\nA: "
+                  "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 "
+                  "dollars left. 23 - 15 is 8. The answer is 8.\n\nQ: How many?\nA:")
+
+
+def test_gsm8k_cot_prompt_is_lm_evals_golden_text():
+    p = gsm8k.lmeval_prompt("How many?")
+    assert p.startswith(GSM8K_COT_HEAD) and p.endswith(GSM8K_COT_LAST) and p.count("\nA: ") == 8
+
+
+@pytest.mark.parametrize("output,strict,flexible", [
+    (" He has 3 + 4 = 7 apples. The answer is 7.\n\n", "7", "7."),
+    (" 1,000 + 234 = 1,234. The answer is 1,234.", "1,234", "1,234."),
+    (" The answer is 5. Then 6 more is 11.", "5.", "11."),  # the greedy group keeps the period
+    (" It costs $18 in total.", "[invalid]", "$18"),
+    (" no digits", "[invalid]", "[invalid]"),
+])
+def test_gsm8k_cot_extractions_follow_lm_eval_filters(output, strict, flexible):
+    assert gsm8k.regex_extract(gsm8k.STRICT_RE, output, 0) == strict
+    assert gsm8k.regex_extract(gsm8k.FLEXIBLE_RE, output, -1) == flexible
+
+
+def test_gsm8k_cot_scoring_equals_lm_evals_own_code():
+    lm_filters = pytest.importorskip("lm_eval.filters.extraction")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    strict = lm_filters.RegexFilter(regex_pattern=gsm8k.STRICT_RE.pattern)
+    flex = lm_filters.RegexFilter(regex_pattern=gsm8k.FLEXIBLE_RE.pattern, group_select=-1)
+    outs = [" 3 + 4 = 7. The answer is 7.", " The answer is $1,234.", " so 12.5 then 1,000", "none", " 18.00",
+            " The answer is -3.\n", " The answer is 42"]
+    golds = ["7", "1,234", "1000", "3", "18", "-3", "42"]
+    for o, g in zip(outs, golds):
+        for f, ours in ((strict, gsm8k.regex_extract(gsm8k.STRICT_RE, o, 0)),
+                        (flex, gsm8k.regex_extract(gsm8k.FLEXIBLE_RE, o, -1))):
+            theirs = f.apply([[o]], [{}])[0][0]
+            assert ours == theirs
+            want = exact_match_hf_evaluate([theirs], [g], regexes_to_ignore=gsm8k._IGNORE, ignore_case=True,
+                                           ignore_punctuation=False)["exact_match"]
+            assert gsm8k.lmeval_exact_match(ours, g) == bool(want)
+
+
+def test_gsm8k_cot_exact_match_rules():
+    assert gsm8k.lmeval_exact_match("1,234", "1234") and gsm8k.lmeval_exact_match("$18", "18")
+    assert gsm8k.lmeval_exact_match("11.", "11") and not gsm8k.lmeval_exact_match("18.00", "18")
+    assert not gsm8k.lmeval_exact_match("[invalid]", "3")
+
+
+def test_mmlu_lm_eval_prompt_golden():
+    dev = [{"subject": "abstract_algebra", "question": " Find 1+1. ", "choices": ["0", "1", "2", "3"], "answer": 2}]
+    row = {"subject": "abstract_algebra", "question": "Is 3 prime?", "choices": ["yes", "no", "maybe", "?"],
+           "answer": 0}
+    assert mmlu.lmeval_prompt(row, dev) == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find 1+1.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: C\n\n"
+        "Is 3 prime?\nA. yes\nB. no\nC. maybe\nD. ?\nAnswer:")
+
+
+def test_sanitize_keeps_reachable_definitions_like_evalplus():
+    code = ("Here is the code:\nimport math\nfrom typing import List\n\nX = 3\n\ndef helper(x):\n    return x * X\n\n"
+            "def unused():\n    return 0\n\ndef f(a: List[int]) -> int:\n    return sum(helper(x) for x in a)\n\n"
+            "print(f([1]))\nassert f([1]) == 3\nThat is all.")
+    assert sanitize(code, "f") == ("import math\nfrom typing import List\nX = 3\ndef helper(x):\n    return x * X\n"
+                                   "def f(a: List[int]) -> int:\n    return sum(helper(x) for x in a)")
+    # a function without a return statement is dropped (EvalPlus keeps only functions that return)
+    assert sanitize("def f(a):\n    print(a)\n", "f") == ""
+    assert sanitize("def f(a):\n    return a\nf = 3\n", "f") == "def f(a):\n    return a"
+
+
+def test_mbpp_qwen_prompt_and_entry_point():
+    rows = _jsonl("mbpp_tiny.jsonl")
+    r = rows[0]
+    p = mbpp.evalplus_prompt(r)
+    assert p.startswith('"""\n' + r["text"].strip() + "\n" + r["test_list"][0].strip()) and p.endswith('\n"""\n')
+    row = {"code": "def find_peak_util(a, l):\n    return 0\ndef find_peak(a, n):\n    return find_peak_util(a, 0)",
+           "test_list": ["assert find_peak([1, 3, 20, 4, 1, 0], 6) == 2"]}
+    assert mbpp.entry_point(row) == "find_peak"
+    assert mbpp.entry_point({"code": "", "test_list": ["assert set(similar_elements((3, 4), (4, 5))) == {4}"]}) == \
+        "similar_elements"
+
+
+def test_humaneval_qwen_prompt_and_solution():
+    prob = humaneval.load_rows(FIX / "humaneval_tiny.jsonl")[0]
+    p = humaneval.qwen_prompt(prob["prompt"])
+    assert p.startswith("<|im_start|>system\nYou are an intelligent programming assistant to produce Python "
+                        "algorithmic solutions<|im_end|>\n<|im_start|>user\nCan you complete the following Python "
+                        "function?\n```python\n" + prob["prompt"].strip() + "\n```\n<|im_end|>\n")
+    assert p.endswith("<|im_start|>assistant\n```python\n")
+    full = prob["prompt"] + prob["canonical_solution"]
+    sol = humaneval.qwen_solution(full + "\n```\nThis works.", prob["entry_point"])
+    assert f"def {prob['entry_point']}(" in sol and "This works" not in sol
+    res = run_programs([humaneval.solution_program(prob, sol),
+                        humaneval.solution_program(prob, sol.replace("return", "return None and", 1))],
+                       __import__("pkt.evaluate.sandbox", fromlist=["SandboxConfig"]).SandboxConfig(timeout=10))
+    assert [r.passed for r in res] == [True, False]
+
+
+def test_evaluate_model_standard_protocol_tiny(fixture_data_dir, qwen_pair, tmp_path):
+    _, student, tok = qwen_pair
+    rows = humaneval.load_rows(FIX / "humaneval_tiny.jsonl")
+    res = evaluate_model(student, tok, "gsm8k,mmlu,humaneval,mbpp", out_dir=tmp_path, limit=2, max_new_tokens=5,
+                         batch_size=2, progress=False, protocol="standard", data={"humaneval": rows}, log=None,
+                         allow_weak_sandbox=True)
+    assert res["gsm8k"]["protocol"]["name"] == "lm-eval-cot" and res["gsm8k"]["shots"] == 8
+    assert res["mmlu"]["protocol"]["name"] == "lm-eval" and res["mmlu"]["shots"] == 5
+    for t in ("humaneval", "mbpp"):
+        assert res[t]["protocol"]["name"] == "qwen-coder" and res[t]["protocol"]["max_new_tokens"] == 5
+        assert res[t]["protocol"]["dtype"] == "float32" and res[t]["pass@1"] == 0.0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["config"]["protocol"] == "standard" and saved["mmlu"]["protocol"]["shots"] == 5
+    g = [json.loads(x) for x in (tmp_path / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
+    assert g[0]["protocol"] == "lm-eval-cot" and g[0]["prompt"].startswith("Q: There are 15 trees")
+    m = [json.loads(x) for x in (tmp_path / "mmlu" / "predictions.jsonl").read_text().splitlines()]
+    # the prediction is the argmax of the stored log-likelihoods of " A".." D"
+    for rec in m:
+        assert rec["extracted"] == max("ABCD", key=lambda L: rec["logprobs"][L])
+        assert rec["prompt"].endswith("\nAnswer:") and "<|im_start|>" not in rec["prompt"]
+    h = [json.loads(x) for x in (tmp_path / "humaneval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["protocol"] == "qwen-coder" and "solution" in r for r in h)

@@ -14,7 +14,10 @@ def eval_command(
                               help="Comma list of gsm8k, mmlu, humaneval, mbpp, <task>_loss, or 'loss' (all four)."),
     out: str = typer.Option(..., "--out", help="Output directory (metrics.json, <task>/predictions.jsonl)."),
     limit: int = typer.Option(None, "--limit", help="Seeded fixed subset of N examples per task."),
-    shots: int = typer.Option(None, "--shots", help="GSM8K / MMLU shots (default 0: the PKT format)."),
+    shots: int = typer.Option(None, "--shots", help="GSM8K / MMLU shots (default: the protocol's)."),
+    protocol: str = typer.Option("pkt", "--protocol",
+                                 help="pkt (PKT papers' format) | standard (lm-eval gsm8k_cot and mmlu 5-shot, "
+                                      "Qwen2.5-Coder instruct for code) | e.g. 'pkt,humaneval=qwen-coder'."),
     style: str = typer.Option("chat", "--style", help="Prompt style: chat (model's template) | tulu (paper)."),
     answer_loss: bool = typer.Option(False, "--answer-loss", help="Also compute <task>_loss for each task."),
     loss_split: str = typer.Option("align", "--loss-split", help="PKT split for answer loss (held out: align)."),
@@ -59,7 +62,7 @@ def eval_command(
     except ValueError:
         raise PktError(f"--pass-k {pass_k!r}: expected a comma list of integers") from None
     cfg = validate(EvalConfig, {
-        "limit": limit, "seed": seed, "shots": shots, "style": style, "batch_size": batch_size,
+        "limit": limit, "seed": seed, "shots": shots, "protocol": protocol, "style": style, "batch_size": batch_size,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n_samples": n_samples,
         "pass_ks": ks, "mbpp_variant": mbpp_variant, "loss_split": loss_split, "exec_timeout": exec_timeout,
         "exec_workers": exec_workers, "exec_max_memory_mb": exec_max_memory_mb, "exec_max_procs": exec_max_procs,

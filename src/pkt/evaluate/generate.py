@@ -172,3 +172,41 @@ def response_nll(model, features: list[dict], pad_id: int, *, batch_size: int = 
         bar.update(len(idx))
     bar.close()
     return res  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: list[str], continuations: list[list[int]], *,
+                          batch_size: int = 8, progress: bool = True, desc: str = "scoring") -> list[list[float]]:
+    """Summed log-probability of each continuation (token ids) after each prompt, as lm-eval's loglikelihood
+    scores a multiple-choice option: ``out[i][j] = log p(continuations[j] | prompts[i])``.
+
+    Single-token continuations (MMLU's letters for most tokenizers) need one forward per prompt; longer ones
+    are scored teacher-forced, one sequence per (prompt, continuation)."""
+    if all(len(c) == 1 for c in continuations):
+        lp = next_token_logprobs(model, tokenizer, prompts, [c[0] for c in continuations], batch_size=batch_size,
+                                 progress=progress, desc=desc)
+        return lp.tolist()
+    device = next(model.parameters()).device
+    ctx = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(len(continuations))]
+    out = [[0.0] * len(continuations) for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = _progress(len(jobs), desc, progress)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        seqs = [ctx[i] + continuations[j] for i, j in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, s in enumerate(seqs):  # left padding keeps every continuation at the right edge
+            ids[k, width - len(s):] = torch.tensor(s)
+            mask[k, width - len(s):] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        for k, (i, j) in enumerate(chunk):
+            n = len(continuations[j])
+            pos = torch.arange(width - n - 1, width - 1)
+            out[i][j] = float(logp[k, pos, torch.tensor(continuations[j])].sum())
+        bar.update(len(chunk))
+    bar.close()
+    return out

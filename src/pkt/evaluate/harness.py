@@ -16,16 +16,19 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pkt.config import Settings, validate
 from pkt.errors import PktError
 from pkt.evaluate import tasks as T
 from pkt.evaluate.generate import GenStats
+from pkt.evaluate.tasks.common import parse_protocol
 from pkt.io import write_json, write_jsonl
 
 
 class EvalConfig(Settings):
+    protocol: str = Field("pkt", description="pkt (PKT papers' format) | standard (lm-eval gsm8k_cot / mmlu, "
+                                             "Qwen2.5-Coder instruct for code) | task=name overrides, comma list")
     limit: int | None = Field(None, ge=1, description="seeded subset of N examples per task (None: all)")
     seed: int = 0
     shots: int | None = Field(None, ge=0, description="GSM8K/MMLU shots (default 0 = PKT format)")
@@ -57,6 +60,12 @@ class EvalConfig(Settings):
         if bad:
             raise ValueError(f"pass_ks: pass@{bad[0]} needs 1 <= k <= n_samples ({self.n_samples})")
         return self
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, v: str) -> str:
+        parse_protocol(v)  # a ValueError naming the unknown task or protocol becomes a settings error
+        return v
 
 
 def parse_task_list(tasks: str | Iterable[str], answer_loss: bool = False) -> list[str]:
