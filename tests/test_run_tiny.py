@@ -6,6 +6,9 @@ analysis, report) runs in seconds.
 """
 
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -13,7 +16,7 @@ import yaml
 from pkt.config import validate
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny
+from pkt.testing import save_tiny, tiny_model
 
 BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
               laten_choice="fixed", laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3,
@@ -71,6 +74,17 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
         assert (out / f).is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["torch"] and len(manifest["stages"]) == study.n_stages()
+    # the plan (pkt run --dry-run) names exactly the stages the run ran, and now finds all of them cached
+    plan = Study(cfg, out, log=lambda s: None).plan_stages()
+    assert {r.key for r in plan} == {r.key for r in study.cache.records} and all(r.cached for r in plan)
+    # evaluated models' weights are pruned (keep_checkpoints: false); LaTen's delta file stays for the analysis
+    stages = out / "stages"
+    assert not list(stages.glob("lora-*/run/merged/model*.safetensors"))
+    assert list(stages.glob("lora-*/pruned.json")) and list(stages.glob("laten-*/fused/laten_deltas.safetensors"))
+    # every record says which dtype it was evaluated in; built models carry their survival report
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert all(r["dtype"] in ("float32", "bfloat16") for r in records)
+    assert all((r["precision"] is None) == (r["method"] in ("student", "teacher")) for r in records)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # scores + analysis figures
     # 3) an uninterrupted run with the same seed in a fresh directory gives identical numbers
@@ -90,3 +104,52 @@ def test_bad_config_is_one_line(tmp_path):
     p.write_text("tasks: [gsm8k]\nbudget: {rnak: 3}\n")
     with pytest.raises(PktError, match=r"budget.rnak: Extra inputs are not permitted"):
         load_config(ExperimentConfig, p)
+
+
+def _diverging(tmp_path, qwen_pair):
+    teacher, student, tok = qwen_pair
+    data = {"name": "nan", "teacher": save_tiny(teacher, tok, tmp_path / "teacher"),
+            "student": save_tiny(student, tok, tmp_path / "student"), "methods": ["student", "lora"],
+            "analysis": False, "budget": {**BUDGET, "epochs": 2, "lr": 1.0e6}}
+    return validate(ExperimentConfig, data)
+
+
+def test_non_finite_loss_stops_the_loop(qwen_pair, shared_data):
+    from pkt.align.finetune import FinetuneConfig, finetune
+    from pkt.align.guard import NonFiniteLoss
+    from pkt.align.lora_init import make_lora_model
+    from pkt.data.tasks import load_split
+
+    _, student, tok = qwen_pair
+    rows = load_split("gsm8k", "train")[:4]
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+    cfg = FinetuneConfig(lr=1e6, batch_size=2, micro_batch_size=2, epochs=2, max_length=128, r=2, alpha=2,
+                         warmup_ratio=0)
+    with pytest.raises(NonFiniteLoss, match=r"^fine-tuning: loss is (nan|inf|-inf) at step [2-4]; training diverged"):
+        finetune(make_lora_model(student, "lora", kinds, 2, 2), tok, rows, cfg, progress=False)
+    # the control: the same loop at the usual lr finishes with finite losses
+    fresh = tiny_model("qwen2", "student", len(tok))  # the diverged one was trained in place
+    logs = finetune(make_lora_model(fresh, "lora", kinds, 2, 2), tok, rows,
+                    cfg.model_copy(update={"lr": 3e-4}), progress=False)
+    assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
+
+
+def test_non_finite_loss_stops_the_stage_and_caches_nothing(tmp_path, qwen_pair, shared_data):
+    from pkt.errors import PktError
+
+    cfg = _diverging(tmp_path, qwen_pair)
+    out = tmp_path / "run"
+    with pytest.raises(PktError, match=r"^stage lora-gsm8k-s0: fine-tuning: loss is (nan|inf|-inf) at step \d+;") as e:
+        Study(cfg, out, log=lambda s: None).run()
+    assert "\n" not in str(e.value)
+    names = [p.name for p in (out / "stages").iterdir()]
+    assert [n for n in names if n.startswith("eval-student")]  # the stage before it is kept
+    assert not [n for n in names if n.startswith("lora") or ".tmp" in n]  # nothing of the diverged one
+    # and the CLI reports it as one line with exit status 2
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    res = subprocess.run([sys.executable, "-m", "pkt.cli", "run", str(tmp_path / "nan.yaml"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pkt: error:")]  # the rest is progress bars
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("pkt: error: stage lora-gsm8k-s0: fine-tuning: loss is")
+    assert "Traceback" not in res.stderr
