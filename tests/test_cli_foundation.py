@@ -27,11 +27,13 @@ def assert_one_line_error(res, *needles):
 def test_help_on_every_subcommand():
     res = run("--help")
     assert res.returncode == 0
-    groups = [g for g in ("models", "data", "extract", "postpkt", "laten", "eval", "analyze", "run") if g in res.stdout]
-    assert {"models", "data"} <= set(groups)
+    listed = {line.strip("│ ").split()[0] for line in res.stdout.splitlines()
+              if line.startswith("│ ") and line.strip("│ ") and not line.startswith("│  ")}
+    assert {"models", "data", "extract", "postpkt", "laten", "kd", "eval", "analyze", "run"} <= listed, res.stdout
     for args in (["models", "list"], ["models", "prepare"], ["models", "info"], ["data", "validate"], ["data", "show"]):
         r = run(*args, "--help")
-        assert r.returncode == 0 and "Usage" in r.stdout, (args, r.stderr)
+        usage = next((line for line in r.stdout.splitlines() if "Usage:" in line), "")
+        assert r.returncode == 0 and " ".join(args) in usage, (args, r.stdout, r.stderr)  # the command's own help
 
 
 @pytest.mark.parametrize(
