@@ -1,10 +1,8 @@
-"""The embedded real pair: cached loads are fast, both know Paris, and they share one tokenizer.
+"""The embedded real pair: both know Paris, they share one tokenizer, and its MMLU answer letters are tokens.
 
 Marked ``slow`` (loads ~2.4 GB of weights) and ``smoke``: CI runs it beside the fast suite after
 ``scripts/setup.sh`` has prepared the models.
 """
-
-import time
 
 import pytest
 import torch
@@ -33,17 +31,23 @@ def test_tokenizer_check_rejects_a_different_vocabulary(tokenizers, tiny_tok):
 
 
 @pytest.mark.parametrize("name", [DEFAULT_STUDENT, DEFAULT_TEACHER])
-def test_cached_load_is_fast_and_knows_paris(name, tokenizers):
-    load_model(name)  # first load warms the page cache and imports the model code
-    t0 = time.perf_counter()
+def test_both_know_paris(name, tokenizers):
     model = load_model(name)
-    seconds = time.perf_counter() - t0
-    assert seconds < 5, f"second load of {name} took {seconds:.1f} s"
     tok = tokenizers[0]
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_mmlu_answer_letters_are_single_tokens_with_and_without_a_space(tokenizers):
+    """MMLU scoring compares the logits of " A" and "A" (and B, C, D): each must be one token of the real
+    vocabulary, or the letter's probability would be read from a word piece."""
+    from pkt.evaluate.tasks import mmlu
+
+    tok = tokenizers[1]
+    ids = mmlu.letter_token_ids(tok)
+    assert [tok.convert_ids_to_tokens(v) for v in ids] == [[f"Ġ{c}", c] for c in "ABCD"]
 
 
 def test_student_facts_are_read_from_the_model():
