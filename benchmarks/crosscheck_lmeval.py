@@ -92,7 +92,9 @@ def compare_gsm8k(pkt_records: list[dict], lm_samples: list[dict]) -> dict:
         lm_text = s["resps"][0][0]
         lm_ok = bool(s["exact_match"])
         same_text = lm_text == r["output"]
-        rows.append({"id": r["id"], "pkt": r["correct"], "lm_eval": lm_ok, "same_output": same_text})
+        same_prompt = s["arguments"][0][0] == r["prompt"]  # the context lm-eval rendered from its own YAML
+        rows.append({"id": r["id"], "pkt": r["correct"], "lm_eval": lm_ok, "same_output": same_text,
+                     "same_prompt": same_prompt})
         if lm_ok != r["correct"]:
             i = _first_diff(lm_text, r["output"])
             dis.append({"id": r["id"], "pkt": r["correct"], "lm_eval": lm_ok, "pkt_extracted": r["extracted"],
@@ -104,7 +106,8 @@ def compare_gsm8k(pkt_records: list[dict], lm_samples: list[dict]) -> dict:
     return {"n": n, "agree": agree, "agreement": agree / n if n else 1.0,
             "pkt_accuracy": sum(x["pkt"] for x in rows) / n if n else 0.0,
             "lm_eval_accuracy": sum(x["lm_eval"] for x in rows) / n if n else 0.0,
-            "same_output": sum(x["same_output"] for x in rows), "disagreements": dis}
+            "same_output": sum(x["same_output"] for x in rows), "same_prompt": sum(x["same_prompt"] for x in rows),
+            "disagreements": dis}
 
 
 def compare_mmlu(pkt_records: list[dict], lm_samples_by_task: dict[str, list[dict]]) -> dict:
@@ -119,7 +122,11 @@ def compare_mmlu(pkt_records: list[dict], lm_samples_by_task: dict[str, list[dic
         ll = [float(x[0][0]) for x in s["resps"]]  # (loglikelihood, is_greedy) per choice
         lm_pred = "ABCD"[max(range(4), key=lambda j: ll[j])]
         lm_ok = bool(s["acc"])
-        rows.append({"id": r["id"], "pkt": r["correct"], "lm_eval": lm_ok, "same_pred": lm_pred == r["extracted"]})
+        # lm-eval's requests are (context, continuation): the context must be pkt's prompt, the continuations " A".." D"
+        same_prompt = all(a[0] == r["prompt"] for a in s["arguments"]) and [a[1] for a in s["arguments"]] == [
+            " A", " B", " C", " D"]
+        rows.append({"id": r["id"], "pkt": r["correct"], "lm_eval": lm_ok, "same_pred": lm_pred == r["extracted"],
+                     "same_prompt": same_prompt})
         if lm_ok != r["correct"] or lm_pred != r["extracted"]:
             ours = [r["logprobs"][L] for L in "ABCD"]
             top = sorted(ll, reverse=True)
@@ -129,12 +136,11 @@ def compare_mmlu(pkt_records: list[dict], lm_samples_by_task: dict[str, list[dic
                         "max_abs_logprob_diff": round(max(abs(a - b) for a, b in zip(ours, ll)), 5)})
     n = len(rows)
     agree = sum(x["pkt"] == x["lm_eval"] for x in rows)
-    diffs = []
     return {"n": n, "agree": agree, "agreement": agree / n if n else 1.0,
-            "same_prediction": sum(x["same_pred"] for x in rows),
+            "same_prediction": sum(x["same_pred"] for x in rows), "same_prompt": sum(x["same_prompt"] for x in rows),
             "pkt_accuracy": sum(x["pkt"] for x in rows) / n if n else 0.0,
             "lm_eval_accuracy": sum(x["lm_eval"] for x in rows) / n if n else 0.0,
-            "disagreements": dis, **({"logprob_diffs": diffs} if diffs else {})}
+            "disagreements": dis}
 
 
 def crosscheck(model, tokenizer, *, gsm_rows, mmlu_rows, mmlu_dev, gsm_limit, mmlu_limit, seed=0, batch_size=8,

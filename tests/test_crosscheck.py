@@ -29,6 +29,7 @@ def test_lm_eval_agrees_with_pkt_standard_protocols_tiny(fixture_data_dir, qwen_
     assert g["n"] == 2 and m["n"] == 4
     # lm-eval renders its own prompts from its own YAML; the same model then writes the same text, and both
     # sides score it the same way
+    assert g["same_prompt"] == 2 and m["same_prompt"] == 4
     assert g["same_output"] == 2 and g["agreement"] == 1.0 and g["disagreements"] == []
     assert m["same_prediction"] == 4 and m["agreement"] == 1.0 and m["lm_eval_accuracy"] == m["pkt_accuracy"]
 
