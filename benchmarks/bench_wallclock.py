@@ -80,11 +80,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", action="store_true", help="also time cached loads of the embedded real pair")
+    ap.add_argument("--no-submatrix", action="store_true", help="skip the sub-matrix searches")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = bench_submatrix(a.repeats)
+    rows = [] if a.no_submatrix else bench_submatrix(a.repeats)
     if a.models:
         rows += bench_cached_load(a.repeats)
     print(f"{'item':45s} {'shape':28s} {'median s':>9s} {'budget s':>9s}  within")
