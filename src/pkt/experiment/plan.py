@@ -96,9 +96,9 @@ def human(seconds: float) -> str:
 class _Tokens:
     """Mean tokens per example of each PKT split (measured once per split)."""
 
-    def __init__(self, tokenizer_path: str | None):
-        self.tok = None
-        if tokenizer_path:
+    def __init__(self, tokenizer_path: str | None, tokenizer=None):
+        self.tok = tokenizer
+        if tokenizer is None and tokenizer_path:
             try:
                 from transformers import AutoTokenizer
 
@@ -129,9 +129,12 @@ def _split_size(task: str, split: str) -> int:
 
 def estimate(study, teacher, student) -> Estimate:
     """The plan of ``study`` (a :class:`pkt.experiment.runner.Study`) with time and disk per stage."""
+    from pkt.experiment.preflight import meta_facts
+
     c = study.cfg
     est = Estimate()
-    toks = _Tokens(student.path)
+    teacher, student = meta_facts(teacher), meta_facts(student)
+    toks = _Tokens(student.path, student.tokenizer)
     tp = teacher.params or 0
     sp = student.params or 0
     if not tp or not sp:
@@ -205,6 +208,14 @@ def estimate(study, teacher, student) -> Estimate:
                     h_t, h_s = teacher.spec.hidden_size, student.spec.hidden_size
                     nbytes += (steps + 1) * 4 * (h_t * h_t + h_s * h_t) * 4  # a translator checkpoint per step
                 work = f"{steps} hypernetwork steps x {b.laten_batch} examples"
+            elif method == "gkd":
+                n = study.n_train[task]
+                new = getattr(b, "gkd_max_new_tokens", 0)
+                tokens = n * b.epochs * (toks.mean(task, "train") + new)
+                seconds = (secs("generate", sp, c.dtype, n * b.epochs * new) + secs("forward", tp, c.teacher_dtype, tokens)
+                           + secs("train", sp, c.dtype, tokens) + load(tp, c.teacher_dtype) + load(sp, c.dtype))
+                nbytes += 3 * lora_bytes(student.spec, b.rank)
+                work = f"on-policy distillation, {n} prompts x {b.epochs:g} epochs x <= {new} sampled tokens"
             else:
                 n = study.n_train[task]
                 tokens = n * b.epochs * toks.mean(task, "train")

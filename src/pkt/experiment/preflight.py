@@ -47,6 +47,7 @@ class ModelFacts:
     spec: object = None
     notes: list[str] = field(default_factory=list)
     path: str | None = None  # where from_pretrained finds config + tokenizer, when known
+    tokenizer: object = None  # loaded by the tokenizer check, reused by the plan
 
 
 def _snapshot(ref: str) -> Path:
@@ -112,15 +113,31 @@ def model_facts(ref: str, plan: bool = False) -> ModelFacts:
             facts.source, facts.path = "snapshot", None
             facts.config = AutoConfig.for_model(**{k: v for k, v in _read_json(snap).items() if k != "_source"})
             facts.notes.append(f"{ref}: not reachable offline; the plan uses {snap.relative_to(SNAPSHOTS.parents[1])}")
-    if facts.config is not None:
-        facts.params, facts.spec = _meta_facts(facts.config, ref)
     return facts
+
+
+def dimensions(config) -> dict:
+    """Layers and every projection's (out, in) shape, read from a config (Llama/Qwen2/Mistral naming)."""
+    d, f = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    q = heads * head_dim
+    return {"layers": config.num_hidden_layers, "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
+            "gate": (f, d), "up": (f, d), "down": (d, f)}
 
 
 def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+def meta_facts(facts: ModelFacts) -> ModelFacts:
+    """Fill ``params`` and ``spec`` (for the plan) from the config, once."""
+    if facts.config is not None and facts.params is None:
+        facts.params, facts.spec = _meta_facts(facts.config, facts.ref)
+    return facts
 
 
 def _meta_facts(config, ref: str):
@@ -148,19 +165,21 @@ def _meta_facts(config, ref: str):
 
 
 def check_dimensions(teacher: ModelFacts, student: ModelFacts, methods: list[str]) -> None:
+    from pkt.models.arch import FAMILIES
+
     moving = [m for m in methods if transfers(m)]
     if not moving or teacher.config is None or student.config is None:
         return
     for f in (teacher, student):
-        if f.spec is None:
+        if f.config.model_type not in FAMILIES:
             raise ModelError(f"model {f.ref!r}: architecture {f.config.model_type!r} is not supported by "
-                             f"{', '.join(moving)}")
-    t, s = teacher.spec, student.spec
+                             f"{', '.join(moving)} (supported: {', '.join(FAMILIES)})")
+    t, s = dimensions(teacher.config), dimensions(student.config)
     small = []
-    if t.num_layers < s.num_layers:
-        small.append(f"layers {t.num_layers} < {s.num_layers}")
+    if t["layers"] < s["layers"]:
+        small.append(f"layers {t['layers']} < {s['layers']}")
     for kind in ("q", "k", "v", "o", "gate", "up", "down"):
-        ts, ss = t.weight_shape(kind), s.weight_shape(kind)
+        ts, ss = t[kind], s[kind]
         if ts[0] < ss[0] or ts[1] < ss[1]:
             small.append(f"{kind}_proj {ts[0]}x{ts[1]} < {ss[0]}x{ss[1]}")
     if small:
@@ -179,6 +198,7 @@ def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str
 
     try:
         a, b = AutoTokenizer.from_pretrained(teacher.path), AutoTokenizer.from_pretrained(student.path)
+        teacher.tokenizer, student.tokenizer = a, b
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizers of {teacher.ref!r} / {student.ref!r}: "
                          f"{str(e).splitlines()[0]}") from None
@@ -213,7 +233,7 @@ def check_disk(out: Path, need: int) -> int:
     free = free_bytes(out)
     if free < need:
         raise PktError(f"disk: {out} has {free / 1e9:.1f} GB free, the plan writes up to {need / 1e9:.1f} GB "
-                       "(set keep_checkpoints: false, shrink the study, or choose another --out)")
+                       "(free space, shrink the study, or choose another --out)")
     return free
 
 

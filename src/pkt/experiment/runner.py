@@ -3,8 +3,15 @@
 For each task: the seed-independent stages (Seeking extraction, the teacher's KD answers), then for each
 seed every method's *build* stage (a fine-tuned / injected student checkpoint) and its *eval* stage, then
 one analysis stage (parametric, representation and behavioural similarity). Every stage's directory is
-keyed by a hash of what determines it (see :mod:`pkt.experiment.cache`), so a re-run after an
-interruption resumes at the first unfinished stage, and a changed setting recomputes only what it affects.
+keyed by a hash of what determines it (settings, code, libraries, models, data: see
+:mod:`pkt.experiment.cache` and :mod:`pkt.experiment.fingerprint`), so a re-run after an interruption
+resumes at the first unfinished stage, and a change recomputes only what it affects.
+
+Before any stage, :meth:`Study.preflight` checks models, tokenizers, dimensions, sandbox and disk and
+estimates the plan (:mod:`pkt.experiment.preflight`, :mod:`pkt.experiment.plan`). A built model's weights
+are deleted once it is evaluated unless ``keep_checkpoints`` (a later change that needs them again rebuilds
+the stage), and a build whose evaluation is cached is not rebuilt. ``build`` must not read its stage's
+result: in a plan the stages only report their keys and the result is None.
 
 Evaluation of a seed uses one seeded subset for every method, so differences to the vanilla student are
 paired per example. The answer loss is measured on the tail of the train split, which no method trains on
