@@ -89,7 +89,11 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     assert html.count("data:image/png;base64,") >= 4  # scores + analysis figures
     # 3) an uninterrupted run with the same seed in a fresh directory gives identical numbers
     fresh = tmp / "run2"
-    Study(cfg, fresh, log=lambda s: None).run()
+    planned = Study(cfg, fresh, log=lambda s: None).plan_stages()  # planned before anything exists
+    assert not any(r.cached for r in planned)
+    run2 = Study(cfg, fresh, log=lambda s: None)
+    run2.run()
+    assert [r.key for r in planned] == [r.key for r in run2.cache.records]
     assert _scores(fresh) == _scores(out)
 
 

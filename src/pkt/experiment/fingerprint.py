@@ -101,13 +101,14 @@ def model_identity(ref: str, stages_root: Path | None = None) -> dict:
     if ref in EMBEDDED:
         return {"embedded": ref, "sha256": EMBEDDED[ref].sha256}
     path = Path(ref).expanduser()
+    if stages_root is not None:
+        try:
+            # a checkpoint written (or, in a plan, to be written) by an earlier stage: that stage's key, its
+            # directory name, determines it
+            return {"stage": str(path.resolve().relative_to(Path(stages_root).resolve()))}
+        except ValueError:
+            pass
     if path.is_dir():
-        if stages_root is not None:
-            try:
-                # a checkpoint written by an earlier stage: that stage's key (its directory name) determines it
-                return {"stage": str(path.resolve().relative_to(Path(stages_root).resolve()))}
-            except ValueError:
-                pass
         files = sorted(p for p in path.iterdir() if p.is_file() and (p.name in CONFIG_FILES
                                                                      or p.suffix in WEIGHT_SUFFIXES))
         return {"dir": str(path.resolve()), "files": {p.name: file_digest(p)[:16] for p in files}}
