@@ -54,7 +54,8 @@ def test_tulu_format_renders_the_system_turn_as_open_instruct_does(tiny_tok):
                 f"2 + 3 = 5.{eos}\n<|user|>\nAnd times 4?\n<|assistant|>\n5 * 4 = 20. The answer is 20{eos}")
     feats = tokenize_example(conv, tiny_tok, "tulu", max_length=512)
     assert tiny_tok.decode(feats["input_ids"]) == expected
-    assert [tiny_tok.decode(r) for r in _labelled_runs(feats)] == [f"2 + 3 = 5.{eos}", f"5 * 4 = 20. The answer is 20{eos}"]
+    assert [tiny_tok.decode(r) for r in _labelled_runs(feats)] == [f"2 + 3 = 5.{eos}",
+                                                                   f"5 * 4 = 20. The answer is 20{eos}"]
     prompt, response = render(conv, tiny_tok, "tulu")
     assert prompt + response == expected and response == f"5 * 4 = 20. The answer is 20{eos}"
 
@@ -118,7 +119,8 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_tok):
 
 
 @pytest.mark.parametrize("row,msg", [
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "turn 1 must have role 'assistant'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "turn 1 must have role 'assistant'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
                    {"role": "assistant", "content": "c"}]}, "system turn may only come first"),
     ({"messages": [{"role": "user", "content": "a"}]}, "last turn must be the assistant's"),

@@ -123,8 +123,8 @@ def _data_line(task, data) -> tuple[str, list[str]]:
     if data:
         name = str(data)
         is_hub = not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-        return (f"`{name}` (hub dataset, `messages` column)" if is_hub else f"the chat file/dataset `{Path(name).name}`",
-                [name] if is_hub else [])
+        text = f"`{name}` (hub dataset, `messages` column)" if is_hub else f"the chat file/dataset `{Path(name).name}`"
+        return text, [name] if is_hub else []
     if task:
         ds = TRAIN_DATASETS.get(task)
         origin = f" (rows drawn from `{ds}`)" if ds else ""
@@ -249,8 +249,8 @@ def write_run_cards(run_dir: str | Path, summary: dict, command: str | None = No
                 "adapter" + ("; it applies to the residual base W - BA, not to the student itself"
                              if method in ("pissa", "seeking") else ""))
         init_kw = {**kw, "details": {**kw["details"], "note": note}, "results": None}
-        written.append(save_card(build_card(library="peft", name=default_name(kw["student"], method, kw["task"]) + "-init",
-                                            **init_kw), run_dir / "adapter_init"))
+        name = default_name(kw["student"], method, kw["task"]) + "-init"
+        written.append(save_card(build_card(library="peft", name=name, **init_kw), run_dir / "adapter_init"))
     return written
 
 
