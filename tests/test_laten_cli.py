@@ -189,7 +189,7 @@ def test_trained_laten_changes_the_student_beyond_bf16(qwen_pair, data, tmp_path
     student.load_state_dict(vanilla)  # apply fuses in place
     m2, _ = apply(run, 2, 0.25, tmp_path / "f2", models=wrap_models(teacher, student, tok), log=lambda s: None)
     student.load_state_dict(vanilla)
-    assert m2["delta_rel_norm"] > 1e-3 and m2["delta_bf16_changed"] > 0.5
+    assert m2["delta_rel_norm"] > 1e-3 and m2["delta_bf16_changed"] > 0.5 and m2["delta_bf16_ratio"] > 1
     assert m2["delta_rel_norm"] > 100 * m0["delta_rel_norm"]  # it learnt: not the init's ~1e-10 delta
     assert m0["delta_bf16_changed"] == 0
     ids = tok("Tom has 3 apples and buys 4 more. How many? 3 + 4 = 7", return_tensors="pt")["input_ids"]
@@ -228,6 +228,14 @@ def test_delta_stats_oracle(qwen_pair):
             / (up[rows].pow(2).sum() + down[:, cols].pow(2).sum())).sqrt()
     assert st["rel_norm"] == pytest.approx(float(want), rel=1e-5)
     assert st["bf16_changed"] == pytest.approx(st["per_kind"]["up"]["bf16_changed"] * n_up / (n_up + n_down))
+    # resolution oracle: half the gap to the next bf16 number above |w|'s bf16 neighbour below
+    w = up[rows].abs().float()
+    below = torch.where(w.bfloat16().float() > w, torch.nextafter(w.bfloat16(), torch.zeros_like(w.bfloat16())),
+                        w.bfloat16()).float()
+    half_ulp = (torch.nextafter(below.bfloat16(), torch.full_like(below.bfloat16(), float("inf"))).float() - below) / 2
+    want_ratio = float((0.5 * up[rows]).norm() / half_ulp.norm())
+    assert st["per_kind"]["up"]["bf16_ratio"] == pytest.approx(want_ratio, rel=1e-3)
+    assert 50 < want_ratio < 300  # 0.5·W is 2^7..2^8 half-ulps: bf16 keeps 8 significant bits
 
 
 def test_select_point_matches_fused_losses(qwen_pair, data, tmp_path):

@@ -324,6 +324,7 @@ class Study:
                             log=self._log)
         return {"train_log": rows, "choice": b.laten_choice, "step": point["step"], "rate": point["rate"],
                 "selection": grid, "delta_rel_norm": manifest["delta_rel_norm"],
+                "delta_bf16_ratio": manifest["delta_bf16_ratio"],
                 "delta_bf16_changed": manifest["delta_bf16_changed"], "delta_size": manifest["delta_size"],
                 "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
 
