@@ -116,7 +116,8 @@ class ApplyConfig(Settings):
 
 # ---- data -----------------------------------------------------------------------------------------
 
-def _examples(cfg: LatenConfig, split: str) -> list[ChatExample]:
+def split_examples(cfg: LatenConfig, split: str) -> list[ChatExample]:
+    """The task's extract / align / train split, or the chat JSONL file that replaces it in ``cfg``."""
     override = {"extract": cfg.extract_file, "align": cfg.align_file, "train": cfg.seed_file}[split]
     if override:
         return read_chat_jsonl(override)
@@ -288,7 +289,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
           progress: bool = True, log=print) -> list[dict]:
     """Train the hypernetwork; returns the per-step log rows. Resumes from ``run_dir/state.pt`` if present."""
     run = Path(run_dir)
-    extract_set, align_set = _examples(cfg, "extract"), _examples(cfg, "align")
+    extract_set, align_set = split_examples(cfg, "extract"), split_examples(cfg, "align")
     # schedule "extract": the cycle spans the whole extract split (the reference's), max_steps only stops early
     # and a later call with a larger one continues the run. "trained": it spans the steps trained, so the
     # peak lr is reached whatever the budget; a different max_steps is then a different run.
@@ -443,7 +444,7 @@ def select_point(run_dir: str | Path, steps, rates, examples: list[ChatExample],
     missing = [s for s in steps if s not in have]
     if missing:
         raise PktError(f"{run}: no checkpoint for step(s) {missing}; available steps: {sorted(have) or 'none'}")
-    example = random.Random(seed).choice(_examples(cfg, "train"))
+    example = random.Random(seed).choice(split_examples(cfg, "train"))
     nets = {s: HyperNet.load(ckpt_path(run, s)) for s in steps}
     grid = []
     for rate in rates:
@@ -476,7 +477,7 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
     m = models or load_models(cfg, log)
     if m.s_spec.weight_shape("o")[0] != net.meta["d_student"] or m.t_spec.hidden_size != net.meta["d_teacher"]:
         raise PktError("the run's hypernetwork does not match these teacher/student hidden sizes")
-    seeds = _examples(cfg, "train")
+    seeds = split_examples(cfg, "train")
     example = random.Random(seed).choice(seeds)
     t0 = time.perf_counter()
     pairing = locate(m, example, cfg, transfer_rate, progress)

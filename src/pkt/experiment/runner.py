@@ -315,9 +315,9 @@ class Study:
         rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
         point, grid = {"step": lc.max_steps, "rate": b.laten_rate}, None
         if b.laten_choice == "select":
-            from pkt.laten import _examples, select_point
+            from pkt.laten import select_point, split_examples
 
-            align = _examples(lc, "align")[: b.laten_select_examples]
+            align = split_examples(lc, "align")[: b.laten_select_examples]
             point, grid = select_point(d / "train", list(range(1, lc.max_steps + 1)), b.laten_select_rates, align,
                                        seed=lc.seed, models=models, log=self._log)
         manifest, _ = apply(d / "train", point["step"], point["rate"], d / "fused", seed=lc.seed, models=models,
