@@ -358,3 +358,26 @@ def test_pkt_run_trains_the_papers_step_or_the_selection_grid(shared_data, tmp_p
     fixed = Study(cfg(laten_choice="fixed", laten_steps=3, laten_schedule="extract"), tmp_path / "c",
                   log=lambda s: None)
     assert fixed.laten_cfg("gsm8k", 0).max_steps == 3 and fixed.laten_cfg("gsm8k", 0).schedule == "extract"
+
+
+def test_pkt_run_laten_stage_applies_the_selected_point(shared_data, qwen_pair, tmp_path):
+    """`pkt run`'s LaTen stage with laten_choice 'select': the fused model is the grid's best point."""
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.runner import Study
+
+    teacher, student, tok = qwen_pair
+    t, s = testing.save_tiny(teacher, tok, tmp_path / "t"), testing.save_tiny(student, tok, tmp_path / "s")
+    cfg = ExperimentConfig(teacher=t, student=s, teacher_dtype="float32", methods=["student", "laten"],
+                           budget={"loss_examples": 2, "train_examples": 4, "max_length": 64, "laten_batch": 2,
+                                   "laten_choice": "select", "laten_select_steps": 2, "laten_lr": 1e-2,
+                                   "laten_select_rates": [0.25, 0.5], "laten_select_examples": 2})
+    study = Study(cfg, tmp_path / "run", log=lambda m: None)
+    lc = study.laten_cfg("gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
+    res = study._laten(lc, tmp_path / "stage")
+    grid = res["selection"]
+    assert sorted((g["step"], g["rate"]) for g in grid) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]
+    best = min(grid, key=lambda g: g["align_loss"])
+    assert (res["step"], res["rate"]) == (best["step"], best["rate"])
+    fused = json.loads((tmp_path / "stage" / "fused" / "pkt-laten.json").read_text())
+    assert (fused["step"], fused["transfer_rate"]) == (best["step"], best["rate"])
+    assert res["delta_rel_norm"] == fused["delta_rel_norm"] > 0 and "bf16_ratio" in res["delta_size"]["up"]
