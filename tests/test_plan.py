@@ -1,0 +1,107 @@
+"""`pkt run --dry-run`: every shipped config plans, with the stages a run would run, and its comment tells
+the truth about the estimate; the throughput table's interpolation and the disk rule.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pkt.config import load_config, validate
+from pkt.experiment.config import ExperimentConfig
+from pkt.experiment.plan import THROUGHPUT, tokens_per_second
+from pkt.experiment.runner import Study
+from pkt.testing import save_tiny
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml"]
+
+
+def expected_stages(cfg: ExperimentConfig) -> int:
+    """Stages of a study, counted from its config: per task the extraction (if a Seeking arm runs) and the
+    teacher's KD answers (if SeqKD runs), per seed one evaluation per method and one build per built method,
+    then the analysis."""
+    m = cfg.methods
+    per_task = any(x.startswith("seeking") for x in m) + ("seqkd" in m)
+    per_seed = len(m) + len([x for x in m if x not in ("student", "teacher")])
+    return len(cfg.tasks) * (per_task + len(cfg.seeds) * per_seed) + int(cfg.analysis)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_shipped_study_dry_runs(name, tmp_path, shared_data):
+    path = CONFIGS / name
+    cfg = load_config(ExperimentConfig, path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "pkt.cli", "run", "--dry-run", str(path), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = re.search(r"^plan: (\d+) stages \((\d+) cached\), estimated (.+?) on the reference machine .*, "
+                        r"disk up to ([\d.]+) GB", res.stdout, re.M)
+    assert summary, res.stdout[-3000:]
+    assert int(summary.group(1)) == expected_stages(cfg) and summary.group(2) == "0"
+    stage_lines = [ln for ln in res.stdout.splitlines() if re.match(r"^\S+-\S+|^analysis ", ln) and " run " in ln]
+    assert len(stage_lines) == expected_stages(cfg)
+    assert not out.exists()  # a dry run writes nothing
+    # the config's comment states the estimate the dry run gives (so it cannot silently go stale)
+    header = path.read_text().split("\nname:")[0]
+    assert re.search(rf"{summary.group(1)} stages, {re.escape(summary.group(3))}, disk up to "
+                     rf"{float(summary.group(4)):.1f} GB", header), (name, summary.group(0))
+
+
+def test_method_settings_files_validate():
+    from pkt.align.finetune import FinetuneConfig
+    from pkt.laten import ApplyConfig, LatenConfig
+    from pkt.postpkt import SeekingConfig
+
+    assert load_config(LatenConfig, CONFIGS / "laten.yaml", section="train").transfer_rate == 0.1
+    assert load_config(ApplyConfig, CONFIGS / "laten.yaml", section="apply").step == 4
+    assert load_config(SeekingConfig, CONFIGS / "postpkt.yaml", section="extract").n_samples == 32
+    assert load_config(FinetuneConfig, CONFIGS / "postpkt.yaml", section="finetune").batch_size == 64
+
+
+def test_paper_budgets_per_task():
+    cfg = load_config(ExperimentConfig, CONFIGS / "full.yaml")
+    got = {t: (cfg.budget_for(t).epochs, cfg.budget_for(t).lr, cfg.budget_for(t).train_examples,
+               cfg.budget_for(t).train_on_inputs) for t in cfg.tasks}
+    # METHODS.md §2.4 (S3 Table 5): epochs 5/5/3/5, lr 3e-4 except HumanEval 3e-5, 1000 examples except MBPP 300
+    assert got == {"gsm8k": (5, 3e-4, 1000, False), "mmlu": (5, 3e-4, 1000, True),
+                   "humaneval": (3, 3e-5, 1000, False), "mbpp": (5, 3e-4, 300, False)}
+    assert cfg.budget.batch_size == 64 and cfg.budget_for("mbpp").batch_size == 64
+    with pytest.raises(Exception, match=r"per_task: Value error, mmlu.epochs: Input should be greater than 0"):
+        validate(ExperimentConfig, {"per_task": {"mmlu": {"epochs": 0}}}, "c.yaml")
+    with pytest.raises(Exception, match=r"per_task: Value error, unknown task 'gsm9k'"):
+        validate(ExperimentConfig, {"per_task": {"gsm9k": {"epochs": 1}}}, "c.yaml")
+
+
+def test_throughput_interpolation():
+    for work, by_dtype in THROUGHPUT.items():
+        for dtype, pts in by_dtype.items():
+            for params, tps in pts:
+                assert tokens_per_second(work, params, dtype) == pytest.approx(tps)  # exact at measured sizes
+            (p0, t0), (p1, t1) = sorted(pts)[0], sorted(pts)[-1]
+            # beyond the table, time per token grows in proportion to the size
+            assert tokens_per_second(work, 10 * p1, dtype) == pytest.approx(t1 / 10)
+            assert tokens_per_second(work, p0 / 2, dtype) == pytest.approx(2 * t0)
+            mid = (p0 * p1) ** 0.5  # log-midpoint: the geometric mean of the neighbours' rates
+            if len(pts) == 2:
+                assert tokens_per_second(work, mid, dtype) == pytest.approx((t0 * t1) ** 0.5)
+
+
+def test_disk_counts_one_checkpoint_unless_kept(tmp_path, qwen_pair, shared_data):
+    teacher, student, tok = qwen_pair
+    base = {"name": "disk", "teacher": save_tiny(teacher, tok, tmp_path / "t"),
+            "student": save_tiny(student, tok, tmp_path / "s"), "methods": ["student", "lora", "pissa", "seqkd"],
+            "seeds": [0, 1], "analysis": False,
+            "budget": {"train_examples": 4, "loss_examples": 3, "eval_limit": 2, "rank": 2}}
+    ckpt = sum(p.numel() for p in student.parameters()) * 4  # one fp32 copy of the student
+    pruned = Study(validate(ExperimentConfig, base), tmp_path / "o", log=lambda s: None).preflight(plan=True)
+    kept = Study(validate(ExperimentConfig, {**base, "keep_checkpoints": True}), tmp_path / "o",
+                 log=lambda s: None).preflight(plan=True)
+    # 3 built methods x 2 seeds = 6 merged students; pruning keeps one at a time
+    assert kept.disk_bytes - pruned.disk_bytes == 5 * ckpt
+    assert [s["stage"] for s in kept.stages] == [s["stage"] for s in pruned.stages]
