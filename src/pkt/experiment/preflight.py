@@ -196,6 +196,14 @@ def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str
 
     from pkt.models.load import assert_same_tokenizer
 
+    va, vb = _file_vocab(teacher.path), _file_vocab(student.path)
+    if va is not None and vb is not None and va != vb:
+        # different vocabularies: known from tokenizer.json alone, without building two tokenizers (seconds)
+        only_a, only_b = len(set(va) - set(vb)), len(set(vb) - set(va))
+        moved = sum(1 for k in set(va) & set(vb) if va[k] != vb[k])
+        raise PktError(f"{', '.join(need)}: teacher and student tokenizers differ: vocab sizes {len(va)} vs "
+                       f"{len(vb)}, {only_a}/{only_b} tokens only in one, {moved} with different ids; "
+                       "this stage needs identical vocabularies")
     try:
         a, b = AutoTokenizer.from_pretrained(teacher.path), AutoTokenizer.from_pretrained(student.path)
         teacher.tokenizer, student.tokenizer = a, b
@@ -206,6 +214,24 @@ def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str
         assert_same_tokenizer(a, b)
     except PktError as e:
         raise PktError(f"{', '.join(need)}: {e}") from None
+
+
+def _file_vocab(path: str) -> dict | None:
+    """{token: id} of a fast tokenizer's tokenizer.json (BPE/WordPiece vocab or Unigram list, plus added
+    tokens), or None when there is no such file (then the tokenizers are loaded and compared)."""
+    import json
+
+    f = Path(path) / "tokenizer.json" if path and Path(path).is_dir() else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        vocab = dict(vocab) if isinstance(vocab, dict) else {tok: i for i, (tok, _) in enumerate(vocab)}
+        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+        return vocab
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_sandbox(tasks: list[str], allow_weak: bool) -> dict | None:
