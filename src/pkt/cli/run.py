@@ -20,6 +20,10 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<name>)."),
         dry_run: bool = typer.Option(False, help="Check the config and models, print the plan (stages, estimated "
                                                  "time, disk), run nothing."),
+        executor: str = typer.Option("sequential", help="sequential: every stage in this process; ray: stages "
+                                                        "as Ray tasks with the config's resources (pkt[ray])."),
+        address: str = typer.Option(None, help="With --executor ray: the Ray cluster to use (default: "
+                                               "RAY_ADDRESS, else a local instance)."),
     ) -> None:
         """Run the study: build every method's student, evaluate, analyse, and write results + report.html.
 
@@ -29,8 +33,14 @@ def register(app: typer.Typer) -> None:
         dimensions, code sandbox and free disk are checked (seconds); one runner per OUT at a time.
         """
         from pkt.config import load_config
+        from pkt.errors import PktError
         from pkt.experiment.config import ExperimentConfig
         from pkt.experiment.runner import Study
+
+        if executor not in ("sequential", "ray"):
+            raise PktError(f"--executor {executor!r}: choose sequential or ray")
+        if address and executor != "ray":
+            raise PktError("--address needs --executor ray")
 
         path = config or default_config()
         cfg = load_config(ExperimentConfig, path)
@@ -41,6 +51,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{path}: OK -> {out_dir}")
             typer.echo(est.render())
             return
-        result = study.run()
+        if executor == "ray" and not dry_run:
+            from pkt.experiment.executors import RayExecutor
+
+            with RayExecutor(address) as ex:
+                result = study.run(executor=ex)
+        else:
+            result = study.run()
         typer.echo((out_dir / "results.md").read_text(encoding="utf-8"))
         typer.echo(f"report: {out_dir / 'report.html'} ({result['manifest']['seconds']:.0f} s)")

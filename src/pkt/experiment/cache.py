@@ -13,7 +13,8 @@ also counts as missing for whoever needs it again.
 One runner per output directory: :meth:`StageCache.lock` takes an exclusive ``fcntl`` lock on
 ``OUT/.pkt-run.lock`` for the whole run; a second runner gets a one-line error instead of deleting the
 first one's temporary directories. Only the lock holder reclaims temporary directories left by a hard
-kill. In *dry* mode (the plan of ``pkt run --dry-run``) nothing is run, locked or written: each stage
+kill. The stages of a run under ``--executor ray`` are computed by Ray tasks of the lock holder
+(``worker=True``), each writing its own stage directory atomically. In *dry* mode (the plan of ``pkt run --dry-run``) nothing is run, locked or written: each stage
 reports its key and whether it is already cached.
 """
 
@@ -69,6 +70,9 @@ class StageCache:
     log: Callable[[str], None] = print
     records: list[StageRecord] = field(default_factory=list)
     dry: bool = False
+    # computes stages for the run that holds the lock (a Ray task of that run: pkt.experiment.executors),
+    # which checked the lock itself; it never takes or reclaims anything
+    worker: bool = False
     _lock_fd: int | None = None
 
     @property
@@ -126,7 +130,7 @@ class StageCache:
             self.records.append(StageRecord(stage, path.name, data["seconds"], True))
             self.log(f"[cached] {stage} ({path.name})")
             return path, data["result"]
-        if self._lock_fd is None:
+        if self._lock_fd is None and not self.worker:
             raise RuntimeError("StageCache.run outside StageCache.lock()")
         if path.exists():
             self.log(f"[redo]   {stage}: its record is unreadable or its outputs were pruned")

@@ -73,6 +73,21 @@ class Budget(Settings):
     train_on_inputs: bool = False
 
 
+STAGE_KINDS = ("extract", "kd-data", "finetune", "gkd", "laten", "eval", "analysis")
+
+
+class StageResources(Settings):
+    """What one stage asks of a Ray cluster under ``pkt run --executor ray`` (the sequential executor runs
+    every stage in its own process and ignores it). No GPU requested: the stage runs on CPUs only."""
+
+    gpus: float = Field(0, ge=0)
+    cpus: float = Field(1, ge=0)
+    memory_gb: float | None = Field(None, gt=0)  # reserved on the node (Ray's ``memory``); None: no reservation
+    # torch threads inside the stage; None: as many as the driver uses, so CPU stages give bit-identical
+    # results to the sequential executor's (float reductions depend on the thread count)
+    threads: int | None = Field(None, ge=1)
+
+
 class ExperimentConfig(Settings):
     name: str = "pkt-study"
     teacher: str = "qwen2.5-coder-1.5b-instruct"
@@ -100,6 +115,15 @@ class ExperimentConfig(Settings):
     eval_min_surviving: float = Field(0.5, ge=0, le=1)
     # run generated code with rlimits only when namespaces / a dedicated uid are unavailable
     allow_weak_sandbox: bool = False
+    # `pkt run --executor ray`: per stage kind (extract, kd-data, finetune = LoRA/PiSSA/Seeking/SeqKD builds,
+    # gkd, laten, eval, analysis; "default" for the rest) the GPUs, CPUs and memory a stage asks for
+    resources: dict[Literal["default", *STAGE_KINDS], StageResources] = {}
+    # how often Ray retries a stage whose worker died (a stage that raises is not retried)
+    stage_retries: int = Field(2, ge=0)
+
+    def resources_for(self, kind: str) -> StageResources:
+        """The request of one stage kind: ``resources[kind]``, else ``resources.default``, else 1 CPU."""
+        return self.resources.get(kind) or self.resources.get("default") or StageResources()
 
     def budget_for(self, task: str) -> Budget:
         """The budget of one task: ``budget`` updated by ``per_task[task]``."""

@@ -475,7 +475,9 @@ class Study:
                         self._prune(ref)
         return self.analysis(shared) if c.analysis else []
 
-    def run(self) -> dict:
+    def run(self, executor=None) -> dict:
+        """Run the study. ``executor`` (e.g. :class:`pkt.experiment.executors.RayExecutor`) computes the
+        stages elsewhere first; the walk then finds them cached and writes the same results and report."""
         c = self.cfg
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -483,12 +485,15 @@ class Study:
         est = self.preflight()  # read-only: a failing check leaves no trace in the output directory
         self.log(est.summary_line())
         with self.cache.lock():
+            ran = {r.key: r for r in executor.run_stages(self)} if executor is not None else {}
             self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
             try:
                 figures = self._walk(records, shared)
             finally:
                 self.bar.close()
                 self.bar = None
+            # the executor's stages were computed in this run, though the walk found them in the store
+            self.cache.records = [ran.get(r.key, r) for r in self.cache.records]
             from pkt.experiment.report import write_report
 
             manifest = {
