@@ -211,8 +211,7 @@ class RayExecutor:
                 have = ", ".join(f"{res.get('CPU', 0):g} CPU/{res.get('GPU', 0):g} GPU/"
                                  f"{res.get('memory', 0) / 2**30:.0f} GiB" for res in nodes) or "none"
                 raise PktError(f"resources.{kind}: no node of the Ray cluster has {need['CPU']:g} CPU, "
-                               f"{need['GPU']:g} GPU, {need['memory'] / 2**30:.0f} GiB memory free to give "
-                               f"(nodes: {have})")
+                               f"{need['GPU']:g} GPU, {need['memory'] / 2**30:.0f} GiB memory (nodes: {have})")
 
     # ---- the run -------------------------------------------------------------------------------
     def graph(self, study) -> list[StageNode]:
