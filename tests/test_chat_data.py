@@ -240,3 +240,72 @@ def test_cli_validate_conversations(tmp_path):
     assert ok.exit_code == 0 and "1 conversations OK" in ok.output, ok.output
     strict = invoke_cli(["data", "validate", path])  # the PKT-split format: exactly user, assistant
     assert strict.exit_code != 0 and "2 turns" in str(strict.exception)
+
+
+def test_postpkt_data_option_trains_on_a_conversation_file(tmp_path, tiny_tok):
+    from huggingface_hub import ModelCard
+
+    from pkt import testing
+
+    s = testing.save_tiny(testing.tiny_model("qwen2", "student", len(tiny_tok)), tiny_tok, tmp_path / "student")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({**CONV, "id": f"c{i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "run"
+    args = ["postpkt", "--student", s, "--init", "lora", "--data", path, "--out", out, "--r", "2", "--batch-size", "5",
+            "--micro-batch-size", "5", "--max-length", "128", "--epochs", "1", "--assistant-turns", "last",
+            "--report-to", "none", "--quiet"]
+    from pkt.testing import invoke_cli
+
+    r = invoke_cli(args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 5 and summary["data_source"] == str(path)
+    assert summary["config"]["assistant_turns"] == "last" and summary["task"] is None
+    card = ModelCard.load(out / "merged" / "README.md")
+    assert "chat.jsonl" in card.text and card.data.datasets is None
+
+
+def test_postpkt_bad_data_fails_naming_file_and_line_before_loading(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "chat.jsonl"
+    bad = {"messages": [{"role": "assistant", "content": "hi"}]}
+    path.write_text(json.dumps(CONV) + "\n" + json.dumps(bad) + "\n")
+    p = subprocess.run([sys.executable, "-m", "pkt.cli", "postpkt", "--student", "no/such-model-anywhere", "--init",
+                        "lora", "--data", str(path), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert f"{path}:2: turn 0 must have role 'user'" in p.stderr
+    assert not (tmp_path / "o").exists()
+    p = subprocess.run([sys.executable, "-m", "pkt.cli", "postpkt", "--student", "x/y", "--init", "lora",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--task is required" in p.stderr
+
+
+def test_kd_data_option_teacher_answers_the_final_turn_in_context(tmp_path, tiny_tok):
+    from pkt import testing
+    from pkt.testing import invoke_cli
+
+    v = len(tiny_tok)
+    t = testing.save_tiny(testing.tiny_model("qwen2", "teacher", v), tiny_tok, tmp_path / "teacher")
+    s = testing.save_tiny(testing.tiny_model("qwen2", "student", v), tiny_tok, tmp_path / "student")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({**CONV, "id": f"c{i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "kd"
+    args = ["kd", "--teacher", t, "--student", s, "--data", path, "--out", out, "--max-new-tokens", "4",
+            "--truncated", "keep", "--r", "2", "--batch-size", "3", "--micro-batch-size", "3", "--max-length", "128",
+            "--epochs", "1", "--report-to", "none", "--quiet"]
+    r = invoke_cli(args)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "kd_train.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        # system and earlier turns kept; only the final answer is the teacher's
+        assert row["messages"][:-1] == CONV["messages"][:-1] and row["answer_source"] == "teacher"
+        assert row["messages"][-1]["role"] == "assistant"
+    assert json.loads((out / "run" / "summary.json").read_text())["data_source"] == str(path)
+    again = invoke_cli(args)  # the cached answers are reused for the same conversations
+    assert again.exit_code == 0 and "reusing 3 teacher answers" in again.output
+    both = invoke_cli(["kd", "--teacher", t, "--student", s, "--data", path, "--task", "gsm8k", "--out", out])
+    assert both.exit_code != 0 and "one of --task" in str(both.exception)

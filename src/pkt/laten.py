@@ -59,6 +59,7 @@ from pkt.data.jsonl import ChatExample, read_chat_jsonl
 from pkt.errors import PktError
 from pkt.inject import Deltas, Injector, axis, save_fused
 from pkt.io import write_json, write_jsonl
+from pkt.tracking import TrainingLog, check_report_to
 from pkt.locate.attribution import Attribution, attribute_example
 from pkt.locate.layers import select_layers
 from pkt.models.arch import ArchSpec
@@ -105,6 +106,12 @@ class LatenConfig(Settings):
     chunk: int = Field(256, ge=1)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     student_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where the per-step log goes besides log.jsonl (pkt.tracking); it changes no result, so it is not dumped
+    # (a run resumes whatever tracker it logs to)
+    report_to: str = Field("tensorboard", exclude=True)
+
+    def model_post_init(self, _ctx) -> None:
+        check_report_to(self.report_to)
 
 
 class ApplyConfig(Settings):
@@ -335,6 +342,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     injector = Injector(m.student, m.s_spec)
     pad = m.tokenizer.pad_token_id
     bar = tqdm(range(start, steps), desc="laten train", disable=not progress, initial=start, total=steps)
+    tracker = TrainingLog(cfg.report_to, run, "laten", config=cfg_dump)
     for t in bar:
         t0 = time.perf_counter()
         example = extract_set[t]
@@ -364,7 +372,9 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         row = {"step": t + 1, "loss": lm_total + float(pen.detach()), "lm_loss": lm_total, "penalty": float(pen.detach()),
                "lr": lr, "grad_norm": grad_norm, "example": example.meta.get("id", t), **pairing.summary(),
                "seconds": round(time.perf_counter() - t0, 2), "locate_seconds": round(t_loc, 2)}
+        row["tokens_per_s"] = round(sum(len(f["input_ids"]) for f in feats) / max(time.perf_counter() - t0, 1e-9), 1)
         rows.append(row)
+        tracker.log(row)
         net.save(ckpt_path(run, t + 1), extra={"step": t + 1, "log": row})
         # Optimiser state only for the latest step (resume); per-step checkpoints hold the hypernetwork.
         tmp = run / ".state.pt.tmp"
@@ -373,6 +383,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         write_jsonl(run / "log.jsonl", rows)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lm=f"{lm_total:.4f}")
         log(json.dumps(row))
+    tracker.close()
     return rows
 
 
@@ -497,5 +508,8 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
         "seconds_locate": round(time.perf_counter() - t0, 2),
     }
     save_fused(m.student, m.tokenizer, deltas, out, manifest, m.s_spec)
+    from pkt.cards import write_fused_card
+
+    write_fused_card(out, {**manifest, "task": cfg.task})
     log(f"wrote fused student to {out} (step {step}, rate {transfer_rate})")
     return manifest, deltas

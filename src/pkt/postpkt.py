@@ -313,7 +313,7 @@ def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out:
 
 def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path, ft_cfg, ex_cfg: SeekingConfig,
                 factors_dir: str | Path | None = None, progress: bool = True, log=print,
-                control: str | None = None) -> dict:
+                control: str | None = None, data: str | None = None) -> dict:
     """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``.
 
     ``control`` (``random`` | ``shuffled``, seeking only): fine-tune from the control made of the extraction
@@ -332,6 +332,12 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
         raise PktError(f"--control {control!r}: expected one of {', '.join(CONTROLS)}, with --init seeking")
     out = Path(out)
     extra: dict = {"task": task, "teacher": str(teacher_ref) if teacher_ref else None, "student": str(student_ref)}
+    user_data = None
+    if data is not None:  # in place of the task's train split; read and validated before any model is loaded
+        from pkt.data.chat import load_chat_data
+
+        user_data = load_chat_data(data)
+        extra["data_source"] = str(data)
     factors = None
     t0 = time.perf_counter()
     if init == "seeking":
@@ -358,11 +364,11 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
                             ft_cfg.pissa_niter)
     extra["init_seconds"] = round(time.perf_counter() - t1, 1)
     extra["extract_seconds"] = round(t_extract, 1)
-    examples = load_split(task, "train")
+    examples = user_data if user_data is not None else load_split(task, "train")
     if ft_cfg.n_train is not None:
         examples = examples[: ft_cfg.n_train]
     log(f"{init}: LoRA r={ft_cfg.r} α={ft_cfg.alpha} on {','.join(ft_cfg.targets)}; "
-        f"fine-tuning on {len(examples)} {task}/train examples")
+        f"fine-tuning on {len(examples)} {data or f'{task}/train'} examples")
     summary = train_and_save(model, tok, examples, ft_cfg, init, out, extra=extra, progress=progress)
     if dist_state().is_main_process:  # under `accelerate launch` only the main process writes
         summary["peak_rss_bytes"] = peak_rss_bytes()

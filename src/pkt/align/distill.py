@@ -31,7 +31,7 @@ from typing import Literal
 from pydantic import Field
 
 from pkt.config import Settings
-from pkt.data.chat import render_prompt
+from pkt.data.chat import render_prompt, with_answer
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.seeding import seed_everything
@@ -61,7 +61,7 @@ def budget_policy(rows: list[ChatExample], truncated: str) -> tuple[list[ChatExa
     if truncated == "drop":
         kept = done
     else:  # keep the order of the prompts
-        kept = [r if r.meta.get("finished", True) else ChatExample(r.user, r.assistant, {**r.meta, "open_end": True})
+        kept = [r if r.meta.get("finished", True) else with_answer(r, r.assistant, {"open_end": True})
                 for r in rows]
     counts = {"answers": len(rows), "finished": len(done), "truncated": len(cut),
               "dropped": len(cut) if truncated == "drop" else 0, "kept_open": len(cut) if truncated == "keep" else 0,
@@ -87,7 +87,8 @@ def teacher_answers(teacher, tokenizer, examples: list[ChatExample], *, style: s
 
     state = dist_state()
     world, rank = state.num_processes, state.process_index
-    prompts = [render_prompt(e.user, tokenizer, style) for e in examples]
+    # the conversation up to its final answer (system and earlier turns included), which the teacher replaces
+    prompts = [render_prompt(e.messages()[:-1], tokenizer, style) for e in examples]
     # Longest first, in fixed batches: the order generate() itself uses, made explicit here so that a batch
     # holds the same prompts whatever the number of processes (left padding, hence the logits, depend on it).
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -109,7 +110,7 @@ def teacher_answers(teacher, tokenizer, examples: list[ChatExample], *, style: s
 
         for part in gather_object([answers]):
             answers.update(part)
-    return [ChatExample(e.user, answers[i][0].strip(), {**e.meta, "answer_source": "teacher",
+    return [with_answer(e, answers[i][0].strip(), {"answer_source": "teacher",
                                                          "finished": answers[i][1]})
             for i, e in enumerate(examples)]
 
@@ -137,7 +138,7 @@ def _reusable(path: Path, meta: dict, examples: list[ChatExample]) -> list[ChatE
     """The cached answers at ``path`` if they were made for these prompts and settings, else why not."""
     import json
 
-    from pkt.data.jsonl import read_chat_jsonl
+    from pkt.data.chat import read_conversations
 
     meta_path = path.with_name(KD_META)
     if meta_path.is_file():
@@ -145,8 +146,8 @@ def _reusable(path: Path, meta: dict, examples: list[ChatExample]) -> list[ChatE
         diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
         if diff:
             return f"{path} was generated with {', '.join(diff)}; delete it or use another --out"
-    rows = read_chat_jsonl(path)
-    if [r.user for r in rows] != [e.user for e in examples]:
+    rows = read_conversations(path)
+    if [r.messages()[:-1] for r in rows] != [e.messages()[:-1] for e in examples]:
         return (f"{path}: its {len(rows)} prompts are not the {len(examples)} selected training prompts; "
                 "delete it or use another --out")
     return rows
@@ -219,5 +220,6 @@ def distill_finetune(student_ref, examples: list[ChatExample], ft, out: str | Pa
     seed_everything(ft.seed)  # the LoRA A init draws from the global RNGs
     tok = load_tokenizer(student_ref, padding_side="right")
     model = make_lora_model(load_model(student_ref, dtype=ft.dtype), "lora", ft.targets, ft.r, ft.alpha, ft.dropout)
-    return train_and_save(model, tok, examples, ft, "lora", out, extra={"method": "seqkd", **(extra or {})},
+    return train_and_save(model, tok, examples, ft, "lora", out,
+                          extra={"method": "seqkd", "student": str(student_ref), **(extra or {})},
                           progress=progress)

@@ -10,7 +10,10 @@ Outputs (written atomically, :func:`save_outputs`):
   ``adapter_init/``  the initial adapter (peft's reference point for conversion);
   ``adapter/``       a plain LoRA relative to the *original* student (for ``pissa``/``seeking`` peft's
                      mutated-init conversion, rank 2r), loadable with ``PeftModel.from_pretrained``;
-  ``merged/``        the merged Hugging Face checkpoint + tokenizer, loadable with plain transformers.
+  ``merged/``        the merged Hugging Face checkpoint + tokenizer, loadable with plain transformers;
+  ``adapter*/README.md``, ``merged/README.md``  model cards (:mod:`pkt.cards`);
+  ``logs/finetune/`` the per-step log in the tracker chosen with ``report_to`` (TensorBoard by default,
+                     :mod:`pkt.tracking`), besides ``train_log.jsonl``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from pkt.config import Settings
@@ -31,6 +36,7 @@ from pkt.data.chat import IGNORE, STYLES, collate, tokenize_example
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.io import atomic_dir, write_json, write_jsonl
+from pkt.tracking import TrainingLog, check_report_to
 
 
 class FinetuneConfig(Settings):
@@ -57,8 +63,13 @@ class FinetuneConfig(Settings):
     dtype: str = "float32"
     pissa_niter: int | None = None  # None = exact SVD for PiSSA; K = peft's pissa_niter_K
     gradient_checkpointing: bool = False
+    assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn conversation carry the loss
+    # where the per-step log goes besides train_log.jsonl (pkt.tracking); it changes no result, so it is not
+    # part of the dumped settings (nor of a stage's cache key)
+    report_to: str = Field("tensorboard", exclude=True)
 
     def model_post_init(self, _ctx) -> None:
+        check_report_to(self.report_to)
         if self.style not in STYLES:
             raise PktError(f"style {self.style!r}: expected one of {', '.join(STYLES)}")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
@@ -90,14 +101,16 @@ def _plan(n: int, cfg: FinetuneConfig) -> tuple[int, int]:
 
 
 def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, progress: bool = True,
-             log=None) -> list[dict]:
-    """Train the LoRA parameters of a peft ``model`` in place; returns per-step logs (loss, lr, seconds)."""
+             log=None, log_dir=None) -> list[dict]:
+    """Train the LoRA parameters of a peft ``model`` in place; returns per-step logs (loss, lr, grad norm,
+    tokens/s, seconds), also sent to ``cfg.report_to`` under ``log_dir`` when one is given."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     if not examples:
         raise PktError("fine-tuning: no training examples")
-    feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs) for e in examples]
+    feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs, cfg.assistant_turns)
+             for e in examples]
     feats = [f for f in feats if _n_labels(f)]
     if not feats:
         raise PktError("fine-tuning: no example has labelled tokens; raise max_length")
@@ -118,6 +131,8 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
     logs: list[dict] = []
     world, rank = acc.num_processes, acc.process_index
     bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress or not acc.is_main_process)
+    tracker = TrainingLog(cfg.report_to if log_dir else "none", log_dir or ".", "finetune", config=cfg.model_dump(),
+                          main_process=acc.is_main_process)
     step, t0 = 0, time.perf_counter()
     while step < total:
         order = list(range(len(feats)))
@@ -126,6 +141,7 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
             if step >= total:
                 break
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            t_step = time.perf_counter()
             # Data parallel (accelerate launch): process r takes every world-th example of the step. Every
             # process runs the same number of micro-batches (an empty one is a zero-weighted dummy) so the
             # collective calls line up; gradients are synchronised once, on the last micro-batch.
@@ -150,21 +166,26 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
             loss_sum = float(acc.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
             # before the optimizer step: a diverged step must not be applied, logged or saved
             check_finite(loss_sum, step + 1, "fine-tuning")
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            # max_norm=inf clips nothing: the norm is still measured for the log
+            grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            now = time.perf_counter()
+            n_in = sum(len(feats[i]["input_ids"]) for i in idx)  # the step's tokens, all processes
             rec = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss_sum, 5), "lr": lr,
-                   "seconds": round(time.perf_counter() - t0, 1)}
+                   "grad_norm": round(grad_norm, 5), "tokens_per_s": round(n_in / max(now - t_step, 1e-9), 1),
+                   "seconds": round(now - t0, 1)}
             logs.append(rec)
+            tracker.log(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
             if log:
                 log(rec)
     bar.close()
+    tracker.close()
     model.eval()
     return logs
 
@@ -225,7 +246,7 @@ def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneC
         init_dir = tmp / "adapter_init"
         save_initial_adapter(model, init_dir)
         t0 = time.perf_counter()
-        logs = finetune(model, tokenizer, examples, cfg, progress=progress)
+        logs = finetune(model, tokenizer, examples, cfg, progress=progress, log_dir=tmp)
         train_s = time.perf_counter() - t0
         write_jsonl(tmp / "train_log.jsonl", logs)
         t1 = time.perf_counter()
@@ -234,6 +255,9 @@ def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneC
                    "final_loss": logs[-1]["loss"] if logs else None, "processes": state.num_processes,
                    "train_seconds": round(train_s, 1),
                    "save_seconds": round(time.perf_counter() - t1, 1), "config": cfg.model_dump(),
-                   "outputs": info, **(extra or {})}
+                   "report_to": cfg.report_to, "outputs": info, **(extra or {})}
         write_json(tmp / "summary.json", summary)
+        from pkt.cards import write_run_cards
+
+        write_run_cards(tmp, summary)
     return summary

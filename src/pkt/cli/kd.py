@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import typer
 
-from pkt.cli.postpkt import (R, Alpha, BatchSize, Dtype, Epochs, Lr, MaxLength, MicroBatchSize, NTrain, Seed,
-                             Style, Targets, TrainOnInputs, finetune_config)
+from pkt.cli.postpkt import (R, Alpha, BatchSize, Dtype, Epochs, Lr, MaxLength, MicroBatchSize, NTrain, ReportTo,
+                             Seed, Style, Targets, TrainOnInputs, finetune_config)
 
 
 def kd(
     teacher: str = typer.Option(..., help="Teacher that answers the training prompts."),
     student: str = typer.Option(..., help="Student: embedded name, local HF directory or hub id."),
-    task: str = typer.Option(..., help="Task whose train split supplies the prompts (gsm8k, mmlu, ...)."),
+    task: str = typer.Option(None, help="Task whose train split supplies the prompts (gsm8k, mmlu, ...); or --data."),
     out: str = typer.Option(..., help="Output directory (kd_train.jsonl, run/ with adapter/ and merged/)."),
     config: str = typer.Option(None, "--config", help="YAML settings file (sections 'finetune', 'kd', 'gkd')."),
     method: str = typer.Option("seqkd", help="seqkd (SFT on teacher answers) | gkd (on-policy distillation)."),
@@ -51,6 +51,9 @@ def kd(
     train_on_inputs: TrainOnInputs = None,
     dtype: Dtype = None,
     seed: Seed = None,
+    report_to: ReportTo = None,
+    data: str = typer.Option(None, help="Prompts in place of the task's train split: chat JSONL or a Hugging Face "
+                             "dataset with a 'messages' column (the teacher answers each final turn in context)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Knowledge distillation into a LoRA student: seqkd (teacher answers → SFT) or gkd (on-policy)."""
@@ -65,21 +68,29 @@ def kd(
 
     if method not in ("seqkd", "gkd"):
         raise PktError(f"--method {method!r}: expected seqkd or gkd")
-    get_task(task)  # a typo fails here, before any model is loaded
+    if (task is None) == (data is None):
+        raise PktError("give one of --task (its train split) or --data (your conversations)")
+    if task is not None:
+        get_task(task)  # a typo fails here, before any model is loaded
     ft = finetune_config(config, r=r, alpha=alpha, targets=targets, lr=lr, epochs=epochs, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, max_length=max_length, n_train=n_train, style=style,
-                         train_on_inputs=train_on_inputs, dtype=dtype, seed=seed)
+                         train_on_inputs=train_on_inputs, dtype=dtype, seed=seed, report_to=report_to)
     kc = load_config(KDConfig, config, section="kd", max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
                      dtype=teacher_dtype, truncated=truncated)
     gc = load_config(GKDConfig, config, section="gkd", lmbda=lmbda, beta=beta, temperature=temperature,
                      max_new_tokens=gkd_max_new_tokens, teacher_dtype=teacher_dtype)
     main = dist_state().is_main_process
     say = (lambda m: typer.echo(m, err=True)) if main else (lambda m: None)
-    examples = load_split(task, "train")[: ft.n_train]
+    if data is not None:
+        from pkt.data.chat import load_chat_data
+
+        examples = load_chat_data(data)[: ft.n_train]
+    else:
+        examples = load_split(task, "train")[: ft.n_train]
     out_dir = Path(out)
     if method == "gkd":
         say(f"gkd: LoRA r={ft.r} α={ft.alpha} on {','.join(ft.targets)}; lmbda={gc.lmbda} beta={gc.beta} on "
-            f"{len(examples)} {task}/train prompts")
+            f"{len(examples)} {data or f'{task}/train'} prompts")
         s = gkd_distill(teacher, student, examples, ft, gc, out_dir / "run", progress=not quiet,
                         extra={"task": task, "teacher": teacher, "student": student})
         typer.echo(f"{out_dir / 'run'}: {s['steps']} steps, final loss {s['final_loss']}, "
@@ -88,7 +99,7 @@ def kd(
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     kd_file = out_dir / KD_FILE
-    answers, reused = kd_data(teacher, examples, kd_file, kc, style=ft.style, meta={"task": task},
+    answers, reused = kd_data(teacher, examples, kd_file, kc, style=ft.style, meta={"task": task, "prompts": data},
                               progress=not quiet, log=say)
     rows, counts = budget_policy(answers, kc.truncated)
     say(f"seqkd: {counts['finished']} of {counts['answers']} teacher answers finished within {kc.max_new_tokens} "
@@ -96,6 +107,7 @@ def kd(
         f"{','.join(ft.targets)}; fine-tuning on {len(rows)}")
     s = distill_finetune(student, rows, ft, out_dir / "run", progress=not quiet,
                          extra={"task": task, "teacher": teacher, "student": student, "data": str(kd_file),
+                                "data_source": data,
                                 "data_reused": reused, "kd": kc.model_dump(), "answers": counts})
     if main:  # under `accelerate launch` only the main process writes and reports
         typer.echo(f"{out_dir / 'run'}: {s['steps']} steps, final loss {s['final_loss']}, "

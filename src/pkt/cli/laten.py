@@ -52,6 +52,8 @@ def train(
     resume: bool = typer.Option(True, help="Continue an existing run in --out from its last step."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_to: str = typer.Option(None, "--report-to", help="Per-step log: tensorboard (under --out/logs) | "
+                                  "trackio | wandb | mlflow | none."),
 ) -> None:
     """Train the hypernetwork: one step per extract example; a checkpoint and a log line per step."""
     from pkt.config import load_config
@@ -62,7 +64,7 @@ def train(
                       task=task, extract_file=extract_file, align_file=align_file, seed_file=seed_file, style=style,
                       max_steps=steps, schedule=schedule, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       transfer_rate=transfer_rate, penalty=penalty, init_std=init_std, cutoff_len=cutoff_len,
-                      norm=norm, vocab_top=vocab_top, seed=seed)
+                      norm=norm, vocab_top=vocab_top, seed=seed, report_to=report_to)
     t0 = time.perf_counter()
     rows = _train(cfg, out, resume=resume, progress=progress, log=lambda s: typer.echo(s, err=True))
     last = rows[-1] if rows else {}

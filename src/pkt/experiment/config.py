@@ -115,6 +115,36 @@ class ExperimentConfig(Settings):
     eval_min_surviving: float = Field(0.5, ge=0, le=1)
     # run generated code with rlimits only when namespaces / a dedicated uid are unavailable
     allow_weak_sandbox: bool = False
+    # each training loop's per-step log besides its own JSONL (pkt.tracking): tensorboard, offline under the
+    # stage directory | trackio | wandb | mlflow | none
+    report_to: str = "tensorboard"
+    # training data of the fine-tuned arms (lora, pissa, seeking and its controls) in place of each task's train
+    # split: chat JSONL, a `datasets` save_to_disk directory or a hub dataset id with a `messages` column
+    data: str | None = None
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracker(cls, v):
+        from pkt.errors import PktError
+        from pkt.tracking import check_report_to
+
+        try:
+            return check_report_to(v)
+        except PktError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("data")
+    @classmethod
+    def _data_reads(cls, v):
+        from pkt.data.chat import load_chat_data
+        from pkt.errors import PktError
+
+        if v is not None:  # read and validated now, before any stage runs
+            try:
+                load_chat_data(v)
+            except PktError as e:
+                raise ValueError(str(e)) from None
+        return v
     # `pkt run --executor ray`: per stage kind (extract, kd-data, finetune = LoRA/PiSSA/Seeking/SeqKD builds,
     # gkd, laten, eval, analysis; "default" for the rest) the GPUs, CPUs and memory a stage asks for
     resources: dict[Literal["default", *STAGE_KINDS], StageResources] = {}

@@ -30,12 +30,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pkt.cards import add_study_results
+from pkt.data.chat import data_identity
 from pkt.errors import PktError
 from pkt.experiment import fingerprint
 from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
 from pkt.io import write_json
 from pkt.seeding import seed_everything
+from pkt.tracking import study_loss_curves
 
 FINETUNED = ("lora", "pissa", "seeking")
 SEEKING_CONTROLS = ("seeking-random", "seeking-shuffled")  # Seeking's init with random / misplaced factors
@@ -125,7 +128,8 @@ class Study:
         return FinetuneConfig(r=b.rank, alpha=b.alpha, lr=b.lr, epochs=b.epochs, batch_size=b.batch_size,
                               micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
                               n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype,
-                              pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs)
+                              pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs,
+                              report_to=self.cfg.report_to)
 
     def seeking_cfg(self, task: str | None = None):
         from pkt.postpkt import SeekingConfig
@@ -151,7 +155,8 @@ class Study:
                            transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
                            micro_batch=min(4, b.laten_batch), max_steps=self.laten_train_steps(task), seed=seed,
                            cutoff_len=b.max_length, teacher_dtype=self.cfg.teacher_dtype,
-                           student_dtype=self.cfg.dtype, schedule=b.laten_schedule)
+                           student_dtype=self.cfg.dtype, schedule=b.laten_schedule,
+                           report_to=self.cfg.report_to)
 
     def laten_train_steps(self, task: str) -> int:
         """Hypernetwork steps to train: the paper's for the task, the selection grid's last, or a fixed count."""
@@ -244,10 +249,11 @@ class Study:
             if method == "seeking":
                 ft = ft.model_copy(update={"targets": self.seeking_targets(task)})
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
-                       "finetune": ft.model_dump(), "factors": str(factors) if factors else None}
+                       "finetune": ft.model_dump(), "factors": str(factors) if factors else None,
+                       **({"data": data_identity(c.data)} if c.data else {})}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log)), reads={"models": [c.student], "data": {task: ["train"]}})
+                progress=True, log=self._log, data=c.data)), reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method in SEEKING_CONTROLS:
             from pkt.postpkt import run_postpkt
@@ -256,10 +262,11 @@ class Study:
             ft = self.finetune_cfg(task, seed).model_copy(update={"targets": self.seeking_targets(task)})
             factors = shared["factors"]
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
-                       "finetune": ft.model_dump(), "factors": str(factors), "control": control}
+                       "finetune": ft.model_dump(), "factors": str(factors), "control": control,
+                       **({"data": data_identity(c.data)} if c.data else {})}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, "seeking", d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log, control=control)),
+                progress=True, log=self._log, control=control, data=c.data)),
                 reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "gkd":
@@ -298,7 +305,7 @@ class Study:
         from pkt.data.jsonl import read_chat_jsonl
 
         return _summary(distill_finetune(self.cfg.student, read_chat_jsonl(kd_file), ft, out,
-                                         extra={"data": str(kd_file)}))
+                                         extra={"data": str(kd_file), "teacher": self.cfg.teacher}))
 
     def _gkd(self, task: str, ft, gc, out: Path) -> dict:
         from pkt.align.gkd import gkd_distill
@@ -470,7 +477,7 @@ class Study:
                         s.setdefault("laten_dir", Path(ref))
                     res = self.evaluate(method, ref, dtype, task, seed)
                     if res is not None:
-                        records.append({"method": method, "task": task, "seed": seed, **res})
+                        records.append({"method": method, "task": task, "seed": seed, "model_dir": ref, **res})
                     if not self.cache.dry:
                         self._prune(ref)
         return self.analysis(shared) if c.analysis else []
@@ -489,6 +496,9 @@ class Study:
             self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
             try:
                 figures = self._walk(records, shared)
+                # each built model's card gets its scores; report.html gets each trained arm's loss curve
+                add_study_results(records)
+                figures = [*figures, *filter(None, [study_loss_curves(records, self.out)])]
             finally:
                 self.bar.close()
                 self.bar = None
