@@ -144,8 +144,10 @@ def compare_mmlu(pkt_records: list[dict], lm_samples_by_task: dict[str, list[dic
 
 
 def crosscheck(model, tokenizer, *, gsm_rows, mmlu_rows, mmlu_dev, gsm_limit, mmlu_limit, seed=0, batch_size=8,
-               gsm_max_new_tokens=None, max_length=None) -> dict:
-    """Both harnesses on the same seeded subsets; returns the comparison (no files outside a temp dir)."""
+               gsm_max_new_tokens=None, max_length=None, save=None) -> dict:
+    """Both harnesses on the same seeded subsets; returns the comparison (no files outside a temp dir).
+
+    MMLU runs first (one forward per question), GSM8K second; ``save(report)`` is called after each."""
     from pkt.evaluate import evaluate_model
     from pkt.evaluate.tasks.common import select
 
@@ -155,17 +157,6 @@ def crosscheck(model, tokenizer, *, gsm_rows, mmlu_rows, mmlu_dev, gsm_limit, mm
     with tempfile.TemporaryDirectory(prefix="pkt-lmeval-xcheck-") as tmp:
         root = Path(tmp)
         names = write_task_configs(root, gsm_sel, mmlu_sel, mmlu_dev)
-        if gsm_sel:
-            t0 = time.perf_counter()
-            pkt = evaluate_model(model, tokenizer, ["gsm8k"], protocol="standard", data={"gsm8k": gsm_sel},
-                                 batch_size=batch_size, max_new_tokens=gsm_max_new_tokens, progress=False, log=None,
-                                 out_dir=root / "pkt")
-            recs = [json.loads(x) for x in (root / "pkt" / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
-            t1 = time.perf_counter()
-            lm = run_lm_eval(model, tokenizer, root, names["gsm8k"], 8, batch_size, gsm_max_new_tokens, max_length)
-            report["gsm8k"] = {**compare_gsm8k(recs, lm[names["gsm8k"][0]]), "pkt_seconds": round(t1 - t0, 1),
-                               "lm_eval_seconds": round(time.perf_counter() - t1, 1),
-                               "pkt_protocol": pkt["gsm8k"]["protocol"]}
         if mmlu_sel:
             t0 = time.perf_counter()
             pkt = evaluate_model(model, tokenizer, ["mmlu"], protocol="standard",
@@ -177,6 +168,21 @@ def crosscheck(model, tokenizer, *, gsm_rows, mmlu_rows, mmlu_dev, gsm_limit, mm
             report["mmlu"] = {**compare_mmlu(recs, {k: lm[k] for k in names["mmlu"]}),
                               "pkt_seconds": round(t1 - t0, 1), "lm_eval_seconds": round(time.perf_counter() - t1, 1),
                               "pkt_protocol": pkt["mmlu"]["protocol"]}
+            if save:
+                save(report)
+        if gsm_sel:
+            t0 = time.perf_counter()
+            pkt = evaluate_model(model, tokenizer, ["gsm8k"], protocol="standard", data={"gsm8k": gsm_sel},
+                                 batch_size=batch_size, max_new_tokens=gsm_max_new_tokens, progress=False, log=None,
+                                 out_dir=root / "pkt")
+            recs = [json.loads(x) for x in (root / "pkt" / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
+            t1 = time.perf_counter()
+            lm = run_lm_eval(model, tokenizer, root, names["gsm8k"], 8, batch_size, gsm_max_new_tokens, max_length)
+            report["gsm8k"] = {**compare_gsm8k(recs, lm[names["gsm8k"][0]]), "pkt_seconds": round(t1 - t0, 1),
+                               "lm_eval_seconds": round(time.perf_counter() - t1, 1),
+                               "pkt_protocol": pkt["gsm8k"]["protocol"]}
+            if save:
+                save(report)
     return report
 
 
@@ -196,10 +202,13 @@ def main() -> None:
 
     tok, model = load_tokenizer(args.model), load_model(args.model, dtype=args.dtype)
     model.eval()
+    def save(rep):
+        write_json(args.out / "crosscheck_lmeval.json", {"model": args.model, **rep})
+
     rep = crosscheck(model, tok, gsm_rows=gsm8k_test(), mmlu_rows=mmlu_rows("test"), mmlu_dev=mmlu_rows("dev"),
-                     gsm_limit=args.gsm8k_limit, mmlu_limit=args.mmlu_limit, seed=args.seed, batch_size=args.batch_size)
-    rep["model"] = args.model
-    write_json(args.out / "crosscheck_lmeval.json", rep)
+                     gsm_limit=args.gsm8k_limit, mmlu_limit=args.mmlu_limit, seed=args.seed, batch_size=args.batch_size,
+                     save=save)
+    save(rep)
     print(json.dumps({t: {k: v for k, v in rep[t].items() if k not in ("disagreements", "pkt_protocol")}
                       for t in ("gsm8k", "mmlu") if t in rep}, indent=1))
 
