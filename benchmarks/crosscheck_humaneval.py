@@ -107,7 +107,8 @@ def rescore(records: list[dict], problems: dict[str, dict], *, timeout: float = 
 
 def produce(run_dir: Path, model_name: str, protocol: str, dtype: str, chunk: int, budget_min: float,
             batch_size: int, max_new_tokens: int | None) -> bool:
-    """Evaluate HumanEval chunk by chunk into ``run_dir/chunks``; merge when complete. True when complete."""
+    """Evaluate HumanEval chunk by chunk into ``run_dir/chunks`` and merge the finished chunks into ``run_dir``
+    (``metrics.json`` says ``complete``). False when no chunk has finished yet."""
     import time
 
     from pkt.data.tasks import humaneval_problems
@@ -119,22 +120,29 @@ def produce(run_dir: Path, model_name: str, protocol: str, dtype: str, chunk: in
     rows = humaneval_problems()
     parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     todo = [k for k in range(len(parts)) if not (run_dir / "chunks" / f"{k:03d}" / "metrics.json").is_file()]
+    complete = True
     if todo:
         tok, model = load_tokenizer(model_name), load_model(model_name, dtype=dtype)
         for k in todo:
             if (time.perf_counter() - t0) / 60 > budget_min:
                 print(f"budget spent: {len(todo) - todo.index(k)} chunks left; run again to continue")
-                return False
+                complete = False
+                break
             evaluate_model(model, tok, ["humaneval"], out_dir=run_dir / "chunks" / f"{k:03d}",
                            data={"humaneval": parts[k]}, protocol=protocol, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, progress=False, meta={"model": model_name, "dtype": dtype})
     records, metrics = [], []
     for k in range(len(parts)):
         d = run_dir / "chunks" / f"{k:03d}"
+        if not (d / "metrics.json").is_file():
+            continue  # not evaluated yet: the merged files then cover the finished chunks only
         records += [json.loads(x) for x in (d / "humaneval" / "predictions.jsonl").read_text().splitlines() if x]
         metrics.append(json.loads((d / "metrics.json").read_text()))
     n = len(records)
-    he = {"pass@1": sum(r["correct"] for r in records) / n, "n": n, "passed": sum(r["correct"] for r in records),
+    if not n:
+        return False
+    he = {"complete": complete and len(metrics) == len(parts), "pass@1": sum(r["correct"] for r in records) / n,
+          "n": n, "passed": sum(r["correct"] for r in records),
           "protocol": metrics[0]["humaneval"]["protocol"], "sandbox": metrics[0]["humaneval"]["sandbox"],
           "hit_max_new_tokens": sum(m["humaneval"].get("hit_max_new_tokens", 0) for m in metrics),
           "seconds": round(sum(m["humaneval"]["seconds"] for m in metrics), 1),
@@ -164,7 +172,7 @@ def main() -> None:
 
     if args.model and not produce(args.run_dir, args.model, f"humaneval={args.protocol}", args.dtype, args.chunk,
                                   args.budget_min, args.batch_size, args.max_new_tokens):
-        return
+        return  # no chunk finished yet
 
     res = rescore(load_records(args.run_dir), read_problems(), timeout=args.timeout, workers=args.workers)
     text = json.dumps(res, indent=1)
