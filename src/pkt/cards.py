@@ -172,7 +172,8 @@ def build_card(*, library: str, method: str, student, teacher=None, task=None, d
     teacher_text = f"`{t_base}`" if t_base else (f"a local model (`{Path(str(teacher)).name}`)" if teacher else "none")
     what = "a PEFT LoRA adapter" if library == "peft" else "a full Hugging Face checkpoint"
     lines = [f"# {name}", "",
-             f"{what.capitalize()} of {student_text}, made with pkt (cross-scale parametric knowledge transfer).", "",
+             f"{what[0].upper() + what[1:]} of {f'`{base}`' if base else 'a local student model'}, made with pkt "
+             "(cross-scale parametric knowledge transfer).", "",
              f"- **method:** `{method}` — {METHODS.get(method, method)}",
              f"- **student (base model):** {student_text}",
              f"- **teacher:** {teacher_text}",
