@@ -20,14 +20,14 @@ import math
 from dataclasses import dataclass, field
 
 # tokens/s on the reference machine (2-core x86-64 CPU with avx512_bf16, 24 GiB, torch 2.13 CPU build, 2 threads),
-# measured with `flock /tmp/pkt-heavy.lock .venv/bin/python benchmarks/bench_throughput.py --models
-# qwen2.5-coder-0.5b-instruct --batch 2 --length 128 --repeats 1 --new-tokens 16` (docs/benchmarks.md, P5):
-# [parameters, tokens/s] per (work, dtype). One size was measured; other sizes scale as 1/size.
+# measured with `flock /tmp/pkt-heavy.lock .venv/bin/python benchmarks/bench_throughput.py --models MODEL
+# --batch 2 --length 128 --repeats 1 --new-tokens 16` for the embedded 0.5B and 1.5B (docs/benchmarks.md, P5):
+# [parameters, tokens/s] per (work, dtype); log-log interpolation between sizes, 1/size beyond them.
 THROUGHPUT_MACHINE = "2-core x86-64 CPU, 24 GiB, torch CPU build, 2 threads"
 THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
-    "forward": {"float32": [[630167424, 36.8]], "bfloat16": [[630167424, 31.1]]},
-    "train": {"float32": [[630167424, 21.9]], "bfloat16": [[630167424, 51.4]]},
-    "generate": {"float32": [[630167424, 12.3]], "bfloat16": [[630167424, 10.3]]},
+    "forward": {"float32": [[630167424, 36.8], [1777088000, 18.8]], "bfloat16": [[630167424, 31.1], [1777088000, 43.8]]},
+    "train": {"float32": [[630167424, 21.9], [1777088000, 24.6]], "bfloat16": [[630167424, 51.4], [1777088000, 19.2]]},
+    "generate": {"float32": [[630167424, 12.3], [1777088000, 0.4]], "bfloat16": [[630167424, 10.3], [1777088000, 3.9]]},
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
