@@ -62,13 +62,16 @@ class Injected(RayExecutor):
 
 
 def _untimed(x, out: Path):
-    """``x`` without wall-clock fields (seconds, tokens/s) and with the output directory and the writing
-    process's temporary directory names made neutral: they differ between any two runs."""
+    """``x`` without wall-clock fields (seconds, tokens/s) and with the output directory, the stage keys
+    (which hash paths under it) and the writing process's temporary directory names made neutral: they
+    differ between any two runs into different directories."""
     if isinstance(x, dict):
         return {k: _untimed(v, out) for k, v in x.items() if not ("seconds" in k or "per_s" in k)}
     if isinstance(x, list):
         return [_untimed(v, out) for v in x]
-    return re.sub(r"\.tmp\d+", ".tmp", x.replace(str(out), "OUT")) if isinstance(x, str) else x
+    if not isinstance(x, str):
+        return x
+    return re.sub(r"-[0-9a-f]{16}\b", "-KEY", re.sub(r"\.tmp\d+", ".tmp", x.replace(str(out), "OUT")))
 
 
 def _outputs(out: Path) -> dict:
@@ -163,10 +166,30 @@ def test_raising_stage_fails_the_run_and_the_rerun_resumes(study, local_ray):
     assert _outputs(out) == _outputs(tmp / "seq")
 
 
+def test_retries_are_bounded(study, local_ray):
+    cfg, tmp = study
+    small = cfg.model_copy(update={"methods": ["student", "lora"], "analysis": False, "stage_retries": 1})
+    attempts = tmp / "always"
+
+    def always_crash(fn):
+        def wrapped(d):
+            with open(attempts, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os._exit(1)
+        return wrapped
+
+    with pytest.raises(PktError, match=r"^stage lora-gsm8k-s0: its worker died 2 time\(s\) \(WorkerCrashedError\)"), \
+            Injected("lora-gsm8k-s0", always_crash) as ex:
+        Study(small, tmp / "crashing", log=lambda s: None).run(executor=ex)
+    assert len(attempts.read_text().split()) == 2  # the first attempt and stage_retries=1 retry, no more
+    assert not list((tmp / "crashing" / "stages").glob(".*tmp*"))
+
+
 def test_resources_and_errors(study, local_ray, monkeypatch):
     cfg, tmp = study
     # a request no node can meet is refused before any stage runs
-    big = cfg.model_copy(update={"resources": validate(ExperimentConfig, {"resources": {"eval": {"gpus": 1}}}).resources})
+    gpu_eval = validate(ExperimentConfig, {"resources": {"eval": {"gpus": 1}}}).resources
+    big = cfg.model_copy(update={"resources": gpu_eval})
     with pytest.raises(PktError, match=r"^resources.eval: no node of the Ray cluster has 1 CPU, 1 GPU"), \
             RayExecutor() as ex:
         Study(big, tmp / "big", log=lambda s: None).run(executor=ex)

@@ -131,14 +131,27 @@ def _check_lock(root: Path, holder: str) -> None:
                        f"(pid {holder}); re-run pkt run to resume")
 
 
-def compute_stage(root: str, holder: str, name: str, key: dict, fn, threads: int) -> StageRecord:
+def compute_stage(root: str, holder: str, code: dict, name: str, key: dict, fn, threads: int) -> StageRecord:
     """Body of one Ray task: compute (or find cached) one stage in the store, as the sequential walk would."""
     import torch
 
+    from pkt.experiment.fingerprint import code_identity
     from pkt.seeding import seed_everything
 
     _check_lock(Path(root), holder)
+    # the stage's key names the driver's pkt source; a node with other source (another install, or files
+    # edited during the run) would store different code's output under it
+    here = code_identity.__wrapped__()
+    if here != code:
+        raise PktError(f"stage {name}: pkt's source on this node ({here['pkt']}, {here['source']}) differs from "
+                       f"the driver's ({code['pkt']}, {code['source']}); install the same pkt on every node and "
+                       "re-run")
     torch.set_num_threads(threads)
+    # accelerate's process state, which a sequential run has from its first training stage on (its trackers
+    # log through it); a worker may start with any stage
+    from pkt.align.finetune import dist_state
+
+    dist_state()
     seed = stage_seed(name)
     if seed is not None:
         seed_everything(seed)
@@ -229,7 +242,9 @@ class RayExecutor:
         remote = ray.remote(compute_stage)
         import torch
 
-        root, holder = str(study.cache.root), str(os.getpid())
+        from pkt.experiment.fingerprint import code_identity
+
+        root, holder, code = str(study.cache.root), str(os.getpid()), code_identity()
         pending = {n.id: n for n in nodes}
         done: set[str] = set()
         running: dict = {}
@@ -240,7 +255,7 @@ class RayExecutor:
                 for n in [n for n in pending.values() if all(d in done for d in n.deps)]:
                     o = self.options(cfg, n.kind)
                     threads = cfg.resources_for(n.kind).threads or torch.get_num_threads()
-                    running[remote.options(**o).remote(root, holder, n.name, n.key, n.fn, threads)] = n
+                    running[remote.options(**o).remote(root, holder, code, n.name, n.key, n.fn, threads)] = n
                     del pending[n.id]
                     study._log(f"[ray]    {n.name} submitted ({o['num_cpus']:g} CPU, {o['num_gpus']:g} GPU)")
             if not running:
