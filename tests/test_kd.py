@@ -274,6 +274,18 @@ def test_kd_cli_gkd(env):
     merged, student = load_file(str(out / "run" / "merged" / "model.safetensors")), load_file(
         str(Path(s) / "model.safetensors"))
     assert any(not torch.equal(merged[k], student[k]) for k in merged)
+    # the tracker holds exactly the loop's own log, and the merged checkpoint carries a card naming the method
+    from huggingface_hub import ModelCard
+
+    from pkt import tracking
+
+    rows = [json.loads(x) for x in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    scalars = tracking.read_tensorboard(out / "run" / "logs" / "gkd")
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert [st for st, _ in scalars[tag]] == [r["step"] for r in rows], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[tag] for r in rows], rel=1e-6, abs=1e-12), tag
+    card = ModelCard.load(out / "run" / "merged" / "README.md")
+    assert "gkd" in card.data.tags and card.data.library_name == "transformers"
     r = testing.invoke_cli(["kd", "--method", "sft", "--teacher", t, "--student", s, "--task", "gsm8k", "--out",
                             str(tmp / "bad")])
     assert r.exit_code != 0 and "--method 'sft'" in str(r.exception) and not (tmp / "bad").exists()

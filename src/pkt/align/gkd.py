@@ -109,9 +109,14 @@ def _features(prompt: list[int], continuation: list[int]) -> dict:
 
 
 def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcfg: GKDConfig, progress: bool = True,
-                 log=None) -> list[dict]:
-    """Train the LoRA parameters of the peft ``model`` in place by GKD against ``teacher``; per-step logs."""
+                 log=None, log_dir: str | Path | None = None) -> list[dict]:
+    """Train the LoRA parameters of the peft ``model`` in place by GKD against ``teacher``; per-step logs.
+
+    With ``log_dir`` the same records also go to the tracker chosen by ``ft.report_to`` (:mod:`pkt.tracking`).
+    """
     from transformers import get_scheduler
+
+    from pkt.tracking import TrainingLog
 
     from pkt.align.finetune import dist_state
     from pkt.align.guard import check_finite
@@ -139,6 +144,8 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
     rng = random.Random(ft.seed)
     logs: list[dict] = []
     bar = tqdm(total=total, desc="gkd", unit="step", disable=not progress)
+    tracker = TrainingLog(ft.report_to if log_dir else "none", log_dir or ".", "gkd",
+                          config={**ft.model_dump(), **{f"gkd_{k}": v for k, v in gcfg.model_dump().items()}})
     step, t0 = 0, time.perf_counter()
     while step < total:
         order = list(range(len(examples)))
@@ -147,6 +154,7 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
             if step >= total:
                 break
             idx = order[s * ft.batch_size:(s + 1) * ft.batch_size]
+            t_step = time.perf_counter()
             # on-policy or gold, decided per prompt like TRL's per-batch coin (lmbda 1: always on-policy)
             on_policy = [rng.random() < gcfg.lmbda for _ in idx]
             feats: list[dict] = []
@@ -177,21 +185,26 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
                 loss.backward()
                 loss_sum += float(loss.detach())
             check_finite(loss_sum, step + 1, "gkd")  # before the step: a diverged update is never applied
-            if ft.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, ft.max_grad_norm)
+            # max_norm=inf clips nothing: the norm is still measured for the log
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, ft.max_grad_norm or float("inf")))
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            now = time.perf_counter()
             rec = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss_sum, 6), "lr": lr,
-                   "on_policy": sum(on_policy), "tokens": n_tokens, "seconds": round(time.perf_counter() - t0, 1)}
+                   "grad_norm": round(grad_norm, 5), "on_policy": sum(on_policy), "tokens": n_tokens,
+                   "tokens_per_s": round(sum(len(f["input_ids"]) for f in feats) / max(now - t_step, 1e-9), 1),
+                   "seconds": round(now - t0, 1)}
             logs.append(rec)
+            tracker.log(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
             if log:
                 log(rec)
     bar.close()
+    tracker.close()
     model.eval()
     return logs
 
@@ -214,15 +227,20 @@ def gkd_distill(teacher_ref, student_ref, examples: list[ChatExample], ft, gcfg:
     with atomic_dir(out) as tmp:
         save_initial_adapter(model, tmp / "adapter_init")
         t0 = time.perf_counter()
-        logs = gkd_finetune(model, teacher, tok, examples, ft, gcfg, progress=progress)
+        logs = gkd_finetune(model, teacher, tok, examples, ft, gcfg, progress=progress, log_dir=tmp)
         train_s = time.perf_counter() - t0
         del teacher
         write_jsonl(tmp / "train_log.jsonl", logs)
         t1 = time.perf_counter()
         info = save_outputs(model, tok, "lora", tmp, tmp / "adapter_init")
-        summary = {"method": "gkd", "init": "lora", "n_train": len(examples), "steps": len(logs),
+        summary = {"method": "gkd", "init": "lora", "student": str(student_ref), "teacher": str(teacher_ref),
+                   "n_train": len(examples), "steps": len(logs),
                    "final_loss": logs[-1]["loss"] if logs else None, "processes": 1,
                    "train_seconds": round(train_s, 1), "save_seconds": round(time.perf_counter() - t1, 1),
-                   "config": ft.model_dump(), "gkd": gcfg.model_dump(), "outputs": info, **(extra or {})}
+                   "config": ft.model_dump(), "gkd": gcfg.model_dump(), "report_to": ft.report_to, "outputs": info,
+                   **(extra or {})}
         write_json(tmp / "summary.json", summary)
+        from pkt.cards import write_run_cards
+
+        write_run_cards(tmp, summary)
     return summary

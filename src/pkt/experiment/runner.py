@@ -312,7 +312,8 @@ class Study:
         from pkt.data.tasks import load_split
 
         prompts = load_split(task, "train")[: ft.n_train]
-        return _summary(gkd_distill(self.cfg.teacher, self.cfg.student, prompts, ft, gc, out, progress=True))
+        return _summary(gkd_distill(self.cfg.teacher, self.cfg.student, prompts, ft, gc, out, progress=True,
+                                    extra={"task": task}))
 
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
