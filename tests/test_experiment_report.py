@@ -84,3 +84,28 @@ def test_report_files(tmp_path):
     assert md.splitlines()[-1].endswith("| float32 (2.0% of the change survives bfloat16) |")
     assert "| 1.500 ± 0.000 | bfloat16 |" in md
     assert "dtype" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_float32_rows_are_paired_with_the_float32_student(tmp_path):
+    """A model evaluated in float32 (its change would not survive bf16) is compared with the student
+    evaluated in float32; the student-fp32 row itself shows the dtype's effect against the bf16 student."""
+    def rec(method, per, dtype, **kw):
+        return {"method": method, "task": "gsm8k", "seed": 0, "metric": "accuracy", "score": float(np.mean(per)),
+                "n": len(per), "per_example": per, "answer_loss": 1.0, "dtype": dtype, **kw}
+
+    inj = {"choice": "paper", "step": 4, "rate": 0.1, "delta_rel_norm": 1.6e-3, "delta_bf16_ratio": 0.56,
+           "delta_bf16_changed": 0.45}
+    records = [rec("student", [0.0, 0.0, 0.0, 0.0], "bfloat16"),
+               rec("student-fp32", [1.0, 1.0, 0.0, 0.0], "float32"),
+               rec("laten", [1.0, 1.0, 1.0, 0.0], "float32", injection=inj),
+               rec("lora", [1.0, 0.0, 0.0, 0.0], "bfloat16")]
+    rows = {r["method"]: r for r in aggregate(records)}
+    # exact means of the paired differences: laten vs the fp32 student 1/4 (vs the bf16 one it would be 3/4)
+    assert rows["laten"]["delta"] == pytest.approx(0.25) and rows["laten"]["delta_vs"] == "student-fp32"
+    assert rows["student-fp32"]["delta"] == pytest.approx(0.5) and rows["student-fp32"]["delta_vs"] == "student"
+    assert rows["lora"]["delta"] == pytest.approx(0.25) and rows["lora"]["delta_vs"] == "student"
+    write_report(tmp_path, records, {"name": "t"})
+    md = (tmp_path / "results.md").read_text()
+    assert "+0.250 [" in md and "(vs student-fp32)" in md
+    line = next(x for x in md.splitlines() if x.startswith("| laten | gsm8k | 0 |"))
+    assert line.split("|")[4:10] == [" paper ", " 4 ", " 0.1 ", " 0.0016 ", " 0.56 ", " 45.0% "]

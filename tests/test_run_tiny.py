@@ -68,8 +68,9 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     reused = {r.key for r in study.cache.records if r.cached}
     assert done_before <= reused
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled",
-                       "laten", "seqkd", "gkd"}
+    # the student is also evaluated in float32, the baseline of any model that falls back there
+    assert methods == {"student", "student-fp32", "teacher", "lora", "pissa", "seeking", "seeking-random",
+                       "seeking-shuffled", "laten", "seqkd", "gkd"}
     for f in ("results.md", "results.csv", "results.json", "report.html", "manifest.json"):
         assert (out / f).is_file()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -84,7 +85,13 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     # every record says which dtype it was evaluated in; built models carry their survival report
     records = json.loads((out / "results.json").read_text())["records"]
     assert all(r["dtype"] in ("float32", "bfloat16") for r in records)
-    assert all((r["precision"] is None) == (r["method"] in ("student", "teacher")) for r in records)
+    assert all((r["precision"] is None) == (r["method"] in ("student", "student-fp32", "teacher")) for r in records)
+    assert {r["method"]: r["dtype"] for r in records}["student-fp32"] == "float32"
+    rows = {r["method"]: r for r in result["rows"]}
+    fell_back = {r["method"] for r in records if (r["precision"] or {}).get("fallback")}
+    assert all(rows[m]["delta_vs"] == "student-fp32" for m in fell_back)
+    assert all(rows[m]["delta_vs"] == "student" for m in rows if m not in fell_back | {"student"})
+    assert records[[r["method"] for r in records].index("laten")]["injection"]["step"] >= 1
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # scores + analysis figures
     # 3) an uninterrupted run with the same seed in a fresh directory gives identical numbers

@@ -74,6 +74,11 @@ class TrainingLog:
             return
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+        from pkt.align.finetune import dist_state
+
+        # accelerate's trackers log through its logger, which needs the process state: a loop that is the
+        # first thing a fresh process runs (`pkt laten train`, a Ray worker) has none yet
+        dist_state()
         cls = LOGGER_TYPE_TO_CLASS[report_to]
         if report_to == "tensorboard":
             tracker = cls(run_name, self.run_dir / LOG_SUBDIR)

@@ -18,6 +18,10 @@ from pkt.experiment.stats import mean_std, paired_bootstrap
 from pkt.io import write_json, write_text
 
 BASELINE = "student"
+# The student evaluated in float32 (pkt.experiment.runner.STUDENT_FP32): a model that had to be evaluated in
+# float32 (its change would not survive the study's eval dtype) is compared with it, so that its Δ is the
+# method's and not the dtype's; its own row's Δ vs the student is the dtype's effect alone.
+BASELINE_FP32 = "student-fp32"
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -26,6 +30,7 @@ def aggregate(records: list[dict]) -> list[dict]:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     for task in tasks:
         base = {r["seed"]: r for r in records if r["task"] == task and r["method"] == BASELINE}
+        base32 = {r["seed"]: r for r in records if r["task"] == task and r["method"] == BASELINE_FP32}
         for method in methods:
             recs = sorted((r for r in records if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
             if not recs:
@@ -41,10 +46,16 @@ def aggregate(records: list[dict]) -> list[dict]:
                 "delta": None, "delta_low": None, "delta_high": None,
                 "dtype": _dtype_cell(recs),
             }
-            if method != BASELINE and base and all(r["seed"] in base for r in recs):
+            ref = base
+            if (method != BASELINE_FP32 and base32 and all(r.get("dtype") == "float32" for r in recs)
+                    and all(r["seed"] in base32 for r in recs)):
+                ref = base32
+                row["delta_vs"] = BASELINE_FP32
+            if method != BASELINE and ref and all(r["seed"] in ref for r in recs):
                 d, lo, hi = paired_bootstrap([r["per_example"] for r in recs],
-                                             [base[r["seed"]]["per_example"] for r in recs])
+                                             [ref[r["seed"]]["per_example"] for r in recs])
                 row.update(delta=d, delta_low=lo, delta_high=hi)
+                row.setdefault("delta_vs", BASELINE)
             rows.append(row)
     return rows
 
@@ -65,11 +76,38 @@ def _fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _delta_cell(r: dict) -> str:
+    if r["delta"] is None:
+        return "–"
+    cell = f"{r['delta']:+.3f} [{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]"
+    return cell + (f" (vs {BASELINE_FP32})" if r.get("delta_vs") == BASELINE_FP32 else "")
+
+
+def injection_table(records: list[dict]) -> str:
+    """LaTen's chosen point and injected delta per seed: ‖Δ‖/‖W‖ over the located weights, ‖Δ‖ over bf16's
+    resolution (half an ulp of each weight), and the share of located weights whose bf16 value changes."""
+    recs = [r for r in records if r.get("injection")]
+    if not recs:
+        return ""
+    lines = ["| method | task | seed | choice | step | rate | ‖Δ‖/‖W‖ (located) | ‖Δ‖ / bf16 resolution | "
+             "bf16 entries changed |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        i = r["injection"]
+
+        def g(k, fmt):
+            return "–" if i.get(k) is None else format(i[k], fmt)
+
+        lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | {i.get('choice') or '–'} | {g('step', 'd')} | "
+                     f"{g('rate', 'g')} | {g('delta_rel_norm', '.3g')} | {g('delta_bf16_ratio', '.3g')} | "
+                     f"{g('delta_bf16_changed', '.1%')} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] | answer loss | eval dtype |",
              "|---|---|---|---:|---|---|---|---|"]
     for r in rows:
-        delta = "–" if r["delta"] is None else f"{r['delta']:+.3f} [{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]"
+        delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {r['n_examples']} | "
                      f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} | {loss} | {r.get('dtype') or '–'} |")
@@ -111,7 +149,9 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     w.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
     table = markdown_table(rows)
-    write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}")
+    inj = injection_table(records)
+    inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
+    write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}{inj}")
     figs = [plot_scores(rows, out / "scores.png"), *figures]
     write_text(out / "report.html", render_html(manifest, rows, figs))
     return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html", "scores.png"]}
@@ -121,7 +161,7 @@ def render_html(manifest: dict, rows: list[dict], figures: list[Path]) -> str:
     head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "answer loss", "eval dtype"]
     body = []
     for r in rows:
-        delta = "–" if r["delta"] is None else f"{r['delta']:+.3f} [{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]"
+        delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta, loss,
                  r.get("dtype") or "–"]

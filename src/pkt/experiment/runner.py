@@ -40,6 +40,8 @@ from pkt.io import write_json
 from pkt.seeding import seed_everything
 from pkt.tracking import study_loss_curves
 
+# the vanilla student evaluated in float32: the baseline of models evaluated there (see Study._walk)
+STUDENT_FP32 = "student-fp32"
 FINETUNED = ("lora", "pissa", "seeking")
 SEEKING_CONTROLS = ("seeking-random", "seeking-shuffled")  # Seeking's init with random / misplaced factors
 SEEKING = ("seeking", *SEEKING_CONTROLS)  # the methods that need the extraction
@@ -336,9 +338,11 @@ class Study:
                 "delta_bf16_changed": manifest["delta_bf16_changed"], "delta_size": manifest["delta_size"],
                 "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
 
-    def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int) -> dict | None:
+    def evaluate(self, method: str, ref: str, dtype: str, task: str, seed: int,
+                 label: str | None = None) -> dict | None:
         """Metrics of one model (None in a plan when not cached). A built model is evaluated in ``dtype`` only
-        if its changes to the student survive that dtype (:mod:`pkt.evaluate.precision`), else in float32."""
+        if its changes to the student survive that dtype (:mod:`pkt.evaluate.precision`), else in float32.
+        ``label`` names the stage when one model is evaluated twice (the student in float32)."""
         from pkt.evaluate.harness import run_task
         from pkt.models.load import load_model, load_tokenizer
 
@@ -375,7 +379,7 @@ class Study:
                     "dtype": used, "precision": precision,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 
-        _, result = self._stage(f"eval-{method}-{task}-s{seed}", payload, fn, reads=reads)
+        _, result = self._stage(f"eval-{label or method}-{task}-s{seed}", payload, fn, reads=reads)
         return result
 
     def analysis(self, shared: dict) -> list[Path]:
@@ -461,6 +465,10 @@ class Study:
             freed = self.cache.prune(stage, files, f"weights of {path.name}/ deleted after evaluation")
             self._log(f"[pruned] {stage.name}/{path.relative_to(stage)}: {freed / 1e9:.2f} GB")
 
+    def needs_fp32_student(self) -> bool:
+        """Whether any built model may fall back to float32 (then the student is evaluated there too)."""
+        return self.cfg.eval_dtype != "float32" and any(m not in ("student", "teacher") for m in self.cfg.methods)
+
     def _walk(self, records: list, shared: dict) -> list[Path]:
         """Every stage in order; in a plan (dry cache) only keys are computed."""
         c = self.cfg
@@ -479,6 +487,15 @@ class Study:
                     res = self.evaluate(method, ref, dtype, task, seed)
                     if res is not None:
                         records.append({"method": method, "task": task, "seed": seed, "model_dir": ref, **res})
+                        if method == "laten":
+                            records[-1]["injection"] = _laten_injection(Path(ref))
+                    if method == "student" and self.needs_fp32_student():
+                        # A built model whose change does not survive eval_dtype is evaluated in float32; its
+                        # difference to the student must not be the dtype's, so the student is also measured there.
+                        res = self.evaluate(method, ref, "float32", task, seed, label=STUDENT_FP32)
+                        if res is not None:
+                            records.append({"method": STUDENT_FP32, "task": task, "seed": seed, "model_dir": ref,
+                                            **res})
                     if not self.cache.dry:
                         self._prune(ref)
         return self.analysis(shared) if c.analysis else []
@@ -521,6 +538,17 @@ class Study:
                  f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
                  f"{sum(r.cached for r in self.cache.records)} cached)")
         return {"manifest": manifest, **report}
+
+
+def _laten_injection(fused: Path) -> dict | None:
+    """The chosen (step, rate) and the injected delta's size, from the LaTen build stage's record (which
+    survives the pruning of the fused weights)."""
+    try:
+        result = json.loads((fused.parent / "stage.json").read_text(encoding="utf-8"))["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    keys = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed")
+    return {k: result.get(k) for k in keys}
 
 
 def _default_reads(payload: dict) -> dict:
