@@ -37,7 +37,9 @@ def builds(*methods):
     return {f"{m}-gsm8k-s0" for m in methods}
 
 
-ALL = {"extract-gsm8k", "kd-data-gsm8k", "analysis"} | evals(*METHODS) | builds(*(set(METHODS) - {"student", "teacher"}))
+# every model's evaluation, and the student's again in float32 (the baseline of models that fall back there)
+EVALS = evals(*METHODS, "student-fp32")
+ALL = {"extract-gsm8k", "kd-data-gsm8k", "analysis"} | EVALS | builds(*(set(METHODS) - {"student", "teacher"}))
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def test_each_ingredient_recomputes_exactly_its_stages(study_env, monkeypatch):
     assert changed(base, keys(lr, out)) == builds(*FT) | evals(*FT)
     # settings read by the evaluation and the analysis only (the analysis key used to omit it)
     loss = {**cfg, "budget": {**BUDGET, "loss_examples": 4}}
-    assert changed(base, keys(loss, out)) == evals(*METHODS) | {"analysis"}
+    assert changed(base, keys(loss, out)) == EVALS | {"analysis"}
     ana = {**cfg, "analysis_examples": 3}
     assert changed(base, keys(ana, out)) == {"analysis"}
 
@@ -93,7 +95,7 @@ def test_each_ingredient_recomputes_exactly_its_stages(study_env, monkeypatch):
     # data: the test set reaches the evaluations only; the align split LaTen only (and what reads its output)
     with open(data / "gsm8k" / "test.jsonl", "a") as f:
         f.write(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
-    assert changed(base, keys(cfg, out)) == evals(*METHODS)
+    assert changed(base, keys(cfg, out)) == EVALS
     base = keys(cfg, out)
     align = data / "pkt_splits" / "gsm" / "align.jsonl"
     lines = align.read_text().splitlines(keepends=True)

@@ -23,11 +23,13 @@ STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml"]
 
 def expected_stages(cfg: ExperimentConfig) -> int:
     """Stages of a study, counted from its config: per task the extraction (if a Seeking arm runs) and the
-    teacher's KD answers (if SeqKD runs), per seed one evaluation per method and one build per built method,
-    then the analysis."""
+    teacher's KD answers (if SeqKD runs), per seed one evaluation per method and one build per built method
+    (plus the student in float32 when the study evaluates in another dtype), then the analysis."""
     m = cfg.methods
     per_task = any(x.startswith("seeking") for x in m) + ("seqkd" in m)
-    per_seed = len(m) + len([x for x in m if x not in ("student", "teacher")])
+    built = [x for x in m if x not in ("student", "teacher")]
+    # the student's evaluation again in float32, the baseline of built models that fall back there
+    per_seed = len(m) + len(built) + int(bool(built) and cfg.eval_dtype != "float32")
     return len(cfg.tasks) * (per_task + len(cfg.seeds) * per_seed) + int(cfg.analysis)
 
 
