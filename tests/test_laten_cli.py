@@ -86,7 +86,7 @@ def test_extract_and_deltas_shapes(qwen_pair, data):
     sources, sites = extract(teacher, m.t_spec, m.s_spec, p, cfg.modules)
     for kind, vecs in sources.items():
         assert vecs.shape[1] == m.t_spec.hidden_size
-    i, (t_idx, _) = 0, p.ffn[0]
+    t_idx, _ = p.ffn[0]
     torch.testing.assert_close(sources["down"][: t_idx.numel()],
                                teacher.model.layers[p.ffn_layers[0]].mlp.down_proj.weight[:, t_idx].T)
     deltas = to_deltas({k: torch.zeros(v.shape[0], m.s_spec.hidden_size) for k, v in sources.items()}, sites)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pkt.align.lora_init import (apply_factors, make_lora_model, module_names, parse_kinds, svd_factors)
+from pkt.align.lora_init import (make_lora_model, module_names, parse_kinds, svd_factors)
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pkt.config import load_config, validate
 from pkt.experiment.config import ExperimentConfig

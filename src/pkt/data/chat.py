@@ -25,13 +25,12 @@ merges would do across it; each answer ends with the end-of-turn token so that a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pkt.data.jsonl import ChatExample
+from pkt.data.jsonl import ChatExample, read_jsonl_rows
 from pkt.errors import DataError, PktError
 
 STYLES = ("chat", "tulu")
@@ -98,27 +97,7 @@ def parse_conversation(obj, where: str) -> Conversation:
 
 def read_conversations(path: str | Path) -> list[Conversation]:
     """A chat-messages JSONL file of conversations; errors name ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(parse_conversation(obj, f"{path}:{lineno}"))
-    if not rows:
-        raise DataError(f"{path}: empty file (no examples)")
-    return rows
+    return read_jsonl_rows(path, parse_conversation)
 
 
 def _from_dataset(ds, name: str) -> list[Conversation]:

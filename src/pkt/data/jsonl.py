@@ -42,7 +42,8 @@ def parse_row(obj, where: str) -> ChatExample:
     return ChatExample(msgs[0]["content"], msgs[1]["content"], meta)
 
 
-def read_chat_jsonl(path: str | Path) -> list[ChatExample]:
+def read_jsonl_rows(path: str | Path, parse) -> list:
+    """``parse(obj, "file:line")`` of every non-blank line of a JSONL file; errors name ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -60,10 +61,15 @@ def read_chat_jsonl(path: str | Path) -> list[ChatExample]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(parse_row(obj, f"{path}:{lineno}"))
+            rows.append(parse(obj, f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: empty file (no examples)")
     return rows
+
+
+def read_chat_jsonl(path: str | Path) -> list[ChatExample]:
+    """A two-turn chat JSONL file (user, assistant); errors name ``file:line``."""
+    return read_jsonl_rows(path, parse_row)
 
 
 def write_chat_jsonl(rows: list[ChatExample], path: str | Path) -> None:
