@@ -101,6 +101,7 @@ def test_stage_graph_orders_the_study(study):
     assert by["seqkd-gsm8k-s0"].deps == [ids["kd-data-gsm8k"]]
     assert by["eval-lora-gsm8k-s0"].deps == [ids["lora-gsm8k-s0"]]
     assert by["eval-student-gsm8k-s0"].deps == [] and by["lora-gsm8k-s0"].deps == []
+    assert by["eval-student-fp32-gsm8k-s0"].deps == []
     assert set(by["analysis"].deps) == set(ids.values()) - {ids["analysis"]}
     assert {n.name: stage_kind(n.name) for n in nodes if n.name.endswith("s0") and "eval" not in n.name} == {
         "lora-gsm8k-s0": "finetune", "pissa-gsm8k-s0": "finetune", "seeking-gsm8k-s0": "finetune",
@@ -136,7 +137,8 @@ def test_ray_equals_sequential_and_survives_a_killed_worker(study, local_ray):
     seq = json.loads((tmp / "seq" / "manifest.json").read_text())
     assert [s["stage"] for s in manifest["stages"]] == [s["stage"] for s in seq["stages"]]
     assert all(not s["cached"] for s in manifest["stages"])  # computed in this run, by the Ray tasks
-    assert {r["method"] for r in result["rows"]} == set(cfg.methods)
+    # every method, and the student evaluated again in float32 (the baseline of models that fall back there)
+    assert {r["method"] for r in result["rows"]} == set(cfg.methods) | {"student-fp32"}
     # evaluated weights pruned as in the sequential run
     assert not list((out / "stages").glob("lora-*/run/merged/model*.safetensors"))
     assert list((out / "stages").glob("laten-*/fused/laten_deltas.safetensors"))
