@@ -132,3 +132,18 @@ def test_disk_too_small(tmp_path, pair, shared_data, monkeypatch):
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     monkeypatch.setattr(pf, "free_bytes", lambda out: need)
     assert study.preflight().disk_bytes == need
+
+
+def test_identical_tokenizer_files_load_one_tokenizer(tmp_path, pair):
+    from pkt.experiment import preflight as pf
+
+    teacher, student = pf.model_facts(str(tmp_path / "teacher")), pf.model_facts(str(tmp_path / "student"))
+    pf.check_tokenizers(teacher, student, ["laten"], analysis=False)
+    assert teacher.tokenizer is student.tokenizer  # byte-identical files: one tokenizer, no comparison
+    # the same vocabulary behind files that differ (an extra harmless key) goes through the full comparison
+    cfg = tmp_path / "student" / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().rstrip()[:-1] + ', "pkt_note": "x"}')
+    teacher, student = pf.model_facts(str(tmp_path / "teacher")), pf.model_facts(str(tmp_path / "student"))
+    pf.check_tokenizers(teacher, student, ["laten"], analysis=False)
+    assert teacher.tokenizer is not student.tokenizer
+    assert teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()

@@ -66,6 +66,7 @@ class Study:
         self.cfg, self.out, self.config_text, self.log = cfg, Path(out), config_text, log
         self.cache = StageCache(self.out, log=self._log)
         self.bar: tqdm | None = None
+        self._data_ids: dict = {}
         self._check_budget()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class Study:
         reads = reads if reads is not None else _default_reads(payload)
         key = {"settings": payload, "code": fingerprint.code_identity(), "libraries": fingerprint.library_versions(),
                "models": {str(m): fingerprint.model_identity(m, self.cache.stages) for m in reads.get("models", [])},
-               "data": {t: fingerprint.data_identity(t, tuple(parts)) for t, parts in reads.get("data", {}).items()}}
+               "data": {t: self._data_identity(t, tuple(parts)) for t, parts in reads.get("data", {}).items()}}
         try:
             path, result = self.cache.run(name, key, fn)
         except PktError as e:
@@ -95,6 +96,12 @@ class Study:
         if not self.cache.dry:
             gc.collect()
         return path, result
+
+    def _data_identity(self, task: str, parts: tuple) -> dict:
+        # hashed once per study object: a plan of full.yaml asks for the same files ~300 times
+        if (task, parts) not in self._data_ids:
+            self._data_ids[(task, parts)] = fingerprint.data_identity(task, parts)
+        return self._data_ids[(task, parts)]
 
     def _check_budget(self) -> None:
         from pkt.data.tasks import load_split
