@@ -3,7 +3,7 @@
 PostPKT "injects then trains" (METHODS.md §1): the init is the only thing that differs between the three
 arms, so the loop, data order and hyperparameters here are shared. A compact accelerate loop rather than
 ``Trainer``: gradient accumulation to the paper's batch size, AdamW, warm-up + schedule, clipping, one
-tqdm bar, and nothing else to configure. Tokenisation is :mod:`pkt.data.chat` (response-only labels
+tqdm bar, optional bf16 autocast over fp32 master weights (``autocast``), and nothing else to configure. Tokenisation is :mod:`pkt.data.chat` (response-only labels
 unless ``train_on_inputs``).
 
 Outputs (written atomically, :func:`save_outputs`):
@@ -64,6 +64,10 @@ class FinetuneConfig(Settings):
     pissa_niter: int | None = None  # None = exact SVD for PiSSA; K = peft's pissa_niter_K
     gradient_checkpointing: bool = False
     assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn conversation carry the loss
+    # "bf16": forward and backward under torch.autocast(bfloat16) with the weights (and so the LoRA master
+    # weights, gradients and AdamW state) kept in ``dtype``; "none": plain ``dtype`` arithmetic. A speed-up
+    # candidate only where bf16 matmuls beat fp32 ones (docs/benchmarks.md, P6, measures both on the 2-core CPU).
+    autocast: Literal["none", "bf16"] = "none"
     # where the per-step log goes besides train_log.jsonl (pkt.tracking); it changes no result, so it is not
     # part of the dumped settings (nor of a stage's cache key)
     report_to: str = Field("tensorboard", exclude=True)
@@ -127,6 +131,10 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
                           num_training_steps=total)
     model, opt = acc.prepare(model, opt)
     model.train()
+    # Only the forward runs inside autocast: autograd replays each op's backward in the dtype its forward
+    # used, and the loss below is taken in fp32 from upcast logits either way (PyTorch's recommended AMP use).
+    amp = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
+           else contextlib.nullcontext())
     rng = random.Random(cfg.seed)
     logs: list[dict] = []
     world, rank = acc.num_processes, acc.process_index
@@ -156,8 +164,9 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
                 batch = {k: v.to(acc.device) for k, v in collate(mb or [feats[idx[0]]], tokenizer.pad_token_id).items()}
                 sync = contextlib.nullcontext() if m == n_micro - 1 else acc.no_sync(model)
                 with sync:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).logits
+                    with amp:
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       use_cache=False).logits
                     token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                                  ignore_index=IGNORE, reduction="sum") * (1.0 if mb else 0.0)
                     # DDP averages gradients over processes, hence × world to get the step's sum
