@@ -3,8 +3,8 @@
 PostPKT "injects then trains" (METHODS.md §1): the init is the only thing that differs between the three
 arms, so the loop, data order and hyperparameters here are shared. A compact accelerate loop rather than
 ``Trainer``: gradient accumulation to the paper's batch size, AdamW, warm-up + schedule, clipping, one
-tqdm bar, optional bf16 autocast over fp32 master weights (``autocast``), and nothing else to configure. Tokenisation is :mod:`pkt.data.chat` (response-only labels
-unless ``train_on_inputs``).
+tqdm bar, optional bf16 autocast over fp32 master weights (``autocast``), and nothing else to configure.
+Tokenisation is :mod:`pkt.data.chat` (response-only labels unless ``train_on_inputs``).
 
 Outputs (written atomically, :func:`save_outputs`):
   ``adapter_init/``  the initial adapter (peft's reference point for conversion);
