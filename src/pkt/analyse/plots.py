@@ -118,12 +118,14 @@ def plot_behaviour(result: dict, path, title: str = "") -> str:
     plt = _plt()
     s = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    # the per-token KL itself, or its histogram (what an analysis record keeps: see plot_inputs)
+    hist = result.get("kl_hist")
     kl = result.get("per_token", {}).get("kl")
-    if kl:
-        pos = [max(v, 1e-6) for v in kl]
-        lo, hi = math.log10(min(pos)), math.log10(max(pos)) + 1e-9
-        bins = [10 ** (lo + (hi - lo) * i / 40) for i in range(41)]
-        axes[0].hist(pos, bins=bins, color="tab:blue")
+    if not hist and kl:
+        hist = kl_histogram(kl)
+    if hist:
+        edges = hist["edges"]
+        axes[0].hist(edges[:-1], bins=edges, weights=hist["counts"], color="tab:blue")
         axes[0].set_xscale("log")
     axes[0].axvline(s["kl_mean"], color="red", lw=1, label=f"mean {s['kl_mean']:.3f}")
     axes[0].axvline(s["kl_median"], color="black", lw=1, ls="--", label=f"median {s['kl_median']:.3f}")
@@ -138,3 +140,94 @@ def plot_behaviour(result: dict, path, title: str = "") -> str:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ---- the figures of a study's analysis stage, from its JSON plot inputs ---------------------------
+# The analysis stage stores what its figures show (``plot_inputs``) so that ``pkt report`` can redraw them from
+# a committed record alone, with no model loaded. Floats are kept to 5 significant digits and the per-token KL
+# as a histogram: the record stays small (tens of kB), and nothing a figure shows is lost at that precision.
+
+def _round(x, digits: int = 5):
+    if isinstance(x, float):
+        return x if not math.isfinite(x) else float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def kl_histogram(kl: list[float], bins: int = 40) -> dict:
+    """The histogram :func:`plot_behaviour` draws: ``bins`` log-spaced bins over the per-token KL (floored at 1e-6)."""
+    import numpy as np
+
+    pos = [max(v, 1e-6) for v in kl]
+    lo, hi = math.log10(min(pos)), math.log10(max(pos)) + 1e-9
+    edges = [10 ** (lo + (hi - lo) * i / bins) for i in range(bins + 1)]
+    return {"edges": edges, "counts": np.histogram(pos, bins=edges)[0].tolist()}
+
+
+def plot_inputs(params: dict[str, list[dict]] | None, delta: list[dict] | None, representations: dict | None,
+                behaviour: dict | None) -> dict:
+    """The JSON-ready inputs of :func:`analysis_figures`: per-layer LoRA-init and LaTen-delta cosines, the
+    representation matrices with their diagonals, the behaviour summary and KL histogram."""
+    out: dict = {}
+    if params:
+        keep = ("module", "layer", "cos_BA_original", "cos_BA_remaining")
+        out["params"] = {init: [{k: r.get(k) for k in keep} for r in recs] for init, recs in params.items()}
+    if delta:
+        out["laten_delta"] = [{k: r.get(k) for k in ("module", "layer", "cos_delta_located")} for r in delta]
+    if representations:
+        mods = representations["modules"]
+        out["representations"] = {
+            "n_tokens": representations.get("n_tokens"),
+            "measures": list(next(iter(mods.values()))) if mods else [],
+            "modules": {k: {m: {"matrix": e["matrix"],
+                                "summary": {"all": {s: e["summary"]["all"][s] for s in ("mean", "std")},
+                                            "diagonal": {d: e["summary"]["diagonal"][d]
+                                                         for d in ("proportional_teacher", "best_teacher")}}}
+                            for m, e in per.items()} for k, per in mods.items()}}
+    if behaviour:
+        s = behaviour["summary"]
+        out["behaviour"] = {"summary": {k: s[k] for k in ("n_tokens", "kl_mean", "kl_median", "top1_agreement",
+                                                          "per_example_kl_mean")}}
+    out = _round(out)
+    kl = (behaviour or {}).get("per_token", {}).get("kl")
+    if kl:  # not rounded: the bin edges of a near-constant KL would collapse
+        out["behaviour"]["kl_hist"] = kl_histogram(kl)
+    return out
+
+
+def analysis_figures(inputs: dict, out_dir) -> list[str]:
+    """Every figure of the analysis stage drawn from :func:`plot_inputs` into ``out_dir``, in a fixed order;
+    the file names (the analysis stage and ``pkt report`` draw the same ones)."""
+    out_dir = Path(out_dir)
+    names = []
+    if inputs.get("params"):
+        names.append(plot_params(inputs["params"], out_dir / "params.png", title="LoRA init vs student weights"))
+    if inputs.get("laten_delta"):
+        names.append(plot_delta(inputs["laten_delta"], out_dir / "laten_delta.png",
+                                title="LaTen delta vs located weights"))
+    rep = inputs.get("representations")
+    if rep:
+        for m in rep["measures"]:
+            names.append(plot_heatmaps(rep, m, out_dir / f"representations_{m}.png"))
+    if inputs.get("behaviour"):
+        names.append(plot_behaviour(inputs["behaviour"], out_dir / "behaviour.png",
+                                    title="teacher vs student, per token"))
+    return [Path(n).name for n in names]
+
+
+def compact_png(path) -> None:
+    """Rewrite a PNG with a 256-colour palette (a third of the bytes for these plots, no visible change): the
+    figures of a report are committed with its records."""
+    from PIL import Image
+
+    path = Path(path)
+    with Image.open(path) as im:
+        if im.mode == "P":  # already compact: quantising again would only lose colours
+            return
+        q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    q.save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, path)

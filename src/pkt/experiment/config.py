@@ -121,6 +121,11 @@ class ExperimentConfig(Settings):
     # training data of the fine-tuned arms (lora, pissa, seeking and its controls) in place of each task's train
     # split: chat JSONL, a `datasets` save_to_disk directory or a hub dataset id with a `messages` column
     data: str | None = None
+    # a directory (relative: to the current directory) that receives each stage's small result record as it
+    # finishes, plus study.json and, at the end, the report: committable, so that `pkt report DIR` rebuilds the
+    # results on any machine (pkt.experiment.records). Where results are copied to, not what they are: no stage
+    # key reads it
+    records: str | None = None
 
     @field_validator("report_to")
     @classmethod

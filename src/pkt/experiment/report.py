@@ -4,6 +4,12 @@ Input records are one per (method, task, seed): the task's headline metric with 
 (0/1 correctness, or pass@1 estimates) and the answer loss. Output rows aggregate over seeds: mean ± std,
 the difference to the vanilla student with a 95% paired-bootstrap interval, and the answer loss.
 The HTML page embeds every figure as base64 so it opens anywhere, offline, as a single file.
+
+``pkt run`` and ``pkt report`` both come here through :func:`pkt.experiment.records.rebuild`, with the records
+and analysis read back from the stage records, so results.md is a function of the records alone: no timestamps,
+no paths, rows in the study's order, fixed float formats and a seeded bootstrap. The analysis figures are
+redrawn from the analysis stage's plot inputs into ``OUT/figures/``; every figure is palette-compressed, since
+a report is committed with its records.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import base64
 import csv
 import html
 import io
+import shutil
 from pathlib import Path
 
 from pkt.experiment.stats import mean_std, paired_bootstrap
 from pkt.io import write_json, write_text
 
 BASELINE = "student"
+FIGURES = "figures"  # the analysis figures of a report, under its output directory
 # The student evaluated in float32 (pkt.experiment.runner.STUDENT_FP32): a model that had to be evaluated in
 # float32 (its change would not survive the study's eval dtype) is compared with it, so that its Δ is the
 # method's and not the dtype's; its own row's Δ vs the student is the dtype's effect alone.
@@ -136,7 +144,13 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, records: list[dict], manifest: dict, figures: list[Path] = ()) -> dict:
+def write_report(out: Path, records: list[dict], manifest: dict, figures: list[Path] = (), *,
+                 analysis: dict | None = None, curves: dict | None = None) -> dict:
+    """Results and report of ``records`` into ``out``. ``figures``: PNGs included as they are (copied into
+    ``out/figures``); ``analysis``: the analysis stage's result, whose ``plots`` are drawn; ``curves``: the
+    training loss per arm (label -> [(step, loss)]) for loss_curves.png."""
+    from pkt.analyse import plots
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
@@ -152,9 +166,25 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     inj = injection_table(records)
     inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
     write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}{inj}")
-    figs = [plot_scores(rows, out / "scores.png"), *figures]
+    figs = [plot_scores(rows, out / "scores.png")]
+    if analysis and analysis.get("plots"):
+        figs += [out / FIGURES / n for n in plots.analysis_figures(analysis["plots"], out / FIGURES)]
+    for f in map(Path, figures):
+        dst = out / FIGURES / f.name
+        if f.is_file() and f.resolve() != dst.resolve():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+        figs.append(dst)
+    if curves:
+        from pkt.tracking import plot_loss_curves
+
+        figs.append(plot_loss_curves(curves, out / "loss_curves.png"))
+    figs = [Path(f) for f in figs if f is not None and Path(f).is_file()]
+    for f in figs:
+        plots.compact_png(f)
     write_text(out / "report.html", render_html(manifest, rows, figs))
-    return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html", "scores.png"]}
+    return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html",
+                                    *(f.relative_to(out).as_posix() for f in figs)]}
 
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path]) -> str:

@@ -38,7 +38,6 @@ from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
 from pkt.io import write_json
 from pkt.seeding import seed_everything
-from pkt.tracking import study_loss_curves
 
 # the vanilla student evaluated in float32: the baseline of models evaluated there (see Study._walk)
 STUDENT_FP32 = "student-fp32"
@@ -61,6 +60,9 @@ def versions() -> dict:
 
 class Study:
     """Runs one :class:`ExperimentConfig` into ``out`` (stages under ``out/stages``, report at the top)."""
+
+    # where each finished stage's record is exported (cfg.records, set by run); None: nowhere
+    records_dir: Path | None = None
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, config_text: str = "", log=print):
         self.cfg, self.out, self.config_text, self.log = cfg, Path(out), config_text, log
@@ -93,6 +95,10 @@ class Study:
             raise PktError(f"stage {name}: {e}") from None
         if self.bar is not None and not self.cache.dry:
             self.bar.update(1)
+        if not self.cache.dry and self.records_dir is not None:
+            from pkt.experiment.records import export_stage
+
+            export_stage(path, self.records_dir)  # as soon as it exists: committed records survive the machine
         if not self.cache.dry:
             gc.collect()
         return path, result
@@ -381,7 +387,9 @@ class Study:
             write_jsonl(d / "predictions.jsonl", records)
             write_jsonl(d / "answer_loss.jsonl", loss_records)
             metric = "accuracy" if "accuracy" in metrics else "pass@1"
-            return {"metric": metric, "score": metrics[metric], "n": len(records),
+            # the record names its row, so that pkt report reads it from the record, not the stage name
+            return {"method": label or method, "task": task, "seed": seed,
+                    "metric": metric, "score": metrics[metric], "n": len(records),
                     "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
                     "dtype": used, "precision": precision,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
@@ -516,35 +524,47 @@ class Study:
         records, shared = [], {}
         est = self.preflight()  # read-only: a failing check leaves no trace in the output directory
         self.log(est.summary_line())
+        from pkt.experiment import records as R
+
+        if c.records:
+            from pkt.io import check_output_dir
+
+            self.records_dir = Path(c.records).resolve()
+            check_output_dir(self.records_dir, "records")
+        manifest = {
+            "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
+            "methods": c.methods, "versions": versions(), "code": fingerprint.code_identity(),
+            "started": started, "finished": None, "seconds": None, "config": c.model_dump(mode="json"),
+            "config_yaml": self.config_text, "estimate": est.to_dict(),
+            "stages": [{k: s[k] for k in ("stage", "key", "seconds", "cached")} for s in est.stages],
+        }
         with self.cache.lock():
+            if self.records_dir is not None:  # the stage list first: a record counts once study.json names it
+                R.write_study(self.records_dir, manifest)
             ran = {r.key: r for r in executor.run_stages(self)} if executor is not None else {}
             self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
             try:
-                figures = self._walk(records, shared)
-                # each built model's card gets its scores; report.html gets each trained arm's loss curve
-                add_study_results(records)
-                figures = [*figures, *filter(None, [study_loss_curves(records, self.out)])]
+                self._walk(records, shared)
+                add_study_results(records)  # each built model's card gets its scores
             finally:
                 self.bar.close()
                 self.bar = None
             # the executor's stages were computed in this run, though the walk found them in the store
             self.cache.records = [ran.get(r.key, r) for r in self.cache.records]
-            from pkt.experiment.report import write_report
-
-            manifest = {
-                "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
-                "methods": c.methods, "versions": versions(), "code": fingerprint.code_identity(),
-                "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(time.perf_counter() - t0, 1), "config": c.model_dump(mode="json"),
-                "config_yaml": self.config_text, "estimate": est.to_dict(),
-                "stages": [r.__dict__ for r in self.cache.records],
-            }
+            manifest.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            seconds=round(time.perf_counter() - t0, 1),
+                            stages=[r.__dict__ for r in self.cache.records])
             write_json(self.out / "manifest.json", manifest)
-            report = write_report(self.out, records, manifest, figures)
+            # the report is read back from the stage records, as pkt report reads them: one code path, so this
+            # results.md is the one pkt report makes from the exported records
+            report = R.rebuild(self.out)
+            if self.records_dir is not None:
+                R.export_run(self.out, self.records_dir)
+                R.rebuild(self.records_dir)
         self.log(f"wrote {self.out / 'results.md'} and {self.out / 'report.html'} "
                  f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
                  f"{sum(r.cached for r in self.cache.records)} cached)")
-        return {"manifest": manifest, **report}
+        return {"manifest": manifest, "records": records, **report}
 
 
 def _laten_injection(fused: Path) -> dict | None:
@@ -582,7 +602,9 @@ def _summary(summary: dict) -> dict:
 
 
 def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, log) -> dict:
-    """Parametric (Seeking/PiSSA inits, LaTen deltas), representation and behaviour similarity → PNGs."""
+    """Parametric (Seeking/PiSSA inits, LaTen deltas), representation and behaviour similarity → PNGs. The
+    result keeps the figures' inputs (``plots``: :func:`pkt.analyse.plots.plot_inputs`), from which the PNGs are
+    drawn, so that ``pkt report`` can redraw them from the stage's record alone."""
     from pkt.align.lora_init import make_lora_model
     from pkt.analyse import params as P
     from pkt.analyse import plots
@@ -592,7 +614,7 @@ def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, lo
     from pkt.models.arch import ArchSpec
     from pkt.models.load import assert_same_tokenizer, load_model, load_tokenizer
 
-    figures, out = [], {}
+    out, delta_recs = {}, None
     b = c.budget
     kinds = ("up", "down", "v", "o")
     inits = {}
@@ -606,7 +628,6 @@ def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, lo
     inits["pissa"] = P.lora_similarity(make_lora_model(load_model(c.student), "pissa", kinds, b.rank, b.alpha,
                                                        pissa_niter=b.pissa_niter))
     out["params"] = {k: P.summarise(v) for k, v in inits.items()}
-    figures.append(Path(plots.plot_params(inits, d / "params.png", title="LoRA init vs student weights")).name)
     if laten_dir is not None:
         from pkt.inject import dense, load_deltas
 
@@ -614,9 +635,8 @@ def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, lo
         spec = ArchSpec.from_model(student)
         deltas = {spec.module_name(layer, kind): dense(spec, kind, idx, val)
                   for (layer, kind), (idx, val) in load_deltas(Path(laten_dir) / "laten_deltas.safetensors").items()}
-        recs = P.delta_similarity(student, deltas)
-        out["laten_delta"] = P.summarise(recs)
-        figures.append(Path(plots.plot_delta(recs, d / "laten_delta.png", title="LaTen delta vs located weights")).name)
+        delta_recs = P.delta_similarity(student, deltas)
+        out["laten_delta"] = P.summarise(delta_recs)
         del student
     tok = load_tokenizer(c.student, padding_side="right")
     assert_same_tokenizer(load_tokenizer(c.teacher), tok)
@@ -625,15 +645,15 @@ def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, lo
     rep = representation_similarity(lambda: load_model(c.teacher, dtype="bfloat16"),
                                     lambda: load_model(c.student, dtype="bfloat16"), tok, examples, rep_cfg, log=log)
     out["representations"] = {k: {m: v[m]["summary"] for m in v} for k, v in rep["modules"].items()}
-    for m in rep_cfg.measures:
-        figures.append(Path(plots.plot_heatmaps(rep, m, d / f"representations_{m}.png")).name)
     teacher, student = load_model(c.teacher, dtype="bfloat16"), load_model(c.student, dtype="bfloat16")
     beh = behaviour_similarity(teacher, student, tok, examples, BehaviourConfig(style=c.style, max_length=b.max_length,
                                                                                 keep_per_token=True))
-    figures.append(Path(plots.plot_behaviour(beh, d / "behaviour.png", title="teacher vs student, per token")).name)
     out["behaviour"] = beh["summary"]
-    write_json(d / "analysis.json", out)
-    return {"figures": figures, "summary": json.loads(json.dumps(out, default=float))}
+    inputs = plots.plot_inputs(inits, delta_recs, rep, beh)
+    figures = plots.analysis_figures(inputs, d)
+    write_json(d / "analysis.json", {**out, "plots": inputs})
+    return {"figures": figures, "summary": json.loads(json.dumps(out, default=float)),
+            "plots": json.loads(json.dumps(inputs, default=float))}
 
 
 def fac_kinds(factors: dict) -> list[str]:

@@ -1,0 +1,183 @@
+"""Committable stage records: a tiny study exports them as its stages finish, and `pkt report` rebuilds the same
+results.md from the records alone (no run directory, no weights, no model); so do the committed docs/results/*.
+
+The study runs once per module (student, teacher, lora, the seeking-random control, laten, the float32 student
+and the analysis on the tiny Qwen2 pair), in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pkt.cli import main
+from pkt.config import validate
+from pkt.experiment.config import ExperimentConfig
+from pkt.experiment.records import load, load_records, portable
+from pkt.experiment.runner import Study
+from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
+
+BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
+              laten_choice="fixed", laten_steps=1, laten_batch=2, eval_limit=3, eval_max_new_tokens=8,
+              loss_examples=3)
+METHODS = ["student", "teacher", "lora", "seeking-random", "laten"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """(run dir, records dir, Study.run's result, the stages exported before the run's manifest existed)."""
+    import os
+
+    raw = os.environ.get("PKT_DATA_DIR")
+    assert raw and Path(raw).is_dir(), "this test reads the benchmark data: set PKT_DATA_DIR (see README)"
+    tmp = tmp_path_factory.mktemp("records")
+    tok = tiny_tokenizer()
+    t = save_tiny(tiny_model("qwen2", "teacher", len(tok)), tok, tmp / "teacher")
+    s = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp / "student")
+    cfg = validate(ExperimentConfig, {"name": "tiny", "teacher": t, "student": s, "tasks": ["gsm8k"], "seeds": [0],
+                                      "methods": METHODS, "dtype": "float32", "teacher_dtype": "float32",
+                                      "analysis_examples": 2, "budget": BUDGET, "records": str(tmp / "records")})
+    run = tmp / "run"
+    import pkt.experiment.records as R
+
+    real, early = R.export_stage, []
+
+    def export_stage(stage_dir, dest):
+        if not (run / "manifest.json").exists():
+            early.append(Path(stage_dir).name)
+        return real(stage_dir, dest)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "export_stage", export_stage)
+        result = Study(cfg, run, "name: tiny\n", log=lambda s: None).run()
+    return run, tmp / "records", result, early
+
+
+def _records_only(src: Path, dst: Path) -> Path:
+    """The records of a records directory, without the report pkt run wrote next to them: study.json and
+    stages/*.json (figures/ holds the report's figures here; only an old study's records keep PNGs there)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "study.json", dst / "study.json")
+    shutil.copytree(src / "stages", dst / "stages")
+    return dst
+
+
+def run_pkt(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_records_are_exported_as_stages_finish(study):
+    run, records, result, early = study
+    stages = result["manifest"]["stages"]
+    names = {s["stage"] for s in stages}
+    assert {f.stem for f in (records / "stages").glob("*.json")} == names
+    # each stage's record was written when the stage finished, before the run's end wrote its manifest
+    assert sorted(early) == sorted(s["key"] for s in stages)
+    # small, no weights, no machine paths
+    files = [p for p in records.rglob("*") if p.is_file()]
+    assert all(p.suffix in (".json", ".md", ".csv", ".html", ".png") for p in files)
+    assert sum(p.stat().st_size for p in files) < 2_000_000
+    for p in [records / "study.json", *(records / "stages").glob("*.json")]:
+        text = p.read_text()
+        assert str(run) not in text and str(run.parent) not in text, p.name
+    study_json = json.loads((records / "study.json").read_text())
+    assert study_json["name"] == "tiny" and study_json["methods"] == METHODS and "estimate" not in study_json
+    assert study_json["config"]["teacher"] == "<local>/teacher"
+
+
+def test_loaded_records_are_the_walks(study):
+    """load_records reconstructs exactly the records Study._walk built (with portable model paths)."""
+    _, records, result, _ = study
+    recs, manifest, analysis = load_records(records)
+    assert recs == portable(result["records"])
+    assert [r["method"] for r in recs] == ["student", "student-fp32", "teacher", "lora", "seeking-random", "laten"]
+    laten = recs[-1]
+    assert laten["injection"]["step"] == 1 and laten["model_dir"].startswith("stages/laten-gsm8k-s0-")
+    assert manifest["name"] == "tiny" and set(analysis["plots"]) >= {"params", "laten_delta", "representations",
+                                                                     "behaviour"}
+    assert set(load(records).curves) == {"lora (gsm8k, seed 0)", "seeking-random (gsm8k, seed 0)",
+                                         "laten (gsm8k, seed 0)"}
+
+
+def test_report_from_the_records_alone(study, tmp_path, monkeypatch, capsys):
+    run, records, result, _ = study
+    md, rows = (run / "results.md").read_bytes(), json.loads((run / "results.json").read_text())["rows"]
+    # the copy a git checkout on another machine has: records only, the run directory gone
+    fresh = _records_only(records, tmp_path / "checkout")
+    moved = tmp_path / "run-elsewhere"
+    shutil.move(str(run), moved)
+    try:
+        code, out, err = run_pkt(["report", fresh], monkeypatch, capsys)
+    finally:
+        shutil.move(str(moved), run)
+    assert code == 0, err
+    assert (fresh / "results.md").read_bytes() == md and md.decode() in out
+    assert json.loads((fresh / "results.json").read_text())["rows"] == rows == result["rows"]
+    assert (fresh / "results.csv").read_bytes() == (run / "results.csv").read_bytes()
+    figures = ["scores.png", "loss_curves.png", "figures/params.png", "figures/laten_delta.png",
+               "figures/representations_cka.png", "figures/representations_rsa.png",
+               "figures/representations_dcka.png", "figures/behaviour.png"]
+    for f in figures:
+        assert (fresh / f).stat().st_size > 1000, f
+    html = (fresh / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figures) and "<td>seeking-random</td>" in html
+    # the run's own report and the one pkt run wrote into the records directory are the same bytes
+    assert (records / "results.md").read_bytes() == md
+    # --out elsewhere leaves the records directory as it was
+    code, _, err = run_pkt(["report", fresh, "--out", tmp_path / "elsewhere"], monkeypatch, capsys)
+    assert code == 0, err and (tmp_path / "elsewhere" / "results.md").read_bytes() == md
+
+
+def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
+    """Records of runs before this format (bf03009): evaluations named only by their stage, an analysis without
+    plot inputs whose PNGs travel in figures/."""
+    run, records, _, _ = study
+    old = _records_only(records, tmp_path / "old")
+    for f in (old / "stages").glob("eval-*.json"):
+        rec = json.loads(f.read_text())
+        for k in ("method", "task", "seed"):
+            del rec["result"][k]
+        f.write_text(json.dumps(rec))
+    f = old / "stages" / "analysis.json"
+    rec = json.loads(f.read_text())
+    del rec["result"]["plots"]
+    f.write_text(json.dumps(rec))
+    analysis_dir = next((run / "stages").glob("analysis-*"))
+    (old / "figures").mkdir()
+    for name in rec["result"]["figures"]:
+        shutil.copy(analysis_dir / name, old / "figures" / name)
+    code, _, err = run_pkt(["report", old], monkeypatch, capsys)
+    assert code == 0, err
+    assert (old / "results.md").read_bytes() == (run / "results.md").read_bytes()
+    html = (old / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 + len(rec["result"]["figures"])  # + scores, loss curves
+
+
+def test_malformed_records_are_one_line(study, tmp_path, monkeypatch, capsys):
+    _, records, _, _ = study
+    bad = _records_only(records, tmp_path / "bad")
+    victim = bad / "stages" / "eval-lora-gsm8k-s0.json"
+    victim.write_text('{"stage": "eval-lora-gsm8k-s0", ')
+    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    assert code == 2 and str(victim) in err and "malformed" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    rec = json.loads((records / "stages" / "eval-lora-gsm8k-s0.json").read_text())
+    del rec["result"]["per_example"]
+    victim.write_text(json.dumps(rec))
+    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    assert code == 2 and str(victim) in err and "per_example" in err and err.count("\n") == 1
+    (bad / "study.json").write_text("[]")
+    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    assert code == 2 and str(bad / "study.json") in err and err.count("\n") == 1
+    for missing in (tmp_path / "nowhere", tmp_path):  # no directory; a directory without records
+        code, _, err = run_pkt(["report", missing], monkeypatch, capsys)
+        assert code == 2 and str(missing) in err and err.count("\n") == 1
