@@ -70,7 +70,7 @@ def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     methods = {r["method"] for r in result["rows"]}
     # the student is also evaluated in float32, the baseline of any model that falls back there
     assert methods == {"student", "student-fp32", "teacher", "lora", "pissa", "seeking", "seeking-random",
-                       "seeking-shuffled", "laten", "seqkd", "gkd"}
+                       "seeking-shuffled", "laten", "laten-lora", "seqkd", "gkd"}
     for f in ("results.md", "results.csv", "results.json", "report.html", "manifest.json"):
         assert (out / f).is_file()
     manifest = json.loads((out / "manifest.json").read_text())

@@ -313,11 +313,13 @@ def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out:
 
 def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path, ft_cfg, ex_cfg: SeekingConfig,
                 factors_dir: str | Path | None = None, progress: bool = True, log=print,
-                control: str | None = None, data: str | None = None) -> dict:
+                control: str | None = None, data: str | None = None, base_deltas: str | Path | None = None) -> dict:
     """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``.
 
     ``control`` (``random`` | ``shuffled``, seeking only): fine-tune from the control made of the extraction
     (:func:`control_factors`, seeded with the fine-tuning seed), written next to ``out``.
+    ``base_deltas`` (a LaTen ``laten_deltas.safetensors``): fused into the student before the LoRA is made, so
+    the arm fine-tunes the LaTen-injected student (the ``laten-lora`` arm of ``pkt run``).
     """
     from pkt.align.finetune import dist_state, train_and_save
     from pkt.align.lora_init import make_lora_model
@@ -359,6 +361,11 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
     t_extract = time.perf_counter() - t0
     tok = load_tokenizer(student_ref, padding_side="right")
     student = load_model(student_ref, dtype=ft_cfg.dtype)
+    if base_deltas is not None:
+        from pkt.inject import fuse, load_deltas
+
+        fuse(student, load_deltas(base_deltas))
+        extra["base_deltas"] = str(base_deltas)
     t1 = time.perf_counter()
     model = make_lora_model(student, init, ft_cfg.targets, ft_cfg.r, ft_cfg.alpha, ft_cfg.dropout, factors,
                             ft_cfg.pissa_niter)

@@ -14,9 +14,9 @@ from pkt.config import Settings
 from pkt.data.tasks import TASKS
 
 Method = Literal["student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled", "laten",
-                 "seqkd", "gkd"]
+                 "laten-lora", "seqkd", "gkd"]
 ALL_METHODS: tuple[str, ...] = ("student", "teacher", "lora", "pissa", "seeking", "seeking-random", "seeking-shuffled",
-                                "laten", "seqkd", "gkd")
+                                "laten", "laten-lora", "seqkd", "gkd")
 # old method names still accepted in a config, with a warning
 RENAMED_METHODS = {"kd": "seqkd"}
 

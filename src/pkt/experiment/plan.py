@@ -194,7 +194,7 @@ def estimate(study, teacher, student) -> Estimate:
             b = c.budget_for(task)
             is_ckpt = True
             nbytes = model_bytes(sp, c.dtype)
-            if method.startswith("laten"):
+            if method == "laten":
                 steps = study.laten_train_steps(task) if hasattr(study, "laten_train_steps") else b.laten_steps
                 per_step = b.laten_batch * toks.mean(task, "align")
                 seconds = steps * (secs("forward", tp, c.teacher_dtype, per_step) + secs("train", sp, c.dtype, per_step))

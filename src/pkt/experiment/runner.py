@@ -268,7 +268,8 @@ class Study:
                        **({"data": data_identity(c.data)} if c.data else {})}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log, data=c.data)), reads={"models": [c.student], "data": {task: ["train"]}})
+                progress=True, log=self._log, data=c.data), d / "run"),
+                reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method in SEEKING_CONTROLS:
             from pkt.postpkt import run_postpkt
@@ -281,8 +282,24 @@ class Study:
                        **({"data": data_identity(c.data)} if c.data else {})}
             path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
                 c.teacher, c.student, task, "seeking", d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log, control=control, data=c.data)),
+                progress=True, log=self._log, control=control, data=c.data), d / "run"),
                 reads={"models": [c.student], "data": {task: ["train"]}})
+            return str(path / "run" / "merged"), c.eval_dtype
+        if method == "laten-lora":
+            # the seed paper's PrePKT claim: pre-alignment reduces the fine-tuning needed afterwards. The LaTen
+            # student of this seed (its delta file survives the pruning of the fused weights), then exactly
+            # lora's fine-tuning
+            from pkt.postpkt import run_postpkt
+
+            laten_ref, _ = self.build("laten", task, seed, shared)
+            deltas = Path(laten_ref) / "laten_deltas.safetensors"
+            ft = self.finetune_cfg(task, seed)
+            payload = {"method": method, "task": task, "student": c.student, "finetune": ft.model_dump(),
+                       "base_deltas": str(deltas), **({"data": data_identity(c.data)} if c.data else {})}
+            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
+                None, c.student, task, "lora", d / "run", ft, self.seeking_cfg(task), progress=True, log=self._log,
+                data=c.data, base_deltas=deltas), d / "run"),
+                reads={"models": [c.student, str(laten_ref)], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "gkd":
             from pkt.align.gkd import GKDConfig
@@ -320,7 +337,7 @@ class Study:
         from pkt.data.jsonl import read_chat_jsonl
 
         return _summary(distill_finetune(self.cfg.student, read_chat_jsonl(kd_file), ft, out,
-                                         extra={"data": str(kd_file), "teacher": self.cfg.teacher}))
+                                         extra={"data": str(kd_file), "teacher": self.cfg.teacher}), out)
 
     def _gkd(self, task: str, ft, gc, out: Path) -> dict:
         from pkt.align.gkd import gkd_distill
@@ -328,7 +345,7 @@ class Study:
 
         prompts = load_split(task, "train")[: ft.n_train]
         return _summary(gkd_distill(self.cfg.teacher, self.cfg.student, prompts, ft, gc, out, progress=True,
-                                    extra={"task": task}))
+                                    extra={"task": task}), out)
 
     def _laten(self, lc, d: Path) -> dict:
         from pkt.laten import apply, load_models, train
@@ -596,9 +613,16 @@ def _default_reads(payload: dict) -> dict:
     return {"models": models, "data": {t: list(SPLITS) for t in tasks}}
 
 
-def _summary(summary: dict) -> dict:
+def _summary(summary: dict, run_dir: Path | None = None) -> dict:
+    """The build stage's record: the run summary, plus the per-step training loss (for loss curves compared at
+    equal steps, e.g. laten-lora against lora) read from the run's train_log.jsonl."""
     keep = ("init", "n_train", "steps", "final_loss", "train_seconds", "save_seconds", "extract_seconds")
-    return {k: summary.get(k) for k in keep}
+    out = {k: summary.get(k) for k in keep}
+    log = Path(run_dir) / "train_log.jsonl" if run_dir is not None else None
+    if log is not None and log.is_file():
+        rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
+        out["loss_curve"] = [round(float(r["loss"]), 5) for r in rows if "loss" in r]
+    return out
 
 
 def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, log) -> dict:
