@@ -139,7 +139,7 @@ def test_identical_tokenizer_files_load_one_tokenizer(tmp_path, pair):
 
     teacher, student = pf.model_facts(str(tmp_path / "teacher")), pf.model_facts(str(tmp_path / "student"))
     pf.check_tokenizers(teacher, student, ["laten"], analysis=False)
-    assert teacher.tokenizer is student.tokenizer  # byte-identical files: one tokenizer, no comparison
+    assert teacher.tokenizer is None and student.tokenizer is not None  # identical files: one load, no comparison
     # the same vocabulary behind files that differ (an extra harmless key) goes through the full comparison
     cfg = tmp_path / "student" / "tokenizer_config.json"
     cfg.write_text(cfg.read_text().rstrip()[:-1] + ', "pkt_note": "x"}')
@@ -147,3 +147,21 @@ def test_identical_tokenizer_files_load_one_tokenizer(tmp_path, pair):
     pf.check_tokenizers(teacher, student, ["laten"], analysis=False)
     assert teacher.tokenizer is not student.tokenizer
     assert teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()
+
+
+def test_plan_facts_from_headers_match_the_loaded_model(tmp_path, pair):
+    from pkt.experiment import preflight as pf
+    from pkt.models.arch import ArchSpec
+    from pkt.models.load import load_model
+
+    for d in (tmp_path / "teacher", tmp_path / "student"):
+        facts = pf.meta_facts(pf.model_facts(str(d)))
+        model = load_model(str(d))
+        spec = ArchSpec.from_model(model)
+        assert isinstance(facts.spec, pf.PlanSpec)  # read from the headers and the config, no model built
+        assert facts.params == sum(p.numel() for p in model.parameters())
+        assert (facts.spec.num_layers, facts.spec.hidden_size) == (spec.num_layers, spec.hidden_size)
+        for kind in ("q", "k", "v", "o", "gate", "up", "down"):
+            assert facts.spec.weight_shape(kind) == spec.weight_shape(kind)
+    (tmp_path / "student" / "model.safetensors").write_bytes(b"\x00")  # unreadable header: no fast path
+    assert pf.safetensors_params(tmp_path / "student") is None

@@ -164,3 +164,29 @@ def test_non_finite_loss_stops_the_stage_and_caches_nothing(tmp_path, qwen_pair,
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
     assert errors[0].startswith("pkt: error: stage lora-gsm8k-s0: fine-tuning: loss is")
     assert "Traceback" not in res.stderr
+
+
+def test_fixed_eval_subset_evaluates_vanilla_models_once(tiny_config):
+    cfg, tmp = tiny_config
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student", "teacher", "lora"],
+                                      "seeds": [0, 1], "budget": {**BUDGET, "eval_seed": 7}})
+    study = Study(cfg, tmp / "fixed", log=lambda s: None)
+    result = study.run()
+    evals = sorted(r.stage for r in study.cache.records if r.stage.startswith("eval-"))
+    # the vanilla models once (as seed 0's stage; the student also in float32), the trained arm per seed
+    assert evals == ["eval-lora-gsm8k-s0", "eval-lora-gsm8k-s1", "eval-student-fp32-gsm8k-s0",
+                     "eval-student-gsm8k-s0", "eval-teacher-gsm8k-s0"]
+    recs = json.loads((tmp / "fixed" / "results.json").read_text())["records"]
+    by = {(r["method"], r["seed"]): r for r in recs}
+    for m in ("student", "student-fp32", "teacher"):
+        assert by[(m, 0)]["per_example"] == by[(m, 1)]["per_example"]
+        assert by[(m, 0)]["answer_loss"] == by[(m, 1)]["answer_loss"]
+    # every seed's lora was scored on the same questions as the student it is paired with
+    preds = {s: [json.loads(x)["id"] for x in next((tmp / "fixed" / "stages").glob(f"eval-{m}-gsm8k-s{s}-*"))
+                 .joinpath("predictions.jsonl").read_text().splitlines()] for m, s in (("lora", 0), ("lora", 1))}
+    student_ids = [json.loads(x)["id"] for x in next((tmp / "fixed" / "stages").glob("eval-student-gsm8k-s0-*"))
+                   .joinpath("predictions.jsonl").read_text().splitlines()]
+    assert preds[0] == preds[1] == student_ids
+    assert {r["method"] for r in result["rows"]} == {"student", "student-fp32", "teacher", "lora"}
+    # the plan counts each vanilla evaluation once
+    assert len(Study(cfg, tmp / "fixed", log=lambda s: None).plan_stages()) == len(study.cache.records)

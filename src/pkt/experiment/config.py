@@ -65,6 +65,10 @@ class Budget(Settings):
     seeking_embeddings: bool = False
     # evaluation
     eval_limit: int | None = Field(None, ge=1)
+    # the seed of the evaluation subset: None = each training seed draws its own (with eval_limit); a number =
+    # one subset for every seed, so that the vanilla models (student, teacher), whose greedy answers do not
+    # depend on the seed, are evaluated once and stand for every seed
+    eval_seed: int | None = None
     eval_max_new_tokens: int = Field(512, ge=1)
     eval_batch_size: int = Field(8, ge=1)
     loss_examples: int = Field(80, ge=1)

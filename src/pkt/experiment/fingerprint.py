@@ -44,13 +44,14 @@ def code_identity() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def library_versions() -> dict:
-    import accelerate
-    import peft
-    import torch
-    import transformers
+    # read from the installed distributions' metadata: importing peft and accelerate only to read their
+    # version costs seconds, which a plan or a refusal should not pay
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__}
+    import torch
+
+    return {"torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
+            "accelerate": version("accelerate")}
 
 
 def _memo_path() -> Path:

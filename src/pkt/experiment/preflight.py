@@ -134,10 +134,58 @@ def _read_json(path: Path) -> dict:
 
 
 def meta_facts(facts: ModelFacts) -> ModelFacts:
-    """Fill ``params`` and ``spec`` (for the plan) from the config, once."""
+    """Fill ``params`` and ``spec`` (for the plan) from the config, once: from the safetensors headers and the
+    config when the weights are local (milliseconds), else by building the model on the meta device."""
     if facts.config is not None and facts.params is None:
-        facts.params, facts.spec = _meta_facts(facts.config, facts.ref)
+        fast = _local_facts(facts)
+        facts.params, facts.spec = fast if fast is not None else _meta_facts(facts.config, facts.ref)
     return facts
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What the plan reads of an architecture (a subset of :class:`pkt.models.arch.ArchSpec`), from the config."""
+
+    num_layers: int
+    hidden_size: int
+    shapes: dict
+
+    def weight_shape(self, kind: str) -> tuple[int, int]:
+        return self.shapes[kind]
+
+
+def safetensors_params(directory: str | Path) -> int | None:
+    """Number of parameters stored in a directory's *.safetensors files, read from their JSON headers only
+    (tied weights are stored once, as ``model.parameters()`` counts them); None if a header is unreadable."""
+    import json
+    import math
+    import struct
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return None
+    return total
+
+
+def _local_facts(facts: ModelFacts):
+    from pkt.models.arch import FAMILIES
+
+    if not facts.path or not Path(facts.path).is_dir() or facts.config.model_type not in FAMILIES:
+        return None
+    params = safetensors_params(facts.path)
+    if params is None:
+        return None
+    dims = dimensions(facts.config)
+    return params, PlanSpec(dims["layers"], facts.config.hidden_size, {k: v for k, v in dims.items() if k != "layers"})
 
 
 def _meta_facts(config, ref: str):
@@ -197,10 +245,10 @@ def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str
     from pkt.models.load import assert_same_tokenizer
 
     if _same_tokenizer_files(teacher.path, student.path):
-        # byte-identical tokenizer files make identical tokenizers: load one, skip the comparison (seconds
-        # for a 150k-token vocabulary)
+        # byte-identical tokenizer files make identical tokenizers: load the student's (the plan counts tokens
+        # with it), skip the comparison (seconds for a 150k-token vocabulary)
         try:
-            teacher.tokenizer = student.tokenizer = AutoTokenizer.from_pretrained(student.path)
+            student.tokenizer = AutoTokenizer.from_pretrained(student.path)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the tokenizer of {student.ref!r}: {str(e).splitlines()[0]}") from None
         return
@@ -224,8 +272,10 @@ def check_tokenizers(teacher: ModelFacts, student: ModelFacts, methods: list[str
         raise PktError(f"{', '.join(need)}: {e}") from None
 
 
+# what determines the vocabulary, the special tokens and the encodings (a chat template does not: the embedded
+# 0.5B and 1.5B differ only there)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def _same_tokenizer_files(a: str, b: str) -> bool:

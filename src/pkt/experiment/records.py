@@ -264,7 +264,31 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
         elif name == "analysis":
             out.analysis = st.record["result"] if isinstance(st.record["result"], dict) else None
             out.figures = [st.figures / n for n in _old_figures(st.record["result"])]
+    out.records = _vanilla_for_every_seed(out.records, study)
     out.curves = _curves(out.records, stages)
+    return out
+
+
+def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
+    """With a fixed evaluation subset (``budget.eval_seed``), a vanilla model is evaluated once, as the first
+    seed's stage, and stands for every seed (Study._evaluate_once): its row is repeated for the other seeds."""
+    from pkt.experiment.config import ExperimentConfig
+
+    cfg = study.get("config")
+    seeds = list(study.get("seeds") or [])
+    if not isinstance(cfg, dict) or len(seeds) < 2:
+        return records
+    try:
+        c = ExperimentConfig.model_validate(cfg)
+    except ValueError:
+        return records  # a config of another pkt version: rows as recorded
+    have = {(r["method"], r["task"], r["seed"]) for r in records}
+    out = []
+    for r in records:
+        out.append(r)
+        if (r["method"] in ("student", "teacher", "student-fp32") and r["seed"] == seeds[0]
+                and c.budget_for(r["task"]).eval_seed is not None):
+            out += [{**r, "seed": s} for s in seeds[1:] if (r["method"], r["task"], s) not in have]
     return out
 
 

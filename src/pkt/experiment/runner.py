@@ -69,6 +69,7 @@ class Study:
         self.cache = StageCache(self.out, log=self._log)
         self.bar: tqdm | None = None
         self._data_ids: dict = {}
+        self._vanilla: dict = {}  # (model label, task) -> its evaluation, when one stands for every seed
         self._check_budget()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class Study:
         from pkt.evaluate.harness import EvalConfig
 
         b = self.cfg.budget_for(task) if task else self.cfg.budget
+        seed = seed if b.eval_seed is None else b.eval_seed
         return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
                           batch_size=b.eval_batch_size, allow_weak_sandbox=self.cfg.allow_weak_sandbox,
                           max_prompt_tokens=max(b.max_length, 1024), progress=True)
@@ -501,6 +503,16 @@ class Study:
         """Whether any built model may fall back to float32 (then the student is evaluated there too)."""
         return self.cfg.eval_dtype != "float32" and any(m not in ("student", "teacher") for m in self.cfg.methods)
 
+    def _evaluate_once(self, method: str, ref: str, dtype: str, task: str, seed: int, label: str | None = None):
+        """``evaluate``, except that with a fixed evaluation subset (``budget.eval_seed``) a vanilla model (the
+        student, the teacher, the float32 student) is evaluated once, as the first seed's stage, and that result
+        stands for every seed: greedy decoding of the same model on the same questions is the same."""
+        if method not in ("student", "teacher") or self.cfg.budget_for(task).eval_seed is None:
+            return self.evaluate(method, ref, dtype, task, seed, label)
+        if seed == self.cfg.seeds[0]:
+            self._vanilla[(label or method, task)] = self.evaluate(method, ref, dtype, task, seed, label)
+        return self._vanilla.get((label or method, task))
+
     def _walk(self, records: list, shared: dict) -> list[Path]:
         """Every stage in order; in a plan (dry cache) only keys are computed."""
         c = self.cfg
@@ -516,7 +528,7 @@ class Study:
                     ref, dtype = self._build_lazily(method, task, seed, s)
                     if method == "laten":
                         s.setdefault("laten_dir", Path(ref))
-                    res = self.evaluate(method, ref, dtype, task, seed)
+                    res = self._evaluate_once(method, ref, dtype, task, seed)
                     if res is not None:
                         records.append({"method": method, "task": task, "seed": seed, "model_dir": ref, **res})
                         if method == "laten":
@@ -524,7 +536,7 @@ class Study:
                     if method == "student" and self.needs_fp32_student():
                         # A built model whose change does not survive eval_dtype is evaluated in float32; its
                         # difference to the student must not be the dtype's, so the student is also measured there.
-                        res = self.evaluate(method, ref, "float32", task, seed, label=STUDENT_FP32)
+                        res = self._evaluate_once(method, ref, "float32", task, seed, label=STUDENT_FP32)
                         if res is not None:
                             records.append({"method": STUDENT_FP32, "task": task, "seed": seed, "model_dir": ref,
                                             **res})
