@@ -131,7 +131,9 @@ class Study:
         self.cache.dry, n0 = True, len(self.cache.records)
         try:
             self._walk([], {})
-            return self.cache.records[n0:]
+            # a build another build reuses (laten-lora asks for its seed's laten) is one stage
+            seen: set = set()
+            return [r for r in self.cache.records[n0:] if not (r.key in seen or seen.add(r.key))]
         finally:
             del self.cache.records[n0:]
             self.cache.dry = False
@@ -579,7 +581,9 @@ class Study:
                 self.bar.close()
                 self.bar = None
             # the executor's stages were computed in this run, though the walk found them in the store
-            self.cache.records = [ran.get(r.key, r) for r in self.cache.records]
+            seen: set = set()  # a build another build reuses is one stage, as in the plan
+            self.cache.records = [ran.get(r.key, r) for r in self.cache.records
+                                  if not (r.key in seen or seen.add(r.key))]
             manifest.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             seconds=round(time.perf_counter() - t0, 1),
                             stages=[r.__dict__ for r in self.cache.records])
