@@ -21,6 +21,8 @@ from pkt.experiment.records import load, load_records, portable
 from pkt.experiment.runner import Study
 from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
 BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
               laten_choice="fixed", laten_steps=1, laten_batch=2, eval_limit=3, eval_max_new_tokens=8,
               loss_examples=3)
@@ -181,3 +183,19 @@ def test_malformed_records_are_one_line(study, tmp_path, monkeypatch, capsys):
     for missing in (tmp_path / "nowhere", tmp_path):  # no directory; a directory without records
         code, _, err = run_pkt(["report", missing], monkeypatch, capsys)
         assert code == 2 and str(missing) in err and err.count("\n") == 1
+
+
+def test_committed_results_reproduce(tmp_path, monkeypatch, capsys):
+    """Every committed study under docs/results/ is records + the report made from them: `pkt report`
+    regenerates its results.md byte for byte (the acceptance test of the records)."""
+    studies = sorted(p.parent for p in RESULTS.glob("*/study.json"))
+    # a results directory without its records could not be checked: every one must have them
+    assert RESULTS.is_dir() and [p for p in RESULTS.iterdir() if p.is_dir()] == studies
+    assert studies, "docs/results/ holds no committed study"
+    for d in studies:
+        out = tmp_path / d.name
+        code, _, err = run_pkt(["report", d, "--out", out], monkeypatch, capsys)
+        assert code == 0, f"{d}: {err}"
+        assert (out / "results.md").read_bytes() == (d / "results.md").read_bytes(), d
+        assert json.loads((out / "results.json").read_text()) == json.loads((d / "results.json").read_text()), d
+        assert (out / "report.html").is_file() and (out / "scores.png").is_file()
