@@ -146,8 +146,7 @@ def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
     old = _records_only(records, tmp_path / "old")
     for f in (old / "stages").glob("eval-*.json"):
         rec = json.loads(f.read_text())
-        for k in ("method", "task", "seed"):
-            del rec["result"][k]
+        del rec["result"]["evaluated_as"]
         f.write_text(json.dumps(rec))
     f = old / "stages" / "analysis.json"
     rec = json.loads(f.read_text())
@@ -199,3 +198,21 @@ def test_committed_results_reproduce(tmp_path, monkeypatch, capsys):
         assert (out / "results.md").read_bytes() == (d / "results.md").read_bytes(), d
         assert json.loads((out / "results.json").read_text()) == json.loads((d / "results.json").read_text()), d
         assert (out / "report.html").is_file() and (out / "scores.png").is_file()
+
+
+def test_loaded_records_with_vanilla_evaluations_shared_by_seeds(tmp_path):
+    """budget.eval_seed: the student is evaluated once and stands for every seed; the records read back are still
+    exactly the walk's (one row per seed, each with its own seed)."""
+    tok = tiny_tokenizer()
+    t = save_tiny(tiny_model("qwen2", "teacher", len(tok)), tok, tmp_path / "teacher")
+    s = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp_path / "student")
+    cfg = validate(ExperimentConfig, {"name": "seeds", "teacher": t, "student": s, "seeds": [0, 1],
+                                      "methods": ["student", "lora"], "dtype": "float32", "teacher_dtype": "float32",
+                                      "analysis": False, "budget": {**BUDGET, "eval_seed": 7},
+                                      "records": str(tmp_path / "records")})
+    result = Study(cfg, tmp_path / "run", log=lambda s: None).run()
+    recs, _, analysis = load_records(tmp_path / "records")
+    assert recs == portable(result["records"]) and analysis is None
+    assert [(r["method"], r["seed"]) for r in recs] == [("student", 0), ("student-fp32", 0), ("lora", 0),
+                                                         ("student", 1), ("student-fp32", 1), ("lora", 1)]
+    assert (tmp_path / "records" / "results.md").read_bytes() == (tmp_path / "run" / "results.md").read_bytes()

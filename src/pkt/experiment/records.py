@@ -224,8 +224,8 @@ def load(src: str | Path) -> Loaded:
         study = _check_study(_read_json(src / STUDY, "study record"), src / STUDY)
         for f in sorted((src / "stages").glob("*.json")) if (src / "stages").is_dir() else []:
             rec = _read_json(f, "stage record")
-            if (not isinstance(rec, dict) or not isinstance(rec.get("stage"), str) or not isinstance(rec.get("key"), str)
-                    or "result" not in rec):
+            if (not isinstance(rec, dict) or not isinstance(rec.get("stage"), str)
+                    or not isinstance(rec.get("key"), str) or "result" not in rec):
                 raise PktError(f"{f}: malformed stage record: needs 'stage', 'key' and 'result'")
             stages[rec["key"]] = _Stage(rec, f, src / FIGURES)
     elif (src / "manifest.json").is_file():
@@ -272,32 +272,46 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
 def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
     """With a fixed evaluation subset (``budget.eval_seed``), a vanilla model is evaluated once, as the first
     seed's stage, and stands for every seed (Study._evaluate_once): its row is repeated for the other seeds."""
-    from pkt.experiment.config import ExperimentConfig
-
     cfg = study.get("config")
     seeds = list(study.get("seeds") or [])
     if not isinstance(cfg, dict) or len(seeds) < 2:
         return records
-    try:
-        c = ExperimentConfig.model_validate(cfg)
-    except ValueError:
-        return records  # a config of another pkt version: rows as recorded
+
+    def eval_seed(task):
+        # ExperimentConfig.budget_for, read from the recorded config as it is: validating it again would read
+        # its data files, which the records do not carry
+        per_task = (cfg.get("per_task") or {}).get(task) or {}
+        return per_task["eval_seed"] if "eval_seed" in per_task else (cfg.get("budget") or {}).get("eval_seed")
+
     have = {(r["method"], r["task"], r["seed"]) for r in records}
-    out = []
-    for r in records:
-        out.append(r)
-        if (r["method"] in ("student", "teacher", "student-fp32") and r["seed"] == seeds[0]
-                and c.budget_for(r["task"]).eval_seed is not None):
-            out += [{**r, "seed": s} for s in seeds[1:] if (r["method"], r["task"], s) not in have]
-    return out
+    extra = [{**r, "seed": s} for r in records
+             if r["method"] in ("student", "teacher", "student-fp32") and r["seed"] == seeds[0]
+             and eval_seed(r["task"]) is not None
+             for s in seeds[1:] if (r["method"], r["task"], s) not in have]
+    if not extra:
+        return records
+    # in the walk's order (task, seed, method; the float32 student right after the student), where the walk
+    # appended each seed's copy
+    tasks = list(study.get("tasks") or [])
+    order = [m for meth in study.get("methods") or []
+             for m in ((meth, "student-fp32") if meth == "student" else (meth,))]
+
+    def rank(r):
+        return (tasks.index(r["task"]) if r["task"] in tasks else len(tasks),
+                seeds.index(r["seed"]) if r["seed"] in seeds else len(seeds),
+                order.index(r["method"]) if r["method"] in order else len(order))
+
+    return sorted(records + extra, key=rank)
 
 
 def _eval_row(st: _Stage, tasks: list[str], stages: dict[str, _Stage]) -> dict:
     res = st.record["result"]
     if not isinstance(res, dict) or any(k not in res for k in EVAL_NEEDS):
         raise PktError(f"{st.source}: malformed evaluation record: the result needs {', '.join(EVAL_NEEDS)}")
-    method, task, seed = res.get("method"), res.get("task"), res.get("seed")
-    if method is None or task is None or seed is None:  # a record from before evaluations named them
+    ident = res.get("evaluated_as")
+    if isinstance(ident, dict) and all(ident.get(k) is not None for k in ("method", "task", "seed")):
+        method, task, seed = ident["method"], ident["task"], ident["seed"]
+    else:  # a record from before evaluations named themselves
         method, task, seed = _parse_eval_name(st.record["stage"], tasks, st.source)
     model = ((st.record.get("inputs") or {}).get("settings") or {}).get("model")
     row = {"method": method, "task": task, "seed": seed, "model_dir": model, **res}

@@ -408,8 +408,9 @@ class Study:
             write_jsonl(d / "predictions.jsonl", records)
             write_jsonl(d / "answer_loss.jsonl", loss_records)
             metric = "accuracy" if "accuracy" in metrics else "pass@1"
-            # the record names its row, so that pkt report reads it from the record, not the stage name
-            return {"method": label or method, "task": task, "seed": seed,
+            # the record names the evaluation, so that pkt report reads it from the record, not the stage name;
+            # nested, because a vanilla model's evaluation stands for every seed (_evaluate_once)
+            return {"evaluated_as": {"method": label or method, "task": task, "seed": seed},
                     "metric": metric, "score": metrics[metric], "n": len(records),
                     "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
                     "dtype": used, "precision": precision,
