@@ -216,3 +216,20 @@ def test_loaded_records_with_vanilla_evaluations_shared_by_seeds(tmp_path):
     assert [(r["method"], r["seed"]) for r in recs] == [("student", 0), ("student-fp32", 0), ("lora", 0),
                                                          ("student", 1), ("student-fp32", 1), ("lora", 1)]
     assert (tmp_path / "records" / "results.md").read_bytes() == (tmp_path / "run" / "results.md").read_bytes()
+
+
+def test_run_flag_exports_records(tmp_path, shared_data, monkeypatch, capsys):
+    import yaml
+
+    tok = tiny_tokenizer()
+    s = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp_path / "student")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "flag", "teacher": s, "student": s, "tasks": ["gsm8k"], "seeds": [0],
+                                    "methods": ["student"], "eval_dtype": "float32", "analysis": False,
+                                    "budget": BUDGET}))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_pkt(["run", path, "--out", tmp_path / "run", "--records", "rec"], monkeypatch, capsys)
+    assert code in (0, None), err[-2000:]
+    assert json.loads((tmp_path / "rec" / "study.json").read_text())["name"] == "flag"
+    assert [p.name for p in (tmp_path / "rec" / "stages").iterdir()] == ["eval-student-gsm8k-s0.json"]
+    assert (tmp_path / "rec" / "results.md").read_text() == (tmp_path / "run" / "results.md").read_text()

@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
                                                         "as Ray tasks with the config's resources (pkt[ray])."),
         address: str = typer.Option(None, help="With --executor ray: the Ray cluster to use (default: "
                                                "RAY_ADDRESS, else a local instance)."),
+        records: Path = typer.Option(None, "--records", help="Also export each stage's small result record "
+                                     "here as it finishes (the config's `records:`); `pkt report DIR` rebuilds "
+                                     "the results from them."),
     ) -> None:
         """Run the study: build every method's student, evaluate, analyse, and write results + report.html.
 
@@ -44,6 +47,8 @@ def register(app: typer.Typer) -> None:
 
         path = config or default_config()
         cfg = load_config(ExperimentConfig, path)
+        if records is not None:
+            cfg = cfg.model_copy(update={"records": str(records)})
         out_dir = out or Path("runs") / cfg.name
         study = Study(cfg, out_dir, Path(path).read_text(encoding="utf-8"), log=lambda s: typer.echo(s, err=True))
         if dry_run:
