@@ -62,7 +62,8 @@ def measure(name: str, dtype: str, args) -> dict:
         with torch.no_grad():
             model(**batch, use_cache=False)
 
-    out["forward"] = n_tokens / _timed(forward, args.repeats)
+    if "forward" in args.modes:
+        out["forward"] = n_tokens / _timed(forward, args.repeats)
 
     gen_batch = {k: v[:, -64:] for k, v in batch.items()}  # short prompts: decoding dominates
 
@@ -71,7 +72,10 @@ def measure(name: str, dtype: str, args) -> dict:
             model.generate(**gen_batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                            do_sample=False, pad_token_id=tok.pad_token_id)
 
-    out["generate"] = gen_batch["input_ids"].shape[0] * args.new_tokens / _timed(gen, 1)
+    if "generate" in args.modes:
+        out["generate"] = gen_batch["input_ids"].shape[0] * args.new_tokens / _timed(gen, 1)
+    if "train" not in args.modes:
+        return out
 
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -98,14 +102,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--modes", default="forward,generate,train", help="which kinds of work to measure")
     args = ap.parse_args()
+    args.modes = args.modes.split(",")
     torch.set_num_threads(args.threads)
     table: dict = {"forward": {}, "train": {}, "generate": {}}
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             t0 = time.perf_counter()
             r = measure(name, dtype, args)
-            for mode in table:
+            for mode in args.modes:
                 table[mode].setdefault(dtype, []).append([r["params"], round(r[mode], 1)])
             print(json.dumps({"model": name, "dtype": dtype, **{k: round(v, 1) for k, v in r.items()}}),
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

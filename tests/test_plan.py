@@ -17,7 +17,7 @@ from pkt.experiment.runner import Study
 from pkt.testing import save_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml"]
+STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml", "cpu-study.yaml"]
 
 
 def expected_stages(cfg: ExperimentConfig) -> int:
@@ -28,8 +28,15 @@ def expected_stages(cfg: ExperimentConfig) -> int:
     per_task = any(x.startswith("seeking") for x in m) + ("seqkd" in m)
     built = [x for x in m if x not in ("student", "teacher")]
     # the student's evaluation again in float32, the baseline of built models that fall back there
-    per_seed = len(m) + len(built) + int(bool(built) and cfg.eval_dtype != "float32")
-    return len(cfg.tasks) * (per_task + len(cfg.seeds) * per_seed) + int(cfg.analysis)
+    vanilla = len(m) - len(built) + int(bool(built) and cfg.eval_dtype != "float32")
+    # laten-lora starts from its seed's laten build, which is a stage of its own unless laten also runs
+    per_seed = 2 * len(built) + int("laten-lora" in m and "laten" not in m)
+    total = 0
+    for task in cfg.tasks:
+        # with one evaluation subset for every seed (eval_seed), the vanilla models are evaluated once
+        once = cfg.budget_for(task).eval_seed is not None
+        total += per_task + len(cfg.seeds) * per_seed + vanilla * (1 if once else len(cfg.seeds))
+    return total + int(cfg.analysis)
 
 
 @pytest.mark.parametrize("name", STUDIES)

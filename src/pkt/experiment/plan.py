@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 
 # tokens/s on the reference machine (2-core x86-64 CPU with avx512_bf16, 24 GiB, torch 2.13 CPU build, 2 threads),
 # measured with `flock /tmp/pkt-heavy.lock .venv/bin/python benchmarks/bench_throughput.py --models MODEL
-# --batch 2 --length 128 --repeats 1 --new-tokens 16` for the embedded 0.5B and 1.5B (docs/benchmarks.md, P5):
-# [parameters, tokens/s] per (work, dtype); log-log interpolation between sizes, 1/size beyond them.
+# --batch 8 --repeats 2` for the embedded 0.5B and 1.5B (docs/benchmarks.md, P5): [parameters, tokens/s] per
+# (work, dtype); log-log interpolation between sizes, 1/size beyond them. "generate" is at batch
+# GENERATE_BATCH; decoding reads every weight once per step whatever the batch, so other batch sizes scale it
+# linearly, up to the forward (compute-bound) rate.
 THROUGHPUT_MACHINE = "2-core x86-64 CPU, 24 GiB, torch CPU build, 2 threads"
 THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
-    "forward": {"float32": [[630167424, 36.8], [1777088000, 18.8]], "bfloat16": [[630167424, 31.1], [1777088000, 43.8]]},
-    "train": {"float32": [[630167424, 21.9], [1777088000, 24.6]], "bfloat16": [[630167424, 51.4], [1777088000, 19.2]]},
-    "generate": {"float32": [[630167424, 12.3], [1777088000, 0.4]], "bfloat16": [[630167424, 10.3], [1777088000, 3.9]]},
+    # benchmarks/bench_throughput.py --batch 8 (the evaluation's batch), 2026-12-02, load average ~2
+    "forward": {"float32": [[630167424, 101.4], [1777088000, 60.2]], "bfloat16": [[630167424, 102.1], [1777088000, 29.9]]},
+    "train": {"float32": [[630167424, 42.1], [1777088000, 17.3]], "bfloat16": [[630167424, 36.2], [1777088000, 12.2]]},
+    "generate": {"float32": [[630167424, 6.9], [1777088000, 6.0]], "bfloat16": [[630167424, 26.5], [1777088000, 10.9]]},
 }
+GENERATE_BATCH = 8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
 TEST_SIZES = {"gsm8k": 1319, "mmlu": 14042, "humaneval": 164, "mbpp": 500}
@@ -138,8 +142,13 @@ def estimate(study, teacher, student) -> Estimate:
     if not tp or not sp:
         est.warnings.append("a model's size is unknown until it is prepared: its stages are estimated at 0")
 
-    def secs(work: str, params: int, dtype: str, tokens: float) -> float:
-        return tokens / tokens_per_second(work, params, dtype) if params and tokens else 0.0
+    def secs(work: str, params: int, dtype: str, tokens: float, batch: int | None = None) -> float:
+        if not (params and tokens):
+            return 0.0
+        rate = tokens_per_second(work, params, dtype)
+        if work == "generate" and batch:
+            rate = min(rate * batch / GENERATE_BATCH, max(rate, tokens_per_second("forward", params, dtype)))
+        return tokens / rate
 
     def load(params: int, dtype: str) -> float:
         return params * DTYPE_BYTES.get(dtype, 4) / 1e9 * LOAD_SECONDS_PER_GB
@@ -169,13 +178,14 @@ def estimate(study, teacher, student) -> Estimate:
             b = c.budget_for(task)
             n = min(b.eval_limit or TEST_SIZES[task], TEST_SIZES[task])
             params = tp if method == "teacher" else sp
+            dt = "float32" if method == "student-fp32" else c.eval_dtype  # built models: eval_dtype, a lower bound
             gen = 0 if task == "mmlu" else b.eval_max_new_tokens
-            seconds = (secs("forward", params, c.eval_dtype, n * TEST_PROMPT_TOKENS[task])
-                       + secs("generate", params, c.eval_dtype, n * gen)
-                       + secs("forward", params, c.eval_dtype, b.loss_examples * toks.mean(task, "train"))
-                       + load(params, c.eval_dtype))
+            seconds = (secs("forward", params, dt, n * TEST_PROMPT_TOKENS[task])
+                       + secs("generate", params, dt, n * gen, b.eval_batch_size)
+                       + secs("forward", params, dt, b.loss_examples * toks.mean(task, "train"))
+                       + load(params, dt))
             work = f"{n} {task} questions" + (f" x <= {gen} new tokens" if gen else "") + \
-                f", {b.loss_examples} loss examples ({c.eval_dtype})"
+                f", {b.loss_examples} loss examples ({dt})"
         elif name.startswith("extract-"):
             task = name[len("extract-"):]
             b = c.budget_for(task)
