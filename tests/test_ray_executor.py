@@ -106,7 +106,10 @@ def test_stage_graph_orders_the_study(study):
     assert {n.name: stage_kind(n.name) for n in nodes if n.name.endswith("s0") and "eval" not in n.name} == {
         "lora-gsm8k-s0": "finetune", "pissa-gsm8k-s0": "finetune", "seeking-gsm8k-s0": "finetune",
         "seeking-random-gsm8k-s0": "finetune", "seeking-shuffled-gsm8k-s0": "finetune",
-        "seqkd-gsm8k-s0": "finetune", "laten-gsm8k-s0": "laten", "gkd-gsm8k-s0": "gkd"}
+        "seqkd-gsm8k-s0": "finetune", "laten-gsm8k-s0": "laten", "gkd-gsm8k-s0": "gkd",
+        "laten-lora-gsm8k-s0": "finetune"}
+    # laten-lora fine-tunes its seed's LaTen student: it waits for that laten stage (and nothing else)
+    assert by["laten-lora-gsm8k-s0"].deps == [ids["laten-gsm8k-s0"]]
     assert not (tmp / "graph").exists()  # a plan writes nothing
 
 
