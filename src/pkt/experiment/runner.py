@@ -526,6 +526,7 @@ class Study:
             if "seqkd" in c.methods:
                 s["kd_file"] = self.kd_data(task)
             for seed in c.seeds:
+                deferred = []  # weights another arm of this seed still reads (laten-lora: its LaTen student)
                 for method in c.methods:
                     seed_everything(seed)
                     ref, dtype = self._build_lazily(method, task, seed, s)
@@ -543,7 +544,12 @@ class Study:
                         if res is not None:
                             records.append({"method": STUDENT_FP32, "task": task, "seed": seed, "model_dir": ref,
                                             **res})
-                    if not self.cache.dry:
+                    if method == "laten" and "laten-lora" in c.methods:
+                        deferred.append(ref)
+                    elif not self.cache.dry:
+                        self._prune(ref)
+                if not self.cache.dry:
+                    for ref in deferred:
                         self._prune(ref)
         return self.analysis(shared) if c.analysis else []
 
