@@ -190,3 +190,17 @@ def test_fixed_eval_subset_evaluates_vanilla_models_once(tiny_config):
     assert {r["method"] for r in result["rows"]} == {"student", "student-fp32", "teacher", "lora"}
     # the plan counts each vanilla evaluation once
     assert len(Study(cfg, tmp / "fixed", log=lambda s: None).plan_stages()) == len(study.cache.records)
+
+
+def test_laten_lora_alone_prunes_its_laten_student(tiny_config):
+    cfg, tmp = tiny_config
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student", "laten-lora"],
+                                      "analysis": False})
+    study = Study(cfg, tmp / "ll", log=lambda s: None)
+    study.run()
+    assert [r.stage for r in study.cache.records].count("laten-gsm8k-s0") == 1  # built once, for laten-lora
+    stages = tmp / "ll" / "stages"
+    # the LaTen student laten-lora started from is deleted once the seed's arms are done; its deltas stay
+    assert not list(stages.glob("laten-*/fused/model*.safetensors"))
+    assert list(stages.glob("laten-*/fused/laten_deltas.safetensors"))
+    assert not list(stages.glob("laten-lora-*/run/merged/model*.safetensors"))

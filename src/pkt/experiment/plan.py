@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 # tokens/s on the reference machine (2-core x86-64 CPU with avx512_bf16, 24 GiB, torch 2.13 CPU build, 2 threads),
 # measured with `flock /tmp/pkt-heavy.lock .venv/bin/python benchmarks/bench_throughput.py --models MODEL
 # --batch 8 --repeats 2` for the embedded 0.5B and 1.5B (docs/benchmarks.md, P5): [parameters, tokens/s] per
-# (work, dtype); log-log interpolation between sizes, 1/size beyond them. "generate" is at batch
-# GENERATE_BATCH and used for every batch size.
+# (work, dtype); log-log interpolation between sizes, 1/size beyond them. "generate" is measured at batch 8
+# and used for every batch size.
 THROUGHPUT_MACHINE = "2-core x86-64 CPU, 24 GiB, torch CPU build, 2 threads"
 THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
     # benchmarks/bench_throughput.py --batch 8 (the evaluation's batch), 2026-12-02, load average ~2
@@ -31,7 +31,6 @@ THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
     "train": {"float32": [[630167424, 42.1], [1777088000, 17.3]], "bfloat16": [[630167424, 36.2], [1777088000, 12.2]]},
     "generate": {"float32": [[630167424, 6.9], [1777088000, 6.0]], "bfloat16": [[630167424, 26.5], [1777088000, 10.9]]},
 }
-GENERATE_BATCH = 8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
 TEST_SIZES = {"gsm8k": 1319, "mmlu": 14042, "humaneval": 164, "mbpp": 500}

@@ -131,9 +131,7 @@ class Study:
         self.cache.dry, n0 = True, len(self.cache.records)
         try:
             self._walk([], {})
-            # a build another build reuses (laten-lora asks for its seed's laten) is one stage
-            seen: set = set()
-            return [r for r in self.cache.records[n0:] if not (r.key in seen or seen.add(r.key))]
+            return _unique(self.cache.records[n0:])
         finally:
             del self.cache.records[n0:]
             self.cache.dry = False
@@ -296,6 +294,7 @@ class Study:
             from pkt.postpkt import run_postpkt
 
             laten_ref, _ = self.build("laten", task, seed, shared)
+            shared.setdefault("laten_refs", {})[seed] = laten_ref  # pruned by the walk after this seed's arms
             deltas = Path(laten_ref) / "laten_deltas.safetensors"
             ft = self.finetune_cfg(task, seed)
             payload = {"method": method, "task": task, "student": c.student, "finetune": ft.model_dump(),
@@ -544,6 +543,8 @@ class Study:
                         if res is not None:
                             records.append({"method": STUDENT_FP32, "task": task, "seed": seed, "model_dir": ref,
                                             **res})
+                    if method == "laten-lora" and "laten" not in c.methods and seed in s.get("laten_refs", {}):
+                        deferred.append(s["laten_refs"][seed])  # the LaTen student only laten-lora asked for
                     if method == "laten" and "laten-lora" in c.methods:
                         deferred.append(ref)
                     elif not self.cache.dry:
@@ -588,9 +589,7 @@ class Study:
                 self.bar.close()
                 self.bar = None
             # the executor's stages were computed in this run, though the walk found them in the store
-            seen: set = set()  # a build another build reuses is one stage, as in the plan
-            self.cache.records = [ran.get(r.key, r) for r in self.cache.records
-                                  if not (r.key in seen or seen.add(r.key))]
+            self.cache.records = [ran.get(r.key, r) for r in _unique(self.cache.records)]
             manifest.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             seconds=round(time.perf_counter() - t0, 1),
                             stages=[r.__dict__ for r in self.cache.records])
@@ -605,6 +604,13 @@ class Study:
                  f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
                  f"{sum(r.cached for r in self.cache.records)} cached)")
         return {"manifest": manifest, "records": records, **report}
+
+
+def _unique(records: list[StageRecord]) -> list[StageRecord]:
+    """Stage records in order, each key once: a build another build reuses (laten-lora asks for its seed's
+    laten) is one stage, in the plan and in the manifest."""
+    seen: set = set()
+    return [r for r in records if not (r.key in seen or seen.add(r.key))]
 
 
 def _laten_injection(fused: Path) -> dict | None:
