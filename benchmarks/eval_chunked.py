@@ -62,7 +62,7 @@ def _global_id(task: str, rec: dict, index: int, row: dict):
 
 def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str, chunk: int, budget_min: float,
             batch_size: int, max_new_tokens: int | None, limit: int | None = None, seed: int = 0,
-            shots: int | None = None) -> dict | None:
+            shots: int | None = None, decoding: str = "padded") -> dict | None:
     """Evaluate the missing chunks (within the budget) and merge the finished ones. Returns the merged
     metrics of ``task`` (``complete`` says whether every chunk is in), or None when no chunk has finished."""
     from pkt.evaluate import evaluate_model
@@ -85,6 +85,7 @@ def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str
             evaluate_model(model, tok, [task], out_dir=chunk_dir / f"{k:03d}",
                            data={task: [r for _, r in parts[k]], **extra}, protocol=protocol,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, shots=shots, progress=False,
+                           decoding=decoding,
                            meta={"model": model_name, "dtype": dtype}, log=None)
             print(f"chunk {k + 1}/{len(parts)} done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     records, metrics = [], []
@@ -166,13 +167,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=25, help="rows per saved chunk (keep it across reruns)")
     ap.add_argument("--budget-min", type=float, default=60.0, help="stop starting chunks after this many minutes")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--decoding", choices=("padded", "continuous"), default="padded")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--record", type=Path, default=None, help="write the committable summary here when complete")
     args = ap.parse_args()
     protocol = args.protocol if "=" in args.protocol or args.protocol in ("pkt", "standard") \
         else f"{args.task}={args.protocol}"
     merged = produce(args.run_dir, args.model, args.task, protocol, args.dtype, args.chunk, args.budget_min,
-                     args.batch_size, args.max_new_tokens, args.limit, args.seed, args.shots)
+                     args.batch_size, args.max_new_tokens, args.limit, args.seed, args.shots, args.decoding)
     if merged is None:
         print("no chunk finished yet")
         return

@@ -38,3 +38,18 @@ def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypa
     assert ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=60, **kw) == merged
     rec = ec.record(run, task, tmp_path / "rec.json")
     assert rec["verdicts"] == {str(r["id"]): r["correct"] for r in a} and rec["score"] == merged["accuracy"]
+
+
+def test_continuous_decoding_gives_the_padded_records(fixture_data_dir, qwen_pair):
+    """`decoding: continuous` end to end (GSM8K 8-shot CoT: the exemplars are the shared prefix): the same
+    outputs and verdicts as padded decoding, and metrics.json says which engine ran."""
+    _, student, tok = qwen_pair
+    kw = dict(batch_size=2, max_new_tokens=6, limit=5, seed=3, protocol="gsm8k=lm-eval-cot", progress=False,
+              log=None)
+    padded = evaluate_model(student, tok, ["gsm8k"], **kw)
+    cont = evaluate_model(student, tok, ["gsm8k"], decoding="continuous", **kw)
+    assert (cont["gsm8k"]["protocol"]["decoding"], padded["gsm8k"]["protocol"]["decoding"]) == ("continuous",
+                                                                                                 "padded")
+    assert cont["gsm8k"]["accuracy"] == padded["gsm8k"]["accuracy"]
+    n = padded["gsm8k"]["n"]
+    assert cont["gsm8k"]["hit_max_new_tokens"] == padded["gsm8k"]["hit_max_new_tokens"] == n >= 2

@@ -49,6 +49,58 @@ def test_stop_strings_cut_output(qwen_pair):
         assert f[0].startswith(c[0])
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_continuous_batching_equals_padded(kind, tiny_tok):
+    """Continuous batching (2 slots for 5 prompts, so slots are handed on) gives the padded path's greedy text,
+    with and without stop strings, and the same token count; the model is unchanged afterwards."""
+    from pkt import testing
+
+    model = testing.tiny_model(kind, "student", len(tiny_tok))
+    enc = tiny_tok(PROMPTS[1], return_tensors="pt", add_special_tokens=False)
+    before = model(**enc).logits
+    free = generate(model, tiny_tok, PROMPTS, max_new_tokens=12, batch_size=2, progress=False)
+    stops = [o[0][3] for o in free if len(o[0]) > 4][:2]
+    assert stops
+    first = model.generate(**tiny_tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False),
+                           max_new_tokens=4, do_sample=False)[0, -2:]  # what the model writes 3rd and 4th
+    for stop, eos in ((None, None), (stops, None), (None, first.tolist())):
+        if eos is not None:  # a token the model does produce ends some rows early, at different lengths
+            model.generation_config.eos_token_id = eos
+        a, b = GenStats(), GenStats()
+        padded = generate(model, tiny_tok, PROMPTS, max_new_tokens=12, stop=stop, batch_size=2, progress=False,
+                          stats=a)
+        cont = generate(model, tiny_tok, PROMPTS, max_new_tokens=12, stop=stop, batch_size=2, progress=False,
+                        stats=b, engine="continuous")
+        assert cont == padded
+        if eos is not None:
+            assert b.new_tokens < 12 * len(PROMPTS)
+        assert a.new_tokens == b.new_tokens and b.sequences == len(PROMPTS) and b.prompts == len(PROMPTS)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model(**enc).logits, before)
+    with pytest.raises(ValueError, match="engine"):
+        generate(model, tiny_tok, PROMPTS[:1], engine="vllm", progress=False)
+
+
+def test_continuous_batching_shares_a_common_prefix(tiny_tok):
+    """Prompts behind the same few-shot text: the continuous engine prefills that text once (the suffixes'
+    padding then sits between prefix and suffix) and still gives the padded path's answers."""
+    from pkt import testing
+    from pkt.evaluate import generate as G
+
+    shots = "Q: There are 15 trees in the grove. How many trees are planted? A: The answer is 6.\n\n" * 2
+    prompts = [shots + "Q: " + p + " A:" for p in PROMPTS]
+    ids = [tiny_tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert G._shared_prefix(ids) >= G._MIN_SHARED_PREFIX
+    assert G._shared_prefix([ids[0], ids[0]]) == len(ids[0]) - 1  # every prompt keeps a token of its own
+    assert G._shared_prefix([[1] * 40, [2] * 40]) == 0
+    model = testing.tiny_model("qwen2", "student", len(tiny_tok))
+    for batch in (2, 8):
+        padded = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=batch, progress=False)
+        cont = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=batch, progress=False,
+                        engine="continuous")
+        assert cont == padded
+
+
 def test_seeded_sampling(qwen_pair):
     _, model, tok = qwen_pair
     a = generate(model, tok, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7, progress=False)

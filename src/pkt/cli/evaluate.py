@@ -22,6 +22,7 @@ def eval_command(
     answer_loss: bool = typer.Option(False, "--answer-loss", help="Also compute <task>_loss for each task."),
     loss_split: str = typer.Option("align", "--loss-split", help="PKT split for answer loss (held out: align)."),
     batch_size: int = typer.Option(8, "--batch-size"),
+    decoding: str = typer.Option("padded", "--decoding", help="greedy decoding: padded | continuous (batching)"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Default: 256 GSM8K, 512 code."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; >0 samples (pass@k)."),
     top_p: float = typer.Option(0.95, "--top-p"),
@@ -63,6 +64,7 @@ def eval_command(
         raise PktError(f"--pass-k {pass_k!r}: expected a comma list of integers") from None
     cfg = validate(EvalConfig, {
         "limit": limit, "seed": seed, "shots": shots, "protocol": protocol, "style": style, "batch_size": batch_size,
+        "decoding": decoding,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n_samples": n_samples,
         "pass_ks": ks, "mbpp_variant": mbpp_variant, "loss_split": loss_split, "exec_timeout": exec_timeout,
         "exec_workers": exec_workers, "exec_max_memory_mb": exec_max_memory_mb, "exec_max_procs": exec_max_procs,

@@ -6,6 +6,12 @@
   first stop string afterwards (the criterion works on tokens, a stop may end mid-token).
 * Greedy when ``temperature == 0``; otherwise seeded sampling (``torch.manual_seed(seed + batch index)``), with
   ``num_samples`` continuations per prompt for pass@k.
+* ``engine="continuous"`` decodes greedy prompts in one running batch: a finished sequence leaves it and the
+  next prompts join (their prefill cache left-padded to the batch's), so the batch no longer waits for its
+  longest answer. Built on transformers' DynamicCache and the model's own forward; transformers' paged
+  ``generate_batch`` gives the same answers but was slower than padded batches on the reference CPU
+  (docs/benchmarks.md P9). Sampling always uses the padded path, whose per-batch seeds make samples
+  reproducible.
 """
 
 from __future__ import annotations
@@ -60,8 +66,13 @@ def _progress(total: int, desc: str, enabled: bool):
 def encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
     """Left-padded batch without adding special tokens (the prompt text already has them)."""
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(e) for e in enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_padded(enc, pad, device)
+
+
+def left_padded(enc: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """Token-id lists as one left-padded batch with its attention mask."""
+    width = max(len(e) for e in enc)
     ids = torch.full((len(enc), width), pad, dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
     for i, e in enumerate(enc):
@@ -75,12 +86,15 @@ def encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.T
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, stop: list[str] | None = None,
              batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1,
              seed: int = 0, progress: bool = True, desc: str = "generating",
-             stats: GenStats | None = None, min_new_tokens: int = 0) -> list[list[str]]:
+             stats: GenStats | None = None, min_new_tokens: int = 0, engine: str = "padded") -> list[list[str]]:
     """Continuations of each prompt: ``out[i]`` is a list of ``num_samples`` strings (truncated at stops).
 
     ``batch_size`` counts sequences (prompts x samples) per forward batch. ``min_new_tokens`` suppresses eos
-    before that many tokens (benchmarks use it to measure fixed-length decoding throughput).
+    before that many tokens (benchmarks use it to measure fixed-length decoding throughput). ``engine``:
+    ``padded`` or ``continuous`` (greedy only; ``batch_size`` is then the number of sequences decoded at once).
     """
+    if engine not in ("padded", "continuous"):
+        raise ValueError(f"engine must be 'padded' or 'continuous', not {engine!r}")
     stop = [s for s in (stop or []) if s]
     if num_samples > 1 and temperature <= 0:
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be identical)")
@@ -94,6 +108,11 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     results: list[list[str] | None] = [None] * len(prompts)
     bar = _progress(len(prompts), desc, progress)
     t0 = time.perf_counter()
+    if engine == "continuous" and temperature <= 0 and not min_new_tokens and prompts:
+        done = _generate_refill(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
+                                batch_size=batch_size, eos=eos, pad=pad, stats=stats, bar=bar)
+        if done is not None:
+            results, order = done, []
     for b, start in enumerate(range(0, len(order), per_batch)):
         idx = order[start:start + per_batch]
         batch = encode_left_padded(tokenizer, [prompts[i] for i in idx], device)
@@ -127,6 +146,166 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     stats.prompts += len(prompts)
     stats.seconds += time.perf_counter() - t0
     return results  # type: ignore[return-value]
+
+
+
+class _Rows:
+    """The sequences being decoded together: one left-padded KV cache, attention mask and next position per
+    row. Rows leave when they finish and new prompts join (their prefill cache is left-padded to the batch's
+    length), so the batch stays full instead of waiting for its longest answer."""
+
+    def __init__(self):
+        self.cache = None
+        self.mask = None  # [rows, length] 1 = real token
+        self.ids: list[int] = []  # prompt index of each row
+        self.pos = None  # [rows] position of the next input token
+        self.last = None  # [rows] next input token
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, cache, mask, ids, pos, last) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.ids, self.pos, self.last = cache, mask, list(ids), pos, last
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left(t, dim):  # zero columns on the left up to ``width`` (masked out, so never attended)
+            n = width - t.shape[dim]
+            if not n:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+            mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+        self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
+        self.ids += list(ids)
+        self.pos = torch.cat([self.pos, pos])
+        self.last = torch.cat([self.last, last])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` and drop the leading columns no remaining row attends to."""
+        if len(rows) == len(self.ids):
+            return
+        if not rows:
+            self.__init__()
+            return
+        index = torch.tensor(rows)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns before it are padding in every row
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.ids = [self.ids[r] for r in rows]
+        self.pos, self.last = self.pos[index], self.last[index]
+
+
+# A prompt prefix shared by every prompt is prefilled once when it is at least this long (shorter ones, e.g.
+# a chat template's system turn, are not worth the copies).
+_MIN_SHARED_PREFIX = 16
+
+
+def _shared_prefix(ids: list[list[int]]) -> int:
+    """Length of the token prefix common to every prompt, leaving each at least one token of its own (its
+    first answer token comes from that token's logits); 0 when shorter than ``_MIN_SHARED_PREFIX``."""
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= _MIN_SHARED_PREFIX else 0
+
+
+def _supports_refill(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _generate_refill(model, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+                     batch_size: int, eos: list[int], pad: int, stats: GenStats, bar) -> list[list[str]] | None:
+    """Greedy continuations with ``batch_size`` sequences decoded at once; a finished sequence's slot is given
+    to the next prompt (longest prompts first) once a quarter of the slots are free, so that prefills come in
+    groups. A prefix every prompt shares (few-shot exemplars) is prefilled once. Returns None when the model's
+    cache is not a plain dynamic one (sliding windows): use the padded path then."""
+    import copy
+
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = _shared_prefix(ids)
+    prefix = None
+    if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row
+        prefix = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([ids[0][:shared]], device=device), past_key_values=prefix, use_cache=True,
+              logits_to_keep=1)
+        if not _supports_refill(prefix):
+            return None
+    todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
+    tail = max((len(s) for s in stop), default=0) + 1  # tokens are >= 1 character: covers any stop just ended
+    out: dict[int, list[int]] = {}
+    rows = _Rows()
+    gen: dict[int, list[int]] = {}
+    refill_at = max(1, batch_size // 4)
+
+    def finished(i: int) -> bool:
+        toks = gen[i]
+        if toks[-1] in eos or len(toks) >= max_new_tokens:
+            return True
+        return bool(stop) and any(s in tokenizer.decode(toks[-tail:], skip_special_tokens=True) for s in stop)
+
+    while todo or len(rows):
+        free = batch_size - len(rows)
+        if todo and (free >= min(refill_at, len(todo)) or not len(rows)):
+            new = [todo.pop() for _ in range(min(free, len(todo)))]
+            batch = left_padded([ids[i][shared:] for i in new], pad, device)
+            mask = batch["attention_mask"]
+            position = shared + (mask.cumsum(-1) - 1).clamp_min(0)
+            if prefix is None:
+                cache = DynamicCache(config=model.config)
+            else:  # the padding of the suffixes sits between prefix and suffix: masked, and positions skip it
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(new))
+                mask = torch.cat([mask.new_ones(len(new), shared), mask], dim=1)
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            if not _supports_refill(cache):
+                return None
+            first = logits.argmax(-1)
+            for i, t in zip(new, first.tolist()):
+                gen[i] = [t]
+            rows.add(cache, mask, new, mask.sum(-1), first)
+        else:
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
+            logits = model(input_ids=rows.last[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
+                           past_key_values=rows.cache, use_cache=True).logits[:, -1]
+            rows.last = logits.argmax(-1)
+            rows.pos = rows.pos + 1
+            for i, t in zip(rows.ids, rows.last.tolist()):
+                gen[i].append(t)
+        alive = []
+        for r, i in enumerate(rows.ids):
+            if finished(i):
+                out[i] = gen.pop(i)
+                bar.update(1)
+            else:
+                alive.append(r)
+        rows.keep(alive)
+    results: list[list[str]] = []
+    for i in range(len(ids)):
+        toks = out[i]
+        n = next((j + 1 for j, t in enumerate(toks) if t in eos), len(toks))
+        stats.new_tokens += n
+        results.append([truncate_at_stop(tokenizer.decode(toks[:n], skip_special_tokens=True), stop)])
+    stats.sequences += len(ids)
+    return results
 
 
 @torch.no_grad()

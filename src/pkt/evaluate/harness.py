@@ -34,6 +34,9 @@ class EvalConfig(Settings):
     shots: int | None = Field(None, ge=0, description="GSM8K/MMLU shots (default 0 = PKT format)")
     style: str = Field("chat", pattern="^(chat|tulu)$")
     batch_size: int = Field(8, ge=1)
+    decoding: str = Field("padded", pattern="^(padded|continuous)$",
+                          description="greedy decoding engine: padded batches, or continuous batching "
+                                      "(batch_size sequences at once, a finished one hands on its slot)")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 256 GSM8K, 512 code")
     max_prompt_tokens: int = Field(2048, ge=16)
     temperature: float = Field(0.0, ge=0.0)

@@ -95,6 +95,7 @@ def protocol_record(task: str, cfg, model, **actual) -> dict:
     name = parse_protocol(getattr(cfg, "protocol", "pkt"))[task]
     rec = {"name": name, **PROTOCOLS[task][name]}
     rec.update({k: v for k, v in actual.items() if v is not None})
+    rec["decoding"] = getattr(cfg, "decoding", "padded")
     try:
         rec["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     except (StopIteration, AttributeError):

@@ -165,7 +165,7 @@ def run(model, tokenizer, cfg, rows=None, stats=None):
     prompts = [prompt_text(user_turn(r["question"], shots, cfg.seed), tokenizer, cfg.style, ASSISTANT_PREFIX)
                for r in rows]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new, stop=STOP,
-                    batch_size=cfg.batch_size, progress=cfg.progress, desc="gsm8k", seed=cfg.seed,
+                    batch_size=cfg.batch_size, engine=cfg.decoding, progress=cfg.progress, desc="gsm8k", seed=cfg.seed,
                     stats=stats)
     records = []
     for i, (r, p, o) in enumerate(zip(rows, prompts, outs)):
@@ -183,7 +183,8 @@ def _run_lmeval(model, tokenizer, cfg, rows, stats):
     max_new = cfg.max_new_tokens or 256
     prompts = [lmeval_prompt(r["question"], shots) for r in rows]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new, stop=LMEVAL_STOP,
-                    batch_size=cfg.batch_size, progress=cfg.progress, desc="gsm8k", seed=cfg.seed, stats=stats)
+                    batch_size=cfg.batch_size, engine=cfg.decoding, progress=cfg.progress, desc="gsm8k",
+                    seed=cfg.seed, stats=stats)
     records = []
     for r, p, o in zip(rows, prompts, outs):
         # lm-eval's doc_to_target: the text after the last '####', stripped (separators stay; the metric drops them)

@@ -75,7 +75,7 @@ def run(model, tokenizer, cfg, rows=None, stats=None):
     else:
         prompts = [prompt_text(user_turn(r), tokenizer, cfg.style, ASSISTANT_PREFIX) for r in rows]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new, stop=EVALPLUS_STOP if qwen else STOP,
-                    batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                    batch_size=cfg.batch_size, engine=cfg.decoding, temperature=cfg.temperature, top_p=cfg.top_p,
                     num_samples=cfg.n_samples, seed=cfg.seed, progress=cfg.progress, desc="mbpp", stats=stats)
     if qwen:
         codes = [[qwen_solution(o, entry_point(r)) for o in os_] for r, os_ in zip(rows, outs)]

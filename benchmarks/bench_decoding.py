@@ -1,0 +1,120 @@
+"""P9 of docs/benchmarks.md: greedy decoding engines side by side on real task prompts (not a timed test).
+
+    flock /tmp/pkt-heavy.lock .venv/bin/python -m benchmarks.bench_decoding --task humaneval --prompts 96 \
+        --batch-size 32 --engines padded,continuous,hf-paged --out p9.json
+
+* ``padded``: :func:`pkt.evaluate.generate.generate`'s default, ``model.generate`` on length-sorted, left-padded
+  batches; a batch runs until its longest answer ends.
+* ``continuous``: the same function with ``engine="continuous"`` (pkt's running batch: finished rows leave,
+  new prompts join), ``--batch-size`` rows at once.
+* ``hf-paged``: transformers' own continuous batching, ``model.generate_batch`` (paged KV cache), sized for
+  ``--batch-size`` concurrent sequences. It has no stop strings, so its outputs run to the end token and are
+  truncated at the stops afterwards (the same text, more tokens decoded).
+
+Prompts are the task's own (HumanEval: the Qwen2.5-Coder protocol; GSM8K: the pkt protocol; gsm8k-cot:
+lm-eval's 8-shot chain of thought, whose exemplars the continuous engine prefills once), with the task's stops.
+Reported per engine: wall seconds, real new tokens (up to the end token or stop), useful tokens/s, and how many
+answers equal the first engine's. The engines run in the order given in one process, on one loaded model, so
+the ratios are side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def task_prompts(task: str, tok, n: int) -> tuple[list[str], list[str]]:
+    from pkt.evaluate.tasks.common import select
+
+    if task == "humaneval":
+        from pkt.evaluate.tasks import humaneval as he
+
+        rows = select(he.load_rows(), n, 0)
+        return [he.qwen_prompt(r["prompt"]) for r in rows], he.EVALPLUS_STOP
+    from pkt.data.tasks import gsm8k_test
+    from pkt.evaluate.tasks import gsm8k
+    from pkt.evaluate.tasks.common import prompt_text
+
+    rows = select(gsm8k_test(), n, 0)
+    if task == "gsm8k-cot":
+        return [gsm8k.lmeval_prompt(r["question"]) for r in rows], gsm8k.LMEVAL_STOP
+    return [prompt_text(gsm8k.user_turn(r["question"]), tok, "chat", gsm8k.ASSISTANT_PREFIX) for r in rows], \
+        gsm8k.STOP
+
+
+def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str], int]:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from pkt.evaluate.generate import _eos_ids, truncate_at_stop
+
+    eos = _eos_ids(model, tok)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    page = 32
+    blocks = batch_size * (-(-(max(map(len, ids)) + max_new) // page) + 1) + 4  # default sizing fills the RAM
+    cfg = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=max(batch_size, 256),
+                                   max_requests_per_batch=batch_size, max_memory_percent=1.0,
+                                   use_cuda_graph=False, allow_block_sharing=False)
+    gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    out = model.generate_batch(inputs=ids, generation_config=gc, continuous_batching_config=cfg, progress_bar=False)
+    gens = [out[k].generated_tokens for k in out]
+    texts = [truncate_at_stop(tok.decode(g, skip_special_tokens=True), stop) for g in gens]
+    useful = 0
+    for g, t in zip(gens, texts):  # tokens up to the end token, or up to where the kept text ends
+        n = next((j + 1 for j, x in enumerate(g) if x in eos), len(g))
+        while n > 1 and len(tok.decode(g[:n - 1], skip_special_tokens=True)) >= len(t) and t:
+            n -= 1
+        useful += n
+    return texts, useful
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--task", choices=("humaneval", "gsm8k", "gsm8k-cot"), default="humaneval")
+    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--engines", default="padded,continuous,hf-paged")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from pkt.evaluate.generate import GenStats, generate
+    from pkt.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype).eval()
+    prompts, stop = task_prompts(args.task, tok, args.prompts)
+    generate(model, tok, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)  # first-call overheads
+    res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           **{k: v for k, v in vars(args).items() if k not in ("engines", "out")}, "engines": {}}
+    ref = None
+    for engine in args.engines.split(","):
+        t0 = time.perf_counter()
+        if engine == "hf-paged":
+            with torch.no_grad():
+                texts, tokens = hf_paged(model, tok, prompts, stop, args.max_new_tokens, args.batch_size)
+        else:
+            st = GenStats()
+            texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
+                                            batch_size=args.batch_size, progress=False, stats=st, engine=engine)]
+            tokens = st.new_tokens
+        secs = time.perf_counter() - t0
+        ref = texts if ref is None else ref
+        res["engines"][engine] = {"seconds": round(secs, 1), "new_tokens": tokens,
+                                  "tokens_per_s": round(tokens / secs, 2),
+                                  "same_as_first": sum(a == b for a, b in zip(ref, texts))}
+        print(json.dumps({engine: res["engines"][engine]}), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
