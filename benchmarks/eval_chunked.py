@@ -124,8 +124,9 @@ def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str
 
         merged["macro_accuracy"] = _summary(records, first.get("shots") or 0)["macro_accuracy"]
     write_jsonl(run_dir / task / "predictions.jsonl", records)
+    # each chunk ran on its rows as given data (its config has no limit): the subset is recorded here
     write_json(run_dir / "metrics.json", {"model": model_name, "dtype": dtype, "config": metrics[0]["config"],
-                                          "tasks": [task], task: merged})
+                                          "subset": {"limit": limit, "seed": seed}, "tasks": [task], task: merged})
     return merged
 
 
@@ -144,7 +145,7 @@ def record(run_dir: Path, task: str, out: Path) -> dict:
     import torch
 
     rec = {"model": meta["model"], "task": task, "dtype": meta["dtype"], "complete": m["complete"],
-           "n": m["n"], "of": m["of"], "limit": meta["config"].get("limit"), "seed": meta["config"].get("seed"),
+           "n": m["n"], "of": m["of"], "limit": meta["subset"]["limit"], "seed": meta["subset"]["seed"],
            "score": m["accuracy"], **{k: m[k] for k in ("flexible_accuracy", "macro_accuracy", "status") if k in m},
            "hit_max_new_tokens": m["hit_max_new_tokens"], "seconds": m["seconds"], "new_tokens": m["new_tokens"],
            "protocol": m["protocol"], "batch_size": meta["config"].get("batch_size"),

@@ -38,6 +38,7 @@ def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypa
     assert ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=60, **kw) == merged
     rec = ec.record(run, task, tmp_path / "rec.json")
     assert rec["verdicts"] == {str(r["id"]): r["correct"] for r in a} and rec["score"] == merged["accuracy"]
+    assert (rec["limit"], rec["seed"], rec["n"]) == (limit, 3, limit)  # the subset, not a chunk's own settings
 
 
 def test_continuous_decoding_gives_the_padded_records(fixture_data_dir, qwen_pair):
