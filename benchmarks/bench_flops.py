@@ -233,6 +233,10 @@ def decode_prompts(tok, n: int, prompt_tokens: int, quick: bool) -> list[str]:
     return [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:prompt_tokens]) for t in texts]
 
 
+def _num(x, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
 def measure_decoding(model, tok, batch: int, args) -> dict:
     """Decoding steps per second × batch: t(N new tokens) − t(1) is N−1 steps (the prefill cancels)."""
     from pkt.evaluate.generate import GenStats, generate
@@ -256,9 +260,11 @@ def measure_decoding(model, tok, batch: int, args) -> dict:
     # each waiting for both threads: a share of a core taken by another process can stall it several-fold.
     # The fastest repeat is then the better estimate of what the machine does; both are kept.
     best = (min(tn) - min(t1)) / (args.new_tokens - 1)
+    # A step time <= 0 means the noise exceeded the N-1 steps (tiny models, loaded machine): no rate then.
     return {"batch": batch, "new_tokens": args.new_tokens, "t1_seconds": [round(t, 3) for t in t1],
-            "tn_seconds": [round(t, 3) for t in tn], "step_seconds": step, "tokens_per_s": batch / step,
-            "best_step_seconds": best, "tokens_per_s_best": batch / best}
+            "tn_seconds": [round(t, 3) for t in tn], "step_seconds": step,
+            "tokens_per_s": batch / step if step > 0 else None,
+            "best_step_seconds": best, "tokens_per_s_best": batch / best if best > 0 else None}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -302,9 +308,11 @@ def summarise(res: dict) -> list[str]:
                      "median/bound | best/bound |")
         for r in res["decode"]:
             bound = r.get("bound_tokens_per_s")
-            lines.append(f"| {r['dtype']} | {r['batch']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s_best']:.2f} | "
+            lines.append(f"| {r['dtype']} | {r['batch']} | {_num(r['tokens_per_s'])} | "
+                         f"{_num(r['tokens_per_s_best'])} | "
                          f"{r['weight_bytes'] / 1e9:.3f} GB | "
-                         + (f"{bound:.2f} | {r['of_bound']:.1%} | {r['of_bound_best']:.1%} |" if bound else "| | |"))
+                         + (f"{bound:.2f} | {_num(r['of_bound'], '.1%')} | {_num(r['of_bound_best'], '.1%')} |"
+                            if bound else "| | |"))
     return lines
 
 
@@ -368,8 +376,9 @@ def main(argv=None) -> dict:
                 r = {"dtype": dtype, **measure_decoding(model, tok, b, args), "weight_bytes": wb["read"],
                      "weight_bytes_all_params": wb["all_params"], "tied": wb["tied"]}
                 res["decode"].append(r)
-                print(f"  decode {dtype} batch {b}: {r['tokens_per_s']:.2f} tok/s (best repeat "
-                      f"{r['tokens_per_s_best']:.2f}), t1 {r['t1_seconds']} s, t{args.new_tokens} {r['tn_seconds']} s",
+                print(f"  decode {dtype} batch {b}: {_num(r['tokens_per_s'])} tok/s (best repeat "
+                      f"{_num(r['tokens_per_s_best'])}), t1 {r['t1_seconds']} s, "
+                      f"t{args.new_tokens} {r['tn_seconds']} s",
                       flush=True)
                 save()
             del model
@@ -390,8 +399,8 @@ def main(argv=None) -> dict:
             r["of_fastest_peak"] = r["achieved_gflops"] / max(peak.values())
     for r in res.get("decode", []):
         r["bound_tokens_per_s"] = r["batch"] * bw * 1e9 / r["weight_bytes"]
-        r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
-        r["of_bound_best"] = r["tokens_per_s_best"] / r["bound_tokens_per_s"]
+        r["of_bound"] = r["tokens_per_s"] and r["tokens_per_s"] / r["bound_tokens_per_s"]
+        r["of_bound_best"] = r["tokens_per_s_best"] and r["tokens_per_s_best"] / r["bound_tokens_per_s"]
     res["load_end"] = os.getloadavg()
     res["seconds"] = round(time.perf_counter() - t_all, 1)
     save()

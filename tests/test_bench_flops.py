@@ -88,5 +88,6 @@ def test_quick_mode_end_to_end(tmp_path):
     assert train["loss_max_rel_diff"] < 0.01 and train["autocast_speedup"] > 0
     assert [(r["dtype"], r["batch"]) for r in saved["decode"]] == [
         ("bfloat16", 1), ("bfloat16", 2), ("float32", 1), ("float32", 2)]
-    assert all(r["tokens_per_s"] > 0 and r["tokens_per_s_best"] > 0 and r["bound_tokens_per_s"] > 0
-               for r in saved["decode"])
+    # a rate is positive, or absent when load noise outweighed the few tiny steps (never negative)
+    assert all(r["bound_tokens_per_s"] > 0 and min(r["t1_seconds"] + r["tn_seconds"]) > 0 for r in saved["decode"])
+    assert all(x is None or x > 0 for r in saved["decode"] for x in (r["tokens_per_s"], r["tokens_per_s_best"]))

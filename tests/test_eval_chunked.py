@@ -41,6 +41,16 @@ def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypa
     assert (rec["limit"], rec["seed"], rec["n"]) == (limit, 3, limit)  # the subset, not a chunk's own settings
 
 
+def test_continuous_mmlu_scores_like_padded(fixture_data_dir, qwen_pair):
+    """MMLU 5-shot under `decoding: continuous` (each subject's few-shot header scored once): the padded path's
+    per-question verdicts."""
+    _, student, tok = qwen_pair
+    kw = dict(batch_size=2, limit=6, seed=1, protocol="mmlu=lm-eval", progress=False, log=None)
+    a = evaluate_model(student, tok, ["mmlu"], **kw)["mmlu"]
+    b = evaluate_model(student, tok, ["mmlu"], decoding="continuous", **kw)["mmlu"]
+    assert a["n"] == b["n"] >= 2 and a["accuracy"] == b["accuracy"] and a["macro_accuracy"] == b["macro_accuracy"]
+
+
 def test_continuous_decoding_gives_the_padded_records(fixture_data_dir, qwen_pair):
     """`decoding: continuous` end to end (GSM8K 8-shot CoT: the exemplars are the shared prefix): the same
     outputs and verdicts as padded decoding, and metrics.json says which engine ran."""

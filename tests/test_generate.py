@@ -101,6 +101,22 @@ def test_continuous_batching_shares_a_common_prefix(tiny_tok):
         assert cont == padded
 
 
+def test_grouped_scoring_equals_padded(qwen_pair):
+    """engine="continuous" scoring: two few-shot headers (each group's cache computed once) and a prompt of its
+    own give the padded path's log-probabilities."""
+    from pkt.evaluate import generate as G
+
+    _, model, tok = qwen_pair
+    heads = ["The following are multiple choice questions about algebra. 1+1? A. 2\n", "Physics questions. " * 6]
+    prompts = [h + p for h in heads for p in PROMPTS[:3]] + ["Q: alone A:"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert sorted(map(len, G._prefix_groups(ids))) == [1, 3, 3]
+    cols = [5, 17, 42]
+    padded = next_token_logprobs(model, tok, prompts, cols, batch_size=2, progress=False)
+    grouped = next_token_logprobs(model, tok, prompts, cols, batch_size=2, progress=False, engine="continuous")
+    torch.testing.assert_close(grouped, padded, atol=1e-4, rtol=1e-4)
+
+
 def test_seeded_sampling(qwen_pair):
     _, model, tok = qwen_pair
     a = generate(model, tok, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7, progress=False)

@@ -209,17 +209,64 @@ class _Rows:
 _MIN_SHARED_PREFIX = 16
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    k, n = 0, min(len(a), len(b))
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
 def _shared_prefix(ids: list[list[int]]) -> int:
     """Length of the token prefix common to every prompt, leaving each at least one token of its own (its
     first answer token comes from that token's logits); 0 when shorter than ``_MIN_SHARED_PREFIX``."""
     n = min(len(x) for x in ids) - 1
-    first = ids[0]
     for x in ids[1:]:
-        k = 0
-        while k < n and x[k] == first[k]:
-            k += 1
-        n = k
+        n = min(n, _common(ids[0], x))
     return n if n >= _MIN_SHARED_PREFIX else 0
+
+
+def _prefix_groups(ids: list[list[int]]) -> list[list[int]]:
+    """Prompt indices in runs that share at least ``_MIN_SHARED_PREFIX`` leading tokens (prompts sorted by their
+    tokens), e.g. the questions of one MMLU subject behind its few-shot header."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    groups = [[order[0]]]
+    for a, b in zip(order, order[1:]):
+        if _common(ids[a], ids[b]) >= _MIN_SHARED_PREFIX:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _prefill_prefix(model, tokens: list[int], device):
+    """The KV cache of ``tokens``, a prefix several prompts share; None when the model's cache cannot be copied
+    between rows (sliding-window layers)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache if _supports_refill(cache) else None
+
+
+def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, device):
+    """Last-position logits of the prompts ``prefix + suffix``, with the cache and attention mask to go on from.
+    The suffixes' left padding sits between prefix and suffix: masked, and the positions skip it."""
+    import copy
+
+    from transformers import DynamicCache
+
+    batch = left_padded(suffixes, pad, device)
+    mask = batch["attention_mask"]
+    position = shared + (mask.cumsum(-1) - 1).clamp_min(0)
+    if prefix is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(suffixes))
+        mask = torch.cat([mask.new_ones(len(suffixes), shared), mask], dim=1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, mask
 
 
 def _supports_refill(cache) -> bool:
@@ -234,19 +281,13 @@ def _generate_refill(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     to the next prompt (longest prompts first) once a quarter of the slots are free, so that prefills come in
     groups. A prefix every prompt shares (few-shot exemplars) is prefilled once. Returns None when the model's
     cache is not a plain dynamic one (sliding windows): use the padded path then."""
-    import copy
-
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     shared = _shared_prefix(ids)
     prefix = None
     if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row
-        prefix = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([ids[0][:shared]], device=device), past_key_values=prefix, use_cache=True,
-              logits_to_keep=1)
-        if not _supports_refill(prefix):
+        prefix = _prefill_prefix(model, ids[0][:shared], device)
+        if prefix is None:
             return None
     todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
     tail = max((len(s) for s in stop), default=0) + 1  # tokens are >= 1 character: covers any stop just ended
@@ -265,17 +306,7 @@ def _generate_refill(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         free = batch_size - len(rows)
         if todo and (free >= min(refill_at, len(todo)) or not len(rows)):
             new = [todo.pop() for _ in range(min(free, len(todo)))]
-            batch = left_padded([ids[i][shared:] for i in new], pad, device)
-            mask = batch["attention_mask"]
-            position = shared + (mask.cumsum(-1) - 1).clamp_min(0)
-            if prefix is None:
-                cache = DynamicCache(config=model.config)
-            else:  # the padding of the suffixes sits between prefix and suffix: masked, and positions skip it
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(new))
-                mask = torch.cat([mask.new_ones(len(new), shared), mask], dim=1)
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits, cache, mask = _prefill(model, [ids[i][shared:] for i in new], prefix, shared, pad, device)
             if not _supports_refill(cache):
                 return None
             first = logits.argmax(-1)
@@ -310,8 +341,16 @@ def _generate_refill(model, tokenizer, prompts: list[str], *, max_new_tokens: in
 
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts: list[str], token_ids: list[int], *, batch_size: int = 8,
-                        progress: bool = True, desc: str = "scoring") -> torch.Tensor:
-    """Log-probabilities of ``token_ids`` as the next token after each prompt: shape (len(prompts), len(ids))."""
+                        progress: bool = True, desc: str = "scoring", engine: str = "padded") -> torch.Tensor:
+    """Log-probabilities of ``token_ids`` as the next token after each prompt: shape (len(prompts), len(ids)).
+
+    ``engine="continuous"``: prompts that share a header (one MMLU subject's few-shot examples) are scored
+    together behind that header's cache, computed once per group."""
+    if engine == "continuous" and prompts:
+        out = _grouped_next_token_logprobs(model, tokenizer, prompts, token_ids, batch_size=batch_size,
+                                           progress=progress, desc=desc)
+        if out is not None:
+            return out
     device = next(model.parameters()).device
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -324,6 +363,29 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], token_ids: list[in
         logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
         out[idx] = torch.log_softmax(logits, dim=-1)[:, ids].cpu()
         bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _grouped_next_token_logprobs(model, tokenizer, prompts, token_ids, *, batch_size, progress, desc):
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    out = torch.empty(len(prompts), len(token_ids))
+    cols = torch.tensor(token_ids, device=device)
+    bar = _progress(len(prompts), desc, progress)
+    for group in _prefix_groups(ids):
+        shared = _shared_prefix([ids[i] for i in group]) if len(group) > 1 else 0
+        prefix = _prefill_prefix(model, ids[group[0]][:shared], device) if shared else None
+        if shared and prefix is None:
+            bar.close()
+            return None
+        group.sort(key=lambda i: -len(ids[i]))
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            logits, _, _ = _prefill(model, [ids[i][shared:] for i in chunk], prefix, shared, pad, device)
+            out[chunk] = torch.log_softmax(logits.float(), dim=-1)[:, cols].cpu()
+            bar.update(len(chunk))
     bar.close()
     return out
 
@@ -355,7 +417,8 @@ def response_nll(model, features: list[dict], pad_id: int, *, batch_size: int = 
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, prompts: list[str], continuations: list[list[int]], *,
-                          batch_size: int = 8, progress: bool = True, desc: str = "scoring") -> list[list[float]]:
+                          batch_size: int = 8, progress: bool = True, desc: str = "scoring",
+                          engine: str = "padded") -> list[list[float]]:
     """Summed log-probability of each continuation (token ids) after each prompt, as lm-eval's loglikelihood
     scores a multiple-choice option: ``out[i][j] = log p(continuations[j] | prompts[i])``.
 
@@ -363,7 +426,7 @@ def continuation_logprobs(model, tokenizer, prompts: list[str], continuations: l
     are scored teacher-forced, one sequence per (prompt, continuation)."""
     if all(len(c) == 1 for c in continuations):
         lp = next_token_logprobs(model, tokenizer, prompts, [c[0] for c in continuations], batch_size=batch_size,
-                                 progress=progress, desc=desc)
+                                 progress=progress, desc=desc, engine=engine)
         return lp.tolist()
     device = next(model.parameters()).device
     ctx = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

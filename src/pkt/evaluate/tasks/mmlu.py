@@ -111,7 +111,7 @@ def run(model, tokenizer, cfg, rows=None, stats=None, dev_rows=None):
     variants = letter_token_ids(tokenizer)
     flat = [i for ids in variants for i in ids]
     lp = next_token_logprobs(model, tokenizer, prompts, flat, batch_size=cfg.batch_size, progress=cfg.progress,
-                             desc="mmlu")
+                             desc="mmlu", engine=cfg.decoding)
     records, by_subject = [], defaultdict(list)
     for n, (r, p) in enumerate(zip(rows, prompts)):
         scores, col = [], 0
@@ -154,7 +154,7 @@ def _run_lmeval(model, tokenizer, cfg, rows, dev_by_subject, shots, stats):
     prompts = [lmeval_prompt(r, dev_by_subject[r["subject"]][:shots]) for r in rows]
     conts = continuation_ids(tokenizer)
     lp = continuation_logprobs(model, tokenizer, prompts, conts, batch_size=cfg.batch_size,
-                               progress=cfg.progress, desc="mmlu")
+                               progress=cfg.progress, desc="mmlu", engine=cfg.decoding)
     records = []
     for r, p, scores in zip(rows, prompts, lp):
         pred = LETTERS[max(range(4), key=lambda j: scores[j])]  # first maximum, as numpy argmax in lm-eval
