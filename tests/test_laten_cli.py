@@ -381,3 +381,29 @@ def test_pkt_run_laten_stage_applies_the_selected_point(shared_data, qwen_pair, 
     fused = json.loads((tmp_path / "stage" / "fused" / "pkt-laten.json").read_text())
     assert (fused["step"], fused["transfer_rate"]) == (best["step"], best["rate"])
     assert res["delta_rel_norm"] == fused["delta_rel_norm"] > 0 and "bf16_ratio" in res["delta_size"]["up"]
+
+
+def test_pkt_run_laten_grid_keeps_the_papers_point(shared_data, qwen_pair, tmp_path):
+    """budget.laten_grid with laten_choice 'fixed': the whole (step, rate) grid is scored and recorded, the
+    fused model stays at the configured step and rate, and the grid is part of the stage's key."""
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.runner import Study
+
+    teacher, student, tok = qwen_pair
+    t, s = testing.save_tiny(teacher, tok, tmp_path / "t"), testing.save_tiny(student, tok, tmp_path / "s")
+    budget = {"loss_examples": 2, "train_examples": 4, "max_length": 64, "laten_batch": 2, "laten_choice": "fixed",
+              "laten_steps": 2, "laten_rate": 0.5, "laten_lr": 1e-2, "laten_select_rates": [0.25, 0.5],
+              "laten_select_examples": 2}
+    cfg = ExperimentConfig(teacher=t, student=s, teacher_dtype="float32", methods=["student", "laten"],
+                           budget={**budget, "laten_grid": True})
+    study = Study(cfg, tmp_path / "run", log=lambda m: None)
+    lc = study.laten_cfg("gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
+    res = study._laten(lc, tmp_path / "stage")
+    assert sorted((g["step"], g["rate"]) for g in res["selection"]) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]
+    assert (res["step"], res["rate"]) == (2, 0.5)
+    fused = json.loads((tmp_path / "stage" / "fused" / "pkt-laten.json").read_text())
+    assert (fused["step"], fused["transfer_rate"]) == (2, 0.5)
+    plain = Study(ExperimentConfig(teacher=t, student=s, teacher_dtype="float32", methods=["student", "laten"],
+                                   budget=budget), tmp_path / "run2", log=lambda m: None)
+    keys = [{r.stage: r.key for r in x.plan_stages()}["laten-gsm8k-s0"] for x in (study, plain)]
+    assert keys[0] != keys[1]

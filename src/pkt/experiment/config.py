@@ -44,6 +44,10 @@ class Budget(Settings):
     laten_select_steps: int = Field(8, ge=1)
     laten_select_rates: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.1, 0.3, 0.5, 0.7, 0.9, 1.0], min_length=1)
     laten_select_examples: int = Field(16, ge=1)
+    # also score the grid (steps 1..trained × laten_select_rates, on laten_select_examples align examples)
+    # when the point is the paper's or fixed: a record of how LaTen's effect varies with step and rate,
+    # the applied point unchanged
+    laten_grid: bool = False
     # the OneCycle schedule spans the steps trained ("trained") or the whole extract split ("extract",
     # the reference's; at a budget of fewer steps than extract examples the lr then stays near lr/25)
     laten_schedule: Literal["trained", "extract"] = "trained"

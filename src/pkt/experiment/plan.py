@@ -212,7 +212,7 @@ def estimate(study, teacher, student) -> Estimate:
                 steps = study.laten_train_steps(task) if hasattr(study, "laten_train_steps") else b.laten_steps
                 per_step = b.laten_batch * toks.mean(task, "align")
                 seconds = steps * (secs("forward", tp, c.teacher_dtype, per_step) + secs("train", sp, c.dtype, per_step))
-                if getattr(b, "laten_choice", None) == "select":
+                if getattr(b, "laten_choice", None) == "select" or getattr(b, "laten_grid", False):
                     n_sel = steps * len(b.laten_select_rates) * b.laten_select_examples * toks.mean(task, "align")
                     seconds += secs("forward", sp, c.dtype, n_sel)
                 seconds += load(tp, c.teacher_dtype) + load(sp, c.dtype)

@@ -329,8 +329,10 @@ class Study:
             lc = self.laten_cfg(task, seed)
             b = c.budget_for(task)
             choice = {"choice": b.laten_choice}
-            if b.laten_choice == "select":
+            if b.laten_choice == "select" or b.laten_grid:
                 choice.update(rates=b.laten_select_rates, examples=b.laten_select_examples)
+            if b.laten_grid and b.laten_choice != "select":
+                choice["grid"] = True
             payload = {"method": "laten", "laten": lc.model_dump(mode="json"), **choice}
             path, _ = self._stage(f"laten-{task}-s{seed}", payload, lambda d: self._laten(lc, d))
             return str(path / "fused"), c.eval_dtype
@@ -358,12 +360,14 @@ class Study:
         models = load_models(lc, log=self._log)
         rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
         point, grid = {"step": lc.max_steps, "rate": b.laten_rate}, None
-        if b.laten_choice == "select":
+        if b.laten_choice == "select" or b.laten_grid:
             from pkt.laten import select_point, split_examples
 
             align = split_examples(lc, "align")[: b.laten_select_examples]
-            point, grid = select_point(d / "train", list(range(1, lc.max_steps + 1)), b.laten_select_rates, align,
-                                       seed=lc.seed, models=models, log=self._log)
+            best, grid = select_point(d / "train", list(range(1, lc.max_steps + 1)), b.laten_select_rates, align,
+                                      seed=lc.seed, models=models, log=self._log)
+            if b.laten_choice == "select":
+                point = best
         manifest, _ = apply(d / "train", point["step"], point["rate"], d / "fused", seed=lc.seed, models=models,
                             log=self._log)
         return {"train_log": rows, "choice": b.laten_choice, "step": point["step"], "rate": point["rate"],
