@@ -109,3 +109,36 @@ def test_float32_rows_are_paired_with_the_float32_student(tmp_path):
     assert "+0.250 [" in md and "(vs student-fp32)" in md
     line = next(x for x in md.splitlines() if x.startswith("| laten | gsm8k | 0 |"))
     assert line.split("|")[4:10] == [" paper ", " 4 ", " 0.1 ", " 0.0016 ", " 0.56 ", " 45.0% "]
+
+
+def test_arms_against_lora_laten_grid_and_equal_steps(tmp_path):
+    """The study's questions in the report: each arm's paired Δ to LoRA, LaTen's align loss over step × rate ×
+    seed next to the vanilla student's, and laten-lora's training loss against lora's at equal steps."""
+    def rec(method, seed, per, **kw):
+        return {"method": method, "task": "gsm8k", "seed": seed, "metric": "accuracy", "score": float(np.mean(per)),
+                "n": len(per), "per_example": per, "answer_loss": 1.0, "dtype": "float32", **kw}
+
+    def inj(seed):
+        grid = [{"step": s, "rate": r, "align_loss": 2.0 - 0.1 * s + r + 0.01 * seed}
+                for s in (1, 2) for r in (0.1, 1.0)]
+        return {"choice": "paper", "step": 2, "rate": 0.1, "selection": grid, "vanilla_align_loss": 2.0 + 0.01 * seed}
+
+    records = []
+    for seed in (0, 1):
+        records += [rec("student", seed, [0, 0, 0, 0]), rec("lora", seed, [1, 0, 0, 0]),
+                    rec("seeking", seed, [1, 1, 1, 0]), rec("laten", seed, [0, 0, 0, 0], injection=inj(seed))]
+    rows = {r["method"]: r for r in aggregate(records)}
+    assert rows["seeking"]["delta_lora"] == pytest.approx(0.5) and rows["laten"]["delta_lora"] == pytest.approx(-0.25)
+    assert rows["lora"]["delta_lora"] is None and rows["student"]["delta_lora"] is None
+    curves = {f"{m} (gsm8k, seed {s})": [(1, 2.0 + s), (2, 1.5 + s), (3, base + s)]
+              for s in (0, 1) for m, base in (("lora", 1.2), ("laten-lora", 1.0))}
+    curves["laten-lora (gsm8k, seed 1)"][1] = (2, 2.0)  # seed 1 is below lora's final loss (2.2) a step early
+    write_report(tmp_path, records, {"name": "t"}, curves=curves)
+    md = (tmp_path / "results.md").read_text()
+    assert "| seeking | gsm8k | accuracy | 4 | 0.750 ± 0.000 | +0.750 [" in md and "| +0.500 [" in md
+    # the grid: step 2, rate 0.1 is 0.1 below the vanilla student's loss on average over the two seeds
+    assert "| gsm8k | 0 | – | 2.0050 ± 0.0071 | 2.0000 – 2.0100 | (vanilla) |" in md
+    assert "| gsm8k | 2 | 0.1 | 1.9050 ± 0.0071 | 1.9000 – 1.9100 | -0.1000 |" in md
+    assert (tmp_path / "laten_grid.png").stat().st_size > 0
+    assert "| gsm8k | 3 | 1.7000 ± 0.7071 | 1.5000 ± 0.7071 | -0.2000 ± 0.0000 |" in md
+    assert "seed 0: step 3; seed 1: step 2" in md

@@ -401,6 +401,7 @@ def test_pkt_run_laten_grid_keeps_the_papers_point(shared_data, qwen_pair, tmp_p
     res = study._laten(lc, tmp_path / "stage")
     assert sorted((g["step"], g["rate"]) for g in res["selection"]) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]
     assert (res["step"], res["rate"]) == (2, 0.5)
+    assert res["vanilla_align_loss"] > 0 and all(g["align_loss"] != res["vanilla_align_loss"] for g in res["selection"])
     fused = json.loads((tmp_path / "stage" / "fused" / "pkt-laten.json").read_text())
     assert (fused["step"], fused["transfer_rate"]) == (2, 0.5)
     plain = Study(ExperimentConfig(teacher=t, student=s, teacher_dtype="float32", methods=["student", "laten"],

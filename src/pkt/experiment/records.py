@@ -43,7 +43,8 @@ STUDY_KEYS = ("name", "teacher", "student", "seeds", "tasks", "methods", "versio
 # the per-step logs of the training loops (fine-tuning / KD: run/train_log.jsonl; LaTen: train/log.jsonl)
 LOOP_LOGS = ("train_log.jsonl", "log.jsonl")
 # LaTen's chosen point and delta size, as pkt.experiment.runner._laten_injection reads them from its build stage
-INJECTION = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed")
+INJECTION = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed", "selection",
+             "vanilla_align_loss")
 EVAL_NEEDS = ("metric", "score", "per_example")
 
 # a path starts at the start of a string or after a separator, never inside a word or a URL

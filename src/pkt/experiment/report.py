@@ -18,6 +18,7 @@ import base64
 import csv
 import html
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ FIGURES = "figures"  # the analysis figures of a report, under its output direct
 # float32 (its change would not survive the study's eval dtype) is compared with it, so that its Δ is the
 # method's and not the dtype's; its own row's Δ vs the student is the dtype's effect alone.
 BASELINE_FP32 = "student-fp32"
+LORA = "lora"  # the fine-tuning baseline every built arm is also compared with
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -65,7 +67,26 @@ def aggregate(records: list[dict]) -> list[dict]:
                 row.update(delta=d, delta_low=lo, delta_high=hi)
                 row.setdefault("delta_vs", BASELINE)
             rows.append(row)
+    _deltas_vs(rows, records, LORA)
     return rows
+
+
+def _deltas_vs(rows: list[dict], records: list[dict], ref_method: str) -> None:
+    """``delta_lora*``: each built arm's paired difference to ``ref_method`` on the same task, seeds and
+    examples (the arms' question is whether they beat plain LoRA at the same budget)."""
+    for row in rows:
+        row.update(delta_lora=None, delta_lora_low=None, delta_lora_high=None)
+        if row["method"] in (BASELINE, BASELINE_FP32, "teacher", ref_method):
+            continue
+        ref = {r["seed"]: r for r in records if r["task"] == row["task"] and r["method"] == ref_method}
+        recs = sorted((r for r in records if r["task"] == row["task"] and r["method"] == row["method"]),
+                      key=lambda r: r["seed"])
+        if not ref or not all(r["seed"] in ref for r in recs):
+            continue
+        if any(len(r["per_example"]) != len(ref[r["seed"]]["per_example"]) for r in recs):
+            continue
+        d, lo, hi = paired_bootstrap([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
+        row.update(delta_lora=d, delta_lora_low=lo, delta_lora_high=hi)
 
 
 def _dtype_cell(recs: list[dict]) -> str | None:
@@ -111,15 +132,125 @@ def injection_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lora_cell(r: dict) -> str:
+    if r.get("delta_lora") is None:
+        return "–"
+    return f"{r['delta_lora']:+.3f} [{r['delta_lora_low']:+.3f}, {r['delta_lora_high']:+.3f}]"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] | answer loss | eval dtype |",
-             "|---|---|---|---:|---|---|---|---|"]
+    vs_lora = any(r.get("delta_lora") is not None for r in rows)
+    head = "| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] |"
+    head += " Δ vs lora [95% CI] |" * vs_lora + " answer loss | eval dtype |"
+    lines = [head, "|---|---|---|---:|---|---|" + "---|" * vs_lora + "---|---|"]
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {r['n_examples']} | "
-                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} | {loss} | {r.get('dtype') or '–'} |")
+                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} |" + f" {_lora_cell(r)} |" * vs_lora
+                     + f" {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
+
+
+def laten_grid(records: list[dict]) -> dict:
+    """LaTen's scored (step, rate) grid per task: {task: {"vanilla": [loss per seed], (step, rate): [loss per
+    seed]}}, from the build records of studies run with ``budget.laten_grid`` (or ``laten_choice: select``)."""
+    out: dict = {}
+    for r in records:
+        inj = r.get("injection") or {}
+        if r["method"] != "laten" or not inj.get("selection"):
+            continue
+        t = out.setdefault(r["task"], {"vanilla": []})
+        if inj.get("vanilla_align_loss") is not None:
+            t["vanilla"].append(inj["vanilla_align_loss"])
+        for g in inj["selection"]:
+            t.setdefault((g["step"], g["rate"]), []).append(g["align_loss"])
+    return out
+
+
+def laten_grid_table(records: list[dict]) -> str:
+    """Align loss of the LaTen-injected student at every step × rate, mean ± std (min–max) over seeds, next to
+    the vanilla student's on the same examples."""
+    grid = laten_grid(records)
+    if not grid:
+        return ""
+    lines = ["| task | step | rate | align loss (mean ± std over seeds) | min – max | vs vanilla student |",
+             "|---|---:|---:|---|---|---|"]
+    for task, cells in grid.items():
+        van = cells.get("vanilla") or []
+        if van:
+            m, sd = mean_std(van)
+            lines.append(f"| {task} | 0 | – | {m:.4f} ± {sd:.4f} | {min(van):.4f} – {max(van):.4f} | (vanilla) |")
+        for (step, rate), losses in sorted((k, v) for k, v in cells.items() if k != "vanilla"):
+            m, sd = mean_std(losses)
+            vs = f"{m - mean_std(van)[0]:+.4f}" if van else "–"
+            lines.append(f"| {task} | {step} | {rate:g} | {m:.4f} ± {sd:.4f} | {min(losses):.4f} – {max(losses):.4f} "
+                         f"| {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_laten_grid(records: list[dict], path: Path) -> Path | None:
+    """Align loss minus the vanilla student's, per step, one line per rate (mean over seeds, band min–max)."""
+    grid = laten_grid(records)
+    if not grid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grid), figsize=(4.8 * len(grid), 3.6), squeeze=False)
+    for ax, (task, cells) in zip(axes[0], grid.items()):
+        base = mean_std(cells["vanilla"])[0] if cells.get("vanilla") else 0.0
+        rates = sorted({k[1] for k in cells if k != "vanilla"})
+        for rate in rates:
+            pts = sorted((k[0], v) for k, v in cells.items() if k != "vanilla" and k[1] == rate)
+            steps = [p[0] for p in pts]
+            ax.plot(steps, [mean_std(v)[0] - base for _, v in pts], marker="o", label=f"rate {rate:g}")
+            ax.fill_between(steps, [min(v) - base for _, v in pts], [max(v) - base for _, v in pts], alpha=0.15)
+        ax.axhline(0, color="#888", lw=0.8)
+        ax.set_title(f"LaTen {task}: align loss − vanilla" if cells.get("vanilla") else f"LaTen {task}: align loss")
+        ax.set_xlabel("hypernetwork step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str:
+    """Training loss of arms ``a`` and ``b`` at equal steps (mean ± std over seeds; the same batches in one seed),
+    and per seed the first step at which ``b`` reaches ``a``'s final loss."""
+    lab = re.compile(r"(.+) \((.+), seed (\d+)\)")
+    runs: dict = {}
+    for label, pts in curves.items():
+        m = lab.fullmatch(label)
+        if m and m.group(1) in (a, b):
+            runs.setdefault(m.group(2), {}).setdefault(m.group(1), {})[int(m.group(3))] = dict(pts)
+    lines = []
+    for task, by in runs.items():
+        if a not in by or b not in by:
+            continue
+        seeds = sorted(set(by[a]) & set(by[b]))
+        steps = sorted(set.intersection(*(set(by[x][s]) for x in (a, b) for s in seeds))) if seeds else []
+        if not steps:
+            continue
+        if not lines:
+            lines = [f"| task | step | {a} loss | {b} loss | {b} − {a} |", "|---|---:|---|---|---|"]
+        for st in steps:
+            la, lb = ([by[x][s][st] for s in seeds] for x in (a, b))
+            (ma, sa), (mb, sb) = mean_std(la), mean_std(lb)
+            d = mean_std([y - x for x, y in zip(la, lb)])
+            lines.append(f"| {task} | {st} | {ma:.4f} ± {sa:.4f} | {mb:.4f} ± {sb:.4f} | {d[0]:+.4f} ± {d[1]:.4f} |")
+        reach = []
+        for s in seeds:
+            target = by[a][s][steps[-1]]
+            hit = next((st for st in steps if by[b][s][st] <= target), None)
+            reach.append(f"seed {s}: {'step ' + str(hit) if hit else 'not within ' + str(steps[-1])}")
+        lines.append(f"| {task} | | first step where {b} ≤ {a}'s final loss | {'; '.join(reach)} | |")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def plot_scores(rows: list[dict], path: Path) -> Path:
@@ -157,7 +288,7 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     write_json(out / "results.json", {"rows": rows, "records": records})
     buf = io.StringIO()
     cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high",
-            "answer_loss_mean", "answer_loss_std", "dtype"]
+            "delta_lora", "delta_lora_low", "delta_lora_high", "answer_loss_mean", "answer_loss_std", "dtype"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -165,8 +296,12 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     table = markdown_table(rows)
     inj = injection_table(records)
     inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
-    write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}{inj}")
-    figs = [plot_scores(rows, out / "scores.png")]
+    grid = laten_grid_table(records)
+    grid = f"\n## LaTen across steps, rates and seeds (align loss)\n\n{grid}" if grid else ""
+    steps = equal_steps_table(curves or {})
+    steps = f"\n## Fine-tuning at equal steps (training loss)\n\n{steps}" if steps else ""
+    write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}{inj}{grid}{steps}")
+    figs = [plot_scores(rows, out / "scores.png"), plot_laten_grid(records, out / "laten_grid.png")]
     if analysis and analysis.get("plots"):
         figs += [out / FIGURES / n for n in plots.analysis_figures(analysis["plots"], out / FIGURES)]
     for f in map(Path, figures):
@@ -188,13 +323,14 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
 
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path]) -> str:
-    head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "answer loss", "eval dtype"]
+    head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]", "answer loss",
+            "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
-        cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta, loss,
-                 r.get("dtype") or "–"]
+        cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta,
+                 _lora_cell(r), loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
     for f in figures:

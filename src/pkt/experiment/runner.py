@@ -359,19 +359,20 @@ class Study:
         b = self.cfg.budget_for(lc.task)
         models = load_models(lc, log=self._log)
         rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
-        point, grid = {"step": lc.max_steps, "rate": b.laten_rate}, None
+        point, grid, vanilla = {"step": lc.max_steps, "rate": b.laten_rate}, None, None
         if b.laten_choice == "select" or b.laten_grid:
-            from pkt.laten import select_point, split_examples
+            from pkt.laten import align_loss, select_point, split_examples
 
             align = split_examples(lc, "align")[: b.laten_select_examples]
             best, grid = select_point(d / "train", list(range(1, lc.max_steps + 1)), b.laten_select_rates, align,
                                       seed=lc.seed, models=models, log=self._log)
             if b.laten_choice == "select":
                 point = best
+            vanilla = align_loss(models, {}, align, lc)  # the grid's reference: the student, nothing injected
         manifest, _ = apply(d / "train", point["step"], point["rate"], d / "fused", seed=lc.seed, models=models,
                             log=self._log)
         return {"train_log": rows, "choice": b.laten_choice, "step": point["step"], "rate": point["rate"],
-                "selection": grid, "delta_rel_norm": manifest["delta_rel_norm"],
+                "selection": grid, "vanilla_align_loss": vanilla, "delta_rel_norm": manifest["delta_rel_norm"],
                 "delta_bf16_ratio": manifest["delta_bf16_ratio"],
                 "delta_bf16_changed": manifest["delta_bf16_changed"], "delta_size": manifest["delta_size"],
                 "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
