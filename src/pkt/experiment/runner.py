@@ -626,8 +626,9 @@ def _laten_injection(fused: Path) -> dict | None:
         result = json.loads((fused.parent / "stage.json").read_text(encoding="utf-8"))["result"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    keys = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed")
-    return {k: result.get(k) for k in keys}
+    from pkt.experiment.records import INJECTION
+
+    return {k: result.get(k) for k in INJECTION}
 
 
 def _default_reads(payload: dict) -> dict:
