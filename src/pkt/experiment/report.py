@@ -212,12 +212,7 @@ def plot_laten_grid(records: list[dict], path: Path) -> Path | None:
         ax.set_title(f"LaTen {task}: align loss − vanilla" if cells.get("vanilla") else f"LaTen {task}: align loss")
         ax.set_xlabel("hypernetwork step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
-    return path
+    return _save(fig, path)
 
 
 def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str:
@@ -253,6 +248,17 @@ def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
 def plot_scores(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -267,12 +273,7 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
                color=["#888" if r["method"] in ("student", "teacher") else "#3b7dd8" for r in sub])
         ax.set_title(f"{task} ({sub[0]['metric']})")
         ax.tick_params(axis="x", rotation=40)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
-    return path
+    return _save(fig, path)
 
 
 def write_report(out: Path, records: list[dict], manifest: dict, figures: list[Path] = (), *,
