@@ -153,3 +153,26 @@ def test_response_nll_matches_model_loss(qwen_pair):
             loss = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
         assert n == sum(1 for x in f["labels"] if x != -100)
         assert s / n == pytest.approx(float(loss), rel=1e-4)
+
+
+def test_answer_loss_benchmark_reference_agrees(qwen_pair):
+    """benchmarks/bench_answer_loss.py's reference (logits at every position) and response_nll (logits from the
+    first labelled position on) give the same sums and counts, prompts of different lengths in one batch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_answer_loss import full_logits_nll
+
+    _, model, tok = qwen_pair
+    feats = []
+    for p, r in [("Question: 1+1?", " Answer: 2"), ("A much longer question about def add(a, b):", " a + b"),
+                 ("No answer here", "")]:
+        pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
+        feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
+                      "labels": [-100] * len(pi) + ri})
+    ref = full_logits_nll(model, feats, tok.pad_token_id, batch_size=3)
+    new = response_nll(model, feats, tok.pad_token_id, batch_size=3, progress=False)
+    assert [n for _, n in ref] == [n for _, n in new] and ref[2][1] == 0
+    for (a, _), (b, _) in zip(ref, new):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)

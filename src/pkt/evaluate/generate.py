@@ -404,8 +404,15 @@ def response_nll(model, features: list[dict], pad_id: int, *, batch_size: int = 
         idx = order[start:start + batch_size]
         batch = collate([features[i] for i in idx], pad_id, padding_side="right")
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        labels = batch["labels"]
+        # Vocabulary logits only from the first labelled position on: the prompt's would be thrown away, and
+        # at ~150k tokens they are a large share of the forward's time and memory.
+        labelled = (labels != -100).any(0).nonzero()
+        first = max(1, int(labelled[0])) if len(labelled) else labels.shape[1] - 1
+        keep_at = torch.arange(first - 1, labels.shape[1] - 1, device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                       logits_to_keep=keep_at).logits.float()
+        labels = labels[:, first:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
         keep = labels != -100
         for k, i in enumerate(idx):
