@@ -104,6 +104,7 @@ def test_float32_rows_are_paired_with_the_float32_student(tmp_path):
     assert rows["laten"]["delta"] == pytest.approx(0.25) and rows["laten"]["delta_vs"] == "student-fp32"
     assert rows["student-fp32"]["delta"] == pytest.approx(0.5) and rows["student-fp32"]["delta_vs"] == "student"
     assert rows["lora"]["delta"] == pytest.approx(0.25) and rows["lora"]["delta_vs"] == "student"
+    assert rows["laten"]["delta_lora"] is None  # float32 laten vs bfloat16 lora would compare dtypes too
     write_report(tmp_path, records, {"name": "t"})
     md = (tmp_path / "results.md").read_text()
     assert "+0.250 [" in md and "(vs student-fp32)" in md

@@ -102,14 +102,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     per_batch = max(1, batch_size // max(1, num_samples))
     results: list[list[str] | None] = [None] * len(prompts)
     bar = _progress(len(prompts), desc, progress)
     t0 = time.perf_counter()
     if engine == "continuous" and temperature <= 0 and not min_new_tokens and prompts:
-        done = _generate_refill(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
+        done = _generate_refill(model, tokenizer, enc, max_new_tokens=max_new_tokens, stop=stop,
                                 batch_size=batch_size, eos=eos, pad=pad, stats=stats, bar=bar)
         if done is not None:
             results, order = done, []
@@ -275,14 +275,13 @@ def _supports_refill(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _generate_refill(model, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: int, stop: list[str],
                      batch_size: int, eos: list[int], pad: int, stats: GenStats, bar) -> list[list[str]] | None:
     """Greedy continuations with ``batch_size`` sequences decoded at once; a finished sequence's slot is given
     to the next prompt (longest prompts first) once a quarter of the slots are free, so that prefills come in
     groups. A prefix every prompt shares (few-shot exemplars) is prefilled once. Returns None when the model's
     cache is not a plain dynamic one (sliding windows): use the padded path then."""
     device = next(model.parameters()).device
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     shared = _shared_prefix(ids)
     prefix = None
     if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row

@@ -75,8 +75,8 @@ class Budget(Settings):
     eval_seed: int | None = None
     eval_max_new_tokens: int = Field(512, ge=1)
     eval_batch_size: int = Field(8, ge=1)
-    # greedy decoding engine (pkt.evaluate.generate): "continuous" = transformers' continuous batching, which
-    # does not make a batch wait for its longest answer (same answers as "padded"; see docs/benchmarks.md)
+    # greedy decoding engine (pkt.evaluate.generate): "continuous" = pkt's running batch, which does not make
+    # a batch wait for its longest answer (same answers as "padded"; docs/benchmarks.md P9)
     eval_decoding: Literal["padded", "continuous"] = "padded"
     loss_examples: int = Field(80, ge=1)
     # loss on the prompt tokens too (LaTen's README: MMLU needs it, its answer is one letter); read by

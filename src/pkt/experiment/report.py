@@ -67,23 +67,25 @@ def aggregate(records: list[dict]) -> list[dict]:
                 row.update(delta=d, delta_low=lo, delta_high=hi)
                 row.setdefault("delta_vs", BASELINE)
             rows.append(row)
-    _deltas_vs(rows, records, LORA)
+    _deltas_vs_lora(rows, records)
     return rows
 
 
-def _deltas_vs(rows: list[dict], records: list[dict], ref_method: str) -> None:
-    """``delta_lora*``: each built arm's paired difference to ``ref_method`` on the same task, seeds and
-    examples (the arms' question is whether they beat plain LoRA at the same budget)."""
+def _deltas_vs_lora(rows: list[dict], records: list[dict]) -> None:
+    """``delta_lora*``: each built arm's paired difference to LoRA on the same task, seeds and examples (the
+    arms' question is whether they beat plain LoRA at the same budget). Only between rows evaluated in the
+    same dtype, so that the difference is the method's and not the dtype's."""
     for row in rows:
         row.update(delta_lora=None, delta_lora_low=None, delta_lora_high=None)
-        if row["method"] in (BASELINE, BASELINE_FP32, "teacher", ref_method):
+        if row["method"] in (BASELINE, BASELINE_FP32, "teacher", LORA):
             continue
-        ref = {r["seed"]: r for r in records if r["task"] == row["task"] and r["method"] == ref_method}
+        ref = {r["seed"]: r for r in records if r["task"] == row["task"] and r["method"] == LORA}
         recs = sorted((r for r in records if r["task"] == row["task"] and r["method"] == row["method"]),
                       key=lambda r: r["seed"])
         if not ref or not all(r["seed"] in ref for r in recs):
             continue
-        if any(len(r["per_example"]) != len(ref[r["seed"]]["per_example"]) for r in recs):
+        pairs = [(r, ref[r["seed"]]) for r in recs]
+        if any(len(r["per_example"]) != len(b["per_example"]) or r.get("dtype") != b.get("dtype") for r, b in pairs):
             continue
         d, lo, hi = paired_bootstrap([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
         row.update(delta_lora=d, delta_lora_low=lo, delta_lora_high=hi)

@@ -36,6 +36,7 @@ from pkt.errors import PktError
 from pkt.experiment import fingerprint
 from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
+from pkt.experiment.records import INJECTION
 from pkt.io import write_json
 from pkt.seeding import seed_everything
 
@@ -626,8 +627,6 @@ def _laten_injection(fused: Path) -> dict | None:
         result = json.loads((fused.parent / "stage.json").read_text(encoding="utf-8"))["result"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    from pkt.experiment.records import INJECTION
-
     return {k: result.get(k) for k in INJECTION}
 
 
