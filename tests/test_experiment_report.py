@@ -79,7 +79,7 @@ def test_report_files(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "<td>seeking</td>" in html
     md = (tmp_path / "results.md").read_text()
-    assert "| seeking | gsm8k | accuracy | 4 | 0.500 ± 0.000 | +0.250" in md
+    assert "| seeking | gsm8k | accuracy | 2 | 4 | 0.500 ± 0.000 | +0.250" in md
     # the dtype each row was evaluated in, with the worst seed's surviving fraction when it fell back
     assert md.splitlines()[-1].endswith("| float32 (2.0% of the change survives bfloat16) |")
     assert "| 1.500 ± 0.000 | bfloat16 |" in md
@@ -136,7 +136,7 @@ def test_arms_against_lora_laten_grid_and_equal_steps(tmp_path):
     curves["laten-lora (gsm8k, seed 1)"][1] = (2, 2.0)  # seed 1 is below lora's final loss (2.2) a step early
     write_report(tmp_path, records, {"name": "t"}, curves=curves)
     md = (tmp_path / "results.md").read_text()
-    assert "| seeking | gsm8k | accuracy | 4 | 0.750 ± 0.000 | +0.750 [" in md and "| +0.500 [" in md
+    assert "| seeking | gsm8k | accuracy | 2 | 4 | 0.750 ± 0.000 | +0.750 [" in md and "| +0.500 [" in md
     # the grid: step 2, rate 0.1 is 0.1 below the vanilla student's loss on average over the two seeds
     assert "| gsm8k | 0 | – | 2.0050 ± 0.0071 | 2.0000 – 2.0100 | (vanilla) |" in md
     assert "| gsm8k | 2 | 0.1 | 1.9050 ± 0.0071 | 1.9000 – 1.9100 | -0.1000 |" in md

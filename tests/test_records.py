@@ -139,6 +139,25 @@ def test_report_from_the_records_alone(study, tmp_path, monkeypatch, capsys):
     assert code == 0, err and (tmp_path / "elsewhere" / "results.md").read_bytes() == md
 
 
+def test_report_of_a_study_still_running(study, tmp_path, monkeypatch, capsys):
+    """Records are committed as stages finish: the report of a study whose later stages have no record yet says
+    so first, and its rows count the seeds they hold; the finished study's report carries no such line."""
+    _, records, result, _ = study
+    assert "Unfinished" not in (records / "results.md").read_text()
+    part = _records_only(records, tmp_path / "part")
+    total = len({s["key"] for s in result["manifest"]["stages"]})
+    gone = [part / "stages" / "eval-laten-gsm8k-s0.json", part / "stages" / "analysis.json"]
+    for f in gone:
+        f.unlink()
+    code, out, err = run_pkt(["report", part], monkeypatch, capsys)
+    assert code == 0, err
+    md = (part / "results.md").read_text()
+    assert md.splitlines()[2] == (f"**Unfinished study: records of {total - 2} of {total} stages.** Each row is "
+                                  "over the seeds finished so far (column `seeds`).")
+    assert "| method | task | metric | seeds | n |" in md and "| lora | gsm8k | accuracy | 1 | 3 |" in md
+    assert "| laten |" not in md and "Unfinished study" in (part / "report.html").read_text()
+
+
 def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
     """Records of runs before this format (bf03009): evaluations named only by their stage, an analysis without
     plot inputs whose PNGs travel in figures/."""

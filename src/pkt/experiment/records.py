@@ -187,6 +187,7 @@ class Loaded:
     analysis: dict | None = None  # the analysis stage's result
     curves: dict = field(default_factory=dict)  # label -> [(step, loss)], as pkt.tracking.study_curves
     figures: list[Path] = field(default_factory=list)  # PNGs used as they are (an analysis without plot inputs)
+    progress: tuple[int, int] | None = None  # (stages with a record, stages the study lists): a running study
 
 
 @dataclass
@@ -267,6 +268,7 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
             out.figures = [st.figures / n for n in _old_figures(st.record["result"])]
     out.records = _vanilla_for_every_seed(out.records, study)
     out.curves = _curves(out.records, stages)
+    out.progress = (len(seen), len({s["key"] for s in study["stages"]}))
     return out
 
 
@@ -368,4 +370,4 @@ def rebuild(src: str | Path, out: str | Path | None = None) -> dict:
 
     loaded = load(src)
     return write_report(Path(out or src), loaded.records, loaded.manifest, loaded.figures, analysis=loaded.analysis,
-                        curves=loaded.curves)
+                        curves=loaded.curves, progress=loaded.progress)

@@ -140,15 +140,24 @@ def _lora_cell(r: dict) -> str:
     return f"{r['delta_lora']:+.3f} [{r['delta_lora_low']:+.3f}, {r['delta_lora_high']:+.3f}]"
 
 
+def progress_note(progress: tuple[int, int] | None) -> str:
+    """The line that marks a study still running (committed records are exported stage by stage): its rows
+    hold only the seeds finished so far, and a std over fewer seeds than planned is not the study's."""
+    if not progress or progress[0] >= progress[1]:
+        return ""
+    return (f"**Unfinished study: records of {progress[0]} of {progress[1]} stages.** Each row is over the seeds "
+            "finished so far (column `seeds`).")
+
+
 def markdown_table(rows: list[dict]) -> str:
     vs_lora = any(r.get("delta_lora") is not None for r in rows)
-    head = "| method | task | metric | n | score (mean ± std) | Δ vs student [95% CI] |"
+    head = "| method | task | metric | seeds | n | score (mean ± std) | Δ vs student [95% CI] |"
     head += " Δ vs lora [95% CI] |" * vs_lora + " answer loss | eval dtype |"
-    lines = [head, "|---|---|---|---:|---|---|" + "---|" * vs_lora + "---|---|"]
+    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---|---|"]
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
-        lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {r['n_examples']} | "
+        lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {len(r['seeds'])} | {r['n_examples']} | "
                      f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} |" + f" {_lora_cell(r)} |" * vs_lora
                      + f" {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
@@ -279,10 +288,12 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
 
 
 def write_report(out: Path, records: list[dict], manifest: dict, figures: list[Path] = (), *,
-                 analysis: dict | None = None, curves: dict | None = None) -> dict:
+                 analysis: dict | None = None, curves: dict | None = None,
+                 progress: tuple[int, int] | None = None) -> dict:
     """Results and report of ``records`` into ``out``. ``figures``: PNGs included as they are (copied into
     ``out/figures``); ``analysis``: the analysis stage's result, whose ``plots`` are drawn; ``curves``: the
-    training loss per arm (label -> [(step, loss)]) for loss_curves.png."""
+    training loss per arm (label -> [(step, loss)]) for loss_curves.png; ``progress``: (stages recorded,
+    stages planned), which heads the results of a study still running."""
     from pkt.analyse import plots
 
     out = Path(out)
@@ -303,7 +314,10 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     grid = f"\n## LaTen across steps, rates and seeds (align loss)\n\n{grid}" if grid else ""
     steps = equal_steps_table(curves or {})
     steps = f"\n## Fine-tuning at equal steps (training loss)\n\n{steps}" if steps else ""
-    write_text(out / "results.md", f"# Results: {manifest.get('name', 'pkt run')}\n\n{table}{inj}{grid}{steps}")
+    status = progress_note(progress)
+    status = f"{status}\n\n" if status else ""
+    write_text(out / "results.md",
+               f"# Results: {manifest.get('name', 'pkt run')}\n\n{status}{table}{inj}{grid}{steps}")
     figs = [plot_scores(rows, out / "scores.png"), plot_laten_grid(records, out / "laten_grid.png")]
     if analysis and analysis.get("plots"):
         figs += [out / FIGURES / n for n in plots.analysis_figures(analysis["plots"], out / FIGURES)]
@@ -320,19 +334,19 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     figs = [Path(f) for f in figs if f is not None and Path(f).is_file()]
     for f in figs:
         plots.compact_png(f)
-    write_text(out / "report.html", render_html(manifest, rows, figs))
+    write_text(out / "report.html", render_html(manifest, rows, figs, status))
     return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html",
                                     *(f.relative_to(out).as_posix() for f in figs)]}
 
 
-def render_html(manifest: dict, rows: list[dict], figures: list[Path]) -> str:
-    head = ["method", "task", "metric", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]", "answer loss",
+def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "") -> str:
+    head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]", "answer loss",
             "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
-        cells = [r["method"], r["task"], r["metric"], r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta,
+        cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta,
                  _lora_cell(r), loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
@@ -357,6 +371,7 @@ th{{background:#f0f0f0}}img{{max-width:100%}}figure{{margin:1em 0}}pre{{backgrou
 <p>teacher <b>{html.escape(str(manifest.get('teacher', '')))}</b> → student <b>{html.escape(str(manifest.get('student', '')))}</b>;
 seeds {html.escape(str(manifest.get('seeds', '')))}; pkt {html.escape(str(manifest.get('versions', {}).get('pkt', '')))};
 finished {html.escape(str(manifest.get('finished', '')))}</p>
+{f"<p><b>{html.escape(status.strip().replace('**', ''))}</b></p>" if status else ""}
 <h2>Results</h2>
 <table id="results"><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{''.join(body)}</table>
 <p>Scores are means ± std over seeds; Δ is the paired difference to the vanilla student with a 95% bootstrap
