@@ -115,6 +115,9 @@ def test_bad_config_is_one_line(tmp_path):
     p.write_text("tasks: [gsm8k]\nbudget: {rnak: 3}\n")
     with pytest.raises(PktError, match=r"budget.rnak: Extra inputs are not permitted"):
         load_config(ExperimentConfig, p)
+    p.write_text("tasks: [gsm8k]\nbudget: {eval_protocol: 'pkt,gsm8k=lm-eval'}\n")
+    with pytest.raises(PktError, match=r"budget.eval_protocol: .*gsm8k has no protocol 'lm-eval'"):
+        load_config(ExperimentConfig, p)
 
 
 def _diverging(tmp_path, qwen_pair):
@@ -190,6 +193,22 @@ def test_fixed_eval_subset_evaluates_vanilla_models_once(tiny_config):
     assert {r["method"] for r in result["rows"]} == {"student", "student-fp32", "teacher", "lora"}
     # the plan counts each vanilla evaluation once
     assert len(Study(cfg, tmp / "fixed", log=lambda s: None).plan_stages()) == len(study.cache.records)
+
+
+def test_study_evaluates_under_the_chosen_protocol(tiny_config):
+    """budget.eval_protocol reaches the evaluation: GSM8K asked in lm-eval's 8-shot CoT wording (raw text, its
+    exemplars), recorded in the stage's metrics; the answer loss keeps the training format."""
+    cfg, tmp = tiny_config
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student"], "analysis": False,
+                                      "budget": {**BUDGET, "eval_protocol": "pkt,gsm8k=lm-eval-cot"}})
+    study = Study(cfg, tmp / "proto", log=lambda s: None)
+    study.run()
+    stage = next((tmp / "proto" / "stages").glob("eval-student-gsm8k-s0-*"))
+    metrics = json.loads((stage / "stage.json").read_text())["result"]["metrics"]
+    assert metrics["protocol"]["name"] == "lm-eval-cot" and metrics["protocol"]["shots"] == 8
+    prompt = json.loads((stage / "predictions.jsonl").read_text().splitlines()[0])["prompt"]
+    assert prompt.startswith("Q: There are 15 trees in the grove.") and prompt.endswith("\nA:")
+    assert "<|im_start|>" not in prompt
 
 
 def test_laten_lora_alone_prunes_its_laten_student(tiny_config):

@@ -78,10 +78,21 @@ class Budget(Settings):
     # greedy decoding engine (pkt.evaluate.generate): "continuous" = pkt's running batch, which does not make
     # a batch wait for its longest answer (same answers as "padded"; docs/benchmarks.md P9)
     eval_decoding: Literal["padded", "continuous"] = "padded"
+    # how each task is prompted and scored (pkt eval --protocol): "pkt" = the PKT papers' format, "standard" =
+    # lm-eval's and the model maker's, or a mix such as "pkt,gsm8k=lm-eval-cot" (docs/evaluation.md)
+    eval_protocol: str = "pkt"
     loss_examples: int = Field(80, ge=1)
     # loss on the prompt tokens too (LaTen's README: MMLU needs it, its answer is one letter); read by
     # fine-tuning (LoRA, PiSSA, Seeking, KD) and Seeking's sensitivity
     train_on_inputs: bool = False
+
+    @field_validator("eval_protocol")
+    @classmethod
+    def _known_protocol(cls, v: str) -> str:
+        from pkt.evaluate.tasks.common import parse_protocol
+
+        parse_protocol(v)  # a ValueError naming the unknown task or protocol becomes a settings error
+        return v
 
 
 STAGE_KINDS = ("extract", "kd-data", "finetune", "gkd", "laten", "eval", "analysis")

@@ -193,7 +193,7 @@ class Study:
         b = self.cfg.budget_for(task) if task else self.cfg.budget
         seed = seed if b.eval_seed is None else b.eval_seed
         return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
-                          batch_size=b.eval_batch_size, decoding=b.eval_decoding,
+                          batch_size=b.eval_batch_size, decoding=b.eval_decoding, protocol=b.eval_protocol,
                           allow_weak_sandbox=self.cfg.allow_weak_sandbox,
                           max_prompt_tokens=max(b.max_length, 1024), progress=True)
 
@@ -420,7 +420,9 @@ class Study:
                     "metric": metric, "score": metrics[metric], "n": len(records),
                     "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
                     "dtype": used, "precision": precision,
-                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+                    # the scalars, plus how the task was asked and decoded (protocol) and at what speed: small
+                    "metrics": {k: v for k, v in metrics.items()
+                                if isinstance(v, (int, float, str)) or k in ("protocol", "generation")}}
 
         _, result = self._stage(f"eval-{label or method}-{task}-s{seed}", payload, fn, reads=reads)
         return result
