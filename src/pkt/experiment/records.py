@@ -187,7 +187,8 @@ class Loaded:
     analysis: dict | None = None  # the analysis stage's result
     curves: dict = field(default_factory=dict)  # label -> [(step, loss)], as pkt.tracking.study_curves
     figures: list[Path] = field(default_factory=list)  # PNGs used as they are (an analysis without plot inputs)
-    progress: tuple[int, int] | None = None  # (stages with a record, stages the study lists): a running study
+    # {"recorded": stages with a record, "planned": stages the study lists, "seconds": their own stage times}
+    progress: dict | None = None
 
 
 @dataclass
@@ -268,7 +269,9 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
             out.figures = [st.figures / n for n in _old_figures(st.record["result"])]
     out.records = _vanilla_for_every_seed(out.records, study)
     out.curves = _curves(out.records, stages)
-    out.progress = (len(seen), len({s["key"] for s in study["stages"]}))
+    seconds = sum(float(stages[k].record.get("seconds") or 0) for k in seen)
+    out.progress = {"recorded": len(seen), "planned": len({s["key"] for s in study["stages"]}),
+                    "seconds": round(seconds, 1)}
     return out
 
 

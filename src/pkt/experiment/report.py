@@ -140,13 +140,22 @@ def _lora_cell(r: dict) -> str:
     return f"{r['delta_lora']:+.3f} [{r['delta_lora_low']:+.3f}, {r['delta_lora_high']:+.3f}]"
 
 
-def progress_note(progress: tuple[int, int] | None) -> str:
-    """The line that marks a study still running (committed records are exported stage by stage): its rows
-    hold only the seeds finished so far, and a std over fewer seeds than planned is not the study's."""
-    if not progress or progress[0] >= progress[1]:
+def progress_note(progress: dict | None) -> str:
+    """The compute the records account for, and a mark on a study still running (committed records are exported
+    stage by stage): its rows hold only the seeds finished so far, and a std over fewer seeds than planned is
+    not the study's."""
+    if not progress:
         return ""
-    return (f"**Unfinished study: records of {progress[0]} of {progress[1]} stages.** Each row is over the seeds "
-            "finished so far (column `seeds`).")
+    done, planned = progress["recorded"], progress["planned"]
+    line = f"Stage time: {_duration(progress['seconds'])} over {done} stages (the sum of each stage's own time)."
+    if done < planned:
+        line = (f"**Unfinished study: records of {done} of {planned} stages.** Each row is over the seeds finished "
+                f"so far (column `seeds`). {line}")
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -289,11 +298,11 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
 
 def write_report(out: Path, records: list[dict], manifest: dict, figures: list[Path] = (), *,
                  analysis: dict | None = None, curves: dict | None = None,
-                 progress: tuple[int, int] | None = None) -> dict:
+                 progress: dict | None = None) -> dict:
     """Results and report of ``records`` into ``out``. ``figures``: PNGs included as they are (copied into
     ``out/figures``); ``analysis``: the analysis stage's result, whose ``plots`` are drawn; ``curves``: the
-    training loss per arm (label -> [(step, loss)]) for loss_curves.png; ``progress``: (stages recorded,
-    stages planned), which heads the results of a study still running."""
+    training loss per arm (label -> [(step, loss)]) for loss_curves.png; ``progress``: the stages recorded,
+    planned and their summed stage times (records.Loaded.progress), which head the results."""
     from pkt.analyse import plots
 
     out = Path(out)
