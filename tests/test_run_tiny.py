@@ -196,8 +196,8 @@ def test_fixed_eval_subset_evaluates_vanilla_models_once(tiny_config):
 
 
 def test_study_evaluates_under_the_chosen_protocol(tiny_config):
-    """budget.eval_protocol reaches the evaluation: GSM8K asked in lm-eval's 8-shot CoT wording (raw text, its
-    exemplars), recorded in the stage's metrics; the answer loss keeps the training format."""
+    """budget.eval_protocol and budget.eval_shots reach the evaluation: GSM8K asked in lm-eval's 8-shot CoT
+    wording (raw text, its exemplars), or in the PKT format with 8 exemplars; recorded in the stage's metrics."""
     cfg, tmp = tiny_config
     cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student"], "analysis": False,
                                       "budget": {**BUDGET, "eval_protocol": "pkt,gsm8k=lm-eval-cot"}})
@@ -209,6 +209,16 @@ def test_study_evaluates_under_the_chosen_protocol(tiny_config):
     prompt = json.loads((stage / "predictions.jsonl").read_text().splitlines()[0])["prompt"]
     assert prompt.startswith("Q: There are 15 trees in the grove.") and prompt.endswith("\nA:")
     assert "<|im_start|>" not in prompt
+    # the PKT papers' 8-shot chain of thought: the pkt protocol with budget.eval_shots (here per task)
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "budget": BUDGET,
+                                      "per_task": {"gsm8k": {"eval_shots": 8}}})
+    Study(cfg, tmp / "shots", log=lambda s: None).run()
+    stage = next((tmp / "shots" / "stages").glob("eval-student-gsm8k-s0-*"))
+    metrics = json.loads((stage / "stage.json").read_text())["result"]["metrics"]
+    assert metrics["protocol"]["name"] == "pkt" and metrics["shots"] == 8 and metrics["protocol"]["shots"] == 8
+    prompt = json.loads((stage / "predictions.jsonl").read_text().splitlines()[0])["prompt"]
+    assert "Answer the following questions.\n\nQuestion: There are 15 trees" in prompt
+    assert prompt.count("\nAnswer: ") == 8 and prompt.count("So the answer is") == 8
 
 
 def test_laten_lora_alone_prunes_its_laten_student(tiny_config):

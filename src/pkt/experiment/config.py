@@ -81,6 +81,9 @@ class Budget(Settings):
     # how each task is prompted and scored (pkt eval --protocol): "pkt" = the PKT papers' format, "standard" =
     # lm-eval's and the model maker's, or a mix such as "pkt,gsm8k=lm-eval-cot" (docs/evaluation.md)
     eval_protocol: str = "pkt"
+    # GSM8K / MMLU exemplars in the prompt (None: the protocol's own; pkt's GSM8K with 8 = the PKT papers' 8-shot
+    # chain of thought, the exemplars in the training answers' own wording)
+    eval_shots: int | None = Field(None, ge=0)
     loss_examples: int = Field(80, ge=1)
     # loss on the prompt tokens too (LaTen's README: MMLU needs it, its answer is one letter); read by
     # fine-tuning (LoRA, PiSSA, Seeking, KD) and Seeking's sensitivity

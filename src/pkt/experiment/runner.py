@@ -194,6 +194,7 @@ class Study:
         seed = seed if b.eval_seed is None else b.eval_seed
         return EvalConfig(limit=b.eval_limit, seed=seed, style=self.cfg.style, max_new_tokens=b.eval_max_new_tokens,
                           batch_size=b.eval_batch_size, decoding=b.eval_decoding, protocol=b.eval_protocol,
+                          shots=b.eval_shots,
                           allow_weak_sandbox=self.cfg.allow_weak_sandbox,
                           max_prompt_tokens=max(b.max_length, 1024), progress=True)
 
