@@ -141,17 +141,21 @@ def _lora_cell(r: dict) -> str:
 
 
 def progress_note(progress: dict | None) -> str:
-    """The compute the records account for, and a mark on a study still running (committed records are exported
-    stage by stage): its rows hold only the seeds finished so far, and a std over fewer seeds than planned is
-    not the study's."""
+    """The mark on a study still running (committed records are exported stage by stage): its rows hold only the
+    seeds finished so far, and a std over fewer seeds than planned is not the study's."""
+    if not progress or progress["recorded"] >= progress["planned"]:
+        return ""
+    return (f"**Unfinished study: records of {progress['recorded']} of {progress['planned']} stages.** Each row is "
+            "over the seeds finished so far (column `seeds`).")
+
+
+def stage_time_note(progress: dict | None) -> str:
+    """The compute the records account for. In report.html only: results.md is a function of the results, and
+    two runs with the same results (say, on two executors) take different times."""
     if not progress:
         return ""
-    done, planned = progress["recorded"], progress["planned"]
-    line = f"Stage time: {_duration(progress['seconds'])} over {done} stages (the sum of each stage's own time)."
-    if done < planned:
-        line = (f"**Unfinished study: records of {done} of {planned} stages.** Each row is over the seeds finished "
-                f"so far (column `seeds`). {line}")
-    return line
+    return (f"Stage time: {_duration(progress['seconds'])} over {progress['recorded']} stages (the sum of each "
+            "stage's own time).")
 
 
 def _duration(seconds: float) -> str:
@@ -343,7 +347,7 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     figs = [Path(f) for f in figs if f is not None and Path(f).is_file()]
     for f in figs:
         plots.compact_png(f)
-    write_text(out / "report.html", render_html(manifest, rows, figs, status))
+    write_text(out / "report.html", render_html(manifest, rows, figs, f"{status}{stage_time_note(progress)}"))
     return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html",
                                     *(f.relative_to(out).as_posix() for f in figs)]}
 
