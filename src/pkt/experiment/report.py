@@ -353,14 +353,14 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
 
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "") -> str:
-    head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]", "answer loss",
-            "eval dtype"]
+    head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]",
+            "answer loss", "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
-        cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"], f"{r['mean']:.3f} ± {r['std']:.3f}", delta,
-                 _lora_cell(r), loss, r.get("dtype") or "–"]
+        cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"],
+                 f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _lora_cell(r), loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
     for f in figures:
