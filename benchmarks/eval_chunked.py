@@ -1,7 +1,8 @@
 """Evaluate one model on one task in saved chunks, so a long evaluation on a CPU survives interruptions.
 
     .venv/bin/python -m benchmarks.eval_chunked RUN_DIR --model M --task mbpp --protocol qwen-coder \
-        [--limit N --seed S] [--chunk 25] [--budget-min 60] [--record docs/eval-records/M/mbpp.json]
+        [--limit N --seed S] [--chunk 25] [--budget-min 60] [--mbpp-variant sanitized] \
+        [--record docs/eval-records/M/mbpp.json]
 
 Each chunk is the same library call ``pkt eval`` makes (``evaluate_model``) on a slice of the task's rows,
 saved under ``RUN_DIR/chunks/NNN`` as it finishes; a rerun of the same command skips finished chunks and
@@ -62,14 +63,14 @@ def _global_id(task: str, rec: dict, index: int, row: dict):
 
 def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str, chunk: int, budget_min: float,
             batch_size: int, max_new_tokens: int | None, limit: int | None = None, seed: int = 0,
-            shots: int | None = None, decoding: str = "padded") -> dict | None:
+            shots: int | None = None, decoding: str = "padded", mbpp_variant: str = "full") -> dict | None:
     """Evaluate the missing chunks (within the budget) and merge the finished ones. Returns the merged
     metrics of ``task`` (``complete`` says whether every chunk is in), or None when no chunk has finished."""
     from pkt.evaluate import evaluate_model
     from pkt.io import write_json, write_jsonl
 
     t0 = time.perf_counter()
-    rows, extra = task_rows(task)
+    rows, extra = task_rows(task, mbpp_variant)
     picked = subset(rows, limit, seed)
     parts = [picked[i:i + chunk] for i in range(0, len(picked), chunk)]
     chunk_dir = run_dir / CHUNK_DIR
@@ -85,7 +86,7 @@ def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str
             evaluate_model(model, tok, [task], out_dir=chunk_dir / f"{k:03d}",
                            data={task: [r for _, r in parts[k]], **extra}, protocol=protocol,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, shots=shots, progress=False,
-                           decoding=decoding,
+                           decoding=decoding, mbpp_variant=mbpp_variant,
                            meta={"model": model_name, "dtype": dtype}, log=None)
             print(f"chunk {k + 1}/{len(parts)} done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     records, metrics = [], []
@@ -126,7 +127,9 @@ def produce(run_dir: Path, model_name: str, task: str, protocol: str, dtype: str
     write_jsonl(run_dir / task / "predictions.jsonl", records)
     # each chunk ran on its rows as given data (its config has no limit): the subset is recorded here
     write_json(run_dir / "metrics.json", {"model": model_name, "dtype": dtype, "config": metrics[0]["config"],
-                                          "subset": {"limit": limit, "seed": seed}, "tasks": [task], task: merged})
+                                          "subset": {"limit": limit, "seed": seed,
+                                                     **({"mbpp_variant": mbpp_variant} if task == "mbpp" else {})},
+                                          "tasks": [task], task: merged})
     return merged
 
 
@@ -146,6 +149,7 @@ def record(run_dir: Path, task: str, out: Path) -> dict:
 
     rec = {"model": meta["model"], "task": task, "dtype": meta["dtype"], "complete": m["complete"],
            "n": m["n"], "of": m["of"], "limit": meta["subset"]["limit"], "seed": meta["subset"]["seed"],
+           **({"mbpp_variant": meta["subset"].get("mbpp_variant", "full")} if task == "mbpp" else {}),
            "score": m["accuracy"], **{k: m[k] for k in ("flexible_accuracy", "macro_accuracy", "status") if k in m},
            "hit_max_new_tokens": m["hit_max_new_tokens"], "seconds": m["seconds"], "new_tokens": m["new_tokens"],
            "protocol": m["protocol"], "batch_size": meta["config"].get("batch_size"),
@@ -170,12 +174,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--decoding", choices=("padded", "continuous"), default="padded")
     ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--mbpp-variant", choices=("full", "sanitized"), default="full",
+                    help="MBPP test rows: full (500) or sanitized (257), as pkt eval --mbpp-variant")
     ap.add_argument("--record", type=Path, default=None, help="write the committable summary here when complete")
     args = ap.parse_args()
     protocol = args.protocol if "=" in args.protocol or args.protocol in ("pkt", "standard") \
         else f"{args.task}={args.protocol}"
     merged = produce(args.run_dir, args.model, args.task, protocol, args.dtype, args.chunk, args.budget_min,
-                     args.batch_size, args.max_new_tokens, args.limit, args.seed, args.shots, args.decoding)
+                     args.batch_size, args.max_new_tokens, args.limit, args.seed, args.shots, args.decoding,
+                     args.mbpp_variant)
     if merged is None:
         print("no chunk finished yet")
         return

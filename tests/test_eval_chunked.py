@@ -15,21 +15,23 @@ from pkt.testing import save_tiny
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
 
 
-@pytest.mark.parametrize("task,protocol,limit", [("gsm8k", "gsm8k=lm-eval-cot", 3), ("mmlu", "mmlu=lm-eval", 5)])
-def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypatch, task, protocol, limit):
+@pytest.mark.parametrize("task,protocol,limit,variant", [("gsm8k", "gsm8k=lm-eval-cot", 3, None),
+                                                         ("mmlu", "mmlu=lm-eval", 5, None),
+                                                         ("mbpp", "mbpp=qwen-coder", 2, "sanitized")])
+def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypatch, task, protocol, limit, variant):
     from benchmarks import eval_chunked as ec
     import pkt.models.load as load
 
     _, student, tok = qwen_pair
     model_dir = save_tiny(student, tok, tmp_path / "student")
-    kw = dict(batch_size=2, max_new_tokens=6, limit=limit, seed=3)
+    kw = dict(batch_size=2, max_new_tokens=6, limit=limit, seed=3, **({"mbpp_variant": variant} if variant else {}))
     one = evaluate_model(load.load_model(str(model_dir)), load.load_tokenizer(str(model_dir)), [task],
                          out_dir=tmp_path / "one", protocol=protocol, progress=False, log=None, **kw)
     run = tmp_path / "chunked"
     assert ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=-1, **kw) is None
     merged = ec.produce(run, str(model_dir), task, protocol, "float32", chunk=2, budget_min=60, **kw)
     assert merged["complete"] and merged["n"] == one[task]["n"] == limit
-    assert merged["accuracy"] == pytest.approx(one[task]["accuracy"])
+    assert merged["accuracy"] == pytest.approx(one[task].get("accuracy", one[task].get("pass@1")))
     a = [json.loads(x) for x in (tmp_path / "one" / task / "predictions.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (run / task / "predictions.jsonl").read_text().splitlines()]
     assert [(r["id"], r["output"], r["correct"]) for r in a] == [(r["id"], r["output"], r["correct"]) for r in b]
@@ -39,6 +41,12 @@ def test_chunked_equals_one_call(tmp_path, fixture_data_dir, qwen_pair, monkeypa
     rec = ec.record(run, task, tmp_path / "rec.json")
     assert rec["verdicts"] == {str(r["id"]): r["correct"] for r in a} and rec["score"] == merged["accuracy"]
     assert (rec["limit"], rec["seed"], rec["n"]) == (limit, 3, limit)  # the subset, not a chunk's own settings
+    if variant:  # the sanitized rows (their own task ids), not the full set's, and the record says so
+        from pkt.data.tasks import mbpp_rows
+
+        ids = {str(r["task_id"]) for r in mbpp_rows(variant)}
+        assert rec["mbpp_variant"] == variant and set(rec["verdicts"]) <= ids
+        assert ids != {str(r["task_id"]) for r in mbpp_rows("full")}
 
 
 def test_continuous_mmlu_scores_like_padded(fixture_data_dir, qwen_pair):
