@@ -104,7 +104,9 @@ def stage_graph(study) -> list[StageNode]:
             node.deps = [n.id for n in nodes if n is not node]
             continue
         text = json.dumps(node.key, sort_keys=True, default=str)
-        node.deps = [n.id for n in nodes[:i] if f"{n.path}/" in text or f'"{n.path}"' in text]
+        # keys name paths in the run directory as "<out>/..." (Study._in_out)
+        node.deps = [n.id for n in nodes[:i] if any(f"{p}/" in text or f'"{p}"' in text
+                                                    for p in (n.path, f"<out>/stages/{n.id}"))]
     return nodes
 
 

@@ -46,6 +46,8 @@ LOOP_LOGS = ("train_log.jsonl", "log.jsonl")
 INJECTION = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed", "selection",
              "vanilla_align_loss")
 EVAL_NEEDS = ("metric", "score", "per_example")
+# in a stage directory restored from its committed record (restore): that record, exported as it is
+RESTORED = "record.json"
 
 # a path starts at the start of a string or after a separator, never inside a word or a URL
 _START = r"(?<![^\s'\"=:(\[{,])"
@@ -91,6 +93,8 @@ def stage_record(stage_dir: str | Path) -> dict:
     """The committable record of a finished stage directory (its ``stage.json``, made portable, plus the
     per-step loss of any training loop in it). A stage whose weights were pruned still has its record."""
     stage_dir = Path(stage_dir)
+    if (stage_dir / RESTORED).is_file():  # its loop logs did not travel: the committed record is the record
+        return _read_json(stage_dir / RESTORED, "restored stage record")
     f = stage_dir / "stage.json"
     data = _read_json(f, "stage record")
     if not isinstance(data, dict) or not isinstance(data.get("stage"), str) or "result" not in data:
@@ -142,6 +146,37 @@ def _copy_png(src: Path, dst: Path) -> None:
     shutil.copyfile(src, tmp)
     compact_png(tmp)
     os.replace(tmp, dst)
+
+
+def restore(dest: str | Path, planned: list[dict], stages_root: str | Path,
+            keep_outputs=lambda name: False) -> list[str]:
+    """Recreate in a run directory (``stages_root``) each planned stage (``{stage, key}``) that has no directory
+    there but a committed record in ``dest`` with the same key: ``stage.json`` from the record, which is also
+    kept as it is (:data:`RESTORED`). This is how a study resumes on another machine: its finished evaluations
+    are found cached. A stage's outputs (weights, files) did not travel, so unless ``keep_outputs(name)`` says
+    that its record is all anyone reads of it (an evaluation), it is marked pruned: a later stage that needs its
+    files rebuilds it (:mod:`pkt.experiment.cache`). Returns the names of the restored stages."""
+    from pkt.experiment.cache import PRUNED
+    from pkt.io import atomic_dir
+
+    dest, stages_root = Path(dest), Path(stages_root)
+    done = []
+    for s in planned:
+        name, key = s["stage"], s["key"]
+        f = dest / "stages" / f"{name}.json"
+        if (stages_root / key).exists() or not f.is_file():
+            continue
+        rec = _read_json(f, "stage record")
+        if not isinstance(rec, dict) or rec.get("key") != key or "result" not in rec:
+            continue  # another configuration's (or another code's) record of this stage
+        with atomic_dir(stages_root / key) as tmp:
+            write_json(tmp / RESTORED, rec)
+            write_json(tmp / "stage.json", {"stage": name, "key": rec.get("inputs"), "result": rec["result"],
+                                            "seconds": float(rec.get("seconds") or 0.0), "restored": True})
+            if not keep_outputs(name):
+                write_json(tmp / PRUNED, {"note": f"restored from {f.name}: its outputs are not here", "files": []})
+        done.append(name)
+    return done
 
 
 def study_record(manifest: dict) -> dict:

@@ -5,7 +5,10 @@ seed every method's *build* stage (a fine-tuned / injected student checkpoint) a
 one analysis stage (parametric, representation and behavioural similarity). Every stage's directory is
 keyed by a hash of what determines it (settings, code, libraries, models, data: see
 :mod:`pkt.experiment.cache` and :mod:`pkt.experiment.fingerprint`), so a re-run after an interruption
-resumes at the first unfinished stage, and a change recomputes only what it affects.
+resumes at the first unfinished stage, and a change recomputes only what it affects. With ``records:`` it
+also resumes on another machine: the committed stage records restore the finished stages
+(:func:`pkt.experiment.records.restore`), and a stage whose files are gone is rebuilt only for a reader that
+still has to run (builds and the shared stages are computed lazily).
 
 Before any stage, :meth:`Study.preflight` checks models, tokenizers, dimensions, sandbox and disk and
 estimates the plan (:mod:`pkt.experiment.preflight`, :mod:`pkt.experiment.plan`). A built model's weights
@@ -87,8 +90,10 @@ class Study:
         Without ``reads``, the models named teacher/student/model anywhere in the payload and the PKT splits
         of its task are assumed. In a plan (dry cache) nothing runs and the result is None."""
         reads = reads if reads is not None else _default_reads(payload)
-        key = {"settings": payload, "code": fingerprint.code_identity(), "libraries": fingerprint.library_versions(),
-               "models": {str(m): fingerprint.model_identity(m, self.cache.stages) for m in reads.get("models", [])},
+        key = {"settings": self._in_out(payload), "code": fingerprint.code_identity(),
+               "libraries": fingerprint.library_versions(),
+               "models": {self._in_out(str(m)): fingerprint.model_identity(m, self.cache.stages)
+                          for m in reads.get("models", [])},
                "data": {t: self._data_identity(t, tuple(parts)) for t, parts in reads.get("data", {}).items()}}
         try:
             path, result = self.cache.run(name, key, fn)
@@ -104,6 +109,20 @@ class Study:
         if not self.cache.dry:
             gc.collect()
         return path, result
+
+    def _in_out(self, obj):
+        """``obj`` with every path into this run's directory written as ``<out>/...``: a stage's key must not
+        depend on where the run directory is, so that a committed record names the same stage on another
+        machine (:func:`pkt.experiment.records.restore`)."""
+        if isinstance(obj, dict):
+            return {k: self._in_out(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self._in_out(v) for v in obj]
+        if isinstance(obj, str):
+            for root in (str(self.out.resolve()), str(self.out)):
+                if obj == root or obj.startswith(root + "/"):
+                    return "<out>" + obj[len(root):]
+        return obj
 
     def _data_identity(self, task: str, parts: tuple) -> dict:
         # hashed once per study object: a plan of full.yaml asks for the same files ~300 times
@@ -271,10 +290,14 @@ class Study:
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
                        "finetune": ft.model_dump(), "factors": str(factors) if factors else None,
                        **({"data": data_identity(c.data)} if c.data else {})}
-            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
-                c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log, data=c.data), d / "run"),
-                reads={"models": [c.student], "data": {task: ["train"]}})
+            def fn(d: Path) -> dict:
+                if factors is not None:
+                    self.extraction(task)  # written now if no earlier stage needed it (_shared_lazily)
+                return _summary(run_postpkt(c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task),
+                                            factors_dir=factors, progress=True, log=self._log, data=c.data), d / "run")
+
+            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, fn,
+                                  reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method in SEEKING_CONTROLS:
             from pkt.postpkt import run_postpkt
@@ -285,10 +308,14 @@ class Study:
             payload = {"method": method, "task": task, "teacher": c.teacher, "student": c.student,
                        "finetune": ft.model_dump(), "factors": str(factors), "control": control,
                        **({"data": data_identity(c.data)} if c.data else {})}
-            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, lambda d: _summary(run_postpkt(
-                c.teacher, c.student, task, "seeking", d / "run", ft, self.seeking_cfg(task), factors_dir=factors,
-                progress=True, log=self._log, control=control, data=c.data), d / "run"),
-                reads={"models": [c.student], "data": {task: ["train"]}})
+            def fn(d: Path) -> dict:
+                self.extraction(task)  # written now if no earlier stage needed it (_shared_lazily)
+                return _summary(run_postpkt(c.teacher, c.student, task, "seeking", d / "run", ft,
+                                            self.seeking_cfg(task), factors_dir=factors, progress=True, log=self._log,
+                                            control=control, data=c.data), d / "run")
+
+            path, _ = self._stage(f"{method}-{task}-s{seed}", payload, fn,
+                                  reads={"models": [c.student], "data": {task: ["train"]}})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten-lora":
             # the seed paper's PrePKT claim: pre-alignment reduces the fine-tuning needed afterwards. The LaTen
@@ -324,8 +351,11 @@ class Study:
             kd_file = shared["kd_file"]
             payload = {"method": "seqkd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                        "data": str(kd_file)}
-            path, _ = self._stage(f"seqkd-{task}-s{seed}", payload, lambda d: self._kd_finetune(kd_file, ft, d / "run"),
-                                  reads={"models": [c.student]})
+            def fn(d: Path) -> dict:
+                self.kd_data(task)  # written now if no earlier stage needed it (_shared_lazily)
+                return self._kd_finetune(kd_file, ft, d / "run")
+
+            path, _ = self._stage(f"seqkd-{task}-s{seed}", payload, fn, reads={"models": [c.student]})
             return str(path / "run" / "merged"), c.eval_dtype
         if method == "laten":
             lc = self.laten_cfg(task, seed)
@@ -439,8 +469,15 @@ class Study:
                    "rank": b.rank, "alpha": b.alpha, "pissa_niter": b.pissa_niter, "max_length": b.max_length,
                    "loss_examples": b.loss_examples, "factors": str(factors) if factors else None,
                    "laten": str(laten_dir) if laten_dir else None, "style": c.style}
-        path, result = self._stage("analysis", payload, lambda d: run_analysis(c, task, factors, laten_dir, d,
-                                                                              self._log),
+        def fn(d: Path) -> dict:
+            # what it reads, written now if a restored study did not need it before (_shared_lazily, restore)
+            if factors is not None:
+                self.extraction(task)
+            if laten_dir is not None and not (laten_dir / "laten_deltas.safetensors").is_file():
+                self.build("laten", task, c.seeds[0], shared[task])
+            return run_analysis(c, task, factors, laten_dir, d, self._log)
+
+        path, result = self._stage("analysis", payload, fn,
                                    reads={"models": [c.teacher, c.student], "data": {task: ["train"]}})
         return [path / f for f in result["figures"]] if result else []
 
@@ -497,6 +534,23 @@ class Study:
             return ref, dtype
         return self.build(method, task, seed, shared)
 
+    def _shared_lazily(self, fn, lazy: list):
+        """The path that ``fn``'s stage writes for several readers (Seeking's extraction, SeqKD's teacher
+        answers), computed here, in the plan's order, unless the stage was restored from its committed record
+        without its files (:func:`pkt.experiment.records.restore`): then each reader's stage calls ``fn`` when it
+        runs, so that a restored study whose readers are all done does not recompute it. Its plan record then
+        goes to ``lazy``."""
+        from pkt.experiment.records import RESTORED
+
+        value, peeked = self._peek(fn)
+        if self.cache.dry:
+            self.cache.records.extend(peeked)
+        elif any(not r.cached and (self.cache.stages / r.key / RESTORED).is_file() for r in peeked):
+            lazy.extend(peeked)
+        else:
+            return fn()
+        return value
+
     def _prune(self, ref: str) -> None:
         """Delete an evaluated model's weights unless keep_checkpoints (LaTen's delta file is kept)."""
         path = Path(ref)
@@ -530,10 +584,11 @@ class Study:
         c = self.cfg
         for task in c.tasks:
             s = shared.setdefault(task, {})
+            lazy = []  # the stage records of shared stages no reader has needed yet
             if set(SEEKING) & set(c.methods):
-                s["factors"] = self.extraction(task)
+                s["factors"] = self._shared_lazily(lambda: self.extraction(task), lazy)
             if "seqkd" in c.methods:
-                s["kd_file"] = self.kd_data(task)
+                s["kd_file"] = self._shared_lazily(lambda: self.kd_data(task), lazy)
             for seed in c.seeds:
                 deferred = []  # weights another arm of this seed still reads (laten-lora: its LaTen student)
                 for method in c.methods:
@@ -562,6 +617,8 @@ class Study:
                 if not self.cache.dry:
                     for ref in deferred:
                         self._prune(ref)
+            # listed as a skipped build is (_build_lazily); a stage that ran meanwhile is listed where it ran
+            self.cache.records.extend(StageRecord(r.stage, r.key, r.seconds, True) for r in lazy)
         return self.analysis(shared) if c.analysis else []
 
     def run(self, executor=None) -> dict:
@@ -590,6 +647,11 @@ class Study:
         with self.cache.lock():
             if self.records_dir is not None:  # the stage list first: a record counts once study.json names it
                 R.write_study(self.records_dir, manifest)
+                # finished on another machine: its committed records stand in for the stages (their weights are
+                # rebuilt only where an unfinished stage reads them)
+                restored = R.restore(self.records_dir, est.stages, self.cache.stages, keep_outputs=_record_is_output)
+                if restored:
+                    self.log(f"restored {len(restored)} finished stages from their records in {self.records_dir}")
             ran = {r.key: r for r in executor.run_stages(self)} if executor is not None else {}
             self.bar = tqdm(total=len(est.stages), desc="pkt run", unit="stage", dynamic_ncols=True)
             try:
@@ -621,6 +683,12 @@ def _unique(records: list[StageRecord]) -> list[StageRecord]:
     laten) is one stage, in the plan and in the manifest."""
     seen: set = set()
     return [r for r in records if not (r.key in seen or seen.add(r.key))]
+
+
+def _record_is_output(stage: str) -> bool:
+    """Whether a stage's record is all that later stages and the report read of it (an evaluation, the
+    analysis), so that its committed record fully restores it."""
+    return stage.startswith("eval-") or stage == "analysis"
 
 
 def _laten_injection(fused: Path) -> dict | None:
