@@ -163,6 +163,21 @@ def test_report_of_a_study_still_running(study, tmp_path, monkeypatch, capsys):
     assert "| laten |" not in md and "Unfinished study" in (part / "report.html").read_text()
 
 
+def test_report_before_any_evaluation(study, tmp_path, monkeypatch, capsys):
+    """A study whose first stages (extraction, KD answers, ...) have records but no evaluation yet: pkt report
+    writes the empty table with its progress line, and no scores figure, instead of failing."""
+    _, records, _, _ = study
+    early = _records_only(records, tmp_path / "early")
+    for f in (early / "stages").glob("*.json"):
+        if f.stem.startswith("eval-") or f.stem == "analysis":
+            f.unlink()
+    code, _, err = run_pkt(["report", early], monkeypatch, capsys)
+    assert code == 0, err
+    md = (early / "results.md").read_text()
+    assert "records of" in md and "| student |" not in md
+    assert not (early / "scores.png").exists() and (early / "report.html").is_file()
+
+
 def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
     """Records of runs before this format (bf03009): evaluations named only by their stage, an analysis without
     plot inputs whose PNGs travel in figures/."""
@@ -213,7 +228,7 @@ def test_committed_results_reproduce(tmp_path, monkeypatch, capsys):
     regenerates its results.md byte for byte (the acceptance test of the records)."""
     studies = sorted(p.parent for p in RESULTS.glob("*/study.json"))
     # a results directory without its records could not be checked: every one must have them
-    assert RESULTS.is_dir() and [p for p in RESULTS.iterdir() if p.is_dir()] == studies
+    assert RESULTS.is_dir() and sorted(p for p in RESULTS.iterdir() if p.is_dir()) == studies
     assert studies, "docs/results/ holds no committed study"
     for d in studies:
         out = tmp_path / d.name

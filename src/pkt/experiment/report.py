@@ -283,7 +283,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_scores(rows: list[dict], path: Path) -> Path:
+def plot_scores(rows: list[dict], path: Path) -> Path | None:
+    """Each arm's score per task; None while no evaluation has a record (a study that has just started)."""
+    if not rows:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
