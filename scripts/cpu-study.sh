@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run, or resume, the CPU study (configs/cpu-study.yaml) from its fixed commit, and commit its records.
+#
+#   bash scripts/cpu-study.sh            # run or resume (on any machine: committed records restore finished stages)
+#   bash scripts/cpu-study.sh commit     # rebuild docs/results/cpu-study's report from its records and commit them
+#
+# Stage keys hash pkt's whole source, so the study's code is one commit's (STUDY_COMMIT), checked out as a git
+# worktree under .study/ and run with this checkout's .venv and its configs/cpu-study.yaml, while main moves on
+# (a change to the config recomputes only the stages whose settings it changes). Its records go to this checkout's
+# docs/results/cpu-study as the stages finish. Needs `bash scripts/setup.sh` first. One heavy job at a time:
+# it takes most of a 2-core machine for hours (run it in the background with its log in a file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STUDY_COMMIT=fd9b5f2
+RECORDS=docs/results/cpu-study
+export PKT_DATA_DIR=${PKT_DATA_DIR:-$(cd .. && pwd)/shared/data}
+export PKT_HOME=${PKT_HOME:-$ROOT/.pkt-home}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ "${1:-}" = "commit" ]; then
+  ls $RECORDS/stages/eval-*.json > /dev/null 2>&1 || { echo "no evaluation record yet: nothing to commit"; exit 0; }
+  .venv/bin/pkt report $RECORDS > /dev/null
+  git add $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true)
+  n=$(ls $RECORDS/stages/*.json | wc -l)
+  git commit -q -m "cpu-study: records of $n finished stages; report rebuilt from them (pkt report $RECORDS)" \
+    -- $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true) && echo "committed the records of $n stages"
+  exit 0
+fi
+
+WT=$ROOT/.study/$STUDY_COMMIT
+[ -d "$WT" ] || git worktree add -q --detach "$WT" $STUDY_COMMIT
+echo "segment start $(date -u +%FT%TZ) $STUDY_COMMIT" >> $RECORDS.segments.log
+cd "$WT"
+rc=0
+PYTHONPATH=$WT/src "$ROOT/.venv/bin/pkt" run "$ROOT/configs/cpu-study.yaml" --out "${PKT_STUDY_OUT:-$ROOT/runs/cpu-study}" \
+  --records "$ROOT/$RECORDS" || rc=$?
+echo "segment end $(date -u +%FT%TZ) rc $rc" >> "$ROOT/$RECORDS.segments.log"
+exit $rc
