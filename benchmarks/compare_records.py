@@ -1,0 +1,54 @@
+"""Paired comparison of two evaluation records (``eval_chunked --record``) on the items both scored.
+
+    .venv/bin/python -m benchmarks.compare_records A.json B.json
+
+Prints each record's passes on the common items, how many pass under both, only under A and only under B, and
+the exact two-sided McNemar p-value of the discordant pairs (a binomial test of only-A against only-B at 1/2).
+This is where docs/evaluation.md's per-task MBPP comparisons come from: the full split's verdicts read on the
+sanitized tasks (A = mbpp-qwen-coder.json, B = mbpp-sanitized-qwen-coder.json share the MBPP task ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from math import comb
+from pathlib import Path
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: P(a split at least as uneven) under Binomial(only_a + only_b, 1/2)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Counts over the item ids both ``verdicts`` maps hold."""
+    common = [k for k in a if k in b]
+    both = sum(a[k] and b[k] for k in common)
+    only_a = sum(a[k] and not b[k] for k in common)
+    only_b = sum(b[k] and not a[k] for k in common)
+    return {"common": len(common), "a_passed": both + only_a, "b_passed": both + only_b, "both": both,
+            "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    args = ap.parse_args(argv)
+    verdicts = []
+    for path in (args.a, args.b):
+        try:
+            verdicts.append(json.loads(path.read_text(encoding="utf-8"))["verdicts"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"{path}: not an evaluation record with verdicts ({type(e).__name__}: {e})", file=sys.stderr)
+            raise SystemExit(2) from None
+    print(json.dumps(compare(*verdicts), indent=1))
+
+
+if __name__ == "__main__":
+    main()
