@@ -83,8 +83,7 @@ def test_records_are_exported_as_stages_finish(study):
     names = {s["stage"] for s in stages}
     assert {f.stem for f in (records / "stages").glob("*.json")} == names
     # each stage's record was written when the stage finished, before the run's end wrote its manifest
-    # (a stage several others read is exported again, unchanged, each time it is found cached)
-    assert set(early) == {s["key"] for s in stages}
+    assert sorted(early) == sorted(s["key"] for s in stages)
     # small, no weights, no machine paths
     files = [p for p in records.rglob("*") if p.is_file()]
     assert all(p.suffix in (".json", ".md", ".csv", ".html", ".png") for p in files)

@@ -105,8 +105,8 @@ def stage_graph(study) -> list[StageNode]:
             continue
         text = json.dumps(node.key, sort_keys=True, default=str)
         # keys name paths in the run directory as "<out>/..." (Study._in_out)
-        node.deps = [n.id for n in nodes[:i] if any(f"{p}/" in text or f'"{p}"' in text
-                                                    for p in (n.path, f"<out>/stages/{n.id}"))]
+        node.deps = [n.id for n in nodes[:i]
+                     if f"<out>/stages/{n.id}/" in text or f'"<out>/stages/{n.id}"' in text]
     return nodes
 
 

@@ -39,7 +39,7 @@ from pkt.errors import PktError
 from pkt.experiment import fingerprint
 from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
-from pkt.experiment.records import INJECTION
+from pkt.experiment.records import INJECTION, RESTORED
 from pkt.io import write_json
 from pkt.seeding import seed_everything
 
@@ -291,8 +291,8 @@ class Study:
                        "finetune": ft.model_dump(), "factors": str(factors) if factors else None,
                        **({"data": data_identity(c.data)} if c.data else {})}
             def fn(d: Path) -> dict:
-                if factors is not None:
-                    self.extraction(task)  # written now if no earlier stage needed it (_shared_lazily)
+                if factors is not None and not Path(factors).is_dir():
+                    self.extraction(task)  # restored without its files and not needed before (_shared_lazily)
                 return _summary(run_postpkt(c.teacher, c.student, task, method, d / "run", ft, self.seeking_cfg(task),
                                             factors_dir=factors, progress=True, log=self._log, data=c.data), d / "run")
 
@@ -309,7 +309,8 @@ class Study:
                        "finetune": ft.model_dump(), "factors": str(factors), "control": control,
                        **({"data": data_identity(c.data)} if c.data else {})}
             def fn(d: Path) -> dict:
-                self.extraction(task)  # written now if no earlier stage needed it (_shared_lazily)
+                if not Path(factors).is_dir():
+                    self.extraction(task)  # restored without its files and not needed before (_shared_lazily)
                 return _summary(run_postpkt(c.teacher, c.student, task, "seeking", d / "run", ft,
                                             self.seeking_cfg(task), factors_dir=factors, progress=True, log=self._log,
                                             control=control, data=c.data), d / "run")
@@ -352,7 +353,8 @@ class Study:
             payload = {"method": "seqkd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                        "data": str(kd_file)}
             def fn(d: Path) -> dict:
-                self.kd_data(task)  # written now if no earlier stage needed it (_shared_lazily)
+                if not Path(kd_file).is_file():
+                    self.kd_data(task)  # restored without its files and not needed before (_shared_lazily)
                 return self._kd_finetune(kd_file, ft, d / "run")
 
             path, _ = self._stage(f"seqkd-{task}-s{seed}", payload, fn, reads={"models": [c.student]})
@@ -471,7 +473,7 @@ class Study:
                    "laten": str(laten_dir) if laten_dir else None, "style": c.style}
         def fn(d: Path) -> dict:
             # what it reads, written now if a restored study did not need it before (_shared_lazily, restore)
-            if factors is not None:
+            if factors is not None and not Path(factors).is_dir():
                 self.extraction(task)
             if laten_dir is not None and not (laten_dir / "laten_deltas.safetensors").is_file():
                 self.build("laten", task, c.seeds[0], shared[task])
@@ -540,8 +542,6 @@ class Study:
         without its files (:func:`pkt.experiment.records.restore`): then each reader's stage calls ``fn`` when it
         runs, so that a restored study whose readers are all done does not recompute it. Its plan record then
         goes to ``lazy``."""
-        from pkt.experiment.records import RESTORED
-
         value, peeked = self._peek(fn)
         if self.cache.dry:
             self.cache.records.extend(peeked)
