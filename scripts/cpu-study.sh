@@ -20,9 +20,17 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ "${1:-}" = "commit" ]; then
   ls $RECORDS/stages/eval-*.json > /dev/null 2>&1 || { echo "no evaluation record yet: nothing to commit"; exit 0; }
-  .venv/bin/pkt report $RECORDS > /dev/null
+  # the report is made from a snapshot and only the snapshot's records are committed: a stage finishing meanwhile
+  # must not land without the report that counts it (CI rebuilds results.md from the committed records)
+  snap=$(mktemp -d)
+  cp -r $RECORDS/study.json $RECORDS/stages "$snap"/
+  .venv/bin/pkt report "$snap" --out $RECORDS > /dev/null
   git add $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true)
-  n=$(ls $RECORDS/stages/*.json | wc -l)
+  for f in $(git diff --cached --name-only -- $RECORDS/stages); do
+    [ -f "$snap/stages/$(basename "$f")" ] || git reset -q -- "$f"
+  done
+  n=$(ls "$snap"/stages/*.json | wc -l)
+  rm -rf "$snap"
   git commit -q -m "cpu-study: records of $n finished stages; report rebuilt from them (pkt report $RECORDS)" \
     -- $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true) && echo "committed the records of $n stages"
   exit 0
@@ -33,7 +41,7 @@ WT=$ROOT/.study/$STUDY_COMMIT
 echo "segment start $(date -u +%FT%TZ) $STUDY_COMMIT" >> $RECORDS.segments.log
 cd "$WT"
 rc=0
-PYTHONPATH=$WT/src "$ROOT/.venv/bin/pkt" run "$ROOT/configs/cpu-study.yaml" --out "${PKT_STUDY_OUT:-$ROOT/runs/cpu-study}" \
-  --records "$ROOT/$RECORDS" || rc=$?
+PYTHONPATH=$WT/src "$ROOT/.venv/bin/pkt" run "$ROOT/configs/cpu-study.yaml" \
+  --out "${PKT_STUDY_OUT:-$ROOT/runs/cpu-study}" --records "$ROOT/$RECORDS" || rc=$?
 echo "segment end $(date -u +%FT%TZ) rc $rc" >> "$ROOT/$RECORDS.segments.log"
 exit $rc
