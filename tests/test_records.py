@@ -318,3 +318,17 @@ def test_a_resumed_study_rebuilds_only_what_its_unfinished_stages_read(study, tm
     assert ran == ["eval-laten-gsm8k-s0", "eval-seeking-random-gsm8k-s0", "extract-gsm8k", "laten-gsm8k-s0",
                    "seeking-random-gsm8k-s0"]
     assert _eval_results(fresh) == _eval_results(records)
+
+
+def test_a_resumed_study_rebuilds_what_its_analysis_reads(study, tmp_path):
+    """Without the analysis's record, a resumed run recomputes the analysis and, because their files are not in a
+    fresh run directory, the extraction and the LaTen model it reads (and nothing else); its numbers come out as
+    on the first machine."""
+    _, records, _, _ = study
+    fresh = _records_only(records, tmp_path / "checkout")
+    (fresh / "stages" / "analysis.json").unlink()
+    out, _ = _resume_elsewhere(study, fresh, tmp_path / "run3")
+    ran = sorted(s["stage"] for s in out["manifest"]["stages"] if not s["cached"])
+    assert ran == ["analysis", "extract-gsm8k", "laten-gsm8k-s0"]
+    new, old = (json.loads((d / "stages" / "analysis.json").read_text())["result"] for d in (fresh, records))
+    assert new == old

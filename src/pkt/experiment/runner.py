@@ -680,9 +680,11 @@ class Study:
 
 def _unique(records: list[StageRecord]) -> list[StageRecord]:
     """Stage records in order, each key once: a build another build reuses (laten-lora asks for its seed's
-    laten) is one stage, in the plan and in the manifest."""
+    laten) is one stage, in the plan and in the manifest. A stage met first as cached and later run (a restored
+    build that the analysis rebuilds because it reads its files) counts as run, at its first place."""
+    ran = {r.key: r for r in records if not r.cached}
     seen: set = set()
-    return [r for r in records if not (r.key in seen or seen.add(r.key))]
+    return [ran.get(r.key, r) for r in records if not (r.key in seen or seen.add(r.key))]
 
 
 def _record_is_output(stage: str) -> bool:
