@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pkt.experiment.cache import StageCache, stable_hash
-from pkt.experiment.report import aggregate, write_report
+from pkt.experiment.report import aggregate, comparisons_table, write_report
 from pkt.experiment.stats import mean_std, paired_bootstrap
 
 
@@ -143,3 +143,26 @@ def test_arms_against_lora_laten_grid_and_equal_steps(tmp_path):
     assert (tmp_path / "laten_grid.png").stat().st_size > 0
     assert "| gsm8k | 3 | 1.7000 ± 0.7071 | 1.5000 ± 0.7071 | -0.2000 ± 0.0000 |" in md
     assert "seed 0: step 3; seed 1: step 2" in md
+
+
+def test_paired_comparisons_between_arms(tmp_path):
+    """Seeking against its controls and against language-based transfer, over the seeds both arms have, with the
+    interval's verdict; arms evaluated in different dtypes are not compared."""
+    def rec(method, seed, per, loss, dtype="float32"):
+        return {"method": method, "task": "gsm8k", "seed": seed, "metric": "accuracy", "score": float(np.mean(per)),
+                "n": len(per), "per_example": per, "answer_loss": loss, "dtype": dtype}
+
+    records = []
+    for seed in (0, 1, 2):
+        records += [rec("student", seed, [0] * 40, 1.0), rec("seeking", seed, [1] * 30 + [0] * 10, 0.8 + 0.01 * seed),
+                    rec("seeking-random", seed, [1] * 30 + [0] * 9 + [1], 0.9)]
+    records += [rec("seqkd", 0, [0] * 40, 0.7), rec("gkd", 0, [0] * 40, 0.7, dtype="bfloat16")]
+    md_table = comparisons_table(records)
+    lines = {ln.split("|")[1].strip(): ln for ln in md_table.splitlines()[2:]}
+    assert set(lines) == {"seeking − seeking-random", "seeking − seqkd"}  # no shuffled/pissa records; gkd is bf16
+    assert lines["seeking − seeking-random"].startswith("| seeking − seeking-random | gsm8k | 3 | -0.025 [")
+    assert "| no | -0.090 ± 0.010 |" in lines["seeking − seeking-random"]
+    assert "| seeking − seqkd | gsm8k | 1 | +0.750 [" in lines["seeking − seqkd"]
+    assert lines["seeking − seqkd"].endswith("| yes | +0.100 ± 0.000 |")
+    write_report(tmp_path, records, {"name": "t"})
+    assert "## Paired comparisons between arms\n\n" + md_table in (tmp_path / "results.md").read_text()

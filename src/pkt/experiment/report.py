@@ -272,6 +272,41 @@ def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str
     return "\n".join(lines) + "\n" if lines else ""
 
 
+# The study's head-to-head questions beyond "vs student" and "vs LoRA" (the table's columns): Seeking against its
+# controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
+# language-based transfer at the same teacher-derived examples.
+COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), ("seeking", "pissa"),
+               ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten")]
+
+
+def comparisons_table(records: list[dict], pairs=COMPARISONS) -> str:
+    """Paired differences a − b on each task over the seeds both arms have: the score with its 95% paired-bootstrap
+    interval (significant when it excludes 0) and the answer loss (mean ± std over seeds of the per-seed
+    difference). Only arms evaluated in the same dtype on the same examples are compared."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        by = {}
+        for r in records:
+            if r["task"] == task:
+                by.setdefault(r["method"], {})[r["seed"]] = r
+        for a, b in pairs:
+            seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+            matched = [(by[a][s], by[b][s]) for s in seeds]
+            if not matched or any(len(x["per_example"]) != len(y["per_example"]) or x.get("dtype") != y.get("dtype")
+                                 for x, y in matched):
+                continue
+            d, lo, hi = paired_bootstrap([x["per_example"] for x, _ in matched], [y["per_example"] for _, y in matched])
+            sig = "yes" if lo > 0 or hi < 0 else "no"
+            dl = [x["answer_loss"] - y["answer_loss"] for x, y in matched
+                  if x.get("answer_loss") is not None and y.get("answer_loss") is not None]
+            loss = f"{mean_std(dl)[0]:+.3f} ± {mean_std(dl)[1]:.3f}" if dl else "–"
+            if not lines:
+                lines = ["| a − b | task | seeds | Δ score [95% CI] | significant | Δ answer loss (mean ± std) |",
+                         "|---|---|---:|---|---|---|"]
+            lines.append(f"| {a} − {b} | {task} | {len(seeds)} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sig} | {loss} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -328,12 +363,14 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
     grid = laten_grid_table(records)
     grid = f"\n## LaTen across steps, rates and seeds (align loss)\n\n{grid}" if grid else ""
+    pairs = comparisons_table(records)
+    pairs = f"\n## Paired comparisons between arms\n\n{pairs}" if pairs else ""
     steps = equal_steps_table(curves or {})
     steps = f"\n## Fine-tuning at equal steps (training loss)\n\n{steps}" if steps else ""
     status = progress_note(progress)
     status = f"{status}\n\n" if status else ""
     write_text(out / "results.md",
-               f"# Results: {manifest.get('name', 'pkt run')}\n\n{status}{table}{inj}{grid}{steps}")
+               f"# Results: {manifest.get('name', 'pkt run')}\n\n{status}{table}{pairs}{inj}{grid}{steps}")
     figs = [plot_scores(rows, out / "scores.png"), plot_laten_grid(records, out / "laten_grid.png")]
     if analysis and analysis.get("plots"):
         figs += [out / FIGURES / n for n in plots.analysis_figures(analysis["plots"], out / FIGURES)]
