@@ -164,5 +164,13 @@ def test_paired_comparisons_between_arms(tmp_path):
     assert "| no | -0.090 ± 0.010 |" in lines["seeking − seeking-random"]
     assert "| seeking − seqkd | gsm8k | 1 | +0.750 [" in lines["seeking − seqkd"]
     assert lines["seeking − seqkd"].endswith("| yes | +0.100 ± 0.000 |")
+    records[1]["metrics"] = {"hit_max_new_tokens": 10}  # seeking, seed 0: 10 of 40 outputs cut at the cap
+    records[4]["metrics"] = {"hit_max_new_tokens": 0}
     write_report(tmp_path, records, {"name": "t"})
-    assert "## Paired comparisons between arms\n\n" + md_table in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Paired comparisons between arms\n\n" + md_table in md
+    # the share of outputs at the new-token cap, averaged over the seeds that count them
+    assert "| Δ vs lora [95% CI] |" not in md and "| at cap | answer loss |" in md
+    assert "| seeking | gsm8k | accuracy | 3 | 40 |" in md and "| 12.5% | 0.810 ± 0.010 |" in md
+    assert "| student | gsm8k | accuracy | 3 | 40 | 0.000 ± 0.000 | – | – | 1.000 ± 0.000 |" in md
+    assert "<th>at cap</th>" in (tmp_path / "report.html").read_text()

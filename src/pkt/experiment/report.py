@@ -55,6 +55,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                 "answer_loss_std": mean_std(losses)[1] if losses else None,
                 "delta": None, "delta_low": None, "delta_high": None,
                 "dtype": _dtype_cell(recs),
+                "at_cap": _at_cap(recs),
             }
             ref = base
             if (method != BASELINE_FP32 and base32 and all(r.get("dtype") == "float32" for r in recs)
@@ -89,6 +90,14 @@ def _deltas_vs_lora(rows: list[dict], records: list[dict]) -> None:
             continue
         d, lo, hi = paired_bootstrap([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
         row.update(delta_lora=d, delta_lora_low=lo, delta_lora_high=hi)
+
+
+def _at_cap(recs: list[dict]) -> float | None:
+    """Mean share of the outputs that reached the new-token cap (cut answers: a model that loops, or a cap too
+    low for its answers), from each evaluation's metrics; None when no record counts them."""
+    hits = [((r.get("metrics") or {}).get("hit_max_new_tokens"), r.get("n")) for r in recs]
+    shares = [h / n for h, n in hits if h is not None and n]
+    return sum(shares) / len(shares) if shares else None
 
 
 def _dtype_cell(recs: list[dict]) -> str | None:
@@ -164,15 +173,17 @@ def _duration(seconds: float) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     vs_lora = any(r.get("delta_lora") is not None for r in rows)
+    cap = any(r.get("at_cap") is not None for r in rows)
     head = "| method | task | metric | seeds | n | score (mean ± std) | Δ vs student [95% CI] |"
-    head += " Δ vs lora [95% CI] |" * vs_lora + " answer loss | eval dtype |"
-    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---|---|"]
+    head += " Δ vs lora [95% CI] |" * vs_lora + " at cap |" * cap + " answer loss | eval dtype |"
+    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---:|" * cap + "---|---|"]
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
+        at_cap = "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {len(r['seeds'])} | {r['n_examples']} | "
                      f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} |" + f" {_lora_cell(r)} |" * vs_lora
-                     + f" {loss} | {r.get('dtype') or '–'} |")
+                     + f" {at_cap} |" * cap + f" {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +364,7 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     write_json(out / "results.json", {"rows": rows, "records": records})
     buf = io.StringIO()
     cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high",
-            "delta_lora", "delta_lora_low", "delta_lora_high", "answer_loss_mean", "answer_loss_std", "dtype"]
+            "delta_lora", "delta_lora_low", "delta_lora_high", "at_cap", "answer_loss_mean", "answer_loss_std", "dtype"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -394,13 +405,14 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "") -> str:
     head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]",
-            "answer loss", "eval dtype"]
+            "at cap", "answer loss", "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"],
-                 f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _lora_cell(r), loss, r.get("dtype") or "–"]
+                 f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _lora_cell(r),
+                 "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}", loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
     for f in figures:
