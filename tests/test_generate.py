@@ -175,3 +175,26 @@ def test_answer_loss_benchmark_reference_agrees(qwen_pair):
     assert [n for _, n in ref] == [n for _, n in new] and ref[2][1] == 0
     for (a, _), (b, _) in zip(ref, new):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+def test_response_nll_chunks_rows_under_its_logits_budget(qwen_pair, monkeypatch):
+    """With a logits budget of one row, each batch goes through the model row by row: the same sums and counts
+    as the whole batch at once, and no forward sees more than one row."""
+    import pkt.evaluate.generate as G
+
+    _, model, tok = qwen_pair
+    feats = []
+    for p, r in [("Question: 1+1?", " Answer: 2"), ("A longer question about def add(a, b):", " a + b"),
+                 ("x", " y z")]:
+        pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
+        feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
+                      "labels": [-100] * len(pi) + ri})
+    whole = response_nll(model, feats, tok.pad_token_id, batch_size=3, progress=False)
+    rows, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: rows.append(len(kw["input_ids"])) or forward(*a, **kw))
+    monkeypatch.setattr(G, "LOSS_LOGITS_BYTES", 1)
+    chunked = response_nll(model, feats, tok.pad_token_id, batch_size=3, progress=False)
+    assert rows == [1, 1, 1]
+    assert [n for _, n in chunked] == [n for _, n in whole]
+    for (a, _), (b, _) in zip(chunked, whole):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
