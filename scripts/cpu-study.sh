@@ -36,6 +36,14 @@ if [ "${1:-}" = "commit" ]; then
   exit 0
 fi
 
+# The study's commit computes the answer loss of a whole evaluation batch at once: ~24 GB at its peak (32 rows of
+# float32 logits, docs/benchmarks.md P10), which the kernel's OOM killer stopped once on a 24 GiB machine
+mem_gb=$(awk '/MemTotal|SwapTotal/{s+=$2} END{print int(s/1048576)}' /proc/meminfo)
+if [ "$mem_gb" -lt 30 ]; then
+  echo "warning: memory + swap is ${mem_gb} GB; the study peaks near 24 GB. Add swap, e.g. (as root):" >&2
+  echo "  fallocate -l 16G /swapfile && chmod 600 /swapfile && mkswap /swapfile && swapon /swapfile" >&2
+fi
+
 WT=$ROOT/.study/$STUDY_COMMIT
 [ -d "$WT" ] || git worktree add -q --detach "$WT" $STUDY_COMMIT
 echo "segment start $(date -u +%FT%TZ) $STUDY_COMMIT" >> $RECORDS.segments.log
