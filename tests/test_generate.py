@@ -139,13 +139,19 @@ def test_next_token_logprobs_batched_equals_single(qwen_pair):
     torch.testing.assert_close(batched[1], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_response_nll_matches_model_loss(qwen_pair):
-    _, model, tok = qwen_pair
+def _loss_features(tok, pairs):
+    """Tokenised (prompt, response) pairs with only the response labelled, as the answer loss scores them."""
     feats = []
-    for p, r in [("Question: 1+1?", " Answer: 2"), ("def add(a, b):", "\n    return a + b\n")]:
+    for p, r in pairs:
         pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
         feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
                       "labels": [-100] * len(pi) + ri})
+    return feats
+
+
+def test_response_nll_matches_model_loss(qwen_pair):
+    _, model, tok = qwen_pair
+    feats = _loss_features(tok, [("Question: 1+1?", " Answer: 2"), ("def add(a, b):", "\n    return a + b\n")])
     res = response_nll(model, feats, tok.pad_token_id, batch_size=2, progress=False)
     for f, (s, n) in zip(feats, res):
         with torch.no_grad():
@@ -164,12 +170,8 @@ def test_answer_loss_benchmark_reference_agrees(qwen_pair):
     from benchmarks.bench_answer_loss import full_logits_nll
 
     _, model, tok = qwen_pair
-    feats = []
-    for p, r in [("Question: 1+1?", " Answer: 2"), ("A much longer question about def add(a, b):", " a + b"),
-                 ("No answer here", "")]:
-        pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
-        feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
-                      "labels": [-100] * len(pi) + ri})
+    feats = _loss_features(tok, [("Question: 1+1?", " Answer: 2"),
+                                 ("A much longer question about def add(a, b):", " a + b"), ("No answer here", "")])
     ref = full_logits_nll(model, feats, tok.pad_token_id, batch_size=3)
     new = response_nll(model, feats, tok.pad_token_id, batch_size=3, progress=False)
     assert [n for _, n in ref] == [n for _, n in new] and ref[2][1] == 0
@@ -183,12 +185,8 @@ def test_response_nll_chunks_rows_under_its_logits_budget(qwen_pair, monkeypatch
     import pkt.evaluate.generate as G
 
     _, model, tok = qwen_pair
-    feats = []
-    for p, r in [("Question: 1+1?", " Answer: 2"), ("A longer question about def add(a, b):", " a + b"),
-                 ("x", " y z")]:
-        pi, ri = tok(p, add_special_tokens=False)["input_ids"], tok(r, add_special_tokens=False)["input_ids"]
-        feats.append({"input_ids": pi + ri, "attention_mask": [1] * (len(pi) + len(ri)),
-                      "labels": [-100] * len(pi) + ri})
+    feats = _loss_features(tok, [("Question: 1+1?", " Answer: 2"),
+                                 ("A longer question about def add(a, b):", " a + b"), ("x", " y z")])
     whole = response_nll(model, feats, tok.pad_token_id, batch_size=3, progress=False)
     rows, forward = [], model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **kw: rows.append(len(kw["input_ids"])) or forward(*a, **kw))
