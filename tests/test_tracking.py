@@ -136,6 +136,17 @@ def test_loss_curves_for_the_report(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_seed_bands_average_each_step_over_the_seeds_that_logged_it(tmp_path):
+    curves = {"lora (gsm8k, seed 0)": [(1, 2.0), (2, 1.0)], "lora (gsm8k, seed 1)": [(1, 4.0)],
+              "laten (humaneval, seed 0)": [(1, 0.5)]}
+    assert tracking.seed_bands(curves) == {"gsm8k": {"lora": [(1, 3.0, 2.0, 4.0, 2), (2, 1.0, 1.0, 1.0, 1)]},
+                                           "humaneval": {"laten": [(1, 0.5, 0.5, 0.5, 1)]}}
+    # a label outside the study's pattern: no grouping, a line per label
+    assert tracking.seed_bands({"lora (gsm8k, seed 0)": [(1, 1.0)], "my run": [(1, 1.0)]}) is None
+    for name, c in (("bands.png", curves), ("plain.png", {"my run": [(1, 1.0), (2, 0.5)]})):
+        assert tracking.plot_loss_curves(c, tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_study_curves_find_each_trained_arms_log(tmp_path):
     ft = tmp_path / "stages" / "lora-gsm8k-s0-abc" / "run"
     (ft / "merged").mkdir(parents=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from pkt.errors import PktError
@@ -139,9 +140,32 @@ def read_loss_curve(log_file: str | Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in rows if "step" in r and "loss" in r]
 
 
+_ARM_LABEL = re.compile(r"^(?P<method>.+) \((?P<task>[^,()]+), seed (?P<seed>-?\d+)\)$")
+
+
+def seed_bands(curves: dict[str, list[tuple[int, float]]]) -> dict | None:
+    """Curves labelled ``method (task, seed N)`` grouped as task -> method -> [(step, mean, min, max, seeds)]
+    over the seeds that logged that step; None when a label does not follow that pattern."""
+    grouped: dict = {}
+    for label, pts in curves.items():
+        m = _ARM_LABEL.match(label)
+        if not m:
+            return None
+        by_step = grouped.setdefault(m["task"], {}).setdefault(m["method"], {})
+        for step, loss in pts:
+            by_step.setdefault(int(step), []).append(float(loss))
+    return {task: {method: [(s, sum(v) / len(v), min(v), max(v), len(v)) for s, v in sorted(steps.items())]
+                   for method, steps in methods.items()}
+            for task, methods in grouped.items()}
+
+
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
                      title: str = "training loss per step") -> Path | None:
-    """One PNG with a loss curve per trained arm (label → [(step, loss)]); None when there is none."""
+    """One PNG of the trained arms' loss curves (label -> [(step, loss)]); None when there is none.
+
+    Labels ``method (task, seed N)`` (a study's) are drawn one panel per task, one line per method: the mean
+    over seeds with a min-max band, so a three-seed study of ten arms stays readable. Other labels get a
+    line each."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
@@ -150,13 +174,36 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for label, pts in curves.items():
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if len(pts) < 30 else None, ms=3, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    bands = seed_bands(curves)
+    if bands is None:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for label, pts in curves.items():
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                    label=label)
+        axes = [ax]
+        ax.set_title(title)
+    else:
+        fig, axes = plt.subplots(1, len(bands), figsize=(8.5 * len(bands), 4.2), squeeze=False)
+        axes = list(axes[0])
+        for ax, (task, methods) in zip(axes, sorted(bands.items())):
+            for method, rows in sorted(methods.items()):
+                steps = [r[0] for r in rows]
+                seeds = max(r[4] for r in rows)
+                line, = ax.plot(steps, [r[1] for r in rows], marker="o" if len(rows) < 30 else None, ms=3,
+                                label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+                if seeds > 1:
+                    ax.fill_between(steps, [r[2] for r in rows], [r[3] for r in rows], color=line.get_color(),
+                                    alpha=0.15, linewidth=0)
+            # each arm's loop logs its own objective: LaTen's align loss, GKD's divergence, SeqKD's loss on
+            # the teacher's text; only arms with the same objective and data compare in level
+            ax.set_title(f"{title}: {task} (mean over seeds, band min-max)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (each loop's own objective)" if bands is not None else "loss")
+        if bands is None:
+            ax.legend(fontsize=7)
+        else:  # outside the axes: ten arms' labels would cover their own curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
