@@ -339,13 +339,15 @@ def plot_scores(rows: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    arms = max(sum(r["task"] == t for r in rows) for t in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.5, 0.5 * arms + 1.5) * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         sub = [r for r in rows if r["task"] == task]
         ax.bar([r["method"] for r in sub], [r["mean"] for r in sub], yerr=[r["std"] for r in sub], capsize=3,
                color=["#888" if r["method"] in ("student", "teacher") else "#3b7dd8" for r in sub])
         ax.set_title(f"{task} ({sub[0]['metric']})")
-        ax.tick_params(axis="x", rotation=40)
+        # anchored at the label's end so that long arm names stay under their own bar
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     return _save(fig, path)
 
 
