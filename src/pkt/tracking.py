@@ -140,7 +140,12 @@ def read_loss_curve(log_file: str | Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in rows if "step" in r and "loss" in r]
 
 
-_ARM_LABEL = re.compile(r"^(?P<method>.+) \((?P<task>[^,()]+), seed (?P<seed>-?\d+)\)$")
+ARM_LABEL = re.compile(r"^(?P<method>.+) \((?P<task>[^,()]+), seed (?P<seed>-?\d+)\)$")
+
+
+def arm_label(record: dict) -> str:
+    """A study arm's curve label, ``method (task, seed N)``, which ARM_LABEL reads back."""
+    return f"{record['method']} ({record['task']}, seed {record['seed']})"
 
 
 def seed_bands(curves: dict[str, list[tuple[int, float]]]) -> dict | None:
@@ -148,7 +153,7 @@ def seed_bands(curves: dict[str, list[tuple[int, float]]]) -> dict | None:
     over the seeds that logged that step; None when a label does not follow that pattern."""
     grouped: dict = {}
     for label, pts in curves.items():
-        m = _ARM_LABEL.match(label)
+        m = ARM_LABEL.match(label)
         if not m:
             return None
         by_step = grouped.setdefault(m["task"], {}).setdefault(m["method"], {})
@@ -221,7 +226,7 @@ def study_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
         parent = Path(str(r["model_dir"])).parent
         for log in (parent / "train_log.jsonl", parent / "train" / "log.jsonl"):
             if log.is_file():
-                curves[f"{r['method']} ({r['task']}, seed {r['seed']})"] = read_loss_curve(log)
+                curves[arm_label(r)] = read_loss_curve(log)
                 break
     return curves
 

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from pkt.errors import PktError
 from pkt.io import write_json
+from pkt.tracking import arm_label
 
 FORMAT = 1
 STUDY = "study.json"
@@ -394,8 +395,7 @@ def _curves(records: list[dict], stages: dict[str, _Stage]) -> dict:
         parent = found[1].parent
         for cand in (parent / "train_log.jsonl", parent / "train" / "log.jsonl"):
             if cand.as_posix() in logs:
-                curves[f"{r['method']} ({r['task']}, seed {r['seed']})"] = [(int(s), float(v))
-                                                                             for s, v in logs[cand.as_posix()]]
+                curves[arm_label(r)] = [(int(s), float(v)) for s, v in logs[cand.as_posix()]]
                 break
     return curves
 

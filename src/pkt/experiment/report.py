@@ -18,12 +18,12 @@ import base64
 import csv
 import html
 import io
-import re
 import shutil
 from pathlib import Path
 
 from pkt.experiment.stats import mean_std, paired_bootstrap
 from pkt.io import write_json, write_text
+from pkt.tracking import ARM_LABEL
 
 BASELINE = "student"
 FIGURES = "figures"  # the analysis figures of a report, under its output directory
@@ -253,12 +253,11 @@ def plot_laten_grid(records: list[dict], path: Path) -> Path | None:
 def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str:
     """Training loss of arms ``a`` and ``b`` at equal steps (mean ± std over seeds; the same batches in one seed),
     and per seed the first step at which ``b`` reaches ``a``'s final loss."""
-    lab = re.compile(r"(.+) \((.+), seed (\d+)\)")
     runs: dict = {}
     for label, pts in curves.items():
-        m = lab.fullmatch(label)
-        if m and m.group(1) in (a, b):
-            runs.setdefault(m.group(2), {}).setdefault(m.group(1), {})[int(m.group(3))] = dict(pts)
+        m = ARM_LABEL.match(label)
+        if m and m["method"] in (a, b):
+            runs.setdefault(m["task"], {}).setdefault(m["method"], {})[int(m["seed"])] = dict(pts)
     lines = []
     for task, by in runs.items():
         if a not in by or b not in by:
