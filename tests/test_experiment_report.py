@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pkt.experiment.cache import StageCache, stable_hash
-from pkt.experiment.report import aggregate, comparisons_table, write_report
+from pkt.experiment.report import aggregate, analysis_tables, comparisons_table, write_report
 from pkt.experiment.stats import mean_std, paired_bootstrap
 
 
@@ -174,3 +174,38 @@ def test_paired_comparisons_between_arms(tmp_path):
     assert "| seeking | gsm8k | accuracy | 3 | 40 |" in md and "| 12.5% | 0.810 ± 0.010 |" in md
     assert "| student | gsm8k | accuracy | 3 | 40 | 0.000 ± 0.000 | – | – | 1.000 ± 0.000 |" in md
     assert "<th>at cap</th>" in (tmp_path / "report.html").read_text()
+
+
+def test_analysis_numbers_are_tables_in_results_md(tmp_path):
+    """The analysis stage's summary (what its figures show) is printed as tables: one row per init and module,
+    per LaTen module, per module and measure, and the behaviour line; nothing without an analysis."""
+    def stat(mean, std=0.0, n=24):
+        return {"mean": mean, "std": std, "min": mean, "max": mean, "n": n}
+
+    summary = {
+        "params": {"seeking": {"up_proj": {"cos_BA_original": stat(0.0001), "cos_BA_remaining": stat(-0.228, 0.059),
+                                           "norm_ratio": stat(0.235)}},
+                   "pissa": {"up_proj": {"cos_BA_original": stat(0.215), "cos_BA_remaining": stat(-0.0),
+                                         "norm_ratio": stat(0.215)}}},
+        "laten_delta": {"v_proj": {"cos_delta_located": stat(0.0008, 0.004), "cos_delta_full": stat(0.0005),
+                                   "norm_ratio": stat(0.0021)}},
+        "representations": {"up": {"cka": {"all": stat(0.732, 0.115, 672), "teacher_ge_student": stat(0.745),
+                                           "diagonal": {"proportional_mean": 0.899, "best_mean": 0.907,
+                                                        "best_within_2_of_proportional": 0.9166}}}},
+        "behaviour": {"n_examples": 4, "n_tokens": 575, "kl_mean": 0.23, "kl_median": 0.031, "kl_p90": 0.61,
+                      "top1_agreement": 0.897, "teacher_top1_accuracy": 0.83, "student_top1_accuracy": 0.791}}
+    text = analysis_tables(summary)
+    assert "| seeking | up_proj | 24 | +0.000 ± 0.000 | -0.228 ± 0.059 | 0.235 ± 0.000 |" in text
+    assert "| pissa | up_proj | 24 | +0.215 ± 0.000 | -0.000 ± 0.000 | 0.215 ± 0.000 |" in text
+    assert "| v_proj | 24 | +0.0008 ± 0.0040 | +0.0005 ± 0.0000 | 0.0021 ± 0.0000 |" in text
+    assert "| up | cka | 0.732 ± 0.115 | 0.745 ± 0.000 | 0.899 | 0.907 | 92% |" in text
+    assert "top-1 agreement 89.7%" in text and "KL(teacher ‖ student) mean 0.230" in text
+    assert analysis_tables(None) == analysis_tables({}) == ""
+
+    rec = {"method": "student", "task": "gsm8k", "seed": 0, "metric": "accuracy", "score": 0.5, "n": 2,
+           "per_example": [1.0, 0.0], "dtype": "float32"}
+    write_report(tmp_path / "a", [rec], {"name": "t"}, analysis={"summary": summary})
+    write_report(tmp_path / "b", [rec], {"name": "t"})
+    with_analysis, without = ((tmp_path / d / "results.md").read_text() for d in "ab")
+    assert "## Neural incompatibility (the analysis stage)" in with_analysis and text in with_analysis
+    assert "Neural incompatibility" not in without

@@ -317,6 +317,61 @@ def comparisons_table(records: list[dict], pairs=COMPARISONS) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _ms(stat: dict | None, fmt: str = "+.3f") -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt.lstrip('+')}}" if stat else "–"
+
+
+def analysis_tables(summary: dict | None) -> str:
+    """The analysis stage's numbers (its figures' summaries) as tables: the parametric similarity of the Seeking
+    and PiSSA inits and of the LaTen delta to the student's weights (mean ± std over layers), the teacher × student
+    representation similarity per module and measure, and the next-token behaviour of the two models."""
+    if not summary:
+        return ""
+    out = []
+    params = summary.get("params") or {}
+    if params:
+        out += ["Parametric similarity of each LoRA init's update BA to the student's weight W (per layer, mean ± std "
+                "over layers; W − BA is the frozen remainder):", "",
+                "| init | module | layers | cos(BA, W) | cos(BA, W − BA) | ‖BA‖ / ‖W‖ |", "|---|---|---:|---|---|---|"]
+        for init, mods in params.items():
+            for mod, st in sorted(mods.items()):
+                out.append(f"| {init} | {mod} | {st['cos_BA_original']['n']} | {_ms(st['cos_BA_original'])} | "
+                           f"{_ms(st['cos_BA_remaining'])} | {_ms(st['norm_ratio'], '.3f')} |")
+        out.append("")
+    delta = summary.get("laten_delta") or {}
+    if delta:
+        out += ["LaTen's delta Δ against the student's weight (on the located rows × columns, and over the whole "
+                "matrix):", "", "| module | layers | cos(Δ, W located) | cos(Δ, W) | ‖Δ‖ / ‖W located‖ |",
+                "|---|---:|---|---|---|"]
+        for mod, st in sorted(delta.items()):
+            out.append(f"| {mod} | {st['cos_delta_located']['n']} | {_ms(st['cos_delta_located'], '+.4f')} | "
+                       f"{_ms(st['cos_delta_full'], '+.4f')} | {_ms(st['norm_ratio'], '.4f')} |")
+        out.append("")
+    reps = summary.get("representations") or {}
+    if reps:
+        out += ["Teacher × student representation similarity of each module's output (mean ± std over layer pairs; "
+                "'teacher ≥ student' keeps the pairs whose teacher layer index is at least the student's; the "
+                "diagonal pairs each student layer with the teacher layer at the same relative depth, or with its "
+                "best-matching one):", "",
+                "| module | measure | all pairs | teacher ≥ student | same relative depth | best teacher layer | "
+                "best within 2 layers of the same depth |", "|---|---|---|---|---:|---:|---:|"]
+        for mod, measures in reps.items():
+            for name, st in measures.items():
+                dg = st.get("diagonal") or {}
+                within = dg.get("best_within_2_of_proportional")
+                out.append(f"| {mod} | {name} | {_ms(st.get('all'), '.3f')} | {_ms(st.get('teacher_ge_student'), '.3f')}"
+                           f" | {dg.get('proportional_mean', float('nan')):.3f} | {dg.get('best_mean', float('nan')):.3f}"
+                           f" | {'–' if within is None else f'{within:.0%}'} |")
+        out.append("")
+    beh = summary.get("behaviour") or {}
+    if beh:
+        out += [f"Next-token behaviour on {beh['n_examples']} examples ({beh['n_tokens']} answer tokens): KL(teacher ‖ "
+                f"student) mean {beh['kl_mean']:.3f}, median {beh['kl_median']:.3f}, 90th percentile "
+                f"{beh['kl_p90']:.3f}; top-1 agreement {beh['top1_agreement']:.1%}; top-1 accuracy teacher "
+                f"{beh['teacher_top1_accuracy']:.1%}, student {beh['student_top1_accuracy']:.1%}.", ""]
+    return "\n".join(out)
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -379,10 +434,12 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     pairs = f"\n## Paired comparisons between arms\n\n{pairs}" if pairs else ""
     steps = equal_steps_table(curves or {})
     steps = f"\n## Fine-tuning at equal steps (training loss)\n\n{steps}" if steps else ""
+    incompat = analysis_tables((analysis or {}).get("summary"))
+    incompat = f"\n## Neural incompatibility (the analysis stage)\n\n{incompat}" if incompat else ""
     status = progress_note(progress)
     status = f"{status}\n\n" if status else ""
     write_text(out / "results.md",
-               f"# Results: {manifest.get('name', 'pkt run')}\n\n{status}{table}{pairs}{inj}{grid}{steps}")
+               f"# Results: {manifest.get('name', 'pkt run')}\n\n{status}{table}{pairs}{inj}{grid}{steps}{incompat}")
     figs = [plot_scores(rows, out / "scores.png"), plot_laten_grid(records, out / "laten_grid.png")]
     if analysis and analysis.get("plots"):
         figs += [out / FIGURES / n for n in plots.analysis_figures(analysis["plots"], out / FIGURES)]
