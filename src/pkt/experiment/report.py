@@ -360,8 +360,9 @@ def analysis_tables(summary: dict | None) -> str:
                 dg = st.get("diagonal") or {}
                 within = dg.get("best_within_2_of_proportional")
                 same, best = dg.get("proportional_mean", float("nan")), dg.get("best_mean", float("nan"))
-                out.append(f"| {mod} | {name} | {_ms(st.get('all'), '.3f')} | {_ms(st.get('teacher_ge_student'), '.3f')}"
-                           f" | {same:.3f} | {best:.3f} | {'–' if within is None else f'{within:.0%}'} |")
+                near = "–" if within is None else f"{within:.0%}"
+                out.append(f"| {mod} | {name} | {_ms(st.get('all'), '.3f')} | "
+                           f"{_ms(st.get('teacher_ge_student'), '.3f')} | {same:.3f} | {best:.3f} | {near} |")
         out.append("")
     beh = summary.get("behaviour") or {}
     if beh:
