@@ -3,6 +3,7 @@
 #
 #   bash scripts/cpu-study.sh            # run or resume (on any machine: committed records restore finished stages)
 #   bash scripts/cpu-study.sh commit     # rebuild docs/results/cpu-study's report from its records and commit them
+#   bash scripts/cpu-study.sh wall       # the study's wall time so far: its segments' durations, summed
 #
 # Stage keys hash pkt's whole source, so the study's code is one commit's (STUDY_COMMIT), checked out as a git
 # worktree under .study/ and run with this checkout's .venv and its configs/cpu-study.yaml, while main moves on
@@ -33,6 +34,26 @@ if [ "${1:-}" = "commit" ]; then
   rm -rf "$snap"
   git commit -q -m "cpu-study: records of $n finished stages; report rebuilt from them (pkt report $RECORDS)" \
     -- $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true) && echo "committed the records of $n stages"
+  exit 0
+fi
+
+if [ "${1:-}" = "wall" ]; then
+  # each "segment start" runs until the next "segment end" (a segment still open counts until now)
+  .venv/bin/python - "$RECORDS.segments.log" <<'PY'
+import datetime as dt, sys
+def at(line):
+    return dt.datetime.strptime(line.split()[2].rstrip(":"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+total, start, n = 0.0, None, 0
+for line in open(sys.argv[1]):
+    if line.startswith("segment start"):
+        start = at(line)
+    elif line.startswith("segment end") and start is not None:
+        total, start, n = total + (at(line) - start).total_seconds(), None, n + 1
+if start is not None:
+    total, n = total + (dt.datetime.now(dt.timezone.utc) - start).total_seconds(), n + 1
+    print("(the last segment is still open: counted until now)")
+print(f"{n} segments, {total / 3600:.2f} h wall")
+PY
   exit 0
 fi
 
