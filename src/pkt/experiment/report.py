@@ -321,49 +321,47 @@ def _ms(stat: dict | None, fmt: str = "+.3f") -> str:
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt.lstrip('+')}}" if stat else "–"
 
 
+def _md_table(intro: str, header: list[str], align: str, rows: list[list]) -> list[str]:
+    """A markdown table under its introducing sentence (``align``: its separator line); nothing without rows."""
+    if not rows:
+        return []
+    return [intro, "", "| " + " | ".join(header) + " |", align, *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+            ""]
+
+
 def analysis_tables(summary: dict | None) -> str:
     """The analysis stage's numbers (its figures' summaries) as tables: the parametric similarity of the Seeking
     and PiSSA inits and of the LaTen delta to the student's weights (mean ± std over layers), the teacher × student
     representation similarity per module and measure, and the next-token behaviour of the two models."""
     if not summary:
         return ""
-    out = []
     params = summary.get("params") or {}
-    if params:
-        out += ["Parametric similarity of each LoRA init's update BA to the student's weight W (per layer, mean ± std "
-                "over layers; W − BA is the frozen remainder):", "",
-                "| init | module | layers | cos(BA, W) | cos(BA, W − BA) | ‖BA‖ / ‖W‖ |", "|---|---|---:|---|---|---|"]
-        for init, mods in params.items():
-            for mod, st in sorted(mods.items()):
-                out.append(f"| {init} | {mod} | {st['cos_BA_original']['n']} | {_ms(st['cos_BA_original'])} | "
-                           f"{_ms(st['cos_BA_remaining'])} | {_ms(st['norm_ratio'], '.3f')} |")
-        out.append("")
-    delta = summary.get("laten_delta") or {}
-    if delta:
-        out += ["LaTen's delta Δ against the student's weight (on the located rows × columns, and over the whole "
-                "matrix):", "", "| module | layers | cos(Δ, W located) | cos(Δ, W) | ‖Δ‖ / ‖W located‖ |",
-                "|---|---:|---|---|---|"]
-        for mod, st in sorted(delta.items()):
-            out.append(f"| {mod} | {st['cos_delta_located']['n']} | {_ms(st['cos_delta_located'], '+.4f')} | "
-                       f"{_ms(st['cos_delta_full'], '+.4f')} | {_ms(st['norm_ratio'], '.4f')} |")
-        out.append("")
-    reps = summary.get("representations") or {}
-    if reps:
-        out += ["Teacher × student representation similarity of each module's output (mean ± std over layer pairs; "
-                "'teacher ≥ student' keeps the pairs whose teacher layer index is at least the student's; the "
-                "diagonal pairs each student layer with the teacher layer at the same relative depth, or with its "
-                "best-matching one):", "",
-                "| module | measure | all pairs | teacher ≥ student | same relative depth | best teacher layer | "
-                "best within 2 layers of the same depth |", "|---|---|---|---|---:|---:|---:|"]
-        for mod, measures in reps.items():
-            for name, st in measures.items():
-                dg = st.get("diagonal") or {}
-                within = dg.get("best_within_2_of_proportional")
-                same, best = dg.get("proportional_mean", float("nan")), dg.get("best_mean", float("nan"))
-                near = "–" if within is None else f"{within:.0%}"
-                out.append(f"| {mod} | {name} | {_ms(st.get('all'), '.3f')} | "
-                           f"{_ms(st.get('teacher_ge_student'), '.3f')} | {same:.3f} | {best:.3f} | {near} |")
-        out.append("")
+    out = _md_table(
+        "Parametric similarity of each LoRA init's update BA to the student's weight W (per layer, mean ± std over "
+        "layers; W − BA is the frozen remainder):",
+        ["init", "module", "layers", "cos(BA, W)", "cos(BA, W − BA)", "‖BA‖ / ‖W‖"], "|---|---|---:|---|---|---|",
+        [[init, mod, st["cos_BA_original"]["n"], _ms(st["cos_BA_original"]), _ms(st["cos_BA_remaining"]),
+          _ms(st["norm_ratio"], ".3f")] for init, mods in params.items() for mod, st in sorted(mods.items())])
+    out += _md_table(
+        "LaTen's delta Δ against the student's weight (on the located rows × columns, and over the whole matrix):",
+        ["module", "layers", "cos(Δ, W located)", "cos(Δ, W)", "‖Δ‖ / ‖W located‖"], "|---|---:|---|---|---|",
+        [[mod, st["cos_delta_located"]["n"], _ms(st["cos_delta_located"], "+.4f"), _ms(st["cos_delta_full"], "+.4f"),
+          _ms(st["norm_ratio"], ".4f")] for mod, st in sorted((summary.get("laten_delta") or {}).items())])
+    rep_rows = []
+    for mod, measures in (summary.get("representations") or {}).items():
+        for name, st in measures.items():
+            dg = st.get("diagonal") or {}
+            within = dg.get("best_within_2_of_proportional")
+            rep_rows.append([mod, name, _ms(st.get("all"), ".3f"), _ms(st.get("teacher_ge_student"), ".3f"),
+                             f"{dg.get('proportional_mean', float('nan')):.3f}",
+                             f"{dg.get('best_mean', float('nan')):.3f}", "–" if within is None else f"{within:.0%}"])
+    out += _md_table(
+        "Teacher × student representation similarity of each module's output (mean ± std over layer pairs; "
+        "'teacher ≥ student' keeps the pairs whose teacher layer index is at least the student's; the diagonal "
+        "pairs each student layer with the teacher layer at the same relative depth, or with its best-matching "
+        "one):",
+        ["module", "measure", "all pairs", "teacher ≥ student", "same relative depth", "best teacher layer",
+         "best within 2 layers of the same depth"], "|---|---|---|---|---:|---:|---:|", rep_rows)
     beh = summary.get("behaviour") or {}
     if beh:
         out += [f"Next-token behaviour on {beh['n_examples']} examples ({beh['n_tokens']} answer tokens): KL(teacher ‖ "
