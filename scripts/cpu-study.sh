@@ -40,18 +40,30 @@ fi
 if [ "${1:-}" = "wall" ]; then
   # each "segment start" runs until the next "segment end" (a segment still open counts until now)
   .venv/bin/python - "$RECORDS.segments.log" <<'PY'
-import datetime as dt, sys
-def at(line):
-    return dt.datetime.strptime(line.split()[2].rstrip(":"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-total, start, n = 0.0, None, 0
+import datetime as dt, re, sys
+# a segment runs from its "segment start" to its "segment end"; one that has none (its process stopped with the
+# machine) counts until its last dated line, and the segment still open at the end of the log until now
+total, start, last, n = 0.0, None, None, 0
+def close(until, why=""):
+    global total, start, n
+    total, n = total + (until - start).total_seconds(), n + 1
+    if why:
+        print(f"(segment of {start:%FT%TZ}: {why})")
+    start = None
 for line in open(sys.argv[1]):
+    m = re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line)
+    if not m:
+        continue
+    t = dt.datetime.strptime(m.group(), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
     if line.startswith("segment start"):
-        start = at(line)
+        if start is not None:
+            close(last, "no end line, counted until its last dated line")
+        start = t
     elif line.startswith("segment end") and start is not None:
-        total, start, n = total + (at(line) - start).total_seconds(), None, n + 1
+        close(t)
+    last = t
 if start is not None:
-    total, n = total + (dt.datetime.now(dt.timezone.utc) - start).total_seconds(), n + 1
-    print("(the last segment is still open: counted until now)")
+    close(dt.datetime.now(dt.timezone.utc), "still open, counted until now")
 print(f"{n} segments, {total / 3600:.2f} h wall")
 PY
   exit 0
