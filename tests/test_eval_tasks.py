@@ -57,6 +57,17 @@ def test_gsm8k_extract_last_number(text, want):
     assert gsm8k.extract_answer(text) == want
 
 
+@pytest.mark.parametrize("text,want", [
+    ("3 + 4 = 7. So the answer is 7.\nQuestion: A man has 5 apples ... So the answer is 12.", "7"),
+    ("The answer is: $1,234. Then 5 more", "1234"),
+    ("So the Answer is -3.5 degrees", "-3.5"),
+    ("no phrase, the numbers 3 and 4", "4"),  # falls back to the last number
+    ("nothing", None),
+])
+def test_gsm8k_first_answer_reads_the_first_stated_answer(text, want):
+    assert gsm8k.extract_first_answer(text) == want
+
+
 def test_gsm8k_correctness_is_numeric():
     assert gsm8k.is_correct("18.00", "18") and gsm8k.is_correct("1234", "1234")
     assert not gsm8k.is_correct(None, "3") and not gsm8k.is_correct("4", "3")

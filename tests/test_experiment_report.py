@@ -209,3 +209,25 @@ def test_analysis_numbers_are_tables_in_results_md(tmp_path):
     with_analysis, without = ((tmp_path / d / "results.md").read_text() for d in "ab")
     assert "## Neural incompatibility (the analysis stage)" in with_analysis and text in with_analysis
     assert "Neural incompatibility" not in without
+
+
+def test_first_answer_column_only_where_records_have_it(tmp_path):
+    """GSM8K records with first_answer_accuracy get a `first answer` column (mean over seeds); a study whose
+    records predate it keeps its table as it was (committed results.md files stay byte-identical)."""
+    def rec(method, seed, score, first=None):
+        metrics = {} if first is None else {"first_answer_accuracy": first}
+        return {"method": method, "task": "gsm8k", "seed": seed, "metric": "accuracy", "score": score,
+                "per_example": [1, 0, 0, 0], "answer_loss": 1.0, "n": 4, "dtype": "float32", "metrics": metrics}
+
+    recs = [rec("student", s, 0.25, 0.25) for s in (0, 1)] + [rec("lora", 0, 0.25, 0.5), rec("lora", 1, 0.25, 0.75)]
+    write_report(tmp_path / "with", recs, {"name": "t", "stages": []})
+    md = (tmp_path / "with" / "results.md").read_text()
+    assert "| first answer |" in md and "| lora | gsm8k | accuracy | 2 | 4 | 0.250 ± 0.000 |" in md
+    assert "| 0.625 | 1.000 ± 0.000 |" in md  # lora's (0.5 + 0.75) / 2, then its answer loss
+    assert "first_answer" in (tmp_path / "with" / "results.csv").read_text().splitlines()[0]
+    assert "<th>first answer</th>" in (tmp_path / "with" / "report.html").read_text()
+    old = [dict(r, metrics={}) for r in recs]
+    write_report(tmp_path / "without", old, {"name": "t", "stages": []})
+    assert "first answer" not in (tmp_path / "without" / "results.md").read_text()
+    assert "first_answer" not in (tmp_path / "without" / "results.csv").read_text()
+    assert all("first_answer" not in r for r in aggregate(old))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pkt.align.lora_init import (make_lora_model, module_names, parse_kinds, svd_factors)
+from pkt.align.lora_init import (init_dropout, make_lora_model, module_names, parse_kinds, svd_factors)
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 
@@ -67,6 +67,25 @@ def test_pissa_and_lora_inits_keep_output(qwen_pair, init):
     ids = torch.randint(0, 100, (1, 9))
     model = make_lora_model(student, init, r=4, alpha=8).eval()
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_first_training_step_sees_the_preserved_function(qwen_pair):
+    """In train mode (LoRA dropout active) each init's default must still give the student's function: LoRA's
+    adapter starts at zero, PiSSA's defaults to no dropout. PiSSA with LoRA's 0.05 would train a noisy model:
+    its adapter holds the student's principal components, so dropping their inputs changes the output."""
+    _, student, _ = qwen_pair
+    ids = torch.randint(0, 100, (2, 9))
+    want = _logits(student, ids)
+    for init, dropout in [("lora", None), ("pissa", None)]:
+        torch.manual_seed(0)
+        model = make_lora_model(copy.deepcopy(student), init, r=4, alpha=8, dropout=dropout).train()
+        torch.testing.assert_close(_logits(model, ids), want, atol=1e-4, rtol=0)
+    assert init_dropout("pissa") == 0.0 and init_dropout("lora") == init_dropout("seeking") == 0.05
+    torch.manual_seed(0)
+    noisy = make_lora_model(copy.deepcopy(student), "pissa", r=4, alpha=8, dropout=0.05).train()
+    assert (_logits(noisy, ids) - want).abs().max() > 1e-2
+    with pytest.raises(PktError, match="init"):
+        init_dropout("dora")
 
 
 def test_embed_and_lm_head_factors_on_untied_student(qwen_pair):

@@ -41,11 +41,12 @@ from pkt.tracking import TrainingLog, check_report_to
 
 class FinetuneConfig(Settings):
     """LoRA SFT settings. Defaults follow Seeking's ``train.sh``/adapter config (METHODS.md §4.4-4.5):
-    r=16, α=16, dropout 0.05, lr 3e-4, batch 64, 3 epochs, warm-up 3%, cutoff 2048, seed 1."""
+    r=16, α=16, dropout 0.05, lr 3e-4, batch 64, 3 epochs, warm-up 3%, cutoff 2048, seed 1. ``dropout`` None
+    = the init's own (0.05; 0 for PiSSA, whose adapter holds the student's principal part: pkt.align.lora_init)."""
 
     r: int = 16
     alpha: float = 16
-    dropout: float = 0.05
+    dropout: float | None = Field(None, ge=0, lt=1)
     targets: list[str] = ["q", "k", "v", "o", "gate", "up", "down"]
     lr: float = 3e-4
     epochs: float = 3
@@ -261,6 +262,7 @@ def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneC
         t1 = time.perf_counter()
         info = save_outputs(model, tokenizer, init, tmp, init_dir)
         summary = {"init": init, "n_train": len(examples), "steps": len(logs),
+                   "lora_dropout": model.peft_config["default"].lora_dropout,
                    "final_loss": logs[-1]["loss"] if logs else None, "processes": state.num_processes,
                    "train_seconds": round(train_s, 1),
                    "save_seconds": round(time.perf_counter() - t1, 1), "config": cfg.model_dump(),

@@ -9,6 +9,13 @@ path_initial_model_for_weight_conversion=...)``).
 
 peft multiplies the adapter by ``scaling = lora_alpha / r``; the factors are divided by it on the way in
 so that scaling·B·A equals the rank-r teacher block for any α (with α = r it is 1, as in the reference).
+
+LoRA dropout acts on the adapter's input, so it is a regulariser of the *update* only while the adapter
+starts at zero (LoRA). A PiSSA adapter holds the student's own top-r components: dropout there perturbs
+the model itself, and the first training step no longer sees the function it is meant to preserve. Each init
+therefore has its authors' default (:data:`INIT_DROPOUT`): 0 for PiSSA (its authors' scripts), 0.05 for LoRA
+and for Seeking (the Seeking reference's adapter config; its adapter starts non-zero too, but that is the
+method as published, and its controls share it).
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ INITS = ("seeking", "pissa", "lora")
 DEFAULT_KINDS = LINEAR_KINDS  # q, k, v, o, gate, up, down
 VOCAB_KINDS = ("embed", "lm_head")
 ADAPTER = "default"
+# the dropout each init gets when none is given (see the module docstring)
+INIT_DROPOUT = {"lora": 0.05, "seeking": 0.05, "pissa": 0.0}
+
+
+def init_dropout(init: str, dropout: float | None = None) -> float:
+    """The LoRA dropout of ``init``: ``dropout`` when given, else the init's own default."""
+    if init not in INITS:
+        raise PktError(f"init {init!r}: expected one of {', '.join(INITS)}")
+    return INIT_DROPOUT[init] if dropout is None else dropout
 
 
 def parse_kinds(kinds: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -56,13 +72,12 @@ def svd_factors(w: torch.Tensor, rank: int, return_spectrum: bool = False):
     return (b, a, s) if return_spectrum else (b, a)
 
 
-def lora_config(spec: ArchSpec, init: str, kinds, r: int = 16, alpha: float = 16, dropout: float = 0.05,
+def lora_config(spec: ArchSpec, init: str, kinds, r: int = 16, alpha: float = 16, dropout: float | None = None,
                 pissa_niter: int | None = None):
     from peft import LoraConfig
 
     kinds = parse_kinds(kinds)
-    if init not in INITS:
-        raise PktError(f"init {init!r}: expected one of {', '.join(INITS)}")
+    dropout = init_dropout(init, dropout)
     if init == "pissa":
         if any(k in VOCAB_KINDS for k in kinds):
             raise PktError("PiSSA init covers linear projections only; drop embed/lm_head from the targets")
@@ -75,10 +90,12 @@ def lora_config(spec: ArchSpec, init: str, kinds, r: int = 16, alpha: float = 16
 
 
 def make_lora_model(student: nn.Module, init: str, kinds=DEFAULT_KINDS, r: int = 16, alpha: float = 16,
-                    dropout: float = 0.05, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    dropout: float | None = None,
+                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                     pissa_niter: int | None = None):
     """Wrap ``student`` in a peft LoRA with the given init; for ``seeking`` apply ``factors`` (see
-    :func:`apply_factors`). The student's output is unchanged at init for all three inits."""
+    :func:`apply_factors`). The student's output is unchanged at init for all three inits. ``dropout``: None =
+    the init's default (:data:`INIT_DROPOUT`)."""
     from accelerate.utils import has_offloaded_params
     from peft import get_peft_model
 

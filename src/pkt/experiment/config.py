@@ -29,6 +29,9 @@ class Budget(Settings):
     lr: float = 3e-4
     rank: int = Field(16, ge=1)
     alpha: float = 16
+    # LoRA dropout: None = each init's own (0.05; 0 for PiSSA, whose adapter holds the student's principal
+    # components, so dropout there perturbs the model rather than the update: pkt.align.lora_init)
+    dropout: float | None = Field(None, ge=0, lt=1)
     max_length: int = Field(768, ge=16)
     # PiSSA's SVD: None = exact (the paper); K = peft's randomised pissa_niter_K (same output-preserving
     # split W = W_res + BA, top-r subspace approximate), also used for the analysis' PiSSA init

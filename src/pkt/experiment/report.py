@@ -57,6 +57,9 @@ def aggregate(records: list[dict]) -> list[dict]:
                 "dtype": _dtype_cell(recs),
                 "at_cap": _at_cap(recs),
             }
+            first = _first_answer(recs)
+            if first is not None:  # GSM8K under the pkt protocol since first_answer_accuracy exists
+                row["first_answer"] = first
             ref = base
             if (method != BASELINE_FP32 and base32 and all(r.get("dtype") == "float32" for r in recs)
                     and all(r["seed"] in base32 for r in recs)):
@@ -98,6 +101,14 @@ def _at_cap(recs: list[dict]) -> float | None:
     hits = [((r.get("metrics") or {}).get("hit_max_new_tokens"), r.get("n")) for r in recs]
     shares = [h / n for h, n in hits if h is not None and n]
     return sum(shares) / len(shares) if shares else None
+
+
+def _first_answer(recs: list[dict]) -> float | None:
+    """Mean over seeds of GSM8K's first-answer accuracy (the number of the first "answer is N" rather than the
+    output's last number): set beside the score, it shows what writing on past the answer costs a model. None
+    unless every record has it."""
+    vals = [(r.get("metrics") or {}).get("first_answer_accuracy") for r in recs]
+    return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
 
 def _dtype_cell(recs: list[dict]) -> str | None:
@@ -174,16 +185,20 @@ def _duration(seconds: float) -> str:
 def markdown_table(rows: list[dict]) -> str:
     vs_lora = any(r.get("delta_lora") is not None for r in rows)
     cap = any(r.get("at_cap") is not None for r in rows)
+    first = any("first_answer" in r for r in rows)
     head = "| method | task | metric | seeds | n | score (mean ± std) | Δ vs student [95% CI] |"
-    head += " Δ vs lora [95% CI] |" * vs_lora + " at cap |" * cap + " answer loss | eval dtype |"
-    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---:|" * cap + "---|---|"]
+    head += (" Δ vs lora [95% CI] |" * vs_lora + " at cap |" * cap + " first answer |" * first
+             + " answer loss | eval dtype |")
+    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---:|" * cap + "---:|" * first
+             + "---|---|"]
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         at_cap = "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {len(r['seeds'])} | {r['n_examples']} | "
                      f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} |" + f" {_lora_cell(r)} |" * vs_lora
-                     + f" {at_cap} |" * cap + f" {loss} | {r.get('dtype') or '–'} |")
+                     + f" {at_cap} |" * cap + f" {_fmt(r.get('first_answer'))} |" * first
+                     + f" {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -420,6 +435,8 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     buf = io.StringIO()
     cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high",
             "delta_lora", "delta_lora_low", "delta_lora_high", "at_cap", "answer_loss_mean", "answer_loss_std", "dtype"]
+    if any("first_answer" in r for r in rows):
+        cols.insert(cols.index("at_cap") + 1, "first_answer")
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -461,15 +478,17 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
 
 
 def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "") -> str:
+    first = any("first_answer" in r for r in rows)
     head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]",
-            "at cap", "answer loss", "eval dtype"]
+            "at cap", *["first answer"] * first, "answer loss", "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"],
                  f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _lora_cell(r),
-                 "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}", loss, r.get("dtype") or "–"]
+                 "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}", *[_fmt(r.get("first_answer"))] * first,
+                 loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     imgs = []
     for f in figures:

@@ -161,8 +161,8 @@ class Study:
         from pkt.align.finetune import FinetuneConfig
 
         b = self.cfg.budget_for(task)
-        return FinetuneConfig(r=b.rank, alpha=b.alpha, lr=b.lr, epochs=b.epochs, batch_size=b.batch_size,
-                              micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
+        return FinetuneConfig(r=b.rank, alpha=b.alpha, dropout=b.dropout, lr=b.lr, epochs=b.epochs,
+                              batch_size=b.batch_size, micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
                               n_train=self.n_train[task], seed=seed, style=self.cfg.style, dtype=self.cfg.dtype,
                               pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs,
                               report_to=self.cfg.report_to)

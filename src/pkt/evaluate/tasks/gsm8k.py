@@ -4,6 +4,9 @@ User turn: ``"Answer the following question.\n\nQuestion: {q}"`` (0-shot, exactl
 ``"Answer the following questions.\n\n" + demos + "Question: {q}"``; the assistant starts with ``"Answer:"``
 (PKT answers read ``"Answer: ... So the answer is N."``). Prediction: the last number in the output with
 thousands separators removed; correct when it equals the gold number (numeric comparison, so "18.0" == "18").
+Beside it, ``first_answer_accuracy`` reads the number of the first "answer is N" (the last number where the
+output has none): a model that states its answer and then writes on (a new question of its own, a loop to the
+token cap) is scored on its last number, and the gap between the two says how much that costs it.
 
 Protocol ``lm-eval-cot``: lm-evaluation-harness 0.4.13's ``gsm8k_cot`` (``tasks/gsm8k/gsm8k-cot.yaml``,
 version 3.0) exactly: raw text, no chat template; the 8 exemplars of its YAML (``"... The answer is N."``, not
@@ -56,6 +59,7 @@ EXEMPLARS = [
 ASSISTANT_PREFIX = "Answer:"
 STOP = ["\nQuestion:", "<|user|>"]
 _NUM = re.compile(r"[-+]?\d*\.\d+|[-+]?\d+")
+_FIRST_ANSWER = re.compile(r"answer is\W{0,3}?\$?\s*([-+]?\d*\.\d+|[-+]?\d+)", re.IGNORECASE)
 
 
 # lm-eval 0.4.13 tasks/gsm8k/gsm8k-cot.yaml ``fewshot_config.samples``, verbatim (YAML line folding undone).
@@ -134,6 +138,12 @@ def extract_answer(text: str) -> str | None:
     return nums[-1] if nums else None
 
 
+def extract_first_answer(text: str) -> str | None:
+    """The number of the first "answer is N" in ``text``, else the last number (:func:`extract_answer`)."""
+    m = _FIRST_ANSWER.search(re.sub(r"(\d),(\d)", r"\1\2", text))
+    return m.group(1) if m else extract_answer(text)
+
+
 def _num(s: str | None) -> float | None:
     try:
         return float(str(s).replace(",", "").rstrip("."))
@@ -169,11 +179,14 @@ def run(model, tokenizer, cfg, rows=None, stats=None):
                     stats=stats)
     records = []
     for i, (r, p, o) in enumerate(zip(rows, prompts, outs)):
-        pred = extract_answer(o[0])
+        pred, first = extract_answer(o[0]), extract_first_answer(o[0])
         records.append({"id": r["_index"], "prompt": p, "output": o[0], "extracted": pred, "gold": r["gold"],
-                        "correct": is_correct(pred, r["gold"]), "protocol": proto})
+                        "correct": is_correct(pred, r["gold"]), "extracted_first": first,
+                        "correct_first": is_correct(first, r["gold"]), "protocol": proto})
     n = len(records)
-    return records, {"accuracy": sum(x["correct"] for x in records) / n if n else 0.0, "n": n, "shots": shots,
+    return records, {"accuracy": sum(x["correct"] for x in records) / n if n else 0.0,
+                     "first_answer_accuracy": sum(x["correct_first"] for x in records) / n if n else 0.0,
+                     "n": n, "shots": shots,
                      "protocol": protocol_record("gsm8k", cfg, model, shots=shots, max_new_tokens=max_new),
                      "hit_max_new_tokens": hit_cap(tokenizer, outs, max_new)}
 
