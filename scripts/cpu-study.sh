@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Run, or resume, the CPU study (configs/cpu-study.yaml) from its fixed commit, and commit its records.
+# Run, or resume, a committed study (configs/$STUDY.yaml) from its fixed commit, and commit its records.
 #
 #   bash scripts/cpu-study.sh            # run or resume (on any machine: committed records restore finished stages)
-#   bash scripts/cpu-study.sh commit     # rebuild docs/results/cpu-study's report from its records and commit them
+#   bash scripts/cpu-study.sh commit     # rebuild docs/results/$STUDY's report from its records and commit them
 #   bash scripts/cpu-study.sh wall       # the study's wall time so far: its segments' durations, summed
 #
+# STUDY (default cpu-study) picks the study: cpu-study (the CPU study) or cpu-study-dropout0 (its control without
+# LoRA dropout, run after it). Each has its own commit, records under docs/results/$STUDY and segments log.
+#
 # Stage keys hash pkt's whole source, so the study's code is one commit's (STUDY_COMMIT), checked out as a git
-# worktree under .study/ and run with this checkout's .venv and its configs/cpu-study.yaml, while main moves on
+# worktree under .study/ and run with this checkout's .venv and its configs/$STUDY.yaml, while main moves on
 # (a change to the config recomputes only the stages whose settings it changes). Its records go to this checkout's
-# docs/results/cpu-study as the stages finish. Needs `bash scripts/setup.sh` first. One heavy job at a time:
+# docs/results/$STUDY as the stages finish. Needs `bash scripts/setup.sh` first. One heavy job at a time:
 # it takes most of a 2-core machine for hours (run it in the background with its log in a file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-STUDY_COMMIT=fd9b5f2
-RECORDS=docs/results/cpu-study
+STUDY=${STUDY:-cpu-study}
+case $STUDY in
+  cpu-study) STUDY_COMMIT=fd9b5f2 ;;
+  cpu-study-dropout0) STUDY_COMMIT=871af7e ;;
+  *) echo "STUDY=$STUDY: expected cpu-study or cpu-study-dropout0" >&2; exit 2 ;;
+esac
+RECORDS=docs/results/$STUDY
 export PKT_DATA_DIR=${PKT_DATA_DIR:-$(cd .. && pwd)/shared/data}
 export PKT_HOME=${PKT_HOME:-$ROOT/.pkt-home}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -32,7 +40,7 @@ if [ "${1:-}" = "commit" ]; then
   done
   n=$(ls "$snap"/stages/*.json | wc -l)
   rm -rf "$snap"
-  git commit -q -m "cpu-study: records of $n finished stages; report rebuilt from them (pkt report $RECORDS)" \
+  git commit -q -m "$STUDY: records of $n finished stages; report rebuilt from them (pkt report $RECORDS)" \
     -- $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true) && echo "committed the records of $n stages"
   exit 0
 fi
@@ -69,10 +77,10 @@ PY
   exit 0
 fi
 
-# The study's commit computes the answer loss of a whole evaluation batch at once: ~24 GB at its peak (32 rows of
-# float32 logits, docs/benchmarks.md P10), which the kernel's OOM killer stopped once on a 24 GiB machine
+# fd9b5f2 computes the answer loss of a whole evaluation batch at once: ~24 GB at its peak (32 rows of float32
+# logits, docs/benchmarks.md P10), which the kernel's OOM killer stopped once on a 24 GiB machine
 mem_gb=$(awk '/MemTotal|SwapTotal/{s+=$2} END{print int(s/1048576)}' /proc/meminfo)
-if [ "$mem_gb" -lt 30 ]; then
+if [ "$STUDY_COMMIT" = fd9b5f2 ] && [ "$mem_gb" -lt 30 ]; then
   echo "warning: memory + swap is ${mem_gb} GB; the study peaks near 24 GB. Add swap, e.g. (as root):" >&2
   echo "  fallocate -l 16G /swapfile && chmod 600 /swapfile && mkswap /swapfile && swapon /swapfile" >&2
 fi
@@ -82,7 +90,7 @@ WT=$ROOT/.study/$STUDY_COMMIT
 echo "segment start $(date -u +%FT%TZ) $STUDY_COMMIT" >> $RECORDS.segments.log
 cd "$WT"
 rc=0
-PYTHONPATH=$WT/src "$ROOT/.venv/bin/pkt" run "$ROOT/configs/cpu-study.yaml" \
-  --out "${PKT_STUDY_OUT:-$ROOT/runs/cpu-study}" --records "$ROOT/$RECORDS" || rc=$?
+PYTHONPATH=$WT/src "$ROOT/.venv/bin/pkt" run "$ROOT/configs/$STUDY.yaml" \
+  --out "${PKT_STUDY_OUT:-$ROOT/runs/$STUDY}" --records "$ROOT/$RECORDS" || rc=$?
 echo "segment end $(date -u +%FT%TZ) rc $rc" >> "$ROOT/$RECORDS.segments.log"
 exit $rc
