@@ -77,8 +77,9 @@ PY
   exit 0
 fi
 
-# fd9b5f2 computes the answer loss of a whole evaluation batch at once: ~24 GB at its peak (32 rows of float32
-# logits, docs/benchmarks.md P10), which the kernel's OOM killer stopped once on a 24 GiB machine
+# fd9b5f2 computes the answer loss of a whole evaluation batch at once: ~24 GB at its peak (32 GSM8K rows of
+# float32 logits, docs/benchmarks.md P10; ~20 GB for 16 HumanEval rows), which the kernel's OOM killer stopped
+# twice on a 24 GiB machine (the segments log says where)
 mem_gb=$(awk '/MemTotal|SwapTotal/{s+=$2} END{print int(s/1048576)}' /proc/meminfo)
 if [ "$STUDY_COMMIT" = fd9b5f2 ] && [ "$mem_gb" -lt 30 ]; then
   echo "warning: memory + swap is ${mem_gb} GB; the study peaks near 24 GB. Add swap, e.g. (as root):" >&2
