@@ -1,0 +1,64 @@
+"""benchmarks/compare_predictions.py: paired counts, failure kinds and output style of two evaluations' predictions,
+against values worked by hand; a malformed row is one message naming its file and line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
+
+from benchmarks.compare_predictions import compare, failure_kind, load, main  # noqa: E402
+
+RAISE = "Traceback ...\nAssertionError\npkt-sandbox: the program raised {}\n"
+
+
+def row(i, correct, code="    return 1", error=None, status=None):
+    return {"id": f"T/{i}", "correct": correct, "extracted": code, "error": error,
+            "status": status or ("passed" if correct else "failed")}
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_failure_kinds():
+    assert failure_kind(row(0, True)) == "passed"
+    assert failure_kind(row(0, False, code="  \n")) == "no code extracted"
+    # the last exception named wins: a handler that raised again reports the second one
+    err = RAISE.format("KeyError") + RAISE.format("AssertionError")
+    assert failure_kind(row(0, False, error=err)) == "AssertionError"
+    assert failure_kind(row(0, False, error="killed after 10 s", status="timeout")) == "timeout"
+
+
+def test_compare_by_hand(tmp_path, capsys):
+    commented = "    # count them\n    n = 0\n    # done\n    return n"
+    a = [row(0, True, commented), row(1, True, commented), row(2, False, error=RAISE.format("ValueError")),
+         row(3, True), row(9, True)]  # T/9 only in A: not compared
+    b = [row(0, True), row(1, False, error=RAISE.format("AssertionError")), row(2, True),
+         row(3, False, code=""), ]
+    c = compare(load(write(tmp_path / "a.jsonl", a)), load(write(tmp_path / "b.jsonl", b)))
+    assert (c["common"], c["a_passed"], c["b_passed"], c["only_a"], c["only_b"]) == (4, 3, 2, 2, 1)
+    assert c["b_fails_on_only_a"] == {"AssertionError": 1, "no code extracted": 1}
+    assert c["a_fails_on_only_b"] == {"ValueError": 1}
+    # A: two outputs of 4 lines with 2 comments each, two of 1 line; B: three of 1 line, one empty
+    assert c["style_a"] == {"median_lines": 2.5, "mean_comment_lines": 1.0, "with_comment": 0.5}
+    assert c["style_b"] == {"median_lines": 1.0, "mean_comment_lines": 0.0, "with_comment": 0.0}
+    # a stage directory is read through its predictions.jsonl
+    (tmp_path / "stage").mkdir()
+    write(tmp_path / "stage" / "predictions.jsonl", b)
+    assert main([str(tmp_path / "a.jsonl"), str(tmp_path / "stage"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["only_b"] == 1
+
+
+def test_bad_input_names_the_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps(row(0, True)) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"p\.jsonl:2: not a prediction row"):
+        load(bad)
+    with pytest.raises(SystemExit, match="no such file"):
+        load(tmp_path / "missing")
