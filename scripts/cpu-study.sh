@@ -33,6 +33,11 @@ if [ "${1:-}" = "commit" ]; then
   # must not land without the report that counts it (CI rebuilds results.md from the committed records)
   snap=$(mktemp -d)
   cp -r $RECORDS/study.json $RECORDS/stages "$snap"/
+  # digests of the code evaluations' outputs (per question: passed, failure kind, lines, comments) travel with the
+  # records: the full outputs stay in the run dir, and benchmarks/compare_predictions reads either
+  run_stages=${PKT_STUDY_OUT:-$ROOT/runs/$STUDY}/stages
+  [ ! -d "$run_stages" ] || .venv/bin/python -m benchmarks.compare_predictions --digest "$run_stages" \
+    $RECORDS/predictions --records "$snap/stages" > /dev/null
   .venv/bin/pkt report "$snap" --out $RECORDS > /dev/null
   git add $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true)
   for f in $(git diff --cached --name-only -- $RECORDS/stages); do

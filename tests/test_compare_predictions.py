@@ -1,5 +1,6 @@
 """benchmarks/compare_predictions.py: paired counts, failure kinds and output style of two evaluations' predictions,
-against values worked by hand; a malformed row is one message naming its file and line."""
+against values worked by hand; digests compare as their predictions do; a malformed row is one message naming its
+file and line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
 
-from benchmarks.compare_predictions import compare, failure_kind, load, main  # noqa: E402
+from benchmarks.compare_predictions import compare, failure_kind, load, main, write_digests  # noqa: E402
 
 RAISE = "Traceback ...\nAssertionError\npkt-sandbox: the program raised {}\n"
 
@@ -62,3 +63,36 @@ def test_bad_input_names_the_line(tmp_path):
         load(bad)
     with pytest.raises(SystemExit, match="no such file"):
         load(tmp_path / "missing")
+
+
+def test_digests_compare_like_their_predictions(tmp_path):
+    """--digest writes one small file per code evaluation of a run (a GSM8K one is skipped); comparing the digests
+    gives what comparing the full predictions gives."""
+    stages = tmp_path / "stages"
+    sides = {"eval-student-humaneval-s0": [row(0, True, "    # a\n    return 1"),
+                                           row(1, False, error=RAISE.format("X"))],
+             "eval-lora-humaneval-s0": [row(0, False, code=""), row(1, True)],
+             "eval-lora-gsm8k-s0": [row(0, True)]}
+    for name, rows in sides.items():
+        d = stages / f"{name}-0123456789abcdef"
+        d.mkdir(parents=True)
+        write(d / "predictions.jsonl", rows)
+        task = name.split("-")[-2]
+        (d / "stage.json").write_text(json.dumps({"stage": name, "key": {"settings": {"task": task}}}))
+    out = tmp_path / "digests"
+    assert main(["--digest", str(stages), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval-lora-humaneval-s0.json", "eval-student-humaneval-s0.json"]
+    full = compare(*(load(stages / f"{n}-0123456789abcdef") for n in list(sides)[:2]))
+    assert compare(load(out / "eval-student-humaneval-s0.json"), load(out / "eval-lora-humaneval-s0.json")) == full
+    assert full["b_fails_on_only_a"] == {"no code extracted": 1} and full["a_fails_on_only_b"] == {"X": 1}
+    assert write_digests(stages, out) == [out / "eval-lora-humaneval-s0.json", out / "eval-student-humaneval-s0.json"]
+    # with records, only the recorded keys; an unfinished stage dir (no stage.json) is never read
+    rec = tmp_path / "records"
+    rec.mkdir()
+    (rec / "eval-lora-humaneval-s0.json").write_text(json.dumps({"key": "eval-lora-humaneval-s0-0123456789abcdef"}))
+    (stages / "eval-student-humaneval-s0-0123456789abcdef" / "stage.json").unlink()
+    assert write_digests(stages, tmp_path / "d2", rec) == [tmp_path / "d2" / "eval-lora-humaneval-s0.json"]
+    assert write_digests(stages, tmp_path / "d3") == [tmp_path / "d3" / "eval-lora-humaneval-s0.json"]
+    (out / "eval-lora-humaneval-s0.json").write_text('{"format": "other"}')
+    with pytest.raises(SystemExit, match="not a predictions digest"):
+        load(out / "eval-lora-humaneval-s0.json")
