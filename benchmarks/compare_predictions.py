@@ -118,6 +118,12 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
         "failures_b": dict(Counter(b[k]["kind"] for k in common if not b[k].get("correct")).most_common()),
         "style_a": style([a[k] for k in common]),
         "style_b": style([b[k] for k in common]),
+        # does B lose where it changed style? the paired counts again, split by whether B's output holds a comment
+        "by_b_comment": {
+            side: {"n": len(ids), "only_a": sum(k in only_a for k in ids), "only_b": sum(k in only_b for k in ids)}
+            for side, ids in (("with", [k for k in common if b[k]["comment_lines"] > 0]),
+                              ("without", [k for k in common if b[k]["comment_lines"] == 0]))
+        },
     }
 
 
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all failures, B: {c['failures_b']}")
     print(f"style, A: {c['style_a']}")
     print(f"style, B: {c['style_b']}")
+    for side, d in c["by_b_comment"].items():
+        has = "has a comment" if side == "with" else "has no comment"
+        print(f"questions where B's output {has}: {d['n']}; only A passes {d['only_a']}, only B {d['only_b']}")
     return 0
 
 

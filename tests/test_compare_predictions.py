@@ -49,6 +49,10 @@ def test_compare_by_hand(tmp_path, capsys):
     # A: two outputs of 4 lines with 2 comments each, two of 1 line; B: three of 1 line, one empty
     assert c["style_a"] == {"median_lines": 2.5, "mean_comment_lines": 1.0, "with_comment": 0.5}
     assert c["style_b"] == {"median_lines": 1.0, "mean_comment_lines": 0.0, "with_comment": 0.0}
+    assert c["by_b_comment"] == {"with": {"n": 0, "only_a": 0, "only_b": 0},
+                                 "without": {"n": 4, "only_a": 2, "only_b": 1}}
+    swapped = compare(load(tmp_path / "b.jsonl"), load(tmp_path / "a.jsonl"))["by_b_comment"]
+    assert swapped == {"with": {"n": 2, "only_a": 0, "only_b": 1}, "without": {"n": 2, "only_a": 1, "only_b": 1}}
     # a stage directory is read through its predictions.jsonl
     (tmp_path / "stage").mkdir()
     write(tmp_path / "stage" / "predictions.jsonl", b)
