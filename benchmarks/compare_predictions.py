@@ -28,6 +28,7 @@ from benchmarks.compare_records import compare as compare_verdicts
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
 DIGEST_FORMAT = "pkt-code-predictions-digest/1"
 CODE_TASKS = ("humaneval", "mbpp")
+DIGEST_FIELDS = {"id", "correct", "kind", "lines", "comment_lines"}
 
 
 def failure_kind(row: dict) -> str:
@@ -57,9 +58,14 @@ def load(path: Path) -> dict[str, dict]:
     if file.suffix == ".json":
         try:
             doc = json.loads(file.read_text())
-            assert doc["format"] == DIGEST_FORMAT, f"format {doc.get('format')!r}, expected {DIGEST_FORMAT}"
-            return {r["id"]: r for r in doc["rows"]}
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+            if doc.get("format") != DIGEST_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}, expected {DIGEST_FORMAT}")
+            rows = {r["id"]: r for r in doc["rows"]}
+            for r in rows.values():  # every field compare() reads, checked here rather than met as a KeyError later
+                if not DIGEST_FIELDS <= r.keys():
+                    raise ValueError(f"row {r['id']!r} lacks {sorted(DIGEST_FIELDS - r.keys())}")
+            return rows
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise SystemExit(f"{file}: not a predictions digest ({e})") from None
     rows = {}
     for n, line in enumerate(file.read_text().splitlines(), 1):
@@ -107,15 +113,15 @@ def write_digests(stages: Path, out: Path, records: Path | None = None) -> list[
 def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
     """compare_records' paired counts, then what each side fails of where only the other passes, and style."""
     common = [k for k in a if k in b]
-    counts = compare_verdicts({k: bool(a[k].get("correct")) for k in a}, {k: bool(b[k].get("correct")) for k in b})
-    only_a = [k for k in common if a[k].get("correct") and not b[k].get("correct")]
-    only_b = [k for k in common if b[k].get("correct") and not a[k].get("correct")]
+    counts = compare_verdicts({k: r["correct"] for k, r in a.items()}, {k: r["correct"] for k, r in b.items()})
+    only_a = {k for k in common if a[k]["correct"] and not b[k]["correct"]}
+    only_b = {k for k in common if b[k]["correct"] and not a[k]["correct"]}
     return {
         **counts,
-        "b_fails_on_only_a": dict(Counter(b[k]["kind"] for k in only_a).most_common()),
-        "a_fails_on_only_b": dict(Counter(a[k]["kind"] for k in only_b).most_common()),
-        "failures_a": dict(Counter(a[k]["kind"] for k in common if not a[k].get("correct")).most_common()),
-        "failures_b": dict(Counter(b[k]["kind"] for k in common if not b[k].get("correct")).most_common()),
+        "b_fails_on_only_a": dict(Counter(b[k]["kind"] for k in sorted(only_a)).most_common()),
+        "a_fails_on_only_b": dict(Counter(a[k]["kind"] for k in sorted(only_b)).most_common()),
+        "failures_a": dict(Counter(a[k]["kind"] for k in common if not a[k]["correct"]).most_common()),
+        "failures_b": dict(Counter(b[k]["kind"] for k in common if not b[k]["correct"]).most_common()),
         "style_a": style([a[k] for k in common]),
         "style_b": style([b[k] for k in common]),
         # does B lose where it changed style? the paired counts again, split by whether B's output holds a comment

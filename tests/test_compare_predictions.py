@@ -58,6 +58,10 @@ def test_compare_by_hand(tmp_path, capsys):
     write(tmp_path / "stage" / "predictions.jsonl", b)
     assert main([str(tmp_path / "a.jsonl"), str(tmp_path / "stage"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["only_b"] == 1
+    assert main([str(tmp_path / "a.jsonl"), str(tmp_path / "stage")]) == 0
+    text = capsys.readouterr().out
+    assert "A passes 3, B passes 2; only A 2, only B 1" in text
+    assert "output has no comment: 4; only A passes 2, only B 1" in text
 
 
 def test_bad_input_names_the_line(tmp_path):
@@ -97,6 +101,11 @@ def test_digests_compare_like_their_predictions(tmp_path):
     (stages / "eval-student-humaneval-s0-0123456789abcdef" / "stage.json").unlink()
     assert write_digests(stages, tmp_path / "d2", rec) == [tmp_path / "d2" / "eval-lora-humaneval-s0.json"]
     assert write_digests(stages, tmp_path / "d3") == [tmp_path / "d3" / "eval-lora-humaneval-s0.json"]
+    digest = json.loads((out / "eval-lora-humaneval-s0.json").read_text())
+    del digest["rows"][1]["kind"]
+    (out / "eval-lora-humaneval-s0.json").write_text(json.dumps(digest))
+    with pytest.raises(SystemExit, match=r"not a predictions digest \(row 'T/1' lacks \['kind'\]\)"):
+        load(out / "eval-lora-humaneval-s0.json")
     (out / "eval-lora-humaneval-s0.json").write_text('{"format": "other"}')
     with pytest.raises(SystemExit, match="not a predictions digest"):
         load(out / "eval-lora-humaneval-s0.json")
