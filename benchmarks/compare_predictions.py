@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.compare_predictions A B     # A, B: evaluation stage dirs, or their digests
     .venv/bin/python -m benchmarks.compare_predictions --digest RUN/stages DIR [--records REC/stages]
+    .venv/bin/python -m benchmarks.compare_predictions --table DIR     # every arm's digest in DIR against the student
+    .venv/bin/python -m benchmarks.compare_predictions --style-of TRAIN.jsonl [--first N]   # the training targets
 
 A fine-tuned arm that scores below the vanilla student on HumanEval or MBPP may have learnt a worse *answer format*
 (code the extractor cannot find, prose, a lost indentation: a dull explanation) or worse *code* (programs that run
@@ -10,7 +12,9 @@ writes (runs/<study>/stages/eval-*/): the passes of each, the questions only one
 what the lost questions fail of (assertion, another exception, timeout, no code extracted), and the style of each
 side's outputs (lines, comment lines, outputs that hold a comment). Stdlib only, no model. The full outputs stay in
 the run directory; ``--digest`` keeps the little a comparison needs (per question: passed, failure kind, lines,
-comment lines) in small JSON files that travel with a study's committed records.
+comment lines) in small JSON files that travel with a study's committed records. ``--table`` sets every digest of a
+study against the vanilla student's, per seed and summed over seeds; ``--style-of`` measures the same style on the
+targets an arm was trained on, so an arm's style can be set beside the data's.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.compare_records import compare as compare_verdicts
+from benchmarks.compare_records import mcnemar_exact
 
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
 DIGEST_FORMAT = "pkt-code-predictions-digest/1"
 CODE_TASKS = ("humaneval", "mbpp")
 DIGEST_FIELDS = {"id", "correct", "kind", "lines", "comment_lines"}
+STAGE = re.compile(r"^eval-(?P<arm>.+)-(?P<task>humaneval|mbpp)-s(?P<seed>\d+)$")
+FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
 def failure_kind(row: dict) -> str:
@@ -43,11 +50,16 @@ def failure_kind(row: dict) -> str:
     return row.get("status") or "failed"
 
 
+def code_lines(code: str) -> dict:
+    """Non-blank lines of a piece of code and how many of them are comments."""
+    lines = [ln for ln in code.splitlines() if ln.strip()]
+    return {"lines": len(lines), "comment_lines": sum(ln.lstrip().startswith("#") for ln in lines)}
+
+
 def digest_row(row: dict) -> dict:
     """The little a comparison needs of a prediction: small enough to commit beside the study's records."""
-    lines = [ln for ln in (row.get("extracted") or "").splitlines() if ln.strip()]
-    return {"id": row["id"], "correct": bool(row.get("correct")), "kind": failure_kind(row), "lines": len(lines),
-            "comment_lines": sum(ln.lstrip().startswith("#") for ln in lines)}
+    return {"id": row["id"], "correct": bool(row.get("correct")), "kind": failure_kind(row),
+            **code_lines(row.get("extracted") or "")}
 
 
 def load(path: Path) -> dict[str, dict]:
@@ -133,14 +145,94 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
     }
 
 
+def target_style(path: Path, first: int | None = None) -> dict:
+    """The style of a training split's targets (the last message of each chat row; the code of its fenced blocks,
+    or the whole answer when it has none), measured as ``style`` measures an arm's outputs."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines()[:first], 1):
+        try:
+            answer = json.loads(line)["messages"][-1]["content"]
+            blocks = FENCE.findall(answer)
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            raise SystemExit(f"{path}:{n}: not a chat row with messages ({e!r})") from None
+        rows.append(code_lines("\n".join(blocks) if blocks else answer))
+    if not rows:
+        raise SystemExit(f"{path}: no rows")
+    return {"n": len(rows), **style(rows)}
+
+
+def table(digests: Path) -> list[dict]:
+    """Every arm's digest in a study's predictions dir against the vanilla student's of the same task.
+
+    The student is deterministic and evaluated once per task (its one seed's digest serves every seed). Per arm,
+    a row per seed and, where it has several, one summing them: the same questions over seeds, pooled as the
+    study's bootstrap pools seeds x questions."""
+    found: dict[str, dict] = {}
+    for f in sorted(digests.glob("eval-*.json")):
+        m = STAGE.match(f.stem)
+        if m:
+            found[f.stem] = {**m.groupdict(), "rows": load(f)}
+    out = []
+    for task in sorted({d["task"] for d in found.values()}):
+        base = [d for d in found.values() if d["task"] == task and d["arm"] == "student"]
+        if len(base) != 1:
+            raise SystemExit(f"{digests}: {len(base)} student digests for {task}, expected one")
+        arms: dict[str, list] = {}
+        for d in found.values():
+            if d["task"] == task and d["arm"] != "student":
+                arms.setdefault(d["arm"], []).append(d)
+        for arm, ds in arms.items():
+            rows = [{"task": task, "arm": arm, "seed": d["seed"], **compare(base[0]["rows"], d["rows"])}
+                    for d in sorted(ds, key=lambda d: int(d["seed"]))]
+            out += rows
+            if len(rows) > 1:
+                pooled = {"task": task, "arm": arm, "seed": "all"}
+                for k in ("common", "a_passed", "b_passed", "only_a", "only_b"):
+                    pooled[k] = sum(r[k] for r in rows)
+                pooled["mcnemar_p"] = mcnemar_exact(pooled["only_a"], pooled["only_b"])
+                n = pooled["common"]
+                pooled["style_b"] = {"with_comment": round(
+                    sum(r["style_b"]["with_comment"] * r["common"] for r in rows) / n, 3) if n else 0.0}
+                pooled["by_b_comment"] = {side: {k: sum(r["by_b_comment"][side][k] for r in rows)
+                                                 for k in ("n", "only_a", "only_b")} for side in ("with", "without")}
+                out.append(pooled)
+    return out
+
+
+def table_markdown(rows: list[dict]) -> str:
+    head = ("| task | arm | seed | passes (arm / student) | only student | only arm | McNemar p | arm's outputs "
+            "with a comment | only student / only arm where the arm comments | where it does not |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        w, wo = r["by_b_comment"]["with"], r["by_b_comment"]["without"]
+        lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {r['b_passed']} / {r['a_passed']} of {r['common']} "
+                     f"| {r['only_a']} | {r['only_b']} | {r['mcnemar_p']:.3g} | {r['style_b']['with_comment']:.0%} "
+                     f"| {w['only_a']} / {w['only_b']} | {wo['only_a']} / {wo['only_b']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", type=Path, help="stage dir, predictions.jsonl or digest (with --digest: a run's stages dir)")
-    ap.add_argument("b", type=Path, help="the same for the other side (with --digest: the dir to write into)")
+    ap.add_argument("a", type=Path, nargs="?",
+                    help="stage dir, predictions.jsonl or digest (with --digest: a run's stages dir)")
+    ap.add_argument("b", type=Path, nargs="?",
+                    help="the same for the other side (with --digest: the dir to write into)")
+    ap.add_argument("--table", type=Path, metavar="DIR", help="every arm's digest in DIR against the student's")
+    ap.add_argument("--style-of", type=Path, metavar="JSONL", help="the style of a training split's targets")
+    ap.add_argument("--first", type=int, help="with --style-of: only its first N rows (the study trains on these)")
     ap.add_argument("--json", action="store_true", help="print the comparison as JSON")
     ap.add_argument("--digest", action="store_true", help="digest every code evaluation under A into B")
     ap.add_argument("--records", type=Path, help="with --digest: only the stages whose key these records hold")
     args = ap.parse_args(argv)
+    if args.style_of:
+        print(json.dumps(target_style(args.style_of, args.first)))
+        return 0
+    if args.table:
+        rows = table(args.table)
+        print(json.dumps(rows, indent=2) if args.json else table_markdown(rows))
+        return 0
+    if args.a is None or args.b is None:
+        ap.error("give A and B (or --table DIR, or --style-of JSONL)")
     if args.digest:
         written = write_digests(args.a, args.b, args.records)
         print(f"{len(written)} code evaluations digested into {args.b}")

@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
 
-from benchmarks.compare_predictions import compare, failure_kind, load, main, write_digests  # noqa: E402
+from benchmarks.compare_predictions import (  # noqa: E402
+    DIGEST_FORMAT, compare, failure_kind, load, main, table, target_style, write_digests)
 
 RAISE = "Traceback ...\nAssertionError\npkt-sandbox: the program raised {}\n"
 
@@ -109,3 +110,49 @@ def test_digests_compare_like_their_predictions(tmp_path):
     (out / "eval-lora-humaneval-s0.json").write_text('{"format": "other"}')
     with pytest.raises(SystemExit, match="not a predictions digest"):
         load(out / "eval-lora-humaneval-s0.json")
+
+
+def digest(path: Path, rows) -> None:
+    path.write_text(json.dumps({"format": DIGEST_FORMAT, "rows": [
+        {"id": f"T/{i}", "correct": c, "kind": "passed" if c else "AssertionError", "lines": 3, "comment_lines": k}
+        for i, (c, k) in enumerate(rows)]}))
+
+
+def test_table_against_the_student_by_hand(tmp_path, capsys):
+    """Every arm against the one student digest, per seed and summed over seeds."""
+    digest(tmp_path / "eval-student-humaneval-s0.json", [(True, 1), (True, 1), (False, 0), (True, 0)])
+    digest(tmp_path / "eval-seeking-random-humaneval-s0.json", [(False, 0), (True, 2), (True, 0), (True, 0)])
+    digest(tmp_path / "eval-seeking-random-humaneval-s1.json", [(False, 1), (False, 0), (False, 0), (True, 1)])
+    digest(tmp_path / "eval-lora-gsm8k-s0.json", [(True, 0)] * 4)  # not a code task: not read
+    rows = table(tmp_path)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("seeking-random", "0"), ("seeking-random", "1"),
+                                                     ("seeking-random", "all")]
+    s0, s1, pooled = rows
+    assert (s0["only_a"], s0["only_b"], s0["by_b_comment"]["without"]) == (1, 1, {"n": 3, "only_a": 1, "only_b": 1})
+    assert (s1["only_a"], s1["only_b"], s1["by_b_comment"]["with"]) == (2, 0, {"n": 2, "only_a": 1, "only_b": 0})
+    assert (pooled["common"], pooled["a_passed"], pooled["b_passed"]) == (8, 6, 4)
+    assert (pooled["only_a"], pooled["only_b"], pooled["mcnemar_p"]) == (3, 1, 0.625)  # 2 * (C(4,0) + C(4,1)) / 2**4
+    assert pooled["style_b"]["with_comment"] == 0.375  # 1 of 4, then 2 of 4
+    assert pooled["by_b_comment"] == {"with": {"n": 3, "only_a": 1, "only_b": 0},
+                                      "without": {"n": 5, "only_a": 2, "only_b": 1}}
+    assert main(["--table", str(tmp_path)]) == 0
+    assert "| humaneval | seeking-random | all | 4 / 6 of 8 | 3 | 1 | 0.625 | 38% | 1 / 0 | 2 / 1 |" in \
+        capsys.readouterr().out
+    (tmp_path / "eval-student-humaneval-s0.json").unlink()
+    with pytest.raises(SystemExit, match="0 student digests for humaneval"):
+        table(tmp_path)
+
+
+def test_style_of_training_targets(tmp_path):
+    """A target's code is its fenced blocks (the prose around them is not code), or the whole answer."""
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]} for a in (
+        "Here:\n```python\n# add\ndef f(a, b):\n    return a + b\n```\n# Not code, a heading",
+        "def g():\n    return 1",
+        "x = 1")]
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    assert target_style(f) == {"n": 3, "median_lines": 2, "mean_comment_lines": 0.33, "with_comment": 0.333}
+    assert target_style(f, first=2)["with_comment"] == 0.5
+    f.write_text(json.dumps(chat[0]) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(SystemExit, match=r"train\.jsonl:2: not a chat row"):
+        target_style(f)
