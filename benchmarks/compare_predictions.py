@@ -122,12 +122,26 @@ def write_digests(stages: Path, out: Path, records: Path | None = None) -> list[
     return written
 
 
+def commented(row: dict) -> bool:
+    return row["comment_lines"] > 0
+
+
+def passes_by_comment(rows: list[dict]) -> dict:
+    return {side: {"passed": sum(r["correct"] for r in rows if commented(r) == has),
+                   "n": sum(commented(r) == has for r in rows)} for side, has in (("with", True), ("without", False))}
+
+
 def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
     """compare_records' paired counts, then what each side fails of where only the other passes, and style."""
     common = [k for k in a if k in b]
     counts = compare_verdicts({k: r["correct"] for k, r in a.items()}, {k: r["correct"] for k, r in b.items()})
     only_a = {k for k in common if a[k]["correct"] and not b[k]["correct"]}
     only_b = {k for k in common if b[k]["correct"] and not a[k]["correct"]}
+
+    def split(groups: dict[str, list]) -> dict:
+        return {name: {"n": len(ids), "only_a": sum(k in only_a for k in ids), "only_b": sum(k in only_b for k in ids)}
+                for name, ids in groups.items()}
+
     return {
         **counts,
         "b_fails_on_only_a": dict(Counter(b[k]["kind"] for k in sorted(only_a)).most_common()),
@@ -136,12 +150,19 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
         "failures_b": dict(Counter(b[k]["kind"] for k in common if not b[k]["correct"]).most_common()),
         "style_a": style([a[k] for k in common]),
         "style_b": style([b[k] for k in common]),
+        # how often each side's commented and uncommented outputs pass: a side that comments where a question is
+        # hard passes less often with a comment, so comments mark difficulty as well as style
+        "passes_by_comment_a": passes_by_comment([a[k] for k in common]),
+        "passes_by_comment_b": passes_by_comment([b[k] for k in common]),
         # does B lose where it changed style? the paired counts again, split by whether B's output holds a comment
-        "by_b_comment": {
-            side: {"n": len(ids), "only_a": sum(k in only_a for k in ids), "only_b": sum(k in only_b for k in ids)}
-            for side, ids in (("with", [k for k in common if b[k]["comment_lines"] > 0]),
-                              ("without", [k for k in common if b[k]["comment_lines"] == 0]))
-        },
+        "by_b_comment": split({"with": [k for k in common if commented(b[k])],
+                               "without": [k for k in common if not commented(b[k])]}),
+        # and by both sides' comments: A's commenting marks which questions A found hard (its commented outputs can
+        # pass less often), so "B dropped the comment" is compared with "B kept it" within A's commented questions
+        "by_comment": split({
+            name: [k for k in common if (commented(a[k]), commented(b[k])) == sides]
+            for name, sides in (("both", (True, True)), ("a_only", (True, False)), ("b_only", (False, True)),
+                                ("neither", (False, False)))}),
     }
 
 
@@ -193,21 +214,29 @@ def table(digests: Path) -> list[dict]:
                 n = pooled["common"]
                 pooled["style_b"] = {"with_comment": round(
                     sum(r["style_b"]["with_comment"] * r["common"] for r in rows) / n, 3) if n else 0.0}
-                pooled["by_b_comment"] = {side: {k: sum(r["by_b_comment"][side][k] for r in rows)
-                                                 for k in ("n", "only_a", "only_b")} for side in ("with", "without")}
+                for split_by in ("by_b_comment", "by_comment"):
+                    pooled[split_by] = {side: {k: sum(r[split_by][side][k] for r in rows)
+                                               for k in ("n", "only_a", "only_b")} for side in rows[0][split_by]}
                 out.append(pooled)
     return out
 
 
 def table_markdown(rows: list[dict]) -> str:
+    """The table, then the questions only the student / only the arm passes within each pair of comment habits."""
     head = ("| task | arm | seed | passes (arm / student) | only student | only arm | McNemar p | arm's outputs "
-            "with a comment | only student / only arm where the arm comments | where it does not |")
-    lines = [head, "|" + "---|" * 10]
+            "with a comment | both comment | student only | arm only | neither |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        w, wo = r["by_b_comment"]["with"], r["by_b_comment"]["without"]
+        strata = " | ".join(f"{d['only_a']} / {d['only_b']} of {d['n']}" for d in r["by_comment"].values())
         lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {r['b_passed']} / {r['a_passed']} of {r['common']} "
                      f"| {r['only_a']} | {r['only_b']} | {r['mcnemar_p']:.3g} | {r['style_b']['with_comment']:.0%} "
-                     f"| {w['only_a']} / {w['only_b']} | {wo['only_a']} / {wo['only_b']} |")
+                     f"| {strata} |")
+    lines.append("\nLast four columns: the questions only the student / only the arm passes, of the questions where "
+                 "both outputs hold a comment, only the student's, only the arm's, neither.")
+    for task in dict.fromkeys(r["task"] for r in rows):
+        d = next(r for r in rows if r["task"] == task)["passes_by_comment_a"]
+        lines.append(f"The student on {task}: its outputs with a comment pass {d['with']['passed']} of "
+                     f"{d['with']['n']}, those without {d['without']['passed']} of {d['without']['n']}.")
     return "\n".join(lines)
 
 
@@ -250,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all failures, B: {c['failures_b']}")
     print(f"style, A: {c['style_a']}")
     print(f"style, B: {c['style_b']}")
+    for side in "ab":
+        d = c[f"passes_by_comment_{side}"]
+        print(f"{side.upper()}'s outputs with a comment pass {d['with']['passed']} of {d['with']['n']}, "
+              f"without {d['without']['passed']} of {d['without']['n']}")
     for side, d in c["by_b_comment"].items():
         has = "has a comment" if side == "with" else "has no comment"
         print(f"questions where B's output {has}: {d['n']}; only A passes {d['only_a']}, only B {d['only_b']}")

@@ -52,8 +52,17 @@ def test_compare_by_hand(tmp_path, capsys):
     assert c["style_b"] == {"median_lines": 1.0, "mean_comment_lines": 0.0, "with_comment": 0.0}
     assert c["by_b_comment"] == {"with": {"n": 0, "only_a": 0, "only_b": 0},
                                  "without": {"n": 4, "only_a": 2, "only_b": 1}}
-    swapped = compare(load(tmp_path / "b.jsonl"), load(tmp_path / "a.jsonl"))["by_b_comment"]
-    assert swapped == {"with": {"n": 2, "only_a": 0, "only_b": 1}, "without": {"n": 2, "only_a": 1, "only_b": 1}}
+    # A comments on T/0 and T/1 (passes both), B on neither
+    assert c["by_comment"] == {"both": {"n": 0, "only_a": 0, "only_b": 0},
+                               "a_only": {"n": 2, "only_a": 1, "only_b": 0},
+                               "b_only": {"n": 0, "only_a": 0, "only_b": 0},
+                               "neither": {"n": 2, "only_a": 1, "only_b": 1}}
+    assert c["passes_by_comment_a"] == {"with": {"passed": 2, "n": 2}, "without": {"passed": 1, "n": 2}}
+    assert c["passes_by_comment_b"] == {"with": {"passed": 0, "n": 0}, "without": {"passed": 2, "n": 4}}
+    swapped = compare(load(tmp_path / "b.jsonl"), load(tmp_path / "a.jsonl"))
+    assert swapped["by_b_comment"] == {"with": {"n": 2, "only_a": 0, "only_b": 1},
+                                       "without": {"n": 2, "only_a": 1, "only_b": 1}}
+    assert swapped["by_comment"]["b_only"] == {"n": 2, "only_a": 0, "only_b": 1}
     # a stage directory is read through its predictions.jsonl
     (tmp_path / "stage").mkdir()
     write(tmp_path / "stage" / "predictions.jsonl", b)
@@ -135,9 +144,16 @@ def test_table_against_the_student_by_hand(tmp_path, capsys):
     assert pooled["style_b"]["with_comment"] == 0.375  # 1 of 4, then 2 of 4
     assert pooled["by_b_comment"] == {"with": {"n": 3, "only_a": 1, "only_b": 0},
                                       "without": {"n": 5, "only_a": 2, "only_b": 1}}
+    # the student comments on T/0 and T/1: s0's arm comments on T/1 only, s1's on T/0 and T/3
+    assert pooled["by_comment"] == {"both": {"n": 2, "only_a": 1, "only_b": 0},  # s1's T/0
+                                    "a_only": {"n": 2, "only_a": 2, "only_b": 0},  # s0's T/0, s1's T/1
+                                    "b_only": {"n": 1, "only_a": 0, "only_b": 0},
+                                    "neither": {"n": 3, "only_a": 0, "only_b": 1}}  # s0's T/2
     assert main(["--table", str(tmp_path)]) == 0
-    assert "| humaneval | seeking-random | all | 4 / 6 of 8 | 3 | 1 | 0.625 | 38% | 1 / 0 | 2 / 1 |" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| humaneval | seeking-random | all | 4 / 6 of 8 | 3 | 1 | 0.625 | 38% | 1 / 0 of 2 | 2 / 0 of 2 " \
+           "| 0 / 0 of 1 | 0 / 1 of 3 |" in out
+    assert "The student on humaneval: its outputs with a comment pass 2 of 2, those without 1 of 2." in out
     (tmp_path / "eval-student-humaneval-s0.json").unlink()
     with pytest.raises(SystemExit, match="0 student digests for humaneval"):
         table(tmp_path)
