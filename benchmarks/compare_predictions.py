@@ -169,6 +169,8 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
 def target_style(path: Path, first: int | None = None) -> dict:
     """The style of a training split's targets (the last message of each chat row; the code of its fenced blocks,
     or the whole answer when it has none), measured as ``style`` measures an arm's outputs."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (give a training split's JSONL)")
     rows = []
     for n, line in enumerate(path.read_text().splitlines()[:first], 1):
         try:
@@ -193,6 +195,8 @@ def table(digests: Path) -> list[dict]:
         m = STAGE.match(f.stem)
         if m:
             found[f.stem] = {**m.groupdict(), "rows": load(f)}
+    if not found:
+        raise SystemExit(f"{digests}: no code evaluation digests (eval-<arm>-<humaneval|mbpp>-s<seed>.json)")
     out = []
     for task in sorted({d["task"] for d in found.values()}):
         base = [d for d in found.values() if d["task"] == task and d["arm"] == "student"]
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--digest", action="store_true", help="digest every code evaluation under A into B")
     ap.add_argument("--records", type=Path, help="with --digest: only the stages whose key these records hold")
     args = ap.parse_args(argv)
+    if args.first is not None and args.first < 1:
+        ap.error(f"--first {args.first}: give a number of rows, 1 or more")
     if args.style_of:
         print(json.dumps(target_style(args.style_of, args.first)))
         return 0

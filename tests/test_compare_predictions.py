@@ -157,6 +157,8 @@ def test_table_against_the_student_by_hand(tmp_path, capsys):
     (tmp_path / "eval-student-humaneval-s0.json").unlink()
     with pytest.raises(SystemExit, match="0 student digests for humaneval"):
         table(tmp_path)
+    with pytest.raises(SystemExit, match="no code evaluation digests"):
+        table(tmp_path / "nothing")
 
 
 def test_style_of_training_targets(tmp_path):
@@ -172,3 +174,7 @@ def test_style_of_training_targets(tmp_path):
     f.write_text(json.dumps(chat[0]) + "\n" + json.dumps({"prompt": "q"}) + "\n")
     with pytest.raises(SystemExit, match=r"train\.jsonl:2: not a chat row"):
         target_style(f)
+    with pytest.raises(SystemExit, match="no such file"):
+        target_style(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit):  # argparse's usage error: no negative slice of the file
+        main(["--style-of", str(f), "--first", "-1"])
