@@ -28,13 +28,12 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.compare_records import compare as compare_verdicts
-from benchmarks.compare_records import mcnemar_exact
+from benchmarks.compare_records import DIGEST_FORMAT, mcnemar_exact
 
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
-DIGEST_FORMAT = "pkt-code-predictions-digest/1"
 CODE_TASKS = ("humaneval", "mbpp")
 DIGEST_FIELDS = {"id", "correct", "kind", "lines", "comment_lines"}
-STAGE = re.compile(r"^eval-(?P<arm>.+)-(?P<task>humaneval|mbpp)-s(?P<seed>\d+)$")
+STAGE = re.compile(rf"^eval-(?P<arm>.+)-(?P<task>{'|'.join(CODE_TASKS)})-s(?P<seed>\d+)$")
 FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
@@ -142,7 +141,7 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
         return {name: {"n": len(ids), "only_a": sum(k in only_a for k in ids), "only_b": sum(k in only_b for k in ids)}
                 for name, ids in groups.items()}
 
-    return {
+    c = {
         **counts,
         "b_fails_on_only_a": dict(Counter(b[k]["kind"] for k in sorted(only_a)).most_common()),
         "a_fails_on_only_b": dict(Counter(a[k]["kind"] for k in sorted(only_b)).most_common()),
@@ -154,16 +153,22 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> dict:
         # hard passes less often with a comment, so comments mark difficulty as well as style
         "passes_by_comment_a": passes_by_comment([a[k] for k in common]),
         "passes_by_comment_b": passes_by_comment([b[k] for k in common]),
-        # does B lose where it changed style? the paired counts again, split by whether B's output holds a comment
-        "by_b_comment": split({"with": [k for k in common if commented(b[k])],
-                               "without": [k for k in common if not commented(b[k])]}),
-        # and by both sides' comments: A's commenting marks which questions A found hard (its commented outputs can
-        # pass less often), so "B dropped the comment" is compared with "B kept it" within A's commented questions
-        "by_comment": split({
-            name: [k for k in common if (commented(a[k]), commented(b[k])) == sides]
-            for name, sides in (("both", (True, True)), ("a_only", (True, False)), ("b_only", (False, True)),
-                                ("neither", (False, False)))}),
     }
+    # the paired counts split by both sides' comments: A's commenting marks which questions A found hard (its
+    # commented outputs can pass less often), so "B dropped the comment" is compared with "B kept it" within A's
+    # commented questions; by_b_comment (does B lose where it changed style?) is the same counts by B's side only
+    c["by_comment"] = split({
+        name: [k for k in common if (commented(a[k]), commented(b[k])) == sides]
+        for name, sides in (("both", (True, True)), ("a_only", (True, False)), ("b_only", (False, True)),
+                            ("neither", (False, False)))})
+    c["by_b_comment"] = by_b_comment(c["by_comment"])
+    return c
+
+
+def by_b_comment(by_comment: dict) -> dict:
+    """The paired counts by whether B's output holds a comment, summed from the four strata of ``by_comment``."""
+    return {side: {k: by_comment[s1][k] + by_comment[s2][k] for k in ("n", "only_a", "only_b")}
+            for side, (s1, s2) in (("with", ("both", "b_only")), ("without", ("a_only", "neither")))}
 
 
 def target_style(path: Path, first: int | None = None) -> dict:
@@ -215,12 +220,11 @@ def table(digests: Path) -> list[dict]:
                 for k in ("common", "a_passed", "b_passed", "only_a", "only_b"):
                     pooled[k] = sum(r[k] for r in rows)
                 pooled["mcnemar_p"] = mcnemar_exact(pooled["only_a"], pooled["only_b"])
+                pooled["by_comment"] = {side: {k: sum(r["by_comment"][side][k] for r in rows)
+                                               for k in ("n", "only_a", "only_b")} for side in rows[0]["by_comment"]}
+                pooled["by_b_comment"] = by_b_comment(pooled["by_comment"])
                 n = pooled["common"]
-                pooled["style_b"] = {"with_comment": round(
-                    sum(r["style_b"]["with_comment"] * r["common"] for r in rows) / n, 3) if n else 0.0}
-                for split_by in ("by_b_comment", "by_comment"):
-                    pooled[split_by] = {side: {k: sum(r[split_by][side][k] for r in rows)
-                                               for k in ("n", "only_a", "only_b")} for side in rows[0][split_by]}
+                pooled["style_b"] = {"with_comment": round(pooled["by_b_comment"]["with"]["n"] / n, 3) if n else 0.0}
                 out.append(pooled)
     return out
 

@@ -6,6 +6,8 @@ Prints each record's passes on the common items, how many pass under both, only 
 the exact two-sided McNemar p-value of the discordant pairs (a binomial test of only-A against only-B at 1/2).
 This is where docs/evaluation.md's per-task MBPP comparisons come from: the full split's verdicts read on the
 sanitized tasks (A = mbpp-qwen-coder.json, B = mbpp-sanitized-qwen-coder.json share the MBPP task ids).
+Either side may also be a study's code-predictions digest (``compare_predictions --digest``), so a study's
+evaluation can be set against a standalone one (docs/results.md: the vanilla HumanEval rows).
 """
 
 from __future__ import annotations
@@ -35,19 +37,30 @@ def compare(a: dict, b: dict) -> dict:
             "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 
+DIGEST_FORMAT = "pkt-code-predictions-digest/1"  # compare_predictions' digests (it imports this module)
+
+
+def verdicts(doc: dict) -> dict:
+    """Item id -> passed, from an evaluation record or a code-predictions digest."""
+    if doc.get("format") == DIGEST_FORMAT:
+        return {r["id"]: bool(r["correct"]) for r in doc["rows"]}
+    return doc["verdicts"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     args = ap.parse_args(argv)
-    verdicts = []
+    found = []
     for path in (args.a, args.b):
         try:
-            verdicts.append(json.loads(path.read_text(encoding="utf-8"))["verdicts"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"{path}: not an evaluation record with verdicts ({type(e).__name__}: {e})", file=sys.stderr)
+            found.append(verdicts(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"{path}: not an evaluation record with verdicts, nor a predictions digest "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
             raise SystemExit(2) from None
-    print(json.dumps(compare(*verdicts), indent=1))
+    print(json.dumps(compare(*found), indent=1))
 
 
 if __name__ == "__main__":

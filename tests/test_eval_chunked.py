@@ -91,6 +91,12 @@ def test_compare_records(tmp_path, capsys):
     fb.write_text(json.dumps({"verdicts": b}))
     main([str(fa), str(fb)])
     assert json.loads(capsys.readouterr().out)["only_b"] == 2
+    # a code-predictions digest reads as its rows' verdicts
+    fb.write_text(json.dumps({"format": "pkt-code-predictions-digest/1", "rows": [
+        {"id": k, "correct": v, "kind": "passed" if v else "AssertionError", "lines": 1, "comment_lines": 0}
+        for k, v in b.items()]}))
+    main([str(fa), str(fb)])
+    assert json.loads(capsys.readouterr().out) == compare(a, b)
     fb.write_text("{}")
     with pytest.raises(SystemExit) as e:
         main([str(fa), str(fb)])

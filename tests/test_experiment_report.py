@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pkt.experiment.cache import StageCache, stable_hash
-from pkt.experiment.report import aggregate, analysis_tables, comparisons_table, write_report
+from pkt.experiment.report import aggregate, analysis_tables, comparisons_table, equal_steps_table, write_report
 from pkt.experiment.stats import mean_std, paired_bootstrap
 
 
@@ -146,6 +146,11 @@ def test_arms_against_lora_laten_grid_and_equal_steps(tmp_path):
     # at the latest)
     assert "| first step at or below lora's final loss | seed 0: lora step 3, laten-lora step 3; " \
            "seed 1: lora step 3, laten-lora step 2 |" in md
+    # an arm that never gets there says so
+    never = {k: [(st, loss + (0.5 if k.startswith("laten-lora") else 0.0)) for st, loss in v]
+             for k, v in curves.items()}
+    assert "seed 0: lora step 3, laten-lora not within 3; seed 1: lora step 3, laten-lora not within 3 |" in \
+        equal_steps_table(never)
 
 
 def test_paired_comparisons_between_arms(tmp_path):

@@ -41,6 +41,7 @@ def test_table_by_hand(tmp_path, capsys):
     assert main([str(f), "humaneval"]) == 0 and "| LoRA | 3 | 50.0 ± 0.0% |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"no rows for task 'mbpp' \(tasks: \['gsm8k', 'humaneval'\]\)"):
         main([str(f), "mbpp"])
-    f.write_text("{}")
-    with pytest.raises(SystemExit, match="not a study's results.json"):
-        main([str(f), "gsm8k"])
+    for bad in ("{}", json.dumps({"rows": [{k: v for k, v in rows[0].items() if k != "mean"}]})):
+        f.write_text(bad)
+        with pytest.raises(SystemExit, match="not a study's results.json"):
+            main([str(f), "gsm8k"])

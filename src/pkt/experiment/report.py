@@ -295,7 +295,8 @@ def equal_steps_table(curves: dict, a: str = LORA, b: str = "laten-lora") -> str
         for s in seeds:
             target = by[a][s][steps[-1]]
             hits = [(x, next((st for st in steps if by[x][s][st] <= target), None)) for x in (a, b)]
-            reach.append(f"seed {s}: " + ", ".join(f"{x} step {h}" for x, h in hits))
+            reach.append(f"seed {s}: " + ", ".join(f"{x} step {h}" if h else f"{x} not within {steps[-1]}"
+                                                   for x, h in hits))
         lines.append(f"| {task} | | first step at or below {a}'s final loss | {'; '.join(reach)} | |")
     return "\n".join(lines) + "\n" if lines else ""
 
