@@ -178,6 +178,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     bands = seed_bands(curves)
     if bands is None:
@@ -204,6 +205,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
             ax.set_title(f"{title}: {task} (mean over seeds, band min-max)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 tick
         ax.set_ylabel("loss (each loop's own objective)" if bands is not None else "loss")
         if bands is None:
             ax.legend(fontsize=7)

@@ -248,6 +248,7 @@ def plot_laten_grid(records: list[dict], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(grid), figsize=(4.8 * len(grid), 3.6), squeeze=False)
     for ax, (task, cells) in zip(axes[0], grid.items()):
@@ -261,6 +262,7 @@ def plot_laten_grid(records: list[dict], path: Path) -> Path | None:
         ax.axhline(0, color="#888", lw=0.8)
         ax.set_title(f"LaTen {task}: align loss − vanilla" if cells.get("vanilla") else f"LaTen {task}: align loss")
         ax.set_xlabel("hypernetwork step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 tick
         ax.legend(fontsize=7)
     return _save(fig, path)
 
