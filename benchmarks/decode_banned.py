@@ -1,7 +1,7 @@
 """A study's evaluation of one model again, with every token whose text holds a string banned from its outputs.
 
     .venv/bin/python -m benchmarks.decode_banned configs/cpu-study.yaml --task humaneval --model student \
-        --ban '#' --out RUN_DIR --digest docs/results/decode-banned/student-humaneval-no-hash.json \
+        --ban '#' --out RUN_DIR --digest docs/results/cpu-study/controls/student-humaneval-no-hash.json \
         [--reference RUN/stages/eval-student-humaneval-s0-KEY]
 
 Why: in the CPU study the fine-tuned arms lose HumanEval problems where they drop the comments the student writes
