@@ -82,7 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.ban:
         ap.error("--ban: give a non-empty string")
+    if args.reference and not (args.reference / "predictions.jsonl" if args.reference.is_dir()
+                               else args.reference).is_file():  # checked before the evaluation's half hour
+        ap.error(f"--reference {args.reference}: no predictions.jsonl there")
+    from pkt.errors import PktError
 
+    try:
+        return run(args)
+    except PktError as e:  # a bad config, model or data setting: one line, not a traceback
+        raise SystemExit(f"decode_banned: {e}") from None
+
+
+def run(args) -> int:
     from pkt.config import load_config
     from pkt.experiment.config import ExperimentConfig
     from pkt.experiment.runner import Study
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(ExperimentConfig, args.config)
     if args.task not in cfg.tasks:
-        ap.error(f"--task {args.task}: {args.config} evaluates {', '.join(cfg.tasks)}")
+        raise SystemExit(f"decode_banned: --task {args.task}: {args.config} evaluates {', '.join(cfg.tasks)}")
     ref = {"student": cfg.student, "teacher": cfg.teacher}.get(args.model, args.model)
     ecfg = Study(cfg, args.out / "study").eval_cfg(cfg.seeds[0], args.task)
     seed_everything(cfg.seeds[0])
@@ -109,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                "ban": args.ban, "banned_tokens": len(ids), "metric": metric, "score": metrics[metric],
                "n": len(records), "outputs_holding_it": sum(args.ban in (r.get("output") or "") for r in records),
                "seconds": seconds, "machine": platform.machine()}
+    write_jsonl(args.out / "predictions.jsonl", records)
     if args.reference:
         summary["unbanned_paths"] = same_where_unbanned(records, args.reference, args.ban)
-    write_jsonl(args.out / "predictions.jsonl", records)
     write_json(args.out / "summary.json", summary)
     if args.digest:
         doc = {"format": DIGEST_FORMAT, "stage": f"eval-{args.model}-{args.task}-ban", "summary": summary,

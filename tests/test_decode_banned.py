@@ -52,7 +52,12 @@ def test_same_where_unbanned_counts(tmp_path):
         same_where_unbanned(rows, tmp_path / "bad.jsonl", "#")
 
 
-def test_cli_rejects_a_task_the_config_lacks(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--task mmlu: configs/cpu-study.yaml evaluates gsm8k, humaneval"):
         main(["configs/cpu-study.yaml", "--task", "mmlu", "--ban", "#", "--out", str(tmp_path)])
-    assert "--task mmlu: configs/cpu-study.yaml evaluates gsm8k, humaneval" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="decode_banned: nope.yaml: no such config file"):
+        main(["nope.yaml", "--task", "humaneval", "--ban", "#", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # checked before any model is loaded
+        main(["configs/cpu-study.yaml", "--task", "humaneval", "--ban", "#", "--out", str(tmp_path),
+              "--reference", str(tmp_path / "missing")])
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "predictions.jsonl").exists()
