@@ -97,28 +97,36 @@ def style(rows: list[dict]) -> dict:
     }
 
 
-def write_digests(stages: Path, out: Path, records: Path | None = None) -> list[Path]:
-    """Digest every finished code evaluation under a run's stages dir into OUT/<stage>.json (atomically).
+def finished_evaluations(stages: Path, records: Path | None, tasks: tuple[str, ...]):
+    """(predictions.jsonl, stage.json's content) of every finished evaluation of ``tasks`` under a run's stages dir.
 
-    Weights and full outputs stay in the run directory; these digests travel with the committed records, so the
-    comparisons can be redone on another machine. With ``records`` (a study's records/stages dir) only the stage
-    dirs whose key a record holds are read: a run dir can keep an older key's dir of the same stage."""
+    With ``records`` (a study's records/stages dir) only the stage dirs whose key a record holds: a run dir can keep
+    an older key's dir of the same stage. A finished stage holds stage.json; an unfinished one is never read."""
     keys = {json.loads(f.read_text())["key"] for f in records.glob("*.json")} if records else None
-    written = []
     for pred in sorted(stages.glob("eval-*/predictions.jsonl")):
         if not (pred.parent / "stage.json").is_file() or (keys is not None and pred.parent.name not in keys):
-            continue  # unfinished (a finished stage holds stage.json), or not the recorded key
-        meta = json.loads((pred.parent / "stage.json").read_text())
-        if meta.get("key", {}).get("settings", {}).get("task") not in CODE_TASKS:
             continue
-        stage = meta["stage"]
-        doc = {"format": DIGEST_FORMAT, "stage": stage, "rows": list(load(pred).values())}
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{stage}.json.tmp"
-        tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-        tmp.replace(out / f"{stage}.json")
-        written.append(out / f"{stage}.json")
-    return written
+        meta = json.loads((pred.parent / "stage.json").read_text())
+        if meta.get("key", {}).get("settings", {}).get("task") in tasks:
+            yield pred, meta
+
+
+def write_digest(out: Path, doc: dict) -> Path:
+    """OUT/<stage>.json, written atomically (a stopped commit leaves no half digest)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{doc['stage']}.json.tmp"
+    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    tmp.replace(out / f"{doc['stage']}.json")
+    return out / f"{doc['stage']}.json"
+
+
+def write_digests(stages: Path, out: Path, records: Path | None = None) -> list[Path]:
+    """Digest every finished code evaluation under a run's stages dir into OUT/<stage>.json.
+
+    Weights and full outputs stay in the run directory; these digests travel with the committed records, so the
+    comparisons can be redone on another machine."""
+    return [write_digest(out, {"format": DIGEST_FORMAT, "stage": meta["stage"], "rows": list(load(pred).values())})
+            for pred, meta in finished_evaluations(stages, records, CODE_TASKS)]
 
 
 def commented(row: dict) -> bool:

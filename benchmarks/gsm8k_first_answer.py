@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from benchmarks.compare_predictions import finished_evaluations, write_digest
+
 FORMAT = "pkt-gsm8k-answers-digest/1"
 STAGE = re.compile(r"eval-(?P<arm>.+)-gsm8k-s(?P<seed>\d+)$")
 FIELDS = {"id", "correct", "correct_first", "at_cap"}
@@ -49,29 +51,17 @@ def write_digests(stages: Path, out: Path, records: Path | None = None) -> list[
     ``records`` only the stage dirs whose key a record holds (a run dir can keep an older key of a stage)."""
     from pkt.models.load import load_tokenizer
 
-    keys = {json.loads(f.read_text())["key"] for f in records.glob("*.json")} if records else None
     tokenizers: dict = {}
     written = []
-    for pred in sorted(stages.glob("eval-*/predictions.jsonl")):
-        if not (pred.parent / "stage.json").is_file() or (keys is not None and pred.parent.name not in keys):
-            continue  # unfinished (a finished stage holds stage.json), or not the recorded key
-        meta = json.loads((pred.parent / "stage.json").read_text())
-        settings = meta.get("key", {}).get("settings", {})
-        if settings.get("task") != "gsm8k":
-            continue
+    for pred, meta in finished_evaluations(stages, records, ("gsm8k",)):
+        settings = meta["key"]["settings"]
         # a built arm's weights (and tokenizer files) may be pruned; it was built from the student and shares
         # the student's tokenizer, which the stage names as its precision reference
         name = (settings.get("precision") or {}).get("reference") or settings["model"]
         if name not in tokenizers:
             tokenizers[name] = load_tokenizer(name)
-        tok = tokenizers[name]
-        doc = {"format": FORMAT, "stage": meta["stage"],
-               "rows": digest_rows(pred, settings["eval"]["max_new_tokens"], tok)}
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{meta['stage']}.json.tmp"
-        tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-        tmp.replace(out / f"{meta['stage']}.json")
-        written.append(out / f"{meta['stage']}.json")
+        rows = digest_rows(pred, settings["eval"]["max_new_tokens"], tokenizers[name])
+        written.append(write_digest(out, {"format": FORMAT, "stage": meta["stage"], "rows": rows}))
     return written
 
 
