@@ -30,6 +30,7 @@ FIELDS = {"id", "correct", "correct_first", "at_cap"}
 
 def digest_rows(predictions: Path, max_new_tokens: int, tokenizer) -> list[dict]:
     """Per question: the recorded verdict, the first answer's, and whether the output used every new token."""
+    from pkt.evaluate.tasks.common import hit_cap
     from pkt.evaluate.tasks.gsm8k import extract_answer, extract_first_answer, is_correct
 
     rows = []
@@ -42,7 +43,7 @@ def digest_rows(predictions: Path, max_new_tokens: int, tokenizer) -> list[dict]
         if is_correct(extract_answer(out), gold) != recorded:
             raise SystemExit(f"{predictions}:{n}: re-scoring the last number disagrees with the recorded verdict")
         rows.append({"id": r["id"], "correct": recorded, "correct_first": is_correct(extract_first_answer(out), gold),
-                     "at_cap": len(tokenizer(out, add_special_tokens=False)["input_ids"]) >= max_new_tokens})
+                     "at_cap": hit_cap(tokenizer, [[out]], max_new_tokens) == 1})  # the report's own count
     return rows
 
 

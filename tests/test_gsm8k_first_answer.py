@@ -17,15 +17,16 @@ STUDENT = "qwen2.5-coder-0.5b-instruct"  # embedded: only its tokenizer is read 
 WRITES_ON = "So the answer is 18.\n\nQuestion: Tom has 3 apples. Answer: 3 + 4 = 7. So the answer is 7."
 
 
-def stage(stages: Path, name: str, outputs: list[tuple[str, str]], built: bool, correct=None) -> None:
+def stage(stages: Path, name: str, outputs: list[tuple[str, str]], built: bool, correct=None,
+          max_new_tokens: int = 256) -> None:
     d = stages / f"{name}-0123456789abcdef"
     d.mkdir(parents=True)
     rows = [{"id": i, "output": o, "gold": g,
              "correct": (correct[i] if correct else o.rstrip(".").split()[-1].rstrip(".") == g)}
             for i, (o, g) in enumerate(outputs)]
     (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    settings = {"task": "gsm8k", "model": "stages/x/merged" if built else STUDENT, "eval": {"max_new_tokens": 256},
-                "precision": {"reference": STUDENT} if built else None}
+    settings = {"task": "gsm8k", "model": "stages/x/merged" if built else STUDENT,
+                "eval": {"max_new_tokens": max_new_tokens}, "precision": {"reference": STUDENT} if built else None}
     (d / "stage.json").write_text(json.dumps({"stage": name, "key": {"settings": settings}}))
 
 
@@ -34,7 +35,9 @@ def test_digest_and_table_by_hand(tmp_path):
     stage(stages, "eval-student-gsm8k-s0", [("So the answer is 18.", "18"), ("So the answer is 5.", "6")], False)
     # the arm states 18 and writes on (last number 7: wrong, first answer right), then gets the second right
     stage(stages, "eval-lora-gsm8k-s0", [(WRITES_ON, "18"), ("So the answer is 6.", "6")], True)
-    stage(stages, "eval-lora-gsm8k-s1", [("So the answer is 18.", "18"), ("So the answer is 5.", "6")], True)
+    # seed 1 was decoded with a 5-token cap, which both of its outputs reach
+    stage(stages, "eval-lora-gsm8k-s1", [("So the answer is 18.", "18"), ("So the answer is 5.", "6")], True,
+          max_new_tokens=5)
     (stages / "eval-lora-humaneval-s0-0123456789abcdef").mkdir()  # not GSM8K, unfinished: never read
     assert len(write_digests(stages, out)) == 3
     rows = {r["arm"]: r for r in table(out)}
@@ -42,7 +45,7 @@ def test_digest_and_table_by_hand(tmp_path):
     lora = rows["lora"]
     assert (lora["seeds"], lora["correct"], lora["correct_first"], lora["right_then_lost"]) == (2, 0.5, 0.75, 0.25)
     assert lora["correct_vs_student"][0] == 0.0 and lora["correct_first_vs_student"][0] == 0.25
-    assert lora["at_cap"] == 0.0
+    assert lora["at_cap"] == 0.5 and rows["student"]["at_cap"] == 0.0
 
 
 def test_rescoring_must_equal_the_record(tmp_path):
