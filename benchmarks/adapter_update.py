@@ -6,8 +6,9 @@
 A fine-tuning stage saves ``run/adapter``: a peft LoRA whose product is the whole change to the base model. For
 LoRA that is the trained BA; for a non-zero init (PiSSA, Seeking) pkt saves peft's converted adapter, whose
 product is the trained BA minus the initial one, so every arm's ΔW is measured from the same student. The same
-optimizer, learning rate and steps move a non-zero adapter's product further: the gradient of BA with respect to
-A is scaled by B, which starts large there and at zero in LoRA. This prints, per stage, ‖ΔW‖/‖W‖ over all
+optimizer, learning rate and steps move a non-zero adapter's product further: a step changes BA by about
+ΔB·A + B·ΔA, Adam moves each factor by about the learning rate whatever its gradient's scale, and B starts at
+zero in LoRA but large in PiSSA or Seeking. This prints, per stage, ‖ΔW‖/‖W‖ over all
 adapted matrices and per projection (square roots of summed squares), so that arms are compared by the size of
 their update, not only by its result.
 """
