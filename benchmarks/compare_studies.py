@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+for p in (ROOT, ROOT / "src"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
+from benchmarks.results_table import points  # noqa: E402
 from pkt.experiment.stats import paired_bootstrap  # noqa: E402
 
 # what fixes the questions asked and how an answer is scored; the model, batch size and progress may differ
@@ -66,10 +68,6 @@ def compare(a: dict[int, dict], b: dict[int, dict], where: str) -> dict:
     mean = [sum(v) / len(v) if None not in v else None for v in loss]
     return {"seeds": seeds, "a": sum(map(sum, pa)), "b": sum(map(sum, pb)), "n": sum(map(len, pa)),
             "delta": d, "low": lo, "high": hi, "changed": changed, "loss_a": mean[0], "loss_b": mean[1]}
-
-
-def points(x: float) -> str:
-    return f"{x * 100:+.1f}".replace("-", "−")
 
 
 def table(a_dir: Path, b_dir: Path) -> list[str]:
