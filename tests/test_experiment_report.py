@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pkt.experiment.cache import StageCache, stable_hash
-from pkt.experiment.report import aggregate, analysis_tables, comparisons_table, equal_steps_table, write_report
+from pkt.experiment.report import (adjust, aggregate, analysis_tables, comparisons, comparisons_table, equal_steps_table,
+                                   write_report)
 from pkt.experiment.stats import mean_std, paired_bootstrap
 
 
@@ -81,7 +82,10 @@ def test_report_files(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| seeking | gsm8k | accuracy | 2 | 4 | 0.500 ± 0.000 | +0.250" in md
     # the dtype each row was evaluated in, with the worst seed's surviving fraction when it fell back
-    assert md.splitlines()[-1].endswith("| float32 (2.0% of the change survives bfloat16) |")
+    table = [ln for ln in md.splitlines() if ln.startswith("| seeking |")]
+    assert table[-1].endswith("| float32 (2.0% of the change survives bfloat16) |")
+    # the intervals' design and the Holm family are stated under the table; one comparison here (seeking vs student)
+    assert "resamples the questions once for all seeds" in md and "over the 1 comparison this report" in md
     assert "| 1.500 ± 0.000 | bfloat16 |" in md
     assert "dtype" in (tmp_path / "results.csv").read_text().splitlines()[0]
 
@@ -169,18 +173,22 @@ def test_paired_comparisons_between_arms(tmp_path):
     lines = {ln.split("|")[1].strip(): ln for ln in md_table.splitlines()[2:]}
     assert set(lines) == {"seeking − seeking-random", "seeking − seqkd"}  # no shuffled/pissa records; gkd is bf16
     assert lines["seeking − seeking-random"].startswith("| seeking − seeking-random | gsm8k | 3 | -0.025 [")
-    assert "| no | -0.090 ± 0.010 |" in lines["seeking − seeking-random"]
+    assert "| no / no | -0.090 ± 0.010 |" in lines["seeking − seeking-random"]
     assert "| seeking − seqkd | gsm8k | 1 | +0.750 [" in lines["seeking − seqkd"]
-    assert lines["seeking − seqkd"].endswith("| yes | +0.100 ± 0.000 |")
+    # 30 of 40 questions won, none lost: significant also after Holm over these two comparisons
+    assert lines["seeking − seqkd"].endswith("| yes / yes | +0.100 ± 0.000 |")
     records[1]["metrics"] = {"hit_max_new_tokens": 10}  # seeking, seed 0: 10 of 40 outputs cut at the cap
     records[4]["metrics"] = {"hit_max_new_tokens": 0}
     write_report(tmp_path, records, {"name": "t"})
     md = (tmp_path / "results.md").read_text()
-    assert "## Paired comparisons between arms\n\n" + md_table in md
+    # in the report, the comparisons are Holm-adjusted together with the table's Δ columns (a larger family)
+    comps = comparisons(records)
+    adjust(aggregate(records), comps)
+    assert "## Paired comparisons between arms\n\n" + comparisons_table(records, comps=comps) in md
     # the share of outputs at the new-token cap, averaged over the seeds that count them
     assert "| Δ vs lora [95% CI] |" not in md and "| at cap | answer loss |" in md
     assert "| seeking | gsm8k | accuracy | 3 | 40 |" in md and "| 12.5% | 0.810 ± 0.010 |" in md
-    assert "| student | gsm8k | accuracy | 3 | 40 | 0.000 ± 0.000 | – | – | 1.000 ± 0.000 |" in md
+    assert "| student | gsm8k | accuracy | 3 | 40 | 0.000 ± 0.000 | – | – | – | 1.000 ± 0.000 |" in md
     assert "<th>at cap</th>" in (tmp_path / "report.html").read_text()
 
 

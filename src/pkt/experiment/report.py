@@ -2,7 +2,9 @@
 
 Input records are one per (method, task, seed): the task's headline metric with its per-example scores
 (0/1 correctness, or pass@1 estimates) and the answer loss. Output rows aggregate over seeds: mean ± std,
-the difference to the vanilla student with a 95% paired-bootstrap interval, and the answer loss.
+the difference to the vanilla student and to LoRA with a 95% paired-bootstrap interval (questions resampled once
+for all seeds, and seeds: :mod:`pkt.experiment.stats`) and its p-value, Holm-adjusted over every comparison the
+report states, and the answer loss.
 The HTML page embeds every figure as base64 so it opens anywhere, offline, as a single file.
 
 ``pkt run`` and ``pkt report`` both come here through :func:`pkt.experiment.records.rebuild`, with the records
@@ -21,7 +23,7 @@ import io
 import shutil
 from pathlib import Path
 
-from pkt.experiment.stats import mean_std, paired_bootstrap
+from pkt.experiment.stats import holm, mean_std, paired_difference
 from pkt.io import write_json, write_text
 from pkt.tracking import ARM_LABEL
 
@@ -32,6 +34,7 @@ FIGURES = "figures"  # the analysis figures of a report, under its output direct
 # method's and not the dtype's; its own row's Δ vs the student is the dtype's effect alone.
 BASELINE_FP32 = "student-fp32"
 LORA = "lora"  # the fine-tuning baseline every built arm is also compared with
+ALPHA = 0.05  # the level of every verdict a report states
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -53,7 +56,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                 "mean": score_m, "std": score_s,
                 "answer_loss_mean": mean_std(losses)[0] if losses else None,
                 "answer_loss_std": mean_std(losses)[1] if losses else None,
-                "delta": None, "delta_low": None, "delta_high": None,
+                "delta": None, "delta_low": None, "delta_high": None, "delta_p": None,
                 "dtype": _dtype_cell(recs),
                 "at_cap": _at_cap(recs),
             }
@@ -66,13 +69,25 @@ def aggregate(records: list[dict]) -> list[dict]:
                 ref = base32
                 row["delta_vs"] = BASELINE_FP32
             if method != BASELINE and ref and all(r["seed"] in ref for r in recs):
-                d, lo, hi = paired_bootstrap([r["per_example"] for r in recs],
-                                             [ref[r["seed"]]["per_example"] for r in recs])
-                row.update(delta=d, delta_low=lo, delta_high=hi)
+                d = paired_difference([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
+                row.update(delta=d.mean, delta_low=d.low, delta_high=d.high, delta_p=d.p)
                 row.setdefault("delta_vs", BASELINE)
             rows.append(row)
     _deltas_vs_lora(rows, records)
     return rows
+
+
+def adjust(rows: list[dict], comps: list[dict]) -> int:
+    """Holm-adjust, together, the p-values of every comparison the report states (each row's Δ vs the student
+    and vs LoRA, and the paired comparisons between arms), in place as ``*_p_holm``; returns the family's size."""
+    slots = [(r, k) for r in rows for k in ("delta_p", "delta_lora_p") if r.get(k) is not None]
+    slots += [(c, "p") for c in comps]
+    for (obj, key), q in zip(slots, holm([obj[key] for obj, key in slots])):
+        obj[f"{key}_holm"] = q
+    for r in rows:  # the keys exist on every row, so that results.json's rows have one shape
+        r.setdefault("delta_p_holm", None)
+        r.setdefault("delta_lora_p_holm", None)
+    return len(slots)
 
 
 def _deltas_vs_lora(rows: list[dict], records: list[dict]) -> None:
@@ -80,7 +95,7 @@ def _deltas_vs_lora(rows: list[dict], records: list[dict]) -> None:
     arms' question is whether they beat plain LoRA at the same budget). Only between rows evaluated in the
     same dtype, so that the difference is the method's and not the dtype's."""
     for row in rows:
-        row.update(delta_lora=None, delta_lora_low=None, delta_lora_high=None)
+        row.update(delta_lora=None, delta_lora_low=None, delta_lora_high=None, delta_lora_p=None)
         if row["method"] in (BASELINE, BASELINE_FP32, "teacher", LORA):
             continue
         ref = {r["seed"]: r for r in records if r["task"] == row["task"] and r["method"] == LORA}
@@ -91,8 +106,8 @@ def _deltas_vs_lora(rows: list[dict], records: list[dict]) -> None:
         pairs = [(r, ref[r["seed"]]) for r in recs]
         if any(len(r["per_example"]) != len(b["per_example"]) or r.get("dtype") != b.get("dtype") for r, b in pairs):
             continue
-        d, lo, hi = paired_bootstrap([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
-        row.update(delta_lora=d, delta_lora_low=lo, delta_lora_high=hi)
+        d = paired_difference([r["per_example"] for r in recs], [ref[r["seed"]]["per_example"] for r in recs])
+        row.update(delta_lora=d.mean, delta_lora_low=d.low, delta_lora_high=d.high, delta_lora_p=d.p)
 
 
 def _at_cap(recs: list[dict]) -> float | None:
@@ -125,6 +140,26 @@ def _dtype_cell(recs: list[dict]) -> str | None:
 
 def _fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.4f}"
+
+
+def _p_cell(p: float | None, q: float | None) -> str:
+    """A comparison's p-value and its Holm-adjusted one: "0.004* (0.120)"; * marks p ≤ ALPHA."""
+    if p is None:
+        return "–"
+    star = lambda x: "*" if x <= ALPHA else ""  # noqa: E731
+    return f"{_p(p)}{star(p)}" + ("" if q is None else f" ({_p(q)}{star(q)})")
+
+
+def stats_note(family: int) -> str:
+    """How the intervals and p-values of a report are made, under its table."""
+    return ("Intervals: 95% paired bootstrap that resamples the questions once for all seeds (every seed is scored on "
+            "the same questions) and the seeds. p: the bootstrap's two-sided p-value; in parentheses, Holm-adjusted "
+            f"over the {family} comparison{'s' * (family != 1)} this report states (both Δ columns and the paired comparisons); "
+            f"* marks p ≤ {ALPHA:g}.\n")
 
 
 def _delta_cell(r: dict) -> str:
@@ -186,17 +221,18 @@ def markdown_table(rows: list[dict]) -> str:
     vs_lora = any(r.get("delta_lora") is not None for r in rows)
     cap = any(r.get("at_cap") is not None for r in rows)
     first = any("first_answer" in r for r in rows)
-    head = "| method | task | metric | seeds | n | score (mean ± std) | Δ vs student [95% CI] |"
-    head += (" Δ vs lora [95% CI] |" * vs_lora + " at cap |" * cap + " first answer |" * first
+    head = "| method | task | metric | seeds | n | score (mean ± std) | Δ vs student [95% CI] | p (Holm) |"
+    head += (" Δ vs lora [95% CI] | p (Holm) |" * vs_lora + " at cap |" * cap + " first answer |" * first
              + " answer loss | eval dtype |")
-    lines = [head, "|---|---|---|---:|---:|---|---|" + "---|" * vs_lora + "---:|" * cap + "---:|" * first
+    lines = [head, "|---|---|---|---:|---:|---|---|---|" + "---|---|" * vs_lora + "---:|" * cap + "---:|" * first
              + "---|---|"]
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         at_cap = "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}"
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {len(r['seeds'])} | {r['n_examples']} | "
-                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} |" + f" {_lora_cell(r)} |" * vs_lora
+                     f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {delta} | {_p_cell(r['delta_p'], r.get('delta_p_holm'))} |"
+                     + f" {_lora_cell(r)} | {_p_cell(r['delta_lora_p'], r.get('delta_lora_p_holm'))} |" * vs_lora
                      + f" {at_cap} |" * cap + f" {_fmt(r.get('first_answer'))} |" * first
                      + f" {loss} | {r.get('dtype') or '–'} |")
     return "\n".join(lines) + "\n"
@@ -310,11 +346,11 @@ COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), (
                ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten")]
 
 
-def comparisons_table(records: list[dict], pairs=COMPARISONS) -> str:
-    """Paired differences a − b on each task over the seeds both arms have: the score with its 95% paired-bootstrap
-    interval (significant when it excludes 0) and the answer loss (mean ± std over seeds of the per-seed
+def comparisons(records: list[dict], pairs=COMPARISONS) -> list[dict]:
+    """Paired differences a − b on each task over the seeds both arms have: the score's difference with its 95%
+    paired-bootstrap interval and p-value, and the answer loss's (mean ± std over seeds of the per-seed
     difference). Only arms evaluated in the same dtype on the same examples are compared."""
-    lines = []
+    out = []
     for task in dict.fromkeys(r["task"] for r in records):
         by = {}
         for r in records:
@@ -326,16 +362,31 @@ def comparisons_table(records: list[dict], pairs=COMPARISONS) -> str:
             if not matched or any(len(x["per_example"]) != len(y["per_example"]) or x.get("dtype") != y.get("dtype")
                                  for x, y in matched):
                 continue
-            d, lo, hi = paired_bootstrap([x["per_example"] for x, _ in matched], [y["per_example"] for _, y in matched])
-            sig = "yes" if lo > 0 or hi < 0 else "no"
+            d = paired_difference([x["per_example"] for x, _ in matched], [y["per_example"] for _, y in matched])
             dl = [x["answer_loss"] - y["answer_loss"] for x, y in matched
                   if x.get("answer_loss") is not None and y.get("answer_loss") is not None]
-            loss = f"{mean_std(dl)[0]:+.3f} ± {mean_std(dl)[1]:.3f}" if dl else "–"
-            if not lines:
-                lines = ["| a − b | task | seeds | Δ score [95% CI] | significant | Δ answer loss (mean ± std) |",
-                         "|---|---|---:|---|---|---|"]
-            lines.append(f"| {a} − {b} | {task} | {len(seeds)} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sig} | {loss} |")
-    return "\n".join(lines) + "\n" if lines else ""
+            out.append({"a": a, "b": b, "task": task, "seeds": seeds, "delta": d.mean, "low": d.low, "high": d.high,
+                        "p": d.p, "loss": mean_std(dl) if dl else None})
+    return out
+
+
+def comparisons_table(records: list[dict], pairs=COMPARISONS, comps: list[dict] | None = None) -> str:
+    """:func:`comparisons` as a markdown table; ``comps``: already computed (and Holm-adjusted by :func:`adjust`),
+    else computed here and adjusted among themselves."""
+    if comps is None:
+        comps = comparisons(records, pairs)
+        for c, q in zip(comps, holm([c["p"] for c in comps])):
+            c["p_holm"] = q
+    if not comps:
+        return ""
+    lines = ["| a − b | task | seeds | Δ score [95% CI] | p (Holm) | significant (raw / Holm) | "
+             "Δ answer loss (mean ± std) |", "|---|---|---:|---|---|---|---|"]
+    for c in comps:
+        loss = f"{c['loss'][0]:+.3f} ± {c['loss'][1]:.3f}" if c["loss"] else "–"
+        verdict = f"{'yes' if c['p'] <= ALPHA else 'no'} / {'yes' if c['p_holm'] <= ALPHA else 'no'}"
+        lines.append(f"| {c['a']} − {c['b']} | {c['task']} | {len(c['seeds'])} | {c['delta']:+.3f} [{c['low']:+.3f}, "
+                     f"{c['high']:+.3f}] | {_p_cell(c['p'], c['p_holm'])} | {verdict} | {loss} |")
+    return "\n".join(lines) + "\n"
 
 
 def _ms(stat: dict | None, fmt: str = "+.3f") -> str:
@@ -437,22 +488,25 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
-    write_json(out / "results.json", {"rows": rows, "records": records})
+    comps = comparisons(records)
+    family = adjust(rows, comps)
+    write_json(out / "results.json", {"rows": rows, "comparisons": comps, "records": records})
     buf = io.StringIO()
-    cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high",
-            "delta_lora", "delta_lora_low", "delta_lora_high", "at_cap", "answer_loss_mean", "answer_loss_std", "dtype"]
+    cols = ["method", "task", "metric", "n_examples", "mean", "std", "delta", "delta_low", "delta_high", "delta_p",
+            "delta_p_holm", "delta_lora", "delta_lora_low", "delta_lora_high", "delta_lora_p", "delta_lora_p_holm",
+            "at_cap", "answer_loss_mean", "answer_loss_std", "dtype"]
     if any("first_answer" in r for r in rows):
         cols.insert(cols.index("at_cap") + 1, "first_answer")
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
-    table = markdown_table(rows)
+    table = markdown_table(rows) + (f"\n{stats_note(family)}" if family else "")
     inj = injection_table(records)
     inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
     grid = laten_grid_table(records)
     grid = f"\n## LaTen across steps, rates and seeds (align loss)\n\n{grid}" if grid else ""
-    pairs = comparisons_table(records)
+    pairs = comparisons_table(records, comps=comps)
     pairs = f"\n## Paired comparisons between arms\n\n{pairs}" if pairs else ""
     steps = equal_steps_table(curves or {})
     steps = f"\n## Fine-tuning at equal steps (training loss)\n\n{steps}" if steps else ""
@@ -478,21 +532,24 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     figs = [Path(f) for f in figs if f is not None and Path(f).is_file()]
     for f in figs:
         plots.compact_png(f)
-    write_text(out / "report.html", render_html(manifest, rows, figs, f"{status}{stage_time_note(progress)}"))
+    write_text(out / "report.html", render_html(manifest, rows, figs, f"{status}{stage_time_note(progress)}",
+                                                family=family))
     return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html",
                                     *(f.relative_to(out).as_posix() for f in figs)]}
 
 
-def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "") -> str:
+def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "", family: int = 0) -> str:
     first = any("first_answer" in r for r in rows)
-    head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "Δ vs lora [95% CI]",
+    head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "p (Holm)",
+            "Δ vs lora [95% CI]", "p (Holm)",
             "at cap", *["first answer"] * first, "answer loss", "eval dtype"]
     body = []
     for r in rows:
         delta = _delta_cell(r)
         loss = "–" if r["answer_loss_mean"] is None else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}"
         cells = [r["method"], r["task"], r["metric"], len(r["seeds"]), r["n_examples"],
-                 f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _lora_cell(r),
+                 f"{r['mean']:.3f} ± {r['std']:.3f}", delta, _p_cell(r.get("delta_p"), r.get("delta_p_holm")),
+                 _lora_cell(r), _p_cell(r.get("delta_lora_p"), r.get("delta_lora_p_holm")),
                  "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}", *[_fmt(r.get("first_answer"))] * first,
                  loss, r.get("dtype") or "–"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
@@ -521,8 +578,8 @@ finished {html.escape(str(manifest.get('finished', '')))}</p>
 {f"<p><b>{html.escape(status.strip().replace('**', ''))}</b></p>" if status else ""}
 <h2>Results</h2>
 <table id="results"><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{''.join(body)}</table>
-<p>Scores are means ± std over seeds; Δ is the paired difference to the vanilla student with a 95% bootstrap
-interval over seeds and examples; answer loss is the mean teacher-forced NLL of gold responses (lower is better).</p>
+<p>Scores are means ± std over seeds; Δ is the paired difference to the vanilla student (or to LoRA);
+answer loss is the mean teacher-forced NLL of gold responses (lower is better). {html.escape(stats_note(family)) if family else ""}</p>
 <h2>Figures</h2>{''.join(imgs)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>status</th></tr>{stages}</table>
 <h2>Configuration</h2><pre>{cfg}</pre>

@@ -1,13 +1,34 @@
-"""Summary statistics for the results table: mean ± std over seeds and a paired bootstrap interval.
+"""Summary statistics for the results: mean ± std over seeds, paired differences with intervals and p-values,
+exact McNemar tests and Holm's family-wise correction.
 
-The interval for "method − vanilla student" resamples seeds, then examples within each seed (both with
-replacement). The evaluation subset of a seed is the same for every method, so the difference is
-paired per example, which is what makes small subsets informative.
+The design they match: every arm of a study is evaluated on the same questions in every seed (a fixed
+evaluation subset, or the whole test set), so the seeds *share* the questions. A difference "arm − reference"
+is a mean over seeds × questions of per-question differences, and its uncertainty has two sources: which
+questions the test happened to hold (shared by all seeds) and which seeds were trained. The interval therefore
+resamples the questions **once** for all seeds (the same question indices in every seed) and, independently, the
+seeds: a two-way (pigeonhole) bootstrap. Resampling the questions independently within each seed, as pkt did
+before, treats three seeds on the same 150 questions as 450 independent questions and gives intervals too
+narrow by about √3 for the question part (tests/test_stats.py measures both methods' coverage on simulated
+studies with a known difference).
+
+When the seeds' lists differ in length (each seed drew its own subset of another size) the questions cannot be
+shared and are resampled within each seed; for independent subsets of one size, sharing the indices is harmless:
+each seed's questions are then unrelated, so which index stands for which question is arbitrary.
+
+The p-value is the bootstrap's own two-sided one (twice the smaller tail mass at 0, with the usual +1 so that it
+is never 0), so "the interval excludes 0" and "p < 0.05" agree up to the resolution of ``n_boot`` draws. A report
+states many comparisons; :func:`holm` adjusts their p-values together (Holm 1979, step-down), and a report shows
+the raw and the adjusted verdict side by side.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from math import comb
+
 import numpy as np
+
+N_BOOT = 10_000  # enough draws for tail p-values down to ~1e-4, which Holm over ~50 comparisons needs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -15,17 +36,80 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def paired_bootstrap(method: list[list[float]], base: list[list[float]], n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
-    """(mean difference, low, high) of mean(method) − mean(base); lists are per seed, per example."""
-    if len(method) != len(base) or any(len(a) != len(b) for a, b in zip(method, base)):
-        raise ValueError("paired bootstrap needs the same seeds and examples for both methods")
+@dataclass(frozen=True)
+class Difference:
+    """mean(method) − mean(reference) over seeds × questions, its bootstrap interval and two-sided p-value."""
+
+    mean: float
+    low: float
+    high: float
+    p: float
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def _draws(diffs: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` bootstrap replicates of the mean over seeds of each seed's mean difference."""
+    n_seeds = len(diffs)
+    # seeds drawn with replacement, as counts per seed: (n_boot, n_seeds)
+    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot).astype(float)
+    lengths = {len(d) for d in diffs}
+    if len(lengths) == 1:
+        n_q = lengths.pop()
+        # one draw of question indices per replicate, used by every seed: (n_boot, n_q) counts
+        q_counts = rng.multinomial(n_q, np.full(n_q, 1 / n_q), size=n_boot).astype(float)
+        per_seed = q_counts @ np.stack(diffs).T / n_q  # (n_boot, n_seeds): each seed's mean on the drawn questions
+    else:  # subsets of different sizes cannot share questions: each seed's own resample
+        per_seed = np.stack([rng.multinomial(len(d), np.full(len(d), 1 / len(d)), size=n_boot) @ d / len(d)
+                             for d in diffs], axis=1)
+    return (seed_counts * per_seed).sum(axis=1) / n_seeds
+
+
+def paired_difference(method: list[list[float]], base: list[list[float]], n_boot: int = N_BOOT, seed: int = 0,
+                      level: float = 0.95) -> Difference:
+    """The paired difference mean(method) − mean(base); the lists are per seed, per question, and question i of a
+    seed is the same question for both (and, with lists of one length, for every seed)."""
+    if not method or len(method) != len(base) or any(len(a) != len(b) or not len(a) for a, b in zip(method, base)):
+        raise ValueError("a paired difference needs the same seeds and questions for both arms")
     diffs = [np.asarray(a, float) - np.asarray(b, float) for a, b in zip(method, base)]
     point = float(np.mean([d.mean() for d in diffs]))
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    for i in range(n_boot):
-        seeds = rng.integers(0, len(diffs), len(diffs))
-        stats[i] = np.mean([diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))].mean() for s in seeds])
+    stats = _draws(diffs, n_boot, np.random.default_rng(seed))
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return point, float(lo), float(hi)
+    # ties at exactly 0 count in both tails: a difference that is 0 in every draw gets p = 1
+    tail = min(int((stats <= 0).sum()), int((stats >= 0).sum()))
+    p = min(1.0, 2 * (tail + 1) / (n_boot + 1))
+    return Difference(point, float(lo), float(hi), p)
+
+
+def paired_bootstrap(method: list[list[float]], base: list[list[float]], n_boot: int = N_BOOT, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """(mean difference, low, high) of :func:`paired_difference`."""
+    d = paired_difference(method, base, n_boot=n_boot, seed=seed, level=level)
+    return d.mean, d.low, d.high
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: the family-wise error rate of rejecting every
+    hypothesis whose adjusted p is ≤ α is at most α, whatever the dependence between the tests."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs (questions only A gets right, only B gets right)
+    under Binomial(n, 1/2). Each question must count once: test each seed on its own, never add one question's
+    pairs from several seeds into one test (they are not independent)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError("discordant counts are non-negative")
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
