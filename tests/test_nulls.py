@@ -1,0 +1,95 @@
+"""The similarity nulls on tiny models: pairings, the fast bootstrap scores against the plain measures, and the
+nulls' order (a model against itself ≫ shuffled inputs; a random teacher is not the teacher)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pkt.analyse import nulls as N
+from pkt.analyse import representations as R
+from pkt.analyse.similarity import linear_cka, rsa
+from pkt.data.jsonl import ChatExample
+
+EXAMPLES = [ChatExample(f"Question {i}: what is {i} plus {i + 3}?", f"{i} + {i + 3} = {2 * i + 3}. Answer: {2 * i + 3}")
+            for i in range(12)]
+
+
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    for n in (2, 3, 10, 64):
+        p = N.derangement(n, seed=1)
+        assert sorted(p) == list(range(n)) and all(a != b for a, b in zip(p, range(n)))
+        assert p == N.derangement(n, seed=1)
+    with pytest.raises(Exception, match="at least 2 examples"):
+        N.derangement(1, 0)
+
+
+def test_shuffled_rows_pair_other_examples_position_by_position():
+    counts = [3, 5, 2, 4]
+    s, t, g = N.shuffled_rows(counts, seed=0)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ex_of = np.repeat(np.arange(len(counts)), counts)
+    assert len(s) == len(t) == len(g)
+    assert all(ex_of[a] != ex_of[b] for a, b in zip(s.tolist(), t.tolist()))  # never the same example
+    assert all(ex_of[a] == gi for a, gi in zip(s.tolist(), g.tolist()))
+    for a, b in zip(s.tolist(), t.tolist()):  # the same position within both examples
+        assert a - start[ex_of[a]] == b - start[ex_of[b]]
+
+
+def test_fast_scores_equal_the_plain_measures():
+    """One layer pair scored through the n×n token matrices (the bootstrap's path) equals linear_cka, debiased CKA
+    and rsa of similarity.py on the same rows, for the full sample and for a resample without repeats."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 7, generator=g) + 2.0, torch.randn(40, 11, generator=g)
+    mx, my = N._token_matrices(x, ("cka", "dcka", "rsa")), N._token_matrices(y, ("cka", "dcka", "rsa"))
+    for idx in (torch.arange(40), torch.tensor([3, 7, 1, 22, 30, 31, 9, 15, 16, 38, 0, 5])):
+        score = {m: float(N._vectors([mx], idx, m) @ N._vectors([my], idx, m).T) for m in ("cka", "dcka", "rsa")}
+        assert score["cka"] == pytest.approx(linear_cka(x[idx], y[idx]), abs=1e-5)
+        assert score["dcka"] == pytest.approx(linear_cka(x[idx], y[idx], debiased=True), abs=1e-5)
+        assert score["rsa"] == pytest.approx(rsa(x[idx], y[idx]), abs=1e-5)
+
+
+def test_a_model_against_itself_beats_both_nulls(tiny_pair):
+    """Teacher := the student itself: the real pairing scores 1 at the same depth, far above the shuffled-input
+    null; the random teacher (same architecture, fresh weights) is not the student, so it scores lower too. The
+    intervals come from the bootstrap over examples and hold the point value."""
+    _, student, tok = tiny_pair
+    rep = R.RepConfig(kinds=("residual", "up"), measures=("cka", "rsa"), max_tokens=10_000)
+    res = N.representation_nulls(student, student, tok, EXAMPLES, rep, N.NullConfig(n_boot=30, seed=0))
+    assert res["n_examples"] == len(EXAMPLES) and 0 < res["n_paired_tokens"] <= res["n_tokens"]
+    for kind in ("residual", "up"):
+        for measure in ("cka", "rsa"):
+            r = res["modules"][kind][measure]
+            assert r["real"]["same_depth"]["value"] == pytest.approx(1.0, abs=1e-4)
+            for null in N.NULLS:
+                assert r[null]["same_depth"]["value"] < 0.999
+                d = r[f"real_minus_{null}"]["same_depth"]
+                assert d["value"] > 0 and d["interval"][0] > 0
+            for side in ("real", *N.NULLS):
+                for k in N.SUMMARIES:
+                    lo, hi = r[side][k]["interval"]
+                    assert lo - 1e-6 <= r[side][k]["value"] <= hi + 1e-6 or k == "best"
+
+
+def test_random_like_keeps_the_architecture_and_changes_the_weights(tiny_pair):
+    teacher, _, _ = tiny_pair
+    rand = N.random_like(teacher, seed=3)
+    assert type(rand) is type(teacher) and rand.config.to_dict() == teacher.config.to_dict()
+    a, b = dict(teacher.named_parameters()), dict(rand.named_parameters())
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
+    again = N.random_like(teacher, seed=3)
+    assert torch.equal(dict(again.named_parameters())["model.layers.0.mlp.up_proj.weight"],
+                       b["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_parametric_nulls_give_both_sides_with_intervals(tiny_pair):
+    teacher, student, _ = tiny_pair
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    res = N.parametric_nulls(teacher, student, rank=2, kinds=("up",), cfg=N.NullConfig(n_boot=20))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student is not touched
+    for side in ("real", "random_teacher"):
+        st = res[side]["up_proj"]["cos_BA_original"]
+        assert st["interval"][0] <= st["mean"] <= st["interval"][1]
+        assert res[side]["up_proj"]["norm_ratio"]["mean"] > 0
