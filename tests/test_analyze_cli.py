@@ -157,6 +157,22 @@ def test_params_seeking_chooses_layers_and_blocks_by_teacher_sensitivity(saved, 
         assert (b["row0"], b["col0"]) == _max_abs_corner(sens[(top[i], m)], *shape)
 
 
+def test_analyze_settings_defaults_then_config_then_flags(saved, tmp_path):
+    """--config's `params:` section sets the options by name (one value of a repeatable option included), a
+    flag on the command line overrides it; a key no option has is one error naming the file and key."""
+    _, s, _ = saved
+    cfg = tmp_path / "analyze.yaml"
+    cfg.write_text(f"params:\n  init: pissa\n  student: {s}\n  rank: 2\n  modules: down\n")
+    res = pkt("analyze", "params", "--config", cfg, "--rank", "3", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "o" / "params.json").read_text())
+    assert (list(out["records"]), out["modules"], out["rank"], out["dtype"]) == (["pissa"], ["down"], 3, "float32")
+    cfg.write_text("params:\n  rnak: 2\n")
+    bad = testing.invoke_cli(["analyze", "params", "--config", cfg, "--out", tmp_path / "o2"])
+    assert bad.exit_code != 0 and f"{cfg}: params.rnak: unknown setting" in str(bad.exception)
+    assert not (tmp_path / "o2").exists()
+
+
 def _np_cka(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(0), y - y.mean(0)
     return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))

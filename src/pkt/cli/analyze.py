@@ -1,4 +1,8 @@
-"""``pkt analyze params | representations | behaviour``: neural-incompatibility analyses → JSON + PNG."""
+"""``pkt analyze params | representations | behaviour``: neural-incompatibility analyses → JSON + PNG.
+
+Settings: defaults < ``--config`` YAML (section ``params``, ``representations`` or ``behaviour``: any of the
+command's options by name) < flags. The work is done in :mod:`pkt.analyse`; this module parses and calls.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import time
 from pathlib import Path
 
 import typer
+
+from pkt.cli import config_option
 
 app = typer.Typer(help="Neural-incompatibility analyses: parametric, representation and behavioural similarity "
                        "(JSON + PNG).", no_args_is_help=True)
@@ -73,6 +79,7 @@ def params(
     task: str = typer.Option("gsm8k", help="Task whose extract split gives the sensitivity seeds."),
     dtype: str = typer.Option("float32", help="Student load dtype (float32 keeps the SVD residual exact)."),
     teacher_dtype: str = typer.Option("bfloat16", help="Teacher load dtype (its blocks are factored in float32)."),
+    config: Path = config_option("params"),  # applied by its callback, before the other options
 ) -> None:
     """Parametric similarity of LoRA inits: cos(BA, W_original), cos(BA, W_remaining), norm ratio per layer."""
     from pkt.analyse import lora_inits
@@ -121,6 +128,7 @@ def representations(
     batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("bfloat16", help="Model dtype for the forward passes."),
     seed: int = typer.Option(0, help="Token subsample seed."),
+    config: Path = config_option("representations"),  # applied by its callback, before the other options
 ) -> None:
     """Teacher-layer × student-layer CKA / debiased CKA / RSA of module outputs, with heat-maps."""
     from pkt.analyse import plots
@@ -174,6 +182,7 @@ def behaviour(
     batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("bfloat16", help="Model dtype."),
     per_token: bool = typer.Option(True, help="Keep the per-token rows in the JSON."),
+    config: Path = config_option("behaviour"),  # applied by its callback, before the other options
 ) -> None:
     """Per-token KL(teacher‖student) and top-1 agreement on response tokens (teacher-forced)."""
     from pkt.analyse import plots
