@@ -68,7 +68,7 @@ def _register() -> None:
 
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
-    for mod in ("extract", "postpkt", "kd", "laten", "evaluate", "analyze", "run", "report"):
+    for mod in ("extract", "postpkt", "kd", "laten", "evaluate", "analyze", "run", "report", "study"):
         try:
             module = __import__(f"pkt.cli.{mod}", fromlist=["register"])
         except ModuleNotFoundError as e:
