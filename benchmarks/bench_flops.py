@@ -36,42 +36,30 @@ from pathlib import Path
 
 import torch
 
+from pkt.models.arch import LINEAR_KINDS, ConfigDims
+
 MODEL = "qwen2.5-coder-0.5b-instruct"
-# one projection of a decoder layer: (in features, out features) as functions of the config's widths
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+KINDS = LINEAR_KINDS  # the decoder projections pkt's default LoRA adapts
 
 
 # ---- counting ---------------------------------------------------------------------------------
 
-def shape(config) -> dict:
-    """The widths that decide the FLOPs and bytes of a decoder-only LM (HF config attribute names)."""
-    c = getattr(config, "text_config", None) or config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return {"layers": c.num_hidden_layers, "d": c.hidden_size, "ffn": c.intermediate_size, "heads": heads,
-            "kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,
-            "vocab": c.vocab_size, "tied": bool(getattr(config, "tie_word_embeddings", False))}
-
-
 def projections(config) -> dict[str, tuple[int, int]]:
-    """(in, out) of each decoder projection kind; grouped-query attention makes k and v narrower than q."""
-    s = shape(config)
-    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    d, f = s["d"], s["ffn"]
-    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    """(in, out) of each decoder projection kind, from pkt's one shape table (which is (out, in))."""
+    return {k: (i, o) for k, (o, i) in ConfigDims.from_config(config).shapes().items()}
 
 
 def matmul_params(config) -> int:
     """Weights every token is multiplied by: the decoder projections and the lm_head (biases, norms and the
     embedding lookup are not matmuls; a tied embedding is the lm_head, counted once)."""
-    s = shape(config)
-    return s["layers"] * sum(i * o for i, o in projections(config).values()) + s["vocab"] * s["d"]
+    s = ConfigDims.from_config(config)
+    return s.num_layers * sum(i * o for i, o in projections(config).values()) + s.vocab_size * s.hidden_size
 
 
 def lora_params(config, r: int, kinds=KINDS) -> int:
     """LoRA factor parameters: r·(in + out) per adapted projection per layer."""
     proj = projections(config)
-    return shape(config)["layers"] * sum(r * (proj[k][0] + proj[k][1]) for k in kinds)
+    return ConfigDims.from_config(config).num_layers * sum(r * (proj[k][0] + proj[k][1]) for k in kinds)
 
 
 def lora_train_flops_per_token(config, r: int, seq: int, kinds=KINDS) -> dict:
@@ -89,11 +77,11 @@ def lora_train_flops_per_token(config, r: int, seq: int, kinds=KINDS) -> dict:
     q/k/v read the embedding output, which needs no gradient, so their input gradients (base and lora_A)
     are skipped. It is ~0.1% of the total for the 0.5B.
     """
-    s = shape(config)
+    s = ConfigDims.from_config(config)
     proj = projections(config)
     p, p_lora = matmul_params(config), lora_params(config, r, kinds)
     out = {"forward": 2 * p, "backward_input": 2 * p, "lora": 6 * p_lora,
-           "attention": 12 * s["layers"] * seq * s["heads"] * s["head_dim"]}
+           "attention": 12 * s.num_layers * seq * s.q_dim}
     out["total"] = sum(out.values())
     out["autograd_skips"] = sum(2 * proj[k][0] * (proj[k][1] + (r if k in kinds else 0)) for k in ("q", "k", "v"))
     out.update(params=p, lora_params=p_lora, seq=seq)

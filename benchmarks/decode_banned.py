@@ -7,7 +7,7 @@
 Why: in the CPU study the fine-tuned arms lose HumanEval problems where they drop the comments the student writes
 (docs/results.md), which is a correlation. Banning every token that holds ``#`` takes comments away from the
 student alone, with nothing else changed, and asks whether the student needs them: its pass@1 and the paired
-counts against its study evaluation (``compare_predictions`` reads the digest this writes) are the answer.
+counts against its study evaluation (``pkt study compare-predictions`` reads the digest this writes) are the answer.
 
 The ban is a forward hook on the output embeddings that sets the banned tokens' logits to -inf, so both decoding
 engines (padded and continuous) obey it without a change to pkt. The evaluation settings are the study config's
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.compare_predictions import digest_row
-from benchmarks.compare_records import DIGEST_FORMAT
+from pkt.studies.compare_predictions import digest_row
+from pkt.studies.compare_records import DIGEST_FORMAT
 
 
 def banned_ids(tokenizer, text: str) -> list[int]:

@@ -34,14 +34,14 @@ if [ "${1:-}" = "commit" ]; then
   snap=$(mktemp -d)
   cp -r $RECORDS/study.json $RECORDS/stages "$snap"/
   # digests of the code evaluations' outputs (per question: passed, failure kind, lines, comments) travel with the
-  # records: the full outputs stay in the run dir, and benchmarks/compare_predictions reads either
+  # records: the full outputs stay in the run dir, and `pkt study compare-predictions` reads either
   run_stages=${PKT_STUDY_OUT:-$ROOT/runs/$STUDY}/stages
-  [ ! -d "$run_stages" ] || .venv/bin/python -m benchmarks.compare_predictions --digest "$run_stages" \
+  [ ! -d "$run_stages" ] || .venv/bin/pkt study compare-predictions --digest "$run_stages" \
     $RECORDS/predictions --records "$snap/stages" > /dev/null
   # and of the GSM8K ones (per question: the last number's verdict, the first stated answer's, at the cap), for
-  # benchmarks/gsm8k_first_answer; only where the student's outputs are still there to set the arms against
-  ! ls "$run_stages"/eval-student-gsm8k-*/predictions.jsonl > /dev/null 2>&1 || .venv/bin/python -m \
-    benchmarks.gsm8k_first_answer --digest "$run_stages" $RECORDS/answers --records "$snap/stages" > /dev/null
+  # `pkt study gsm8k-first-answer`; only where the student's outputs are still there to set the arms against
+  ! ls "$run_stages"/eval-student-gsm8k-*/predictions.jsonl > /dev/null 2>&1 || .venv/bin/pkt study \
+    gsm8k-first-answer --digest "$run_stages" $RECORDS/answers --records "$snap/stages" > /dev/null
   .venv/bin/pkt report "$snap" --out $RECORDS > /dev/null
   git add $RECORDS $(ls $RECORDS.segments.log 2>/dev/null || true)
   for f in $(git diff --cached --name-only -- $RECORDS/stages); do

@@ -117,6 +117,62 @@ def test_params_from_saved_adapter(saved, tmp_path):
     assert [round(r["cos_BA_remaining"], 4) for r in got2] == [round(r["cos_BA_remaining"], 4) for r in want]
 
 
+def test_params_seeking_chooses_layers_and_blocks_by_teacher_sensitivity(saved, tmp_path, monkeypatch):
+    """--seeds: the teacher's |w·∇w| on the first extract examples (computed here by plain autograd, one
+    backward per example) picks the student's teacher layers (top layer sums, in order) and each block
+    (the largest Σ sensitivity)."""
+    from pkt.data.chat import tokenize_example
+    from pkt.data.jsonl import ChatExample
+    from pkt.data.tasks import get_task
+    from pkt.models.load import load_model, load_tokenizer
+
+    t, s, data = saved
+    split = tmp_path / "data" / "pkt_splits" / get_task("gsm8k").split_dir
+    split.mkdir(parents=True)
+    (split / "extract.jsonl").write_text(open(data).read())
+    monkeypatch.setenv("PKT_DATA_DIR", str(tmp_path / "data"))
+    res = pkt("analyze", "params", "--init", "seeking", "--student", s, "--teacher", t, "--seeds", "2",
+              "--rank", "2", "--teacher-dtype", "float32", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "o" / "params.json").read_text())
+    assert out["inits"]["seeking"].startswith("teacher sensitivity on 2 gsm8k extract seeds")
+
+    teacher, tok = load_model(t), load_tokenizer(t)
+    sens = {}
+    for u, a in ROWS[:2]:
+        f = tokenize_example(ChatExample(u, a), tok)
+        teacher.zero_grad()
+        teacher(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss.backward()
+        for i, layer in enumerate(teacher.model.layers):
+            for m in ("up_proj", "down_proj"):
+                w = layer.mlp.get_submodule(m).weight
+                sens[(i, m)] = sens.get((i, m), 0) + (w.detach() * w.grad).abs()
+    layer_sum = [float(sum(sens[(i, m)].sum() for m in ("up_proj", "down_proj"))) for i in range(4)]
+    top = sorted(sorted(range(4), key=lambda i: -layer_sum[i])[:3])
+    student = load_model(s)
+    for b in out["seeking_blocks"]:
+        i, m = b["student_layer"], b["module"]
+        assert b["teacher_layer"] == top[i]
+        shape = student.model.layers[i].mlp.get_submodule(m).weight.shape
+        assert (b["row0"], b["col0"]) == _max_abs_corner(sens[(top[i], m)], *shape)
+
+
+def test_analyze_settings_defaults_then_config_then_flags(saved, tmp_path):
+    """--config's `params:` section sets the options by name (one value of a repeatable option included), a
+    flag on the command line overrides it; a key no option has is one error naming the file and key."""
+    _, s, _ = saved
+    cfg = tmp_path / "analyze.yaml"
+    cfg.write_text(f"params:\n  init: pissa\n  student: {s}\n  rank: 2\n  modules: down\n")
+    res = pkt("analyze", "params", "--config", cfg, "--rank", "3", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "o" / "params.json").read_text())
+    assert (list(out["records"]), out["modules"], out["rank"], out["dtype"]) == (["pissa"], ["down"], 3, "float32")
+    cfg.write_text("params:\n  rnak: 2\n")
+    bad = testing.invoke_cli(["analyze", "params", "--config", cfg, "--out", tmp_path / "o2"])
+    assert bad.exit_code != 0 and f"{cfg}: params.rnak: unknown setting" in str(bad.exception)
+    assert not (tmp_path / "o2").exists()
+
+
 def _np_cka(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(0), y - y.mean(0)
     return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))

@@ -41,6 +41,26 @@ def test_malformed_rows_name_file_and_line(tmp_path, line, lineno, message):
     assert "\n" not in str(e.value)
 
 
+def test_split_rows_and_conversations_share_one_validator(tmp_path):
+    """A system turn is a valid conversation but not a PKT-split row; both readers say so through the same
+    validator, with the same message for a defect they share."""
+    from pkt.data.chat import read_conversations
+
+    system = {"messages": [{"role": "system", "content": "be brief"}, *GOOD["messages"]]}
+    path = _write(tmp_path, [json.dumps(system) + "\n"])
+    assert read_conversations(path)[0].turns[0] == ("system", "be brief")
+    with pytest.raises(DataError, match=f"{path}:1: 'messages' must be a list of 2 turns"):
+        read_chat_jsonl(path)
+    swapped = {"messages": [GOOD["messages"][1], GOOD["messages"][0]]}
+    path = _write(tmp_path, [json.dumps(swapped) + "\n"])
+    errors = []
+    for read in (read_chat_jsonl, read_conversations):
+        with pytest.raises(DataError) as e:
+            read(path)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] == f"{path}:1: turn 0 must have role 'user', got 'assistant'"
+
+
 def test_empty_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="empty file"):
         read_chat_jsonl(_write(tmp_path, ["\n"]))

@@ -72,33 +72,3 @@ def test_continuous_decoding_gives_the_padded_records(fixture_data_dir, qwen_pai
     assert cont["gsm8k"]["accuracy"] == padded["gsm8k"]["accuracy"]
     n = padded["gsm8k"]["n"]
     assert cont["gsm8k"]["hit_max_new_tokens"] == padded["gsm8k"]["hit_max_new_tokens"] == n >= 2
-
-
-def test_compare_records(tmp_path, capsys):
-    """benchmarks/compare_records.py: paired counts on the common ids and the exact McNemar p-value, against
-    values worked by hand; a file that is not a record is one line and exit 2."""
-    from benchmarks.compare_records import compare, main, mcnemar_exact
-
-    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(1, 0) == 1.0
-    assert mcnemar_exact(6, 0) == mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # all 6 discordant one way
-    assert mcnemar_exact(2, 1) == 1.0  # P(X <= 1 | n=3) = 4/8, doubled
-    a = {"1": True, "2": True, "3": False, "4": False, "9": True}
-    b = {"1": True, "2": False, "3": True, "4": True}
-    assert compare(a, b) == {"common": 4, "a_passed": 2, "b_passed": 3, "both": 1, "only_a": 1, "only_b": 2,
-                             "mcnemar_p": 1.0}
-    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
-    fa.write_text(json.dumps({"verdicts": a}))
-    fb.write_text(json.dumps({"verdicts": b}))
-    main([str(fa), str(fb)])
-    assert json.loads(capsys.readouterr().out)["only_b"] == 2
-    # a code-predictions digest reads as its rows' verdicts
-    fb.write_text(json.dumps({"format": "pkt-code-predictions-digest/1", "rows": [
-        {"id": k, "correct": v, "kind": "passed" if v else "AssertionError", "lines": 1, "comment_lines": 0}
-        for k, v in b.items()]}))
-    main([str(fa), str(fb)])
-    assert json.loads(capsys.readouterr().out) == compare(a, b)
-    fb.write_text("{}")
-    with pytest.raises(SystemExit) as e:
-        main([str(fa), str(fb)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and str(fb) in err and err.count("\n") == 1

@@ -225,3 +225,40 @@ def test_eval_cli_bad_input_is_one_line(args, msg, data_dir, tiny_model_dir, tmp
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_settings_defaults_then_config_then_flags(data_dir, tiny_model_dir, tmp_path):
+    """--config's `eval:` section overrides the defaults, a flag given on the command line overrides both;
+    a value from the file is checked as the flag would be."""
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("eval:\n  limit: 2\n  max-new-tokens: 3\n  batch_size: 1\n  tasks: gsm8k\n")
+    out = tmp_path / "out"
+    r = testing.invoke_cli(["eval", "--model", tiny_model_dir, "--config", cfg, "--limit", "1", "--out", out,
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tasks"] == ["gsm8k"]  # from the file (the default is all four)
+    assert (m["config"]["limit"], m["config"]["max_new_tokens"], m["config"]["batch_size"]) == (1, 3, 1)
+    assert m["config"]["top_p"] == 0.95  # in neither: the default
+    assert len(_rows(out / "gsm8k" / "predictions.jsonl")) == 1
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("eval:\n  limt: 2\n", "eval.limt: unknown setting"),
+    ("analysis:\n  limit: 2\n", "no 'eval:' section"),
+    ("eval:\n  limit: two\n", "eval.limit: "),
+])
+def test_eval_config_errors_are_one_line(text, msg, data_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from pkt.cli import main
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["pkt", "eval", "--model", tiny_model_dir, "--out", str(tmp_path / "o"),
+                                      "--config", str(cfg)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err

@@ -151,14 +151,14 @@ def test_identical_tokenizer_files_load_one_tokenizer(tmp_path, pair):
 
 def test_plan_facts_from_headers_match_the_loaded_model(tmp_path, pair):
     from pkt.experiment import preflight as pf
-    from pkt.models.arch import ArchSpec
+    from pkt.models.arch import ArchSpec, ConfigDims
     from pkt.models.load import load_model
 
     for d in (tmp_path / "teacher", tmp_path / "student"):
         facts = pf.meta_facts(pf.model_facts(str(d)))
         model = load_model(str(d))
         spec = ArchSpec.from_model(model)
-        assert isinstance(facts.spec, pf.PlanSpec)  # read from the headers and the config, no model built
+        assert isinstance(facts.spec, ConfigDims)  # read from the headers and the config, no model built
         assert facts.params == sum(p.numel() for p in model.parameters())
         assert (facts.spec.num_layers, facts.spec.hidden_size) == (spec.num_layers, spec.hidden_size)
         for kind in ("q", "k", "v", "o", "gate", "up", "down"):

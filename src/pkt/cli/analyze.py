@@ -1,4 +1,8 @@
-"""``pkt analyze params | representations | behaviour``: neural-incompatibility analyses → JSON + PNG."""
+"""``pkt analyze params | representations | behaviour``: neural-incompatibility analyses → JSON + PNG.
+
+Settings: defaults < ``--config`` YAML (section ``params``, ``representations`` or ``behaviour``: any of the
+command's options by name) < flags. The work is done in :mod:`pkt.analyse`; this module parses and calls.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import time
 from pathlib import Path
 
 import typer
+
+from pkt.cli import config_option
 
 app = typer.Typer(help="Neural-incompatibility analyses: parametric, representation and behavioural similarity "
                        "(JSON + PNG).", no_args_is_help=True)
@@ -73,110 +79,37 @@ def params(
     task: str = typer.Option("gsm8k", help="Task whose extract split gives the sensitivity seeds."),
     dtype: str = typer.Option("float32", help="Student load dtype (float32 keeps the SVD residual exact)."),
     teacher_dtype: str = typer.Option("bfloat16", help="Teacher load dtype (its blocks are factored in float32)."),
+    config: Path = config_option("params"),  # applied by its callback, before the other options
 ) -> None:
     """Parametric similarity of LoRA inits: cos(BA, W_original), cos(BA, W_remaining), norm ratio per layer."""
-    import torch
-
-    from pkt.analyse import params as P
-    from pkt.analyse import plots
+    from pkt.analyse import lora_inits
+    from pkt.analyse.params import lora_similarity
     from pkt.errors import PktError
-    from pkt.io import write_json
     from pkt.models.arch import LINEAR_KINDS
-    from pkt.models.load import load_model
 
     kinds = _kinds(modules, LINEAR_KINDS)
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {}
     meta: dict = {"modules": list(kinds), "rank": rank}
     if adapter:
         if init:
             raise PktError("give either --adapter (+ --base) or --init, not both")
         if not base:
             raise PktError("--adapter needs --base (the model the adapter was saved on)")
-        from peft import PeftConfig, PeftModel
-
-        # A saved PiSSA/OLoRA config would re-run its data-driven init on the loaded base (mutating it a
-        # second time) before the saved factors are loaded: build the layers with a no-op init instead.
-        config = PeftConfig.from_pretrained(adapter)
-        config.init_lora_weights = True
-        model = PeftModel.from_pretrained(load_model(base, dtype=dtype), adapter, config=config)
-        if base_is == "original":  # make the base the residual so that the generic definitions apply
-            from peft.tuners.lora import LoraLayer
-
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, LoraLayer):
-                        ad = m.active_adapters[0]
-                        w = m.get_base_layer().weight
-                        w.sub_((m.scaling[ad] * m.lora_B[ad].weight.float() @ m.lora_A[ad].weight.float()).to(w))
-        elif base_is != "remaining":
-            raise PktError("--base-is: expected 'remaining' or 'original'")
-        results[Path(adapter).name] = P.lora_similarity(model)
+        model = lora_inits.adapter_model(adapter, base, base_is, dtype)
+        results = {Path(adapter).name: lora_similarity(model)}
         meta.update(adapter=adapter, base=base, base_is=base_is)
     else:
         if not init:
             raise PktError("give --init pissa|seeking (repeatable) with --student [--teacher], or --adapter")
         if not student:
             raise PktError("--init needs --student")
-        meta.update(student=student, teacher=teacher, inits={}, dtype=dtype, teacher_dtype=teacher_dtype)
-        teacher_model = None
-        for name in init:
-            if name not in ("pissa", "seeking"):
-                raise PktError(f"--init {name!r}: expected pissa or seeking")
-            _log(f"[{name}] loading student {student}")
-            stud = load_model(student, dtype=dtype)
-            if name == "pissa":
-                model = P.pissa_init(stud, rank=rank, kinds=kinds)
-                meta["inits"]["pissa"] = "peft LoraConfig(init_lora_weights='pissa'), alpha = r"
-            else:
-                if not teacher:
-                    raise PktError("--init seeking needs --teacher")
-                if teacher_model is None:
-                    _log(f"[seeking] loading teacher {teacher}")
-                    teacher_model = load_model(teacher, dtype=teacher_dtype)
-                layer_map, sens, how = None, None, "evenly spaced teacher layers, max Σ|W| contiguous blocks"
-                if seeds > 0:
-                    layer_map, sens = _seeking_sensitivity(teacher_model, stud, teacher, task, seeds, kinds)
-                    how = f"teacher sensitivity on {seeds} {task} extract seeds (up/down weights): top layers, " \
-                          "max Σ sensitivity contiguous blocks"
-                if block == "leading":
-                    how = how.split(",")[0] + ", leading blocks"
-                model, blocks = P.seeking_init(teacher_model, stud, rank=rank, kinds=kinds, block=block,
-                                               layer_map=layer_map, sensitivity=sens)
-                meta["inits"]["seeking"] = (f"{how}; SVD rank {rank}, B = U_rΣ_r, A = V_rᵀ, base ← W − BA "
-                                            "(pkt.align.lora_init.make_lora_model)")
-                meta["seeking_blocks"] = [b.__dict__ for b in blocks]
-            _log(f"[{name}] measuring")
-            results[name] = P.lora_similarity(model)
-            del model, stud
-    summary = {k: P.summarise(v) for k, v in results.items()}
-    for k, per in summary.items():
-        for mod, s in per.items():
-            _log(f"{k:8s} {mod:10s} cos(BA,W_orig) mean {s['cos_BA_original']['mean']:+.4f}   "
-                 f"cos(BA,W_rem) mean {s['cos_BA_remaining']['mean']:+.4f}   "
-                 f"norm ratio {s['norm_ratio']['mean']:.4f}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "params.json", {**meta, "summary": summary, "records": results,
-                                     "seconds": round(time.perf_counter() - t0, 1)})
-    png = plots.plot_params(results, out / "params.png",
-                            title=f"Parametric similarity, rank {rank}: {student or base}"
-                                  + (f" ← {teacher}" if teacher else ""))
-    typer.echo(f"wrote {out / 'params.json'} and {png}")
-
-
-def _seeking_sensitivity(teacher_model, student_model, teacher_ref: str, task: str, seeds: int, kinds):
-    """Sensitivity of the teacher's selected weights on ``seeds`` extract examples → (layer map, maps)."""
-    from pkt.locate.layers import select_layers
-    from pkt.locate.sensitivity import compute_sensitivity, layer_scores, tokenize_samples
-    from pkt.models.arch import PEFT_NAMES, ArchSpec
-    from pkt.models.load import load_tokenizer
-
-    tok = load_tokenizer(teacher_ref)
-    samples = tokenize_samples(_examples(task, "extract", seeds), tok)
-    names = tuple(f"{PEFT_NAMES[k]}.weight" for k in kinds)
-    sens = compute_sensitivity(teacher_model, samples, param_filter=lambda n, p: n.endswith(names))
-    t_spec, s_spec = ArchSpec.from_model(teacher_model), ArchSpec.from_model(student_model)
-    return select_layers(layer_scores(sens, t_spec), s_spec.num_layers), sens
+        results, about = lora_inits.compare_inits(init, student, teacher, rank=rank, kinds=kinds, block=block,
+                                                  seeds=seeds, task=task, dtype=dtype, teacher_dtype=teacher_dtype,
+                                                  log=_log)
+        meta.update(about)
+    title = f"Parametric similarity, rank {rank}: {student or base}" + (f" ← {teacher}" if teacher else "")
+    js, png = lora_inits.write_params(out, results, meta, title, time.perf_counter() - t0, log=_log)
+    typer.echo(f"wrote {js} and {png}")
 
 
 @app.command()
@@ -195,6 +128,7 @@ def representations(
     batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("bfloat16", help="Model dtype for the forward passes."),
     seed: int = typer.Option(0, help="Token subsample seed."),
+    config: Path = config_option("representations"),  # applied by its callback, before the other options
 ) -> None:
     """Teacher-layer × student-layer CKA / debiased CKA / RSA of module outputs, with heat-maps."""
     from pkt.analyse import plots
@@ -248,6 +182,7 @@ def behaviour(
     batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("bfloat16", help="Model dtype."),
     per_token: bool = typer.Option(True, help="Keep the per-token rows in the JSON."),
+    config: Path = config_option("behaviour"),  # applied by its callback, before the other options
 ) -> None:
     """Per-token KL(teacher‖student) and top-1 agreement on response tokens (teacher-forced)."""
     from pkt.analyse import plots

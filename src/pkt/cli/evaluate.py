@@ -1,11 +1,17 @@
-"""``pkt eval --model M --tasks gsm8k,mmlu,humaneval,mbpp [--limit N] [--shots K] --out DIR``."""
+"""``pkt eval --model M --tasks gsm8k,mmlu,humaneval,mbpp [--limit N] [--shots K] --out DIR [--config FILE]``.
+
+Settings: defaults < ``--config`` YAML (section ``eval``: any of the options below by name) < flags.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import typer
+
+from pkt.cli import config_option
 
 
 def eval_command(
@@ -47,6 +53,7 @@ def eval_command(
     allow_weak_sandbox: bool = typer.Option(False, "--allow-weak-sandbox",
                                             help="Run code even without namespace/uid isolation (rlimits only)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    config: Path = config_option("eval"),  # applied by its callback, before the other options are read
 ) -> None:
     """Evaluate a model; writes per-example JSONL and metrics.json under --out."""
     import torch

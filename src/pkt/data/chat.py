@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from pkt.data.jsonl import ChatExample, read_jsonl_rows
+from pkt.data.jsonl import ChatExample, parse_messages, read_jsonl_rows
 from pkt.errors import DataError, PktError
 
 STYLES = ("chat", "tulu")
 ASSISTANT_TURNS = ("all", "last")
-ROLES = ("system", "user", "assistant")
 IGNORE = -100
 
 
@@ -65,34 +64,10 @@ def messages_of(example) -> list[dict]:
 
 
 def parse_conversation(obj, where: str) -> Conversation:
-    """Validate one row; ``where`` (file:line or dataset row) starts every error message."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" not in obj:
-        raise DataError(f"{where}: missing key 'messages'")
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of turns")
-    turns = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: turn {i} must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise DataError(f"{where}: turn {i} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: turn {i} has no string 'content'")
-        turns.append((role, m["content"]))
-    start = 1 if turns[0][0] == "system" else 0
-    for i in range(start, len(turns)):
-        want = "user" if (i - start) % 2 == 0 else "assistant"
-        if turns[i][0] != want:
-            extra = " (a system turn may only come first)" if turns[i][0] == "system" else ""
-            raise DataError(f"{where}: turn {i} must have role {want!r}, got {turns[i][0]!r}{extra}")
-    if turns[-1][0] != "assistant":
-        raise DataError(f"{where}: the last turn must be the assistant's (got {turns[-1][0]!r})")
-    meta = {k: v for k, v in obj.items() if k != "messages"}
-    return Conversation(tuple(turns), meta)
+    """Validate one row (:func:`pkt.data.jsonl.parse_messages`); ``where`` (file:line or dataset row) starts
+    every error message."""
+    turns, meta = parse_messages(obj, where)
+    return Conversation(turns, meta)
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:

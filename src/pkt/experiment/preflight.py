@@ -116,17 +116,6 @@ def model_facts(ref: str, plan: bool = False) -> ModelFacts:
     return facts
 
 
-def dimensions(config) -> dict:
-    """Layers and every projection's (out, in) shape, read from a config (Llama/Qwen2/Mistral naming)."""
-    d, f = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    q = heads * head_dim
-    return {"layers": config.num_hidden_layers, "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
-            "gate": (f, d), "up": (f, d), "down": (d, f)}
-
-
 def _read_json(path: Path) -> dict:
     import json
 
@@ -140,18 +129,6 @@ def meta_facts(facts: ModelFacts) -> ModelFacts:
         fast = _local_facts(facts)
         facts.params, facts.spec = fast if fast is not None else _meta_facts(facts.config, facts.ref)
     return facts
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """What the plan reads of an architecture (a subset of :class:`pkt.models.arch.ArchSpec`), from the config."""
-
-    num_layers: int
-    hidden_size: int
-    shapes: dict
-
-    def weight_shape(self, kind: str) -> tuple[int, int]:
-        return self.shapes[kind]
 
 
 def safetensors_params(directory: str | Path) -> int | None:
@@ -177,15 +154,16 @@ def safetensors_params(directory: str | Path) -> int | None:
 
 
 def _local_facts(facts: ModelFacts):
-    from pkt.models.arch import FAMILIES
+    """(parameter count, :class:`~pkt.models.arch.ConfigDims`) from the safetensors headers and the config,
+    or None when the weights are not local or the family is not one pkt reads."""
+    from pkt.models.arch import FAMILIES, ConfigDims
 
     if not facts.path or not Path(facts.path).is_dir() or facts.config.model_type not in FAMILIES:
         return None
     params = safetensors_params(facts.path)
     if params is None:
         return None
-    dims = dimensions(facts.config)
-    return params, PlanSpec(dims["layers"], facts.config.hidden_size, {k: v for k, v in dims.items() if k != "layers"})
+    return params, ConfigDims.from_config(facts.config)
 
 
 def _meta_facts(config, ref: str):
@@ -213,7 +191,7 @@ def _meta_facts(config, ref: str):
 
 
 def check_dimensions(teacher: ModelFacts, student: ModelFacts, methods: list[str]) -> None:
-    from pkt.models.arch import FAMILIES
+    from pkt.models.arch import FAMILIES, LINEAR_KINDS, ConfigDims
 
     moving = [m for m in methods if transfers(m)]
     if not moving or teacher.config is None or student.config is None:
@@ -222,12 +200,12 @@ def check_dimensions(teacher: ModelFacts, student: ModelFacts, methods: list[str
         if f.config.model_type not in FAMILIES:
             raise ModelError(f"model {f.ref!r}: architecture {f.config.model_type!r} is not supported by "
                              f"{', '.join(moving)} (supported: {', '.join(FAMILIES)})")
-    t, s = dimensions(teacher.config), dimensions(student.config)
+    t, s = ConfigDims.from_config(teacher.config), ConfigDims.from_config(student.config)
     small = []
-    if t["layers"] < s["layers"]:
-        small.append(f"layers {t['layers']} < {s['layers']}")
-    for kind in ("q", "k", "v", "o", "gate", "up", "down"):
-        ts, ss = t[kind], s[kind]
+    if t.num_layers < s.num_layers:
+        small.append(f"layers {t.num_layers} < {s.num_layers}")
+    for kind in LINEAR_KINDS:
+        ts, ss = t.weight_shape(kind), s.weight_shape(kind)
         if ts[0] < ss[0] or ts[1] < ss[1]:
             small.append(f"{kind}_proj {ts[0]}x{ts[1]} < {ss[0]}x{ss[1]}")
     if small:

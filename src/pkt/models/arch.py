@@ -4,6 +4,10 @@
 tree (biases, shapes, tied embeddings are *observed*, not assumed). Supporting a new family is data: an
 entry in ``FAMILIES`` naming where the layers, attention/MLP projections and final norm live.
 No size tables: a 0.5B and a 70B of the same family share one entry.
+
+The projection-shape table (each projection's (out, in) as a function of the config's widths) lives here
+once, in :func:`projection_shapes`: ``ArchSpec`` uses it for a loaded model, :class:`ConfigDims` for a bare
+config (the pre-run checks and the plan, which build no model; the FLOP counts of the benchmarks).
 """
 
 from __future__ import annotations
@@ -40,6 +44,63 @@ MLP_KINDS = ("gate", "up", "down")
 LINEAR_KINDS = ATTN_KINDS + MLP_KINDS
 # peft target-module names for each kind (the last path component).
 PEFT_NAMES = {k: _LLAMA_LIKE[k].split(".")[-1] for k in LINEAR_KINDS}
+
+
+def projection_shapes(hidden_size: int, intermediate_size: int, q_dim: int, kv_dim: int) -> dict:
+    """(out_features, in_features) of every decoder projection kind. Grouped-query attention makes k and v
+    (``kv_dim`` = key/value heads x head_dim) narrower than q (``q_dim`` = query heads x head_dim)."""
+    d, f = hidden_size, intermediate_size
+    return {"q": (q_dim, d), "k": (kv_dim, d), "v": (kv_dim, d), "o": (d, q_dim),
+            "gate": (f, d), "up": (f, d), "down": (d, f)}
+
+
+@dataclass(frozen=True)
+class ConfigDims:
+    """The widths a config states, read without building the model (HF config attribute names).
+
+    Multimodal configs keep the language model's widths in ``text_config``; that is what is read then.
+    ``ArchSpec.from_model`` reads the same attributes and then checks them against the module tree.
+    """
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool  # as the config states it (``tie_word_embeddings``)
+
+    @classmethod
+    def from_config(cls, config) -> "ConfigDims":
+        c = getattr(config, "text_config", None) or config
+        heads = c.num_attention_heads
+        return cls(
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            vocab_size=c.vocab_size,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def shapes(self) -> dict:
+        """kind -> (out_features, in_features), for every projection kind."""
+        return projection_shapes(self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim)
+
+    def weight_shape(self, kind: str) -> tuple[int, int]:
+        """(out_features, in_features) of a projection, from the config."""
+        return self.shapes()[kind]
 
 
 def _tied(head_w: torch.Tensor, embed_w: torch.Tensor, cfg) -> bool:
@@ -90,8 +151,7 @@ class ArchSpec:
                 f"unsupported architecture {arch} (model_type={family!r}); supported families: {', '.join(FAMILIES)}"
             )
         paths = FAMILIES[family]
-        num_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        dims = ConfigDims.from_config(cfg)
         layer0 = get_path(model, paths["layers"])[0]
         bias = {k: get_path(layer0, paths[k]).bias is not None for k in LINEAR_KINDS}
         embed = get_path(model, paths["embed"])
@@ -100,13 +160,13 @@ class ArchSpec:
         spec = cls(
             family=family,
             architecture=type(model).__name__,
-            num_layers=cfg.num_hidden_layers,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_heads=num_heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            vocab_size=embed.weight.shape[0],
+            num_layers=dims.num_layers,
+            hidden_size=dims.hidden_size,
+            intermediate_size=dims.intermediate_size,
+            num_heads=dims.num_heads,
+            num_kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            vocab_size=embed.weight.shape[0],  # observed on the module, like the biases and the tying
             bias=bias,
             tied_embeddings=_tied(head.weight, embed.weight, cfg),
             rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
@@ -142,16 +202,7 @@ class ArchSpec:
 
     def weight_shape(self, kind: str) -> tuple[int, int]:
         """(out_features, in_features) of a projection, from the config."""
-        d, f = self.hidden_size, self.intermediate_size
-        return {
-            "q": (self.q_dim, d),
-            "k": (self.kv_dim, d),
-            "v": (self.kv_dim, d),
-            "o": (d, self.q_dim),
-            "gate": (f, d),
-            "up": (f, d),
-            "down": (d, f),
-        }[kind]
+        return projection_shapes(self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim)[kind]
 
     # ---- module access --------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:

@@ -1,7 +1,7 @@
 """A study's GSM8K outputs scored at their first stated answer beside the last number: what writing on costs.
 
-    .venv/bin/python -m benchmarks.gsm8k_first_answer --digest RUN/stages DIR [--records REC/stages]
-    .venv/bin/python -m benchmarks.gsm8k_first_answer --table DIR [--json]
+    pkt study gsm8k-first-answer --digest RUN/stages DIR [--records REC/stages]
+    pkt study gsm8k-first-answer --table DIR [--json]
 
 GSM8K is scored on the last number of an output. A fine-tuned arm that states the right answer and then writes on
 (a new question of its own, a loop to the token cap) scores 0 for it: a dull explanation of a lower accuracy.
@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.compare_predictions import finished_evaluations, write_digest
+from pkt.studies.compare_predictions import finished_evaluations, write_digest
 
 FORMAT = "pkt-gsm8k-answers-digest/1"
 STAGE = re.compile(r"eval-(?P<arm>.+)-gsm8k-s(?P<seed>\d+)$")
@@ -122,8 +122,8 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--digest", nargs=2, type=Path, metavar=("STAGES", "DIR"),
                     help="digest every GSM8K evaluation under a run's stages dir into DIR")
     ap.add_argument("--records", type=Path, help="with --digest: only the stages whose key these records hold")

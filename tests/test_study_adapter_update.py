@@ -1,21 +1,19 @@
-"""benchmarks/adapter_update.py against the obvious oracle: the merged model minus the base, on a tiny model, for a
-plain LoRA and for a PiSSA adapter saved converted (the form pkt saves a non-zero init in)."""
+"""pkt.studies.adapter_update (`pkt study adapter-update`) against the obvious oracle: the merged model minus the base,
+on a tiny model, for a plain LoRA and for a PiSSA adapter saved converted (the form pkt saves a non-zero init in)."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo root, where benchmarks/ lives
+from pkt import testing
+from pkt.studies.adapter_update import base_tensors, main, summarise, update_norms
 
-from benchmarks.adapter_update import base_tensors, main, summarise, update_norms  # noqa: E402
-from pkt import testing  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

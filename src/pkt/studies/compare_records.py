@@ -1,12 +1,12 @@
-"""Paired comparison of two evaluation records (``eval_chunked --record``) on the items both scored.
+"""Paired comparison of two evaluation records (``benchmarks/eval_chunked.py --record``) on the items both scored.
 
-    .venv/bin/python -m benchmarks.compare_records A.json B.json
+    pkt study compare-records A.json B.json
 
 Prints each record's passes on the common items, how many pass under both, only under A and only under B, and
 the exact two-sided McNemar p-value of the discordant pairs (a binomial test of only-A against only-B at 1/2).
 This is where docs/evaluation.md's per-task MBPP comparisons come from: the full split's verdicts read on the
 sanitized tasks (A = mbpp-qwen-coder.json, B = mbpp-sanitized-qwen-coder.json share the MBPP task ids).
-Either side may also be a study's code-predictions digest (``compare_predictions --digest``), so a study's
+Either side may also be a study's code-predictions digest (``pkt study compare-predictions --digest``), so a study's
 evaluation can be set against a standalone one (docs/results.md: the vanilla HumanEval rows).
 """
 
@@ -47,8 +47,8 @@ def verdicts(doc: dict) -> dict:
     return doc["verdicts"]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Teacher x student representation similarity by student depth, read from a study's analysis record.
 
-    .venv/bin/python -m benchmarks.representation_depth docs/results/cpu-study/stages/analysis.json [--bands 4]
+    pkt study representation-depth docs/results/cpu-study/stages/analysis.json [--bands 4]
 
 The neural-incompatibility paper reads its heat maps as "the first student layers are the least similar". The
 analysis record keeps every (student layer, teacher layer) score, so the claim can be checked from it. Per module,
@@ -46,8 +46,8 @@ def load_modules(path: Path) -> dict:
         raise SystemExit(f"{path}: not an analysis stage record (no result.plots.representations.modules)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("record", type=Path, help="a study's stages/analysis.json")
     ap.add_argument("--bands", type=int, default=4, help="bands of student layers, shallow to deep (default 4)")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """The compact per-task table docs/results.md quotes, printed from a study's results.json (``pkt report`` writes it).
 
-    .venv/bin/python -m benchmarks.results_table docs/results/cpu-study/results.json gsm8k
+    pkt study table docs/results/cpu-study/results.json gsm8k
 
 Scores and deltas in points; an interval (paired bootstrap 95%, as the report computes it) is bold when it
 excludes 0. The study's own results.md holds every column; this is the short form, so that the doc's tables are
@@ -48,8 +48,8 @@ def table(results: dict, task: str) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="a study's results.json")
     ap.add_argument("task")
     args = ap.parse_args(argv)

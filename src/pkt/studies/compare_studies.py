@@ -1,6 +1,6 @@
 """The same arm in two studies, paired per seed and question: what a control changed (B − A), with intervals.
 
-    .venv/bin/python -m benchmarks.compare_studies docs/results/cpu-study docs/results/cpu-study-dropout0
+    pkt study compare docs/results/cpu-study docs/results/cpu-study-dropout0
 
 A control study re-runs some of a study's arms with one setting changed (cpu-study-dropout0: LoRA dropout 0). Its
 evaluations answer the same questions per seed, so the change is measured best as a paired difference, not as
@@ -17,13 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "src"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from benchmarks.results_table import points  # noqa: E402
-from pkt.experiment.stats import paired_bootstrap  # noqa: E402
+from pkt.experiment.stats import paired_bootstrap
+from pkt.studies.results_table import points
 
 # what fixes the questions asked and how an answer is scored; the model, batch size and progress may differ
 SAME_QUESTIONS = ("protocol", "limit", "seed", "shots", "style", "max_new_tokens", "max_prompt_tokens",
@@ -92,8 +87,8 @@ def table(a_dir: Path, b_dir: Path) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path, help="a study's records directory (the reference)")
     ap.add_argument("b", type=Path, help="another study's records directory (the control)")
     args = ap.parse_args(argv)

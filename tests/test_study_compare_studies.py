@@ -1,19 +1,16 @@
-"""benchmarks/compare_studies.py: the same arm in two studies, counted by hand on made-up records and run on the
-committed CPU study against its dropout control."""
+"""pkt.studies.compare_studies (`pkt study compare`): the same arm in two studies, counted by hand on made-up records
+and run on the committed CPU study against its dropout control."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from pkt.studies.compare_studies import main, table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo root, where benchmarks/ lives
-
-from benchmarks.compare_studies import main, table  # noqa: E402
-
 RESULTS = ROOT / "docs/results"
 
 

@@ -1,17 +1,14 @@
-"""benchmarks/gsm8k_first_answer.py: per-question verdicts at the last number and at the first stated answer, counted
-by hand on made-up outputs; the re-scored last number must equal the recorded verdict."""
+"""pkt.studies.gsm8k_first_answer (`pkt study gsm8k-first-answer`): per-question verdicts at the last number and at the
+first stated answer, counted by hand on made-up outputs; the re-scored last number must equal the recorded verdict."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
-
-from benchmarks.gsm8k_first_answer import main, table, write_digests  # noqa: E402
+from pkt.studies.gsm8k_first_answer import main, table, write_digests
 
 STUDENT = "qwen2.5-coder-0.5b-instruct"  # embedded: only its tokenizer is read (offline, seconds)
 WRITES_ON = "So the answer is 18.\n\nQuestion: Tom has 3 apples. Answer: 3 + 4 = 7. So the answer is 7."

@@ -1,19 +1,16 @@
-"""benchmarks/representation_depth.py: similarity by band of student layers, counted by hand on a made-up matrix and
-checked against the analysis stage's own summary of the committed CPU-study record."""
+"""pkt.studies.representation_depth (`pkt study representation-depth`): similarity by band of student layers, counted by
+hand on a made-up matrix and checked against the analysis stage's own summary of the committed CPU-study record."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from pkt.studies.representation_depth import depth_bands, main
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo root, where benchmarks/ lives
-
-from benchmarks.representation_depth import depth_bands, main  # noqa: E402
-
 RECORD = ROOT / "docs/results/cpu-study/stages/analysis.json"
 
 

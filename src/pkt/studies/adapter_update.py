@@ -1,6 +1,6 @@
 """How far fine-tuning moved the student: the norm of a saved adapter's update ΔW against the base weights W.
 
-    .venv/bin/python -m benchmarks.adapter_update --base ~/.cache/pkt/models/qwen2.5-coder-0.5b-instruct \\
+    pkt study adapter-update --base ~/.cache/pkt/models/qwen2.5-coder-0.5b-instruct \\
         runs/cpu-study-dropout0/stages/{lora,pissa,seeking}-humaneval-s*
 
 A fine-tuning stage saves ``run/adapter``: a peft LoRA whose product is the whole change to the base model. For
@@ -86,8 +86,8 @@ def summarise(norms: dict[str, tuple[float, float]]) -> dict[str, float]:
     return {g: math.sqrt(d2 / w2) for g, (d2, w2) in sums.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("stages", type=Path, nargs="+", help="fine-tuning stage directories (or their run/adapter)")
     ap.add_argument("--base", type=Path, required=True, help="the base model's directory (its safetensors)")
     args = ap.parse_args(argv)

@@ -1,17 +1,13 @@
-"""benchmarks/results_table.py: the short table docs/results.md quotes, against rows worked by hand; bold exactly
-when the interval excludes 0; bad input is one line."""
+"""pkt.studies.results_table (`pkt study table`): the short table docs/results.md quotes, against rows worked by hand;
+bold exactly when the interval excludes 0; bad input is one line."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
-
-from benchmarks.results_table import interval, main, table  # noqa: E402
+from pkt.studies.results_table import interval, main, table
 
 
 def row(method, mean, std=0.0, delta=None, lo=None, hi=None, **kw):

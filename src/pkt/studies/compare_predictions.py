@@ -1,9 +1,9 @@
 """Why two code evaluations differ: their predictions compared question by question, failures by kind, and style.
 
-    .venv/bin/python -m benchmarks.compare_predictions A B     # A, B: evaluation stage dirs, or their digests
-    .venv/bin/python -m benchmarks.compare_predictions --digest RUN/stages DIR [--records REC/stages]
-    .venv/bin/python -m benchmarks.compare_predictions --table DIR     # every arm's digest in DIR against the student
-    .venv/bin/python -m benchmarks.compare_predictions --style-of TRAIN.jsonl [--first N]   # the training targets
+    pkt study compare-predictions A B     # A, B: evaluation stage dirs, or their digests
+    pkt study compare-predictions --digest RUN/stages DIR [--records REC/stages]
+    pkt study compare-predictions --table DIR     # every arm's digest in DIR against the student
+    pkt study compare-predictions --style-of TRAIN.jsonl [--first N]   # the training targets
 
 A fine-tuned arm that scores below the vanilla student on HumanEval or MBPP may have learnt a worse *answer format*
 (code the extractor cannot find, prose, a lost indentation: a dull explanation) or worse *code* (programs that run
@@ -27,8 +27,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.compare_records import compare as compare_verdicts
-from benchmarks.compare_records import DIGEST_FORMAT, mcnemar_exact
+from pkt.studies.compare_records import compare as compare_verdicts
+from pkt.studies.compare_records import DIGEST_FORMAT, mcnemar_exact
 
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
 CODE_TASKS = ("humaneval", "mbpp")
@@ -256,8 +256,8 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path, nargs="?",
                     help="stage dir, predictions.jsonl or digest (with --digest: a run's stages dir)")
     ap.add_argument("b", type=Path, nargs="?",

@@ -1,18 +1,15 @@
-"""benchmarks/compare_predictions.py: paired counts, failure kinds and output style of two evaluations' predictions,
-against values worked by hand; digests compare as their predictions do; a malformed row is one message naming its
-file and line."""
+"""pkt.studies.compare_predictions (`pkt study compare-predictions`): paired counts, failure kinds and output style of
+two evaluations' predictions, against values worked by hand; digests compare as their predictions do; a malformed row
+is one message naming its file and line."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where benchmarks/ lives
-
-from benchmarks.compare_predictions import (  # noqa: E402
+from pkt.studies.compare_predictions import (
     DIGEST_FORMAT, compare, failure_kind, load, main, table, target_style, write_digests)
 
 RAISE = "Traceback ...\nAssertionError\npkt-sandbox: the program raised {}\n"
