@@ -137,7 +137,8 @@ def test_table_against_the_student_by_hand(tmp_path, capsys):
     assert (s0["only_a"], s0["only_b"], s0["by_b_comment"]["without"]) == (1, 1, {"n": 3, "only_a": 1, "only_b": 1})
     assert (s1["only_a"], s1["only_b"], s1["by_b_comment"]["with"]) == (2, 0, {"n": 2, "only_a": 1, "only_b": 0})
     assert (pooled["common"], pooled["a_passed"], pooled["b_passed"]) == (8, 6, 4)
-    assert (pooled["only_a"], pooled["only_b"], pooled["mcnemar_p"]) == (3, 1, 0.625)  # 2 * (C(4,0) + C(4,1)) / 2**4
+    # summed counts, but no test on them: the seeds' questions are the same questions
+    assert (pooled["only_a"], pooled["only_b"], pooled["mcnemar_p"]) == (3, 1, None)
     assert pooled["style_b"]["with_comment"] == 0.375  # 1 of 4, then 2 of 4
     assert pooled["by_b_comment"] == {"with": {"n": 3, "only_a": 1, "only_b": 0},
                                       "without": {"n": 5, "only_a": 2, "only_b": 1}}
@@ -148,7 +149,7 @@ def test_table_against_the_student_by_hand(tmp_path, capsys):
                                     "neither": {"n": 3, "only_a": 0, "only_b": 1}}  # s0's T/2
     assert main(["--table", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| humaneval | seeking-random | all | 4 / 6 of 8 | 3 | 1 | 0.625 | 38% | 1 / 0 of 2 | 2 / 0 of 2 " \
+    assert "| humaneval | seeking-random | all | 4 / 6 of 8 | 3 | 1 | – | 38% | 1 / 0 of 2 | 2 / 0 of 2 " \
            "| 0 / 0 of 1 | 0 / 1 of 3 |" in out
     assert "The student on humaneval: its outputs with a comment pass 2 of 2, those without 1 of 2." in out
     (tmp_path / "eval-student-humaneval-s0.json").unlink()

@@ -23,6 +23,16 @@ def test_interval_is_bold_only_when_it_excludes_zero():
     assert interval(None, None, None) == "–"
 
 
+def test_holm_significant_intervals_are_marked():
+    """✓ follows the Holm-adjusted p, not the interval: a raw-significant interval whose Holm p exceeds 0.05 gets no
+    mark, and a row without a Holm p (a report from before it existed) none either."""
+    assert interval(-0.116, -0.182, -0.051, 0.029) == "**−11.6 [−18.2, −5.1]** ✓"
+    assert interval(-0.08, -0.144, -0.018, 0.552) == "**−8.0 [−14.4, −1.8]**"
+    assert interval(-0.08, -0.144, -0.018, None) == "**−8.0 [−14.4, −1.8]**"
+    md = table({"rows": [row("pissa", 0.05, 0.02, -0.116, -0.182, -0.051, delta_p_holm=0.029)]}, "gsm8k")
+    assert "| **−11.6 [−18.2, −5.1]** ✓ | – |" in md
+
+
 def test_table_by_hand(tmp_path, capsys):
     rows = [row("student", 0.1667), row("seeking", 0.087, 0.013, -0.08, -0.12, -0.04, delta_lora=-0.073,
                                         delta_lora_low=-0.116, delta_lora_high=-0.033),

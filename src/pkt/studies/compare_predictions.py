@@ -28,7 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 from pkt.studies.compare_records import compare as compare_verdicts
-from pkt.studies.compare_records import DIGEST_FORMAT, mcnemar_exact
+from pkt.experiment.stats import mcnemar_exact
+from pkt.studies.compare_records import DIGEST_FORMAT
 
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
 CODE_TASKS = ("humaneval", "mbpp")
@@ -201,8 +202,9 @@ def table(digests: Path) -> list[dict]:
     """Every arm's digest in a study's predictions dir against the vanilla student's of the same task.
 
     The student is deterministic and evaluated once per task (its one seed's digest serves every seed). Per arm,
-    a row per seed and, where it has several, one summing them: the same questions over seeds, pooled as the
-    study's bootstrap pools seeds x questions."""
+    a row per seed and, where it has several, one summing its counts. The seeds answer the same questions, so a
+    question would count up to once per seed in a test on the sum: the summed row has no McNemar p (the per-seed
+    rows have theirs, and the study's report the paired interval over questions and seeds)."""
     found: dict[str, dict] = {}
     for f in sorted(digests.glob("eval-*.json")):
         m = STAGE.match(f.stem)
@@ -227,7 +229,7 @@ def table(digests: Path) -> list[dict]:
                 pooled = {"task": task, "arm": arm, "seed": "all"}
                 for k in ("common", "a_passed", "b_passed", "only_a", "only_b"):
                     pooled[k] = sum(r[k] for r in rows)
-                pooled["mcnemar_p"] = mcnemar_exact(pooled["only_a"], pooled["only_b"])
+                pooled["mcnemar_p"] = None
                 pooled["by_comment"] = {side: {k: sum(r["by_comment"][side][k] for r in rows)
                                                for k in ("n", "only_a", "only_b")} for side in rows[0]["by_comment"]}
                 pooled["by_b_comment"] = by_b_comment(pooled["by_comment"])
@@ -245,7 +247,8 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         strata = " | ".join(f"{d['only_a']} / {d['only_b']} of {d['n']}" for d in r["by_comment"].values())
         lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {r['b_passed']} / {r['a_passed']} of {r['common']} "
-                     f"| {r['only_a']} | {r['only_b']} | {r['mcnemar_p']:.3g} | {r['style_b']['with_comment']:.0%} "
+                     f"| {r['only_a']} | {r['only_b']} | {'–' if r['mcnemar_p'] is None else format(r['mcnemar_p'], '.3g')} "
+                     f"| {r['style_b']['with_comment']:.0%} "
                      f"| {strata} |")
     lines.append("\nLast four columns: the questions only the student / only the arm passes, of the questions where "
                  "both outputs hold a comment, only the student's, only the arm's, neither.")

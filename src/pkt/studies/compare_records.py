@@ -15,16 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from math import comb
 from pathlib import Path
 
-
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: P(a split at least as uneven) under Binomial(only_a + only_b, 1/2)."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+from pkt.experiment.stats import mcnemar_exact
 
 
 def compare(a: dict, b: dict) -> dict:

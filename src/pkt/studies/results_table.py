@@ -3,7 +3,8 @@
     pkt study table docs/results/cpu-study/results.json gsm8k
 
 Scores and deltas in points; an interval (paired bootstrap 95%, as the report computes it) is bold when it
-excludes 0. The study's own results.md holds every column; this is the short form, so that the doc's tables are
+excludes 0, and marked ✓ when its comparison is also significant after the report's Holm correction (rows of
+reports written before pkt computed it carry no Holm p, and no mark). The study's own results.md holds every column; this is the short form, so that the doc's tables are
 printed from the committed records rather than copied by hand.
 """
 
@@ -14,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from pkt.experiment.report import ALPHA
+
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "seeking": "Seeking", "laten": "LaTen", "seqkd": "SeqKD", "gkd": "GKD"}
 VANILLA = ("student", "teacher")
 
@@ -22,11 +25,12 @@ def points(x: float) -> str:
     return f"{x * 100:+.1f}".replace("-", "−")
 
 
-def interval(d: float | None, lo: float | None, hi: float | None) -> str:
+def interval(d: float | None, lo: float | None, hi: float | None, p_holm: float | None = None) -> str:
     if d is None:
         return "–"
     s = f"{points(d)} [{points(lo)}, {points(hi)}]"
-    return f"**{s}**" if lo > 0 or hi < 0 else s
+    s = f"**{s}**" if lo > 0 or hi < 0 else s
+    return s + (" ✓" if p_holm is not None and p_holm <= ALPHA else "")
 
 
 def table(results: dict, task: str) -> str:
@@ -41,9 +45,11 @@ def table(results: dict, task: str) -> str:
         loss = "–" if r.get("answer_loss_mean") is None else (
             f"{r['answer_loss_mean']:.3f}" if vanilla else f"{r['answer_loss_mean']:.3f} ± {r['answer_loss_std']:.3f}")
         cap = "–" if r.get("at_cap") is None else f"{r['at_cap']:.1%}"
+        vs_lora = interval(r.get("delta_lora"), r.get("delta_lora_low"), r.get("delta_lora_high"),
+                           r.get("delta_lora_p_holm"))
         out.append(f"| {NAMES.get(r['method'], r['method'])} | {'–' if vanilla else len(r['seeds'])} | {score} "
-                   f"| {interval(r['delta'], r['delta_low'], r['delta_high'])} "
-                   f"| {interval(r.get('delta_lora'), r.get('delta_lora_low'), r.get('delta_lora_high'))} "
+                   f"| {interval(r['delta'], r['delta_low'], r['delta_high'], r.get('delta_p_holm'))} "
+                   f"| {vs_lora} "
                    f"| {cap} | {loss} |")
     return "\n".join(out)
 
