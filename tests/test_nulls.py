@@ -93,3 +93,28 @@ def test_parametric_nulls_give_both_sides_with_intervals(tiny_pair):
         st = res[side]["up_proj"]["cos_BA_original"]
         assert st["interval"][0] <= st["mean"] <= st["interval"][1]
         assert res[side]["up_proj"]["norm_ratio"]["mean"] > 0
+
+
+def test_cli_writes_the_nulls_tables(tmp_path, tiny_tok):
+    """`pkt analyze nulls` on tiny saved models: nulls.json and nulls.md with every module × measure × summary row
+    and the parametric null; bad settings are one line, exit 2."""
+    import json
+
+    from pkt import testing
+
+    v = len(tiny_tok)
+    t = testing.save_tiny(testing.tiny_model("qwen2", "teacher", v), tiny_tok, tmp_path / "t")
+    s = testing.save_tiny(testing.tiny_model("qwen2", "student", v), tiny_tok, tmp_path / "s")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": e.messages()}) + "\n" for e in EXAMPLES))
+    args = ["analyze", "nulls", "--teacher", t, "--student", s, "--out", str(tmp_path / "out"), "--data", str(data),
+            "--n", "12", "--modules", "residual,up", "--measures", "cka", "--n-boot", "20", "--params-rank", "2",
+            "--dtype", "float32"]
+    res = testing.invoke_cli(args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = json.loads((tmp_path / "out" / "nulls.json").read_text())
+    assert set(res["modules"]) == {"residual", "up"} and set(res["params"]) == {"real", "random_teacher"}
+    md = (tmp_path / "out" / "nulls.md").read_text()
+    assert md.count("| residual | cka |") == 3 and md.count("| up_proj | ") == 2
+    bad = testing.invoke_cli(args[:-8] + ["--n-boot", "5"])
+    assert bad.exit_code != 0 and "--n-boot at least 10" in str(bad.exception)

@@ -229,3 +229,34 @@ def parametric_nulls(teacher: nn.Module, student: nn.Module, rank: int = 16, kin
                                                                                  1 - (1 - cfg.level) / 2)]
         out[side] = summary
     return out
+
+
+def _ci(stat: dict, digits: int = 3) -> str:
+    lo, hi = stat["interval"]
+    v = stat.get("value", stat.get("mean"))
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def nulls_markdown(res: dict) -> str:
+    """The nulls' tables: per module and measure, each summary for the real pairing and both nulls, and the paired
+    differences real − null; then the parametric null when it was run."""
+    lines = [f"Teacher × student similarity against its nulls: {res['n_examples']} examples, {res['n_paired_tokens']} "
+             f"paired tokens, {res['config']['nulls']['n_boot']} bootstrap draws over examples (95% intervals).", "",
+             "| module | measure | summary | real | random teacher | shuffled inputs | real − random | "
+             "real − shuffled |", "|---|---|---|---|---|---|---|---|"]
+    names = {"triangle": "teacher ≥ student", "same_depth": "same relative depth", "best": "best teacher layer"}
+    for kind, per in res["modules"].items():
+        for measure, r in per.items():
+            for k in SUMMARIES:
+                lines.append(f"| {kind} | {measure} | {names[k]} | {_ci(r['real'][k])} | {_ci(r['random_teacher'][k])} "
+                             f"| {_ci(r['shuffled_inputs'][k])} | {_ci(r['real_minus_random_teacher'][k])} "
+                             f"| {_ci(r['real_minus_shuffled_inputs'][k])} |")
+    if res.get("params"):
+        lines += ["", "A Seeking block (max-|w| block of the teacher layer at the same relative depth) against the "
+                      "student's weight, per module: mean over layers [95% interval over layers].", "",
+                  "| module | teacher | cos(BA, W) | cos(BA, W − BA) | ‖BA‖ / ‖W‖ |", "|---|---|---|---|---|"]
+        for side in ("real", "random_teacher"):
+            for mod, st in res["params"][side].items():
+                lines.append(f"| {mod} | {side.replace('_', ' ')} | {_ci(st['cos_BA_original'], 4)} | "
+                             f"{_ci(st['cos_BA_remaining'], 3)} | {_ci(st['norm_ratio'], 3)} |")
+    return "\n".join(lines) + "\n"

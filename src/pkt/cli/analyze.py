@@ -210,3 +210,63 @@ def behaviour(
          f"{s['top1_agreement']:.3f} (teacher acc {s['teacher_top1_accuracy']:.3f}, student acc "
          f"{s['student_top1_accuracy']:.3f})")
     typer.echo(f"wrote {out / 'behaviour.json'} and {png}")
+
+
+@app.command()
+def nulls(
+    teacher: str = typer.Option(..., help="Teacher model."),
+    student: str = typer.Option(..., help="Student model (same tokenizer)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (nulls.json, nulls.md)."),
+    task: str = typer.Option("gsm8k", help="Task of the inputs."),
+    split: str = typer.Option("train", help="PKT split of the inputs: extract | align | train."),
+    n: int = typer.Option(64, help="Number of examples (the first n of the split); the intervals resample them."),
+    data: Path = typer.Option(None, help="A chat-messages JSONL file to read the inputs from instead of --task/--split."),
+    max_tokens: int = typer.Option(1024, help="Cap on sample tokens (seeded subsample)."),
+    modules: str = typer.Option("up,down,v,o,residual", help="Comma list of up,down,v,o,residual."),
+    measures: str = typer.Option("cka,dcka,rsa", help="Comma list of cka,dcka,rsa."),
+    n_boot: int = typer.Option(200, help="Bootstrap draws over examples."),
+    params_rank: int = typer.Option(16, help="Rank of the Seeking blocks of the parametric null (0: skip it)."),
+    batch_size: int = typer.Option(4, help="Examples per forward pass."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype for the forward passes."),
+    seed: int = typer.Option(0, help="Seed of the token subsample, the random teacher, the derangement, the draws."),
+    config: Path = config_option("nulls"),  # applied by its callback, before the other options
+) -> None:
+    """Teacher × student similarity beside its nulls: a random teacher of the same architecture, and the teacher
+    fed other examples; bootstrap intervals over examples."""
+    from pkt.analyse.nulls import NullConfig, nulls_markdown, parametric_nulls, representation_nulls
+    from pkt.analyse.representations import KINDS as REP_KINDS
+    from pkt.analyse.representations import RepConfig
+    from pkt.analyse.similarity import MEASURES
+    from pkt.errors import PktError
+    from pkt.io import write_json, write_text
+    from pkt.models.load import load_model
+
+    if n < 2 or n_boot < 10:
+        raise PktError("--n must be at least 2 and --n-boot at least 10")
+    rep = RepConfig(kinds=_kinds(modules, REP_KINDS), measures=_kinds(measures, MEASURES), max_tokens=max_tokens,
+                    seed=seed, batch_size=batch_size)
+    rep.check()
+    cfg = NullConfig(n_boot=n_boot, seed=seed)
+    t0 = time.perf_counter()
+    tok = _same_tok(teacher, student)
+    examples = _examples(task, split, n, data)
+
+    def loader(ref, dt=dtype):
+        def f():
+            _log(f"loading {ref} ({dt})")
+            return load_model(ref, dtype=dt)
+        return f
+
+    res = representation_nulls(loader(teacher), loader(student), tok, examples, rep, cfg, progress=_progress, log=_log)
+    if params_rank:
+        _log("parametric null: Seeking blocks of the real and of a random teacher (float32)")
+        res["params"] = parametric_nulls(loader(teacher, "float32")(), loader(student, "float32")(), rank=params_rank,
+                                         cfg=cfg)
+    res.update(teacher=teacher, student=student, task=None if data else task, split=None if data else split,
+               data=str(data) if data else None, dtype=dtype, seconds=round(time.perf_counter() - t0, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "nulls.json", res)
+    md = nulls_markdown(res)
+    write_text(out / "nulls.md", md)
+    typer.echo(md, nl=False)
+    typer.echo(f"wrote {out / 'nulls.json'} and {out / 'nulls.md'}")
