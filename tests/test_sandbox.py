@@ -143,7 +143,8 @@ def test_file_size_limit():
 def test_huge_output_is_capped():
     # The flood is stopped by the file-size limit on the captured stdout (EFBIG: Python ignores SIGXFSZ),
     # not by the wall timeout (that would be status "timeout"); the result keeps only a tail.
-    r = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", SandboxConfig(timeout=30, max_file_mb=2))
+    r = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+                    SandboxConfig(timeout=30, max_file_mb=2))
     assert r.status == "failed" and "File too large" in r.stderr, (r.status, r.stderr[-300:])
     assert r.stdout == "x" * SandboxConfig().output_chars
 
