@@ -2,12 +2,14 @@
 
 Fast tests use only these. Tests marked ``slow`` load the real embedded models; tests that read the
 benchmark data use the ``shared_data`` fixture, which fails (never skips) when PKT_DATA_DIR is unset.
+``pkt_cli`` runs the ``pkt`` command in this process, as the console script does.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,21 @@ def fixture_data_dir(tmp_path, monkeypatch):
     shutil.copytree(FIXTURES / "pkt_splits_tiny", root / "pkt_splits")
     monkeypatch.setenv("PKT_DATA_DIR", str(root))
     return root
+
+
+@pytest.fixture
+def pkt_cli(monkeypatch, capfd):
+    """``pkt_cli(*args)`` runs ``pkt ARGS`` through the console script's entry point (its one-line errors and
+    exit codes included) and returns (exit code, stdout, stderr) of that command alone. Output is captured
+    at the file descriptors, so what libraries' loggers print counts as it would in a terminal."""
+    from pkt.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
+        capfd.readouterr()  # drop what came before (fixtures' progress bars)
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capfd.readouterr()
+        return e.value.code or 0, out.out, out.err
+
+    return run

@@ -21,10 +21,8 @@ from pkt.experiment import fingerprint
 from pkt.experiment.cache import StageCache
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny
+from pkt.testing import TINY_BUDGET, save_tiny
 
-BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_batch=2, kd_max_new_tokens=8, eval_limit=3, eval_max_new_tokens=8, loss_examples=3)
 METHODS = ["student", "teacher", "lora", "pissa", "seeking", "laten", "seqkd"]
 FT = {"lora", "pissa", "seeking", "seqkd"}
 
@@ -54,7 +52,7 @@ def study_env(tmp_path, qwen_pair, shared_data, monkeypatch):
     teacher, student, tok = qwen_pair
     cfg = {"name": "keys", "teacher": save_tiny(teacher, tok, tmp_path / "teacher"),
            "student": save_tiny(student, tok, tmp_path / "student"), "tasks": ["gsm8k"], "methods": METHODS,
-           "seeds": [0], "teacher_dtype": "float32", "analysis_examples": 2, "budget": BUDGET}
+           "seeds": [0], "teacher_dtype": "float32", "analysis_examples": 2, "budget": TINY_BUDGET}
     return tmp_path, data, cfg, (teacher, tok)
 
 
@@ -75,10 +73,10 @@ def test_each_ingredient_recomputes_exactly_its_stages(study_env, monkeypatch):
     assert keys(cfg, out) == base  # deterministic
 
     # settings: the fine-tuning lr reaches the four fine-tuned arms and their evaluations only
-    lr = {**cfg, "budget": {**BUDGET, "lr": 1e-4}}
+    lr = {**cfg, "budget": {**TINY_BUDGET, "lr": 1e-4}}
     assert changed(base, keys(lr, out)) == builds(*FT) | evals(*FT)
     # settings read by the evaluation and the analysis only (the analysis key used to omit it)
-    loss = {**cfg, "budget": {**BUDGET, "loss_examples": 4}}
+    loss = {**cfg, "budget": {**TINY_BUDGET, "loss_examples": 4}}
     assert changed(base, keys(loss, out)) == EVALS | {"analysis"}
     ana = {**cfg, "analysis_examples": 3}
     assert changed(base, keys(ana, out)) == {"analysis"}
@@ -163,7 +161,7 @@ def test_second_pkt_run_on_the_same_out_is_one_line(tmp_path, qwen_pair, shared_
     teacher, student, tok = qwen_pair
     data = {"name": "lock", "teacher": save_tiny(teacher, tok, tmp_path / "t"),
             "student": save_tiny(student, tok, tmp_path / "s"), "methods": ["student"], "analysis": False,
-            "budget": BUDGET}
+            "budget": TINY_BUDGET}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     out.mkdir()

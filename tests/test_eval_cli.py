@@ -214,16 +214,9 @@ def test_eval_cli_shots_and_style(data_dir, tiny_model_dir, tmp_path):
     (["--tasks", "gsm8k", "--style", "fancy"], "style"),
     (["--tasks", "gsm8k", "--pass-k", "a"], "--pass-k"),
 ])
-def test_eval_cli_bad_input_is_one_line(args, msg, data_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import sys
-
-    from pkt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["pkt", "eval", "--model", tiny_model_dir, "--out", str(tmp_path / "o"), *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+def test_eval_cli_bad_input_is_one_line(args, msg, data_dir, tiny_model_dir, tmp_path, pkt_cli):
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--out", tmp_path / "o", *args)
+    assert code == 2
     assert msg in err and "Traceback" not in err and err.count("\n") == 1
 
 

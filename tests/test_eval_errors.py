@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from pkt import testing
-from pkt.cli import main
 from pkt.errors import PktError
 
 
@@ -35,14 +34,6 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-def run_pkt(args, monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
-    capsys.readouterr()  # drop what fixtures printed (save progress bars)
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code, capsys.readouterr().err
-
-
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("pkt: error: "), err
@@ -56,11 +47,11 @@ def files_under(root: pathlib.Path) -> list[str]:
 
 # --- pkt data validate --------------------------------------------------------------------------------------
 
-def test_data_validate_non_utf8_names_file_and_line(tmp_path, monkeypatch, capsys):
+def test_data_validate_non_utf8_names_file_and_line(tmp_path, pkt_cli):
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     f = tmp_path / "latin1.jsonl"
     f.write_bytes((good + "\n" + good.replace('"q"', '"caf\u00e9"') + "\n").encode("latin-1"))
-    code, err = run_pkt(["data", "validate", f], monkeypatch, capsys)
+    code, _, err = pkt_cli("data", "validate", f)
     # 0xe9 is the latin-1 'é' on line 2; its column is where it sits in that line (1-based).
     col = good.replace('"q"', '"caf\u00e9"').index("\u00e9") + 1
     assert_one_line_error(code, err, f"{f}:2:", "0xe9", f"column {col}")
@@ -77,11 +68,10 @@ def test_data_validate_non_utf8_names_file_and_line(tmp_path, monkeypatch, capsy
     (["--exec-max-procs", "0"], ["exec_max_procs"]),
     (["--dtype", "float8"], ["dtype 'float8'"]),
 ])
-def test_bad_settings_fail_before_anything_runs(args, needles, tiny_model_dir, tmp_path, monkeypatch, capsys,
-                                                no_model_load):
+def test_bad_settings_fail_before_anything_runs(args, needles, tiny_model_dir, tmp_path, no_model_load, pkt_cli):
     out = tmp_path / "out"
-    code, err = run_pkt(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k,humaneval", "--out", out,
-                         "--no-progress", *args], monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--tasks", "gsm8k,humaneval", "--out", out,
+                           "--no-progress", *args)
     assert_one_line_error(code, err, *needles)
     assert not out.exists()
 
@@ -98,20 +88,19 @@ def test_library_rejects_greedy_multi_sampling_before_the_first_task(monkeypatch
 
 # --- pkt eval: --out ------------------------------------------------------------------------------------------
 
-def test_out_that_is_a_file(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
+def test_out_that_is_a_file(tiny_model_dir, tmp_path, no_model_load, pkt_cli):
     out = tmp_path / "results.txt"
     out.write_text("keep me\n")
-    code, err = run_pkt(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", out, "--no-progress"],
-                        monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", out, "--no-progress")
     assert_one_line_error(code, err, f"--out {out}", "not a directory")
     assert out.read_text() == "keep me\n"
 
 
-def test_out_below_a_file(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
+def test_out_below_a_file(tiny_model_dir, tmp_path, no_model_load, pkt_cli):
     blocker = tmp_path / "results.txt"
     blocker.write_text("x")
-    code, err = run_pkt(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", blocker / "run1",
-                         "--no-progress"], monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", blocker / "run1",
+                           "--no-progress")
     assert_one_line_error(code, err, f"{blocker} is not a directory")
 
 
@@ -141,7 +130,7 @@ def test_read_only_out(tiny_model_dir, tmp_path):
 
 
 def test_full_disk_mid_run_leaves_only_complete_files(fixture_data_dir, tiny_model_dir, tmp_path, monkeypatch,
-                                                      capsys):
+                                                      pkt_cli):
     """The disk fills while the second task's predictions are written (half the bytes land, then ENOSPC):
     the error names that file, its temp file is gone, and what the first task wrote is complete."""
     real = pathlib.Path.write_text
@@ -154,8 +143,8 @@ def test_full_disk_mid_run_leaves_only_complete_files(fixture_data_dir, tiny_mod
 
     monkeypatch.setattr(pathlib.Path, "write_text", filling)
     out = tmp_path / "out"
-    code, err = run_pkt(["eval", "--model", tiny_model_dir, "--tasks", "mmlu,gsm8k", "--limit", "2",
-                         "--max-new-tokens", "4", "--out", out, "--no-progress"], monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--tasks", "mmlu,gsm8k", "--limit", "2",
+                           "--max-new-tokens", "4", "--out", out, "--no-progress")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and "Traceback" not in err, err
     assert lines[-1] == f"pkt: error: {out / 'gsm8k' / 'predictions.jsonl'}: cannot write (No space left on device)"
@@ -168,36 +157,33 @@ def test_full_disk_mid_run_leaves_only_complete_files(fixture_data_dir, tiny_mod
 
 # --- pkt eval: the model directory --------------------------------------------------------------------------
 
-def test_model_dir_that_is_not_a_causal_lm(tmp_path, tiny_tok, monkeypatch, capsys, no_model_load):
+def test_model_dir_that_is_not_a_causal_lm(tmp_path, tiny_tok, no_model_load, pkt_cli):
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(vocab_size=len(tiny_tok), hidden_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=32))
     d = testing.save_tiny(bert, tiny_tok, tmp_path / "bert")
     out = tmp_path / "out"
-    code, err = run_pkt(["eval", "--model", d, "--tasks", "gsm8k", "--out", out, "--no-progress"],
-                        monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", d, "--tasks", "gsm8k", "--out", out, "--no-progress")
     assert_one_line_error(code, err, "BertModel", "not a causal LM", "config.json")
     assert not out.exists()
 
 
-def test_model_dir_without_config(tmp_path, monkeypatch, capsys, no_model_load):
+def test_model_dir_without_config(tmp_path, no_model_load, pkt_cli):
     d = tmp_path / "empty-model"
     d.mkdir()
     (d / "weights.bin").write_bytes(b"\0" * 16)
-    code, err = run_pkt(["eval", "--model", d, "--tasks", "gsm8k", "--out", tmp_path / "out", "--no-progress"],
-                        monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", d, "--tasks", "gsm8k", "--out", tmp_path / "out", "--no-progress")
     assert_one_line_error(code, err, f"{d / 'config.json'} not found")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
-def test_corrupt_safetensors(damage, tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
+def test_corrupt_safetensors(damage, tiny_model_dir, tmp_path, no_model_load, pkt_cli):
     f = pathlib.Path(tiny_model_dir) / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100] if damage == "truncated" else b"\xff" * 64 + data[64:])
     out = tmp_path / "out"
-    code, err = run_pkt(["eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", out, "--no-progress"],
-                        monkeypatch, capsys)
+    code, _, err = pkt_cli("eval", "--model", tiny_model_dir, "--tasks", "gsm8k", "--out", out, "--no-progress")
     assert_one_line_error(code, err, str(f), "corrupt or truncated safetensors")
     assert not out.exists()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -282,17 +281,7 @@ def test_step0_with_zero_output_equals_student(llama_pair, data, tmp_path):
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
 
 
-def _pkt(monkeypatch, capsys, *args):
-    from pkt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
-
-
-def test_cli_train_apply_and_errors(qwen_pair, data, tmp_path, monkeypatch, capsys):
+def test_cli_train_apply_and_errors(qwen_pair, data, tmp_path, pkt_cli):
     from transformers import AutoModelForCausalLM
 
     teacher, student, tok = qwen_pair
@@ -303,36 +292,36 @@ def test_cli_train_apply_and_errors(qwen_pair, data, tmp_path, monkeypatch, caps
                          f"  extract_file: {data['extract']}\n  align_file: {data['align']}\n  seed_file: {data['train']}\n"
                          "apply:\n  transfer_rate: 0.5\n")
     run = tmp_path / "run"
-    code, out, err = _pkt(monkeypatch, capsys, "laten", "train", "--config", yaml_path, "--out", run, "--steps", 1,
-                          "--no-progress")
+    code, out, err = pkt_cli("laten", "train", "--config", yaml_path, "--out", run, "--steps", 1,
+                             "--no-progress")
     assert code == 0, err
     assert "1 steps" in out and (run / "checkpoints" / "step-0001" / "hypernet.pt").is_file()
     assert json.loads((run / "config.json").read_text())["max_steps"] == 1
-    code, out, err = _pkt(monkeypatch, capsys, "laten", "apply", "--config", yaml_path, "--run", run, "--step", 1,
-                          "--out", tmp_path / "fused")
+    code, out, err = pkt_cli("laten", "apply", "--config", yaml_path, "--run", run, "--step", 1,
+                             "--out", tmp_path / "fused")
     assert code == 0, err
     assert json.loads(out)["transfer_rate"] == 0.5  # from the YAML apply section
     fused = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
     gen = fused.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 6)
-    code, _, err = _pkt(monkeypatch, capsys, "laten", "apply", "--run", run, "--step", 9, "--out", tmp_path / "x")
+    code, _, err = pkt_cli("laten", "apply", "--run", run, "--step", 9, "--out", tmp_path / "x")
     assert code == 2 and "no checkpoint for step 9" in err
-    code, _, err = _pkt(monkeypatch, capsys, "laten", "train", "--config", yaml_path, "--out", tmp_path / "r2",
-                        "--transfer-rate", 2)
+    code, _, err = pkt_cli("laten", "train", "--config", yaml_path, "--out", tmp_path / "r2",
+                           "--transfer-rate", 2)
     assert code == 2 and "transfer_rate" in err
 
 
 @pytest.mark.slow
-def test_real_pair_one_step_train_and_apply(shared_data, tmp_path, monkeypatch, capsys):
+def test_real_pair_one_step_train_and_apply(shared_data, tmp_path, pkt_cli):
     """1.5B -> 0.5B: one training step (P=2, short cutoff), apply, reload with plain transformers, generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = tmp_path / "run"
-    code, _, err = _pkt(monkeypatch, capsys, "laten", "train", "--out", run, "--steps", 1, "--batch-size", 2,
-                        "--cutoff-len", 128, "--no-progress", "--threads", 2)
+    code, _, err = pkt_cli("laten", "train", "--out", run, "--steps", 1, "--batch-size", 2,
+                           "--cutoff-len", 128, "--no-progress", "--threads", 2)
     assert code == 0, err
-    code, out, err = _pkt(monkeypatch, capsys, "laten", "apply", "--run", run, "--step", 1, "--transfer-rate", 0.1,
-                          "--out", tmp_path / "fused")
+    code, out, err = pkt_cli("laten", "apply", "--run", run, "--step", 1, "--transfer-rate", 0.1,
+                             "--out", tmp_path / "fused")
     assert code == 0, err
     assert json.loads(out)["ffn_per_layer"] == 486 and json.loads(out)["attn_per_layer"] == 89
     tok = AutoTokenizer.from_pretrained(tmp_path / "fused")

@@ -1,12 +1,9 @@
 """`pkt run` refuses a study that cannot succeed before any stage runs: one line, exit status 2.
 
 Each case starts from a config whose preflight passes (the control) and breaks exactly one thing. The
-CLI cases run the real `pkt` process; sandbox and disk failures are simulated in-process (the machine's
-real isolation and free space are what they are).
+CLI cases run `pkt`'s entry point (the ``pkt_cli`` fixture: its stderr captured at the file descriptor);
+sandbox and disk failures are simulated (the machine's real isolation and free space are what they are).
 """
-
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -15,10 +12,7 @@ from pkt.config import validate
 from pkt.errors import PktError
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
-
-BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_batch=2, kd_max_new_tokens=8, eval_limit=3, eval_max_new_tokens=8, loss_examples=3)
+from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -30,21 +24,18 @@ def pair(tmp_path, qwen_pair):
 def _config(tmp_path, name="c.yaml", **over):
     data = {"name": "pre", "teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student"),
             "tasks": ["gsm8k"], "methods": ["student", "teacher", "seeking", "laten"], "seeds": [0],
-            "teacher_dtype": "float32", "analysis": False, "budget": BUDGET, **over}
+            "teacher_dtype": "float32", "analysis": False, "budget": TINY_BUDGET, **over}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path, validate(ExperimentConfig, data)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pkt.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 def _one_line(res, *needles):
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("pkt: error:"), res.stderr[-2000:]
+    """The one error line of a ``pkt_cli`` result that exited 2, holding each of ``needles``."""
+    code, _, err = res
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("pkt: error:"), err[-2000:]
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
@@ -57,14 +48,14 @@ def test_control_passes_preflight(tmp_path, pair, shared_data):
     assert not (tmp_path / "out").exists()  # preflight writes nothing
 
 
-def test_model_that_does_not_resolve(tmp_path, pair, shared_data):
+def test_model_that_does_not_resolve(tmp_path, pair, shared_data, pkt_cli):
     path, _ = _config(tmp_path, teacher=str(tmp_path / "no-such-model"))
-    line = _one_line(_cli("run", path, "--out", tmp_path / "out"), "no-such-model")
+    line = _one_line(pkt_cli("run", path, "--out", tmp_path / "out"), "no-such-model")
     assert "not an embedded name" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_directory_that_is_not_a_causal_lm(tmp_path, pair, shared_data):
+def test_directory_that_is_not_a_causal_lm(tmp_path, pair, shared_data, pkt_cli):
     from transformers import BertConfig
 
     d = tmp_path / "bert"
@@ -73,14 +64,14 @@ def test_directory_that_is_not_a_causal_lm(tmp_path, pair, shared_data):
                architectures=["BertForMaskedLM"]).save_pretrained(d)  # a masked-LM checkpoint
     (d / "model.safetensors").write_bytes(b"")
     path, _ = _config(tmp_path, student=str(d))
-    _one_line(_cli("run", path, "--out", tmp_path / "out"), "BertForMaskedLM (bert) is not a causal language model")
+    _one_line(pkt_cli("run", path, "--out", tmp_path / "out"), "BertForMaskedLM (bert) is not a causal language model")
 
 
-def test_teacher_smaller_than_student(tmp_path, pair, shared_data):
+def test_teacher_smaller_than_student(tmp_path, pair, shared_data, pkt_cli):
     # the tiny teacher is deeper and wider than the student in every projection: swapping them must fail,
     # naming each dimension in which the "teacher" is smaller (tiny_config: 3 < 4 layers, 48 < 64 hidden ...)
     path, _ = _config(tmp_path, teacher=str(tmp_path / "student"), student=str(tmp_path / "teacher"))
-    line = _one_line(_cli("run", path, "--out", tmp_path / "out"), "is smaller than student", "layers 3 < 4",
+    line = _one_line(pkt_cli("run", path, "--out", tmp_path / "out"), "is smaller than student", "layers 3 < 4",
                      "up_proj 112x48 < 176x64", "seeking, laten")
     assert not (tmp_path / "out").exists()
     assert line.count("_proj") == 7  # every projection is smaller in the swapped pair
@@ -93,13 +84,13 @@ def test_transfer_free_study_accepts_any_sizes(tmp_path, pair, shared_data):
     Study(cfg, tmp_path / "out", log=lambda s: None).preflight()
 
 
-def test_tokenizers_differ(tmp_path, qwen_pair, shared_data):
+def test_tokenizers_differ(tmp_path, qwen_pair, shared_data, pkt_cli):
     teacher, student, tok = qwen_pair
     save_tiny(teacher, tok, tmp_path / "teacher")
     other = tiny_tokenizer(vocab_size=300)
     save_tiny(tiny_model("qwen2", "student", len(tok)), other, tmp_path / "student")
     path, _ = _config(tmp_path)
-    _one_line(_cli("run", path, "--out", tmp_path / "out"), "laten:", "tokenizers differ")
+    _one_line(pkt_cli("run", path, "--out", tmp_path / "out"), "laten:", "tokenizers differ")
     # LaTen is what needs them identical: without it (and without the analysis) the study may proceed
     _, cfg = _config(tmp_path, methods=["student", "teacher", "seeking"])
     Study(cfg, tmp_path / "out", log=lambda s: None).preflight()

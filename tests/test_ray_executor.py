@@ -16,11 +16,7 @@ from pkt.errors import PktError
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.executors import RayExecutor, stage_graph, stage_kind
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
-
-BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_choice="fixed", laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3,
-              eval_max_new_tokens=8, loss_examples=3, kd_truncated="keep", gkd_max_new_tokens=4)
+from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def study(tmp_path_factory):
     data = {"name": "tiny", "teacher": save_tiny(tiny_model("qwen2", "teacher", len(tok)), tok, tmp / "teacher"),
             "student": save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp / "student"),
             "tasks": ["gsm8k"], "seeds": [0], "dtype": "float32", "teacher_dtype": "float32",
-            "analysis_examples": 2, "budget": BUDGET}
+            "analysis_examples": 2, "budget": TINY_BUDGET}
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(data))
     cfg = validate(ExperimentConfig, data)
     Study(cfg, tmp / "seq", log=lambda s: None).run()

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from pkt.cli import main
 from pkt.config import validate
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.records import load, load_records, portable
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny, tiny_model, tiny_tokenizer
+from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_choice="fixed", laten_steps=1, laten_batch=2, eval_limit=3, eval_max_new_tokens=8,
-              loss_examples=3)
 METHODS = ["student", "teacher", "lora", "seeking-random", "laten"]
 
 
@@ -42,7 +37,7 @@ def study(tmp_path_factory):
     s = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp / "student")
     cfg = validate(ExperimentConfig, {"name": "tiny", "teacher": t, "student": s, "tasks": ["gsm8k"], "seeds": [0],
                                       "methods": METHODS, "dtype": "float32", "teacher_dtype": "float32",
-                                      "analysis_examples": 2, "budget": BUDGET, "records": str(tmp / "records")})
+                                      "analysis_examples": 2, "budget": TINY_BUDGET, "records": str(tmp / "records")})
     run = tmp / "run"
     import pkt.experiment.records as R
 
@@ -66,15 +61,6 @@ def _records_only(src: Path, dst: Path) -> Path:
     shutil.copy(src / "study.json", dst / "study.json")
     shutil.copytree(src / "stages", dst / "stages")
     return dst
-
-
-def run_pkt(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def test_records_are_exported_as_stages_finish(study):
@@ -110,7 +96,7 @@ def test_loaded_records_are_the_walks(study):
                                          "laten (gsm8k, seed 0)"}
 
 
-def test_report_from_the_records_alone(study, tmp_path, monkeypatch, capsys):
+def test_report_from_the_records_alone(study, tmp_path, pkt_cli):
     run, records, result, _ = study
     md, rows = (run / "results.md").read_bytes(), json.loads((run / "results.json").read_text())["rows"]
     # the copy a git checkout on another machine has: records only, the run directory gone
@@ -118,7 +104,7 @@ def test_report_from_the_records_alone(study, tmp_path, monkeypatch, capsys):
     moved = tmp_path / "run-elsewhere"
     shutil.move(str(run), moved)
     try:
-        code, out, err = run_pkt(["report", fresh], monkeypatch, capsys)
+        code, out, err = pkt_cli("report", fresh)
     finally:
         shutil.move(str(moved), run)
     assert code == 0, err
@@ -134,12 +120,15 @@ def test_report_from_the_records_alone(study, tmp_path, monkeypatch, capsys):
     assert html.count("data:image/png;base64,") == len(figures) and "<td>seeking-random</td>" in html
     # the run's own report and the one pkt run wrote into the records directory are the same bytes
     assert (records / "results.md").read_bytes() == md
-    # --out elsewhere leaves the records directory as it was
-    code, _, err = run_pkt(["report", fresh, "--out", tmp_path / "elsewhere"], monkeypatch, capsys)
-    assert code == 0, err and (tmp_path / "elsewhere" / "results.md").read_bytes() == md
+    # --out elsewhere writes the same report there and leaves the records directory as it was
+    before = {f: f.read_bytes() for f in fresh.rglob("*") if f.is_file()}
+    code, _, err = pkt_cli("report", fresh, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    assert (tmp_path / "elsewhere" / "results.md").read_bytes() == md
+    assert {f: f.read_bytes() for f in fresh.rglob("*") if f.is_file()} == before
 
 
-def test_report_of_a_study_still_running(study, tmp_path, monkeypatch, capsys):
+def test_report_of_a_study_still_running(study, tmp_path, pkt_cli):
     """Records are committed as stages finish: the report of a study whose later stages have no record yet says
     so first, and its rows count the seeds they hold; the finished study's report carries no such line."""
     _, records, result, _ = study
@@ -153,7 +142,7 @@ def test_report_of_a_study_still_running(study, tmp_path, monkeypatch, capsys):
     gone = [part / "stages" / "eval-laten-gsm8k-s0.json", part / "stages" / "analysis.json"]
     for f in gone:
         f.unlink()
-    code, out, err = run_pkt(["report", part], monkeypatch, capsys)
+    code, out, err = pkt_cli("report", part)
     assert code == 0, err
     md = (part / "results.md").read_text()
     assert md.splitlines()[2] == (f"**Unfinished study: records of {total - 2} of {total} stages.** Each row is "
@@ -162,7 +151,7 @@ def test_report_of_a_study_still_running(study, tmp_path, monkeypatch, capsys):
     assert "| laten |" not in md and "Unfinished study" in (part / "report.html").read_text()
 
 
-def test_report_before_any_evaluation(study, tmp_path, monkeypatch, capsys):
+def test_report_before_any_evaluation(study, tmp_path, pkt_cli):
     """A study whose first stages (extraction, KD answers, ...) have records but no evaluation yet: pkt report
     writes the empty table with its progress line, and no scores figure, instead of failing."""
     _, records, _, _ = study
@@ -170,14 +159,14 @@ def test_report_before_any_evaluation(study, tmp_path, monkeypatch, capsys):
     for f in (early / "stages").glob("*.json"):
         if f.stem.startswith("eval-") or f.stem == "analysis":
             f.unlink()
-    code, _, err = run_pkt(["report", early], monkeypatch, capsys)
+    code, _, err = pkt_cli("report", early)
     assert code == 0, err
     md = (early / "results.md").read_text()
     assert "records of" in md and "| student |" not in md
     assert not (early / "scores.png").exists() and (early / "report.html").is_file()
 
 
-def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
+def test_records_of_the_old_format(study, tmp_path, pkt_cli):
     """Records of runs before this format (bf03009): evaluations named only by their stage, an analysis without
     plot inputs whose PNGs travel in figures/."""
     run, records, _, _ = study
@@ -194,35 +183,35 @@ def test_records_of_the_old_format(study, tmp_path, monkeypatch, capsys):
     (old / "figures").mkdir()
     for name in rec["result"]["figures"]:
         shutil.copy(analysis_dir / name, old / "figures" / name)
-    code, _, err = run_pkt(["report", old], monkeypatch, capsys)
+    code, _, err = pkt_cli("report", old)
     assert code == 0, err
     assert (old / "results.md").read_bytes() == (run / "results.md").read_bytes()
     html = (old / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 + len(rec["result"]["figures"])  # + scores, loss curves
 
 
-def test_malformed_records_are_one_line(study, tmp_path, monkeypatch, capsys):
+def test_malformed_records_are_one_line(study, tmp_path, pkt_cli):
     _, records, _, _ = study
     bad = _records_only(records, tmp_path / "bad")
     victim = bad / "stages" / "eval-lora-gsm8k-s0.json"
     victim.write_text('{"stage": "eval-lora-gsm8k-s0", ')
-    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    code, _, err = pkt_cli("report", bad)
     assert code == 2 and str(victim) in err and "malformed" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     rec = json.loads((records / "stages" / "eval-lora-gsm8k-s0.json").read_text())
     del rec["result"]["per_example"]
     victim.write_text(json.dumps(rec))
-    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    code, _, err = pkt_cli("report", bad)
     assert code == 2 and str(victim) in err and "per_example" in err and err.count("\n") == 1
     (bad / "study.json").write_text("[]")
-    code, _, err = run_pkt(["report", bad], monkeypatch, capsys)
+    code, _, err = pkt_cli("report", bad)
     assert code == 2 and str(bad / "study.json") in err and err.count("\n") == 1
     for missing in (tmp_path / "nowhere", tmp_path):  # no directory; a directory without records
-        code, _, err = run_pkt(["report", missing], monkeypatch, capsys)
+        code, _, err = pkt_cli("report", missing)
         assert code == 2 and str(missing) in err and err.count("\n") == 1
 
 
-def test_committed_results_reproduce(tmp_path, monkeypatch, capsys):
+def test_committed_results_reproduce(tmp_path, pkt_cli):
     """Every committed study under docs/results/ is records + the report made from them: `pkt report`
     regenerates its results.md byte for byte (the acceptance test of the records)."""
     studies = sorted(p.parent for p in RESULTS.glob("*/study.json"))
@@ -231,7 +220,7 @@ def test_committed_results_reproduce(tmp_path, monkeypatch, capsys):
     assert studies, "docs/results/ holds no committed study"
     for d in studies:
         out = tmp_path / d.name
-        code, _, err = run_pkt(["report", d, "--out", out], monkeypatch, capsys)
+        code, _, err = pkt_cli("report", d, "--out", out)
         assert code == 0, f"{d}: {err}"
         assert (out / "results.md").read_bytes() == (d / "results.md").read_bytes(), d
         assert json.loads((out / "results.json").read_text()) == json.loads((d / "results.json").read_text()), d
@@ -246,7 +235,7 @@ def test_loaded_records_with_vanilla_evaluations_shared_by_seeds(tmp_path):
     s = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp_path / "student")
     cfg = validate(ExperimentConfig, {"name": "seeds", "teacher": t, "student": s, "seeds": [0, 1],
                                       "methods": ["student", "lora"], "dtype": "float32", "teacher_dtype": "float32",
-                                      "analysis": False, "budget": {**BUDGET, "eval_seed": 7},
+                                      "analysis": False, "budget": {**TINY_BUDGET, "eval_seed": 7},
                                       "records": str(tmp_path / "records")})
     result = Study(cfg, tmp_path / "run", log=lambda s: None).run()
     recs, _, analysis = load_records(tmp_path / "records")
@@ -256,7 +245,7 @@ def test_loaded_records_with_vanilla_evaluations_shared_by_seeds(tmp_path):
     assert (tmp_path / "records" / "results.md").read_bytes() == (tmp_path / "run" / "results.md").read_bytes()
 
 
-def test_run_flag_exports_records(tmp_path, shared_data, monkeypatch, capsys):
+def test_run_flag_exports_records(tmp_path, shared_data, monkeypatch, pkt_cli):
     import yaml
 
     tok = tiny_tokenizer()
@@ -264,9 +253,9 @@ def test_run_flag_exports_records(tmp_path, shared_data, monkeypatch, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"name": "flag", "teacher": s, "student": s, "tasks": ["gsm8k"], "seeds": [0],
                                     "methods": ["student"], "eval_dtype": "float32", "analysis": False,
-                                    "budget": BUDGET}))
+                                    "budget": TINY_BUDGET}))
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_pkt(["run", path, "--out", tmp_path / "run", "--records", "rec"], monkeypatch, capsys)
+    code, _, err = pkt_cli("run", path, "--out", tmp_path / "run", "--records", "rec")
     assert code in (0, None), err[-2000:]
     assert json.loads((tmp_path / "rec" / "study.json").read_text())["name"] == "flag"
     assert [p.name for p in (tmp_path / "rec" / "stages").iterdir()] == ["eval-student-gsm8k-s0.json"]

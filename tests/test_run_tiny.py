@@ -5,24 +5,21 @@ for the real one so the whole pipeline (extraction, LoRA/PiSSA/Seeking SFT, LaTe
 analysis, report) runs in seconds.
 """
 
+import contextlib
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pkt.config import validate
+from pkt.experiment.cache import StageCache, read_record
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.runner import Study
-from pkt.testing import save_tiny, tiny_model
-
-BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
-              laten_choice="fixed", laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3,
-              eval_max_new_tokens=8, loss_examples=3,
-              # the tiny teacher never ends an answer within 8 tokens: keep them open rather than drop all
-              kd_truncated="keep", gkd_max_new_tokens=4)
+from pkt.testing import TINY_BUDGET, save_tiny, tiny_model
 
 
 @pytest.fixture
@@ -31,7 +28,7 @@ def tiny_config(tmp_path, qwen_pair, shared_data):
     t = save_tiny(teacher, tok, tmp_path / "teacher")
     s = save_tiny(student, tok, tmp_path / "student")
     data = {"name": "tiny", "teacher": t, "student": s, "tasks": ["gsm8k"], "seeds": [0], "dtype": "float32",
-            "teacher_dtype": "float32", "analysis_examples": 2, "budget": BUDGET}
+            "teacher_dtype": "float32", "analysis_examples": 2, "budget": TINY_BUDGET}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
     return validate(ExperimentConfig, data), tmp_path
 
@@ -41,32 +38,115 @@ def _scores(out):
     return {(r["method"], r["seed"]): (r["score"], r["answer_loss"], r["per_example"]) for r in rows}
 
 
+def _interrupt_mid_write(monkeypatch, stages: Path, after: int) -> dict:
+    """Kill the run (KeyboardInterrupt) half-way through writing a file of the stage being built, once ``after``
+    stages have finished. Every stage writes at least its stage.json, through ``Path.write_text`` (pkt.io), so
+    the interrupt comes inside a stage. Returns {"file": the half-written file, "stage": the directory the stage
+    was being built in} once it happened."""
+    real = Path.write_text
+    seen = {"finished": 0}
+
+    def write_text(self, data, *a, **k):
+        building = next((d for d in self.parents if d.parent == stages), None)
+        if building is None or "file" in seen:
+            return real(self, data, *a, **k)
+        if seen["finished"] < after:
+            n = real(self, data, *a, **k)
+            seen["finished"] += self.name.startswith(".stage.json.tmp")  # a stage's last file (pkt.io's temp name)
+            return n
+        real(self, data[: len(data) // 2], *a, **k)
+        seen.update(file=self, stage=building)
+        raise KeyboardInterrupt(f"simulated kill while writing {self.name}")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return seen
+
+
+def _final_name(building: Path) -> str:
+    """The name a stage built in ``building`` has once finished (pkt.io.atomic_dir builds in .<name>.tmp<pid>)."""
+    return building.name.lstrip(".").split(".tmp")[0]
+
+
+def _half_written(out: Path, seen: dict) -> list[str]:
+    """What an interrupted stage left behind: temporary files or directories anywhere in the run, the stage's own
+    directory (under its final name), or a stage directory that is not a finished stage."""
+    stages = out / "stages"
+    left = [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name]
+    final = stages / _final_name(seen["stage"])
+    if final.exists():
+        left.append(f"{final.name} (the interrupted stage)")
+    left += [f"{d.name} (no stage record)" for d in stages.iterdir() if d.is_dir() and read_record(d) is None]
+    return left
+
+
+def _stage_writing(name: str):
+    """A stage that writes a few artifacts through pkt.io, as pkt's stages do."""
+    from pkt.io import write_json, write_jsonl
+
+    def fn(tmp: Path) -> dict:
+        write_jsonl(tmp / "predictions.jsonl", [{"i": i, "text": "x" * 100} for i in range(50)])
+        write_json(tmp / "metrics.json", {"stage": name, "score": 0.5})
+        return {"stage": name}
+
+    return fn
+
+
+def test_interrupt_inside_a_stage_and_a_non_atomic_stage_directory(tmp_path, monkeypatch):
+    """The checks of the whole-study test below on a three-stage cache: an interrupt while the second stage
+    writes leaves nothing of it, and the same checks catch a stage directory written in place."""
+    def run(out: Path) -> dict:
+        cache = StageCache(out, log=lambda s: None)
+        with monkeypatch.context() as m:
+            seen = _interrupt_mid_write(m, cache.stages, after=1)
+            with pytest.raises(KeyboardInterrupt), cache.lock():
+                for name in ("a", "b", "c"):
+                    cache.run(name, {"name": name}, _stage_writing(name))
+        assert _final_name(seen["stage"]).startswith("b-") and seen["file"].parent == seen["stage"], seen
+        return seen
+
+    out = tmp_path / "atomic"
+    seen = run(out)
+    assert _half_written(out, seen) == []
+    assert [d.name[:2] for d in (out / "stages").iterdir()] == ["a-"]
+    cache = StageCache(out, log=lambda s: None)  # the rerun reuses a and builds b and c
+    with cache.lock():
+        for name in ("a", "b", "c"):
+            cache.run(name, {"name": name}, _stage_writing(name))
+    assert [(r.stage, r.cached) for r in cache.records] == [("a", True), ("b", False), ("c", False)]
+
+    @contextlib.contextmanager
+    def in_place(path, overwrite=True):  # a broken atomic_dir: the stage is written under its final name
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+
+    import pkt.experiment.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "atomic_dir", in_place)
+    out = tmp_path / "in-place"
+    seen = run(out)
+    b = _final_name(seen["stage"])
+    assert _half_written(out, seen) == [f"{b} (the interrupted stage)", f"{b} (no stage record)"]
+
+
 def test_whole_study_resume_and_determinism(tiny_config, monkeypatch):
     cfg, tmp = tiny_config
     out = tmp / "run"
-    # 1) crash in the middle (after some stages finished): nothing half-written, finished stages kept
-    import pkt.experiment.runner as runner
-
-    real_eval = runner.Study.evaluate
-    calls = {"n": 0}
-
-    def crashing(self, *a, **k):
-        calls["n"] += not self.cache.dry  # plans and look-aheads evaluate nothing
-        if calls["n"] == 4 and not self.cache.dry:
-            raise KeyboardInterrupt("simulated kill")
-        return real_eval(self, *a, **k)
-
-    monkeypatch.setattr(runner.Study, "evaluate", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        Study(cfg, out, log=lambda s: None).run()
-    monkeypatch.setattr(runner.Study, "evaluate", real_eval)
+    # 1) killed while a stage writes its artifacts, after some stages finished: the stage leaves nothing,
+    #    finished stages are kept
+    with monkeypatch.context() as m:
+        seen = _interrupt_mid_write(m, out / "stages", after=3)
+        with pytest.raises(KeyboardInterrupt):
+            Study(cfg, out, log=lambda s: None).run()
+    assert "file" in seen  # the interrupt came inside a stage
+    assert _half_written(out, seen) == []
     done_before = {p.name for p in (out / "stages").iterdir()}
-    assert not [n for n in done_before if ".tmp" in n]
+    assert len(done_before) == 3, done_before
+    interrupted = _final_name(seen["stage"])
     # 2) resume: the finished stages are reused, not recomputed
     study = Study(cfg, out, log=lambda s: None)
     result = study.run()
     reused = {r.key for r in study.cache.records if r.cached}
-    assert done_before <= reused
+    assert done_before <= reused and interrupted in {r.key for r in study.cache.records if not r.cached}
     methods = {r["method"] for r in result["rows"]}
     # the student is also evaluated in float32, the baseline of any model that falls back there
     assert methods == {"student", "student-fp32", "teacher", "lora", "pissa", "seeking", "seeking-random",
@@ -124,7 +204,7 @@ def _diverging(tmp_path, qwen_pair):
     teacher, student, tok = qwen_pair
     data = {"name": "nan", "teacher": save_tiny(teacher, tok, tmp_path / "teacher"),
             "student": save_tiny(student, tok, tmp_path / "student"), "methods": ["student", "lora"],
-            "analysis": False, "budget": {**BUDGET, "epochs": 2, "lr": 1.0e6}}
+            "analysis": False, "budget": {**TINY_BUDGET, "epochs": 2, "lr": 1.0e6}}
     return validate(ExperimentConfig, data)
 
 
@@ -172,7 +252,7 @@ def test_non_finite_loss_stops_the_stage_and_caches_nothing(tmp_path, qwen_pair,
 def test_fixed_eval_subset_evaluates_vanilla_models_once(tiny_config):
     cfg, tmp = tiny_config
     cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student", "teacher", "lora"],
-                                      "seeds": [0, 1], "budget": {**BUDGET, "eval_seed": 7}})
+                                      "seeds": [0, 1], "budget": {**TINY_BUDGET, "eval_seed": 7}})
     study = Study(cfg, tmp / "fixed", log=lambda s: None)
     result = study.run()
     evals = sorted(r.stage for r in study.cache.records if r.stage.startswith("eval-"))
@@ -200,7 +280,7 @@ def test_study_evaluates_under_the_chosen_protocol(tiny_config):
     wording (raw text, its exemplars), or in the PKT format with 8 exemplars; recorded in the stage's metrics."""
     cfg, tmp = tiny_config
     cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student"], "analysis": False,
-                                      "budget": {**BUDGET, "eval_protocol": "pkt,gsm8k=lm-eval-cot"}})
+                                      "budget": {**TINY_BUDGET, "eval_protocol": "pkt,gsm8k=lm-eval-cot"}})
     study = Study(cfg, tmp / "proto", log=lambda s: None)
     study.run()
     stage = next((tmp / "proto" / "stages").glob("eval-student-gsm8k-s0-*"))
@@ -210,7 +290,7 @@ def test_study_evaluates_under_the_chosen_protocol(tiny_config):
     assert prompt.startswith("Q: There are 15 trees in the grove.") and prompt.endswith("\nA:")
     assert "<|im_start|>" not in prompt
     # the PKT papers' 8-shot chain of thought: the pkt protocol with budget.eval_shots (here per task)
-    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "budget": BUDGET,
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "budget": TINY_BUDGET,
                                       "per_task": {"gsm8k": {"eval_shots": 8}}})
     Study(cfg, tmp / "shots", log=lambda s: None).run()
     stage = next((tmp / "shots" / "stages").glob("eval-student-gsm8k-s0-*"))

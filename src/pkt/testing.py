@@ -6,6 +6,8 @@ setting: the teacher is wider, deeper and has a larger FFN and a *different head
 * ``"llama"``: multi-head attention, no biases, tied embeddings (like SmolLM2 / Llama-2).
 * ``"qwen2"``: grouped-query attention, q/k/v biases, untied lm_head (like Qwen2.5-Coder), and the
   teacher has fewer, larger heads than the student (12×128 vs 14×64 in the real pair).
+
+``TINY_BUDGET`` is the study budget the tests run ``pkt run`` with on such a pair: every stage runs in seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ _CORPUS = [
     "Complete the following python function. Here is the completed function: ```python\nfor i in range(10):",
     "0123456789 + - * / = ( ) [ ] { } , . ; : ! ? ' \" # $ % &",
 ]
+# A `pkt run` budget for tiny pairs: a few examples, one epoch, rank 2, one LaTen step, 8-token answers.
+TINY_BUDGET = dict(train_examples=4, epochs=1, batch_size=2, max_length=160, rank=2, alpha=2, extract_samples=2,
+                   laten_choice="fixed", laten_steps=1, laten_batch=2, kd_max_new_tokens=8, eval_limit=3,
+                   eval_max_new_tokens=8, loss_examples=3,
+                   # the tiny teacher never ends an answer within 8 tokens: keep them open rather than drop all
+                   kd_truncated="keep", gkd_max_new_tokens=4)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
