@@ -47,13 +47,16 @@ class NullConfig:
     level: float = 0.95
 
 
-def random_like(model: nn.Module, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
-    """A model of ``model``'s architecture (its config) with weights from the config's own initialiser."""
+def random_like(model, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
+    """A model of ``model``'s architecture (a model or its config) with weights from the config's own initialiser,
+    in ``dtype`` (default: the model's own, or float32 for a config)."""
     from transformers import AutoModelForCausalLM
 
+    config = model.config if isinstance(model, nn.Module) else model
+    dtype = dtype or (next(model.parameters()).dtype if isinstance(model, nn.Module) else torch.float32)
     torch.manual_seed(seed)
-    rand = AutoModelForCausalLM.from_config(model.config, torch_dtype=torch.float32)
-    return rand.to(dtype or next(model.parameters()).dtype).eval()
+    rand = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    return rand.to(dtype).eval()
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -190,8 +193,9 @@ def representation_nulls(teacher, student, tokenizer, examples, rep: RepConfig =
         log(f"collecting {role} activations")
         acts[role] = collect_activations(model, plan, rep.kinds, rep.batch_size, tokenizer.pad_token_id)
         if role == "teacher":
-            rand = random_like(model, seed=cfg.seed)
-            del model
+            config, dtype = model.config, next(model.parameters()).dtype
+            del model  # the teacher is dropped before its random twin is built
+            rand = random_like(config, seed=cfg.seed, dtype=dtype)
             log("collecting the random teacher's activations")
             acts["random_teacher"] = collect_activations(rand, plan, rep.kinds, rep.batch_size, tokenizer.pad_token_id)
             del rand
@@ -204,11 +208,12 @@ def representation_nulls(teacher, student, tokenizer, examples, rep: RepConfig =
             "modules": result}
 
 
-def parametric_nulls(teacher: nn.Module, student: nn.Module, rank: int = 16, kinds=("up", "down"),
+def parametric_nulls(teacher, student: nn.Module, rank: int = 16, kinds=("up", "down"),
                      cfg: NullConfig = NullConfig()) -> dict:
     """cos(BA, W), cos(BA, W − BA) and ‖BA‖/‖W‖ of a Seeking block (the max-|w| block of the teacher layer at the
     student layer's relative depth, rank-``rank`` SVD) taken from the real teacher and from a random teacher of
-    its architecture: mean over layers per module with a bootstrap interval over layers."""
+    its architecture: mean over layers per module with a bootstrap interval over layers. ``teacher``: a model or
+    a zero-argument loader; the two teachers are held one at a time (float32, a 1.5B teacher is 6 GB)."""
     from pkt.analyse.params import lora_similarity, seeking_init, summarise
 
     def per_layer(t: nn.Module) -> list[dict]:
@@ -218,8 +223,13 @@ def parametric_nulls(teacher: nn.Module, student: nn.Module, rank: int = 16, kin
 
     rng = np.random.default_rng(cfg.seed)
     out = {}
-    for side, t in (("real", teacher), ("random_teacher", random_like(teacher, seed=cfg.seed, dtype=torch.float32))):
+    real = teacher() if callable(teacher) and not isinstance(teacher, nn.Module) else teacher
+    config = real.config
+    for side in ("real", "random_teacher"):
+        t = real if side == "real" else random_like(config, seed=cfg.seed, dtype=torch.float32)
+        real = None  # the real teacher is dropped before the random one is built
         recs = per_layer(t)
+        del t
         summary = summarise(recs)
         for module, stats in summary.items():
             for key in stats:

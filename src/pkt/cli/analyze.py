@@ -260,7 +260,7 @@ def nulls(
     res = representation_nulls(loader(teacher), loader(student), tok, examples, rep, cfg, progress=_progress, log=_log)
     if params_rank:
         _log("parametric null: Seeking blocks of the real and of a random teacher (float32)")
-        res["params"] = parametric_nulls(loader(teacher, "float32")(), loader(student, "float32")(), rank=params_rank,
+        res["params"] = parametric_nulls(loader(teacher, "float32"), loader(student, "float32")(), rank=params_rank,
                                          cfg=cfg)
     res.update(teacher=teacher, student=student, task=None if data else task, split=None if data else split,
                data=str(data) if data else None, dtype=dtype, seconds=round(time.perf_counter() - t0, 1))
