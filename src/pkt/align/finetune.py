@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from pkt.config import Settings
