@@ -321,7 +321,8 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
     ``base_deltas`` (a LaTen ``laten_deltas.safetensors``): fused into the student before the LoRA is made, so
     the arm fine-tunes the LaTen-injected student (the ``laten-lora`` arm of ``pkt run``).
     """
-    from pkt.align.finetune import dist_state, train_and_save
+    from pkt.align.finetune import train_and_save
+    from pkt.dist import dist_state
     from pkt.align.lora_init import make_lora_model
     from pkt.data.tasks import load_split
     from pkt.models.load import load_model, load_tokenizer

@@ -75,7 +75,7 @@ class TrainingLog:
             return
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-        from pkt.align.finetune import dist_state
+        from pkt.dist import dist_state
 
         # accelerate's trackers log through its logger, which needs the process state: a loop that is the
         # first thing a fresh process runs (`pkt laten train`, a Ray worker) has none yet
@@ -94,7 +94,7 @@ class TrainingLog:
         else:  # trackio
             tracker = cls(run_name)
         # The tracker's own main-process guard builds accelerate's PartialState; pkt decides who is main
-        # (pkt.align.finetune.dist_state), so the guard is switched off for this, already chosen, process.
+        # (pkt.dist.dist_state), so the guard is switched off for this, already chosen, process.
         tracker.main_process_only = False
         tracker.start()
         if config:

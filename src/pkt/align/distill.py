@@ -83,7 +83,7 @@ def teacher_answers(teacher, tokenizer, examples: list[ChatExample], *, style: s
     """
     from tqdm.auto import tqdm
 
-    from pkt.align.finetune import dist_state
+    from pkt.dist import dist_state
 
     state = dist_state()
     world, rank = state.num_processes, state.process_index
@@ -161,7 +161,7 @@ def kd_data(teacher_ref, examples: list[ChatExample], path: str | Path, cfg: KDC
     sidecar ``kd_data.json`` records the same teacher settings. Only the main process touches the files:
     it decides and broadcasts, so every process agrees and no shared filesystem is needed.
     """
-    from pkt.align.finetune import dist_state
+    from pkt.dist import dist_state
     from pkt.data.jsonl import write_chat_jsonl
     from pkt.io import write_json
     from pkt.models.load import load_model, load_tokenizer

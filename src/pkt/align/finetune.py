@@ -2,9 +2,11 @@
 
 PostPKT "injects then trains" (METHODS.md §1): the init is the only thing that differs between the three
 arms, so the loop, data order and hyperparameters here are shared. A compact accelerate loop rather than
-``Trainer``: gradient accumulation to the paper's batch size, AdamW, warm-up + schedule, clipping, one
-tqdm bar, optional bf16 autocast over fp32 master weights (``autocast``), and nothing else to configure.
-Tokenisation is :mod:`pkt.data.chat` (response-only labels unless ``train_on_inputs``).
+``Trainer`` (:mod:`pkt.align.loop`, shared with GKD): gradient accumulation to the paper's batch size,
+AdamW, warm-up + schedule, clipping, one tqdm bar, optional bf16 autocast over fp32 master weights
+(``autocast``). The loss never builds the full-vocabulary logits (:mod:`pkt.align.token_loss`);
+``group_by_length`` cuts a step's micro-batches from length-sorted examples. Tokenisation is
+:mod:`pkt.data.chat` (response-only labels unless ``train_on_inputs``).
 
 Outputs (written atomically, :func:`save_outputs`):
   ``adapter_init/``  the initial adapter (peft's reference point for conversion);
@@ -20,23 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from pkt.config import Settings
-from pkt.align.guard import check_finite
 from pkt.data.chat import IGNORE, STYLES, collate, tokenize_example
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.io import atomic_dir, write_json, write_jsonl
-from pkt.tracking import TrainingLog, check_report_to
+from pkt.align.loop import Step, StepResult, train_loop
+from pkt.align.token_loss import answer_token_loss, fast_path_applies, full_logits_loss
+from pkt.dist import dist_state
+from pkt.tracking import check_report_to
 
 
 class FinetuneConfig(Settings):
@@ -69,6 +70,15 @@ class FinetuneConfig(Settings):
     # weights, gradients and AdamW state) kept in ``dtype``; "none": plain ``dtype`` arithmetic. A speed-up
     # candidate only where bf16 matmuls beat fp32 ones (docs/benchmarks.md, P6, measures both on the 2-core CPU).
     autocast: Literal["none", "bf16"] = "none"
+    # Sort each optimizer step's examples by length before cutting micro-batches, so that each is padded
+    # to a near neighbour's length, not to the longest of a random four. The step's examples, and so its
+    # loss (a mean over the step's tokens), stay the same; with LoRA dropout on, the masks are drawn for
+    # other micro-batch shapes, so a run differs by the dropout's randomness (hence a setting, off by default).
+    group_by_length: bool = False
+    # "answer": the LM head only at the labelled positions, in chunks (pkt.align.token_loss); "full": the
+    # full-vocabulary logits of every position (the reference). Equal losses to float rounding: like
+    # report_to it is not part of the dumped settings.
+    logits: Literal["answer", "full"] = Field("answer", exclude=True)
     # where the per-step log goes besides train_log.jsonl (pkt.tracking); it changes no result, so it is not
     # part of the dumped settings (nor of a stage's cache key)
     report_to: str = Field("tensorboard", exclude=True)
@@ -81,37 +91,15 @@ class FinetuneConfig(Settings):
             raise PktError("need 1 <= micro_batch_size <= batch_size")
 
 
-def dist_state():
-    """accelerate's per-process state (rank, world size, device), shared by everything in the process.
-
-    Honours ``ACCELERATE_USE_CPU`` as ``Accelerator()`` does. A bare ``PartialState()`` ignores it, and the
-    first state created is the one every later call gets: on a machine without GPUs each worker of
-    ``accelerate launch`` would then run alone (world 1) and all of them would write the outputs.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 def _n_labels(feat: dict) -> int:
     """Labelled tokens of an example that enter the loss (the first position predicts nothing)."""
     return sum(1 for x in feat["labels"][1:] if x != IGNORE)
-
-
-def _plan(n: int, cfg: FinetuneConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps)."""
-    per_epoch = math.ceil(n / cfg.batch_size)
-    return per_epoch, max(1, math.ceil(per_epoch * cfg.epochs))
 
 
 def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, progress: bool = True,
              log=None, log_dir=None) -> list[dict]:
     """Train the LoRA parameters of a peft ``model`` in place; returns per-step logs (loss, lr, grad norm,
     tokens/s, seconds), also sent to ``cfg.report_to`` under ``log_dir`` when one is given."""
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
     if not examples:
         raise PktError("fine-tuning: no training examples")
     feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs, cfg.assistant_turns)
@@ -119,85 +107,71 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
     feats = [f for f in feats if _n_labels(f)]
     if not feats:
         raise PktError("fine-tuning: no example has labelled tokens; raise max_length")
-    acc = Accelerator()
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch, total = _plan(len(feats), cfg)
-    # floor: with a single step (tiny runs) a warm-up step would mean lr = 0 and no training at all
-    sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
-                          num_training_steps=total)
-    model, opt = acc.prepare(model, opt)
-    model.train()
-    # Only the forward runs inside autocast: autograd replays each op's backward in the dtype its forward
-    # used, and the loss below is taken in fp32 from upcast logits either way (PyTorch's recommended AMP use).
-    amp = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
-           else contextlib.nullcontext())
-    rng = random.Random(cfg.seed)
-    logs: list[dict] = []
-    world, rank = acc.num_processes, acc.process_index
-    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress or not acc.is_main_process)
-    tracker = TrainingLog(cfg.report_to if log_dir else "none", log_dir or ".", "finetune", config=cfg.model_dump(),
-                          main_process=acc.is_main_process)
-    step, t0 = 0, time.perf_counter()
-    while step < total:
-        order = list(range(len(feats)))
-        rng.shuffle(order)  # same seed on every process: all agree on each step's examples
-        for s in range(per_epoch):
-            if step >= total:
-                break
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            t_step = time.perf_counter()
-            # Data parallel (accelerate launch): process r takes every world-th example of the step. Every
-            # process runs the same number of micro-batches (an empty one is a zero-weighted dummy) so the
-            # collective calls line up; gradients are synchronised once, on the last micro-batch.
-            mine = idx[rank::world]
-            n_micro = max(1, math.ceil(math.ceil(len(idx) / world) / cfg.micro_batch_size))
-            # The loss is the mean over all labelled tokens of the step, so it does not depend on how the
-            # step is split into micro-batches or processes (a per-micro-batch mean would).
-            n_tokens = sum(_n_labels(feats[i]) for i in idx)
-            loss_sum = torch.zeros((), device=acc.device)
-            for m in range(n_micro):
-                mb = [feats[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]]
-                batch = {k: v.to(acc.device) for k, v in collate(mb or [feats[idx[0]]], tokenizer.pad_token_id).items()}
-                sync = contextlib.nullcontext() if m == n_micro - 1 else acc.no_sync(model)
-                with sync:
-                    with amp:
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       use_cache=False).logits
-                    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                                 ignore_index=IGNORE, reduction="sum") * (1.0 if mb else 0.0)
-                    # DDP averages gradients over processes, hence × world to get the step's sum
-                    acc.backward(token_loss * (world / n_tokens))
-                loss_sum += token_loss.detach() / n_tokens
-            loss_sum = float(acc.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
-            # before the optimizer step: a diverged step must not be applied, logged or saved
-            check_finite(loss_sum, step + 1, "fine-tuning")
-            # max_norm=inf clips nothing: the norm is still measured for the log
-            grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            now = time.perf_counter()
-            n_in = sum(len(feats[i]["input_ids"]) for i in idx)  # the step's tokens, all processes
-            rec = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss_sum, 5), "lr": lr,
-                   "grad_norm": round(grad_norm, 5), "tokens_per_s": round(n_in / max(now - t_step, 1e-9), 1),
-                   "seconds": round(now - t0, 1)}
-            logs.append(rec)
-            tracker.log(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}")
-            if log:
-                log(rec)
-    bar.close()
-    tracker.close()
-    model.eval()
-    return logs
+
+    def prepare(m) -> None:
+        if cfg.gradient_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
+
+    return train_loop(model, len(feats), cfg, sft_step(feats, tokenizer.pad_token_id, cfg), what="fine-tuning",
+                      run_name="finetune", desc="fine-tune", tracker_config=cfg.model_dump(), prepare=prepare,
+                      progress=progress, log=log, log_dir=log_dir)
+
+
+def micro_batches(idx: list[int], lengths: list[int], size: int, world: int = 1, rank: int = 0,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """This process's micro-batches (example indices) of an optimizer step over the examples ``idx``.
+
+    Data parallel (accelerate launch): process r takes every world-th example of the step. Every process
+    gets the same number of micro-batches (the last ones may be empty: zero-weighted dummies) so that the
+    collective calls line up. With ``group_by_length`` the step's examples are sorted by length first, so
+    that neighbours in length share a micro-batch and each is padded to a near neighbour's length.
+    """
+    if group_by_length:
+        idx = sorted(idx, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+    mine = idx[rank::world]
+    n_micro = max(1, math.ceil(math.ceil(len(idx) / world) / size))
+    return [mine[m * size:(m + 1) * size] for m in range(n_micro)]
+
+
+def sft_step(feats: list[dict], pad_id: int, cfg: FinetuneConfig):
+    """The step function of SFT (:func:`pkt.align.loop.train_loop`): the summed cross-entropy of the step's
+    answer tokens, divided by their count, through micro-batches (and processes under ``accelerate launch``)."""
+    loss_fn = None
+    lengths = [len(f["input_ids"]) for f in feats]
+
+    def step(st: Step) -> StepResult:
+        nonlocal loss_fn
+        acc, model = st.acc, st.model
+        world, rank = acc.num_processes, acc.process_index
+        if loss_fn is None:  # the head is known once the model is prepared
+            loss_fn = answer_token_loss if cfg.logits == "answer" and fast_path_applies(model) else full_logits_loss
+        # Only the forward runs inside autocast (the loss functions say how): autograd replays each op's
+        # backward in the dtype its forward used (PyTorch's recommended AMP use).
+        amp = (torch.autocast(acc.device.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
+               else contextlib.nullcontext())
+        idx = st.examples
+        micro = micro_batches(idx, lengths, cfg.micro_batch_size, world, rank, cfg.group_by_length)
+        n_micro = len(micro)
+        # The loss is the mean over all labelled tokens of the step, so it does not depend on how the
+        # step is split into micro-batches or processes (a per-micro-batch mean would).
+        n_tokens = sum(_n_labels(feats[i]) for i in idx)
+        loss_sum = torch.zeros((), device=acc.device)
+        for m in range(n_micro):
+            mb = [feats[i] for i in micro[m]]
+            batch = {k: v.to(acc.device) for k, v in collate(mb or [feats[idx[0]]], pad_id).items()}
+            # gradients are synchronised once, on the last micro-batch
+            sync = contextlib.nullcontext() if m == n_micro - 1 else acc.no_sync(model)
+            with sync:
+                token_loss = loss_fn(model, batch, amp)
+                token_loss = token_loss * (1.0 if mb else 0.0)
+                # DDP averages gradients over processes, hence × world to get the step's sum
+                acc.backward(token_loss * (world / n_tokens))
+            loss_sum += token_loss.detach() / n_tokens
+        loss = float(acc.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
+        return StepResult(loss, sum(lengths[i] for i in idx))
+
+    return step
 
 
 def save_initial_adapter(model, path: str | Path) -> None:

@@ -7,8 +7,8 @@ run with this project's transformers and peft (``benchmarks/crosscheck_gkd_trl.p
 tiny pair, and its ``generalized_jsd_loss`` equals :func:`generalized_jsd_loss` to 2.4e-7), but it lives
 in ``trl.experimental`` (TRL itself points users to another trainer) and is a ``Trainer`` with its own
 schedule, accumulation and saving. The same loss in pkt's own loop gives GKD exactly the ``lora``
-baseline's LoRA, data order, optimiser, schedule, finite-loss guard and outputs (:mod:`pkt.align.finetune`),
-without a dependency on an unstable API:
+baseline's LoRA, data order, optimiser, schedule, finite-loss guard and outputs (:mod:`pkt.align.loop`,
+:mod:`pkt.align.finetune`), without a dependency on an unstable API:
 
 per optimiser step, for each prompt of the batch: with probability ``lmbda`` the student samples a
 continuation (``temperature``, up to ``max_new_tokens``, cut after its first end token, which is kept),
@@ -18,16 +18,14 @@ otherwise the gold answer is used (supervised KD); teacher and student score the
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
+from pkt.align.loop import Step, StepResult
 from pkt.config import Settings
 from pkt.data.chat import IGNORE, collate, render_prompt, tokenize_example
 from pkt.data.jsonl import ChatExample
@@ -112,14 +110,11 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
                  log=None, log_dir: str | Path | None = None) -> list[dict]:
     """Train the LoRA parameters of the peft ``model`` in place by GKD against ``teacher``; per-step logs.
 
-    With ``log_dir`` the same records also go to the tracker chosen by ``ft.report_to`` (:mod:`pkt.tracking`).
+    The loop is SFT's (:func:`pkt.align.loop.train_loop`); :func:`gkd_step` is what a step does. With
+    ``log_dir`` the same records also go to the tracker chosen by ``ft.report_to`` (:mod:`pkt.tracking`).
     """
-    from transformers import get_scheduler
-
-    from pkt.tracking import TrainingLog
-
-    from pkt.align.finetune import dist_state
-    from pkt.align.guard import check_finite
+    from pkt.align.loop import train_loop
+    from pkt.dist import dist_state
 
     if dist_state().num_processes > 1:
         raise PktError("gkd runs in one process (its sampling is not split across processes); use seqkd for "
@@ -129,84 +124,56 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
     if teacher.config.vocab_size != model.config.vocab_size:
         raise PktError(f"gkd needs one vocabulary: teacher {teacher.config.vocab_size}, student "
                        f"{model.config.vocab_size} tokens")
-    dev = next(model.parameters()).device
     # gold features for the off-policy share (lmbda < 1); prompts tokenised as SFT's prompt segment is
     gold = [tokenize_example(e, tokenizer, ft.style, ft.max_length) for e in examples]
     prompts = [tokenizer(render_prompt(e.messages()[:-1], tokenizer, ft.style), add_special_tokens=False)["input_ids"]
                for e in examples]
-    torch.manual_seed(ft.seed)
     teacher.eval()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
-    per_epoch = math.ceil(len(examples) / ft.batch_size)
-    total = max(1, math.ceil(per_epoch * ft.epochs))
-    sched = get_scheduler(ft.scheduler, opt, num_warmup_steps=int(ft.warmup_ratio * total), num_training_steps=total)
-    rng = random.Random(ft.seed)
-    logs: list[dict] = []
-    bar = tqdm(total=total, desc="gkd", unit="step", disable=not progress)
-    tracker = TrainingLog(ft.report_to if log_dir else "none", log_dir or ".", "gkd",
-                          config={**ft.model_dump(), **{f"gkd_{k}": v for k, v in gcfg.model_dump().items()}})
-    step, t0 = 0, time.perf_counter()
-    while step < total:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for s in range(per_epoch):
-            if step >= total:
-                break
-            idx = order[s * ft.batch_size:(s + 1) * ft.batch_size]
-            t_step = time.perf_counter()
-            # on-policy or gold, decided per prompt like TRL's per-batch coin (lmbda 1: always on-policy)
-            on_policy = [rng.random() < gcfg.lmbda for _ in idx]
-            feats: list[dict] = []
-            model.eval()  # sampling without LoRA dropout
-            for m in range(0, len(idx), ft.micro_batch_size):
-                part = idx[m:m + ft.micro_batch_size]
-                pol = [i for i, on in zip(part, on_policy[m:m + ft.micro_batch_size]) if on]
-                sampled = dict(zip(pol, sample_continuations(model, tokenizer, [prompts[i] for i in pol], gcfg,
-                                                             seed=ft.seed * 100003 + step * 1009 + m))) if pol else {}
-                for i in part:
-                    feats.append(_features(prompts[i], sampled[i]) if i in sampled else gold[i])
-            model.train()
-            n_tokens = sum(sum(1 for x in f["labels"][1:] if x != IGNORE) for f in feats)
-            if n_tokens == 0:
-                raise PktError(f"gkd step {step + 1}: no continuation token to score; raise max_new_tokens")
-            loss_sum = 0.0
-            for m in range(0, len(feats), ft.micro_batch_size):
-                batch = {k: v.to(dev) for k, v in collate(feats[m:m + ft.micro_batch_size],
-                                                          tokenizer.pad_token_id).items()}
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).logits
-                # only the continuation's positions: the vocabulary-wide softmaxes are the memory here
-                keep = batch["labels"][:, 1:] != IGNORE
-                loss = generalized_jsd_loss(s_logits[:, :-1][keep], t_logits[:, :-1][keep].to(s_logits.device),
-                                            None, beta=gcfg.beta) / n_tokens
-                loss.backward()
-                loss_sum += float(loss.detach())
-            check_finite(loss_sum, step + 1, "gkd")  # before the step: a diverged update is never applied
-            # max_norm=inf clips nothing: the norm is still measured for the log
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, ft.max_grad_norm or float("inf")))
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            now = time.perf_counter()
-            rec = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss_sum, 6), "lr": lr,
-                   "grad_norm": round(grad_norm, 5), "on_policy": sum(on_policy), "tokens": n_tokens,
-                   "tokens_per_s": round(sum(len(f["input_ids"]) for f in feats) / max(now - t_step, 1e-9), 1),
-                   "seconds": round(now - t0, 1)}
-            logs.append(rec)
-            tracker.log(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}")
-            if log:
-                log(rec)
-    bar.close()
-    tracker.close()
-    model.eval()
-    return logs
+    return train_loop(model, len(examples), ft, gkd_step(teacher, tokenizer, gold, prompts, ft, gcfg), what="gkd",
+                      run_name="gkd", desc="gkd", loss_digits=6, progress=progress, log=log, log_dir=log_dir,
+                      tracker_config={**ft.model_dump(), **{f"gkd_{k}": v for k, v in gcfg.model_dump().items()}})
+
+
+def gkd_step(teacher, tokenizer, gold: list[dict], prompts: list[list[int]], ft, gcfg: GKDConfig):
+    """The step function of GKD: per prompt, the student's sample (probability ``lmbda``) or the gold answer;
+    then the generalized JSD to the teacher over the continuation tokens, averaged over the step's tokens."""
+
+    def step(st: Step) -> StepResult:
+        model, idx = st.model, st.examples
+        dev = next(model.parameters()).device
+        # on-policy or gold, decided per prompt like TRL's per-batch coin (lmbda 1: always on-policy)
+        on_policy = [st.rng.random() < gcfg.lmbda for _ in idx]
+        feats: list[dict] = []
+        model.eval()  # sampling without LoRA dropout
+        for m in range(0, len(idx), ft.micro_batch_size):
+            part = idx[m:m + ft.micro_batch_size]
+            pol = [i for i, on in zip(part, on_policy[m:m + ft.micro_batch_size]) if on]
+            sampled = dict(zip(pol, sample_continuations(model, tokenizer, [prompts[i] for i in pol], gcfg,
+                                                         seed=ft.seed * 100003 + st.index * 1009 + m))) if pol else {}
+            for i in part:
+                feats.append(_features(prompts[i], sampled[i]) if i in sampled else gold[i])
+        model.train()
+        n_tokens = sum(sum(1 for x in f["labels"][1:] if x != IGNORE) for f in feats)
+        if n_tokens == 0:
+            raise PktError(f"gkd step {st.index + 1}: no continuation token to score; raise max_new_tokens")
+        loss_sum = 0.0
+        for m in range(0, len(feats), ft.micro_batch_size):
+            batch = {k: v.to(dev) for k, v in collate(feats[m:m + ft.micro_batch_size],
+                                                      tokenizer.pad_token_id).items()}
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits
+            # only the continuation's positions: the vocabulary-wide softmaxes are the memory here
+            keep = batch["labels"][:, 1:] != IGNORE
+            loss = generalized_jsd_loss(s_logits[:, :-1][keep], t_logits[:, :-1][keep].to(s_logits.device),
+                                        None, beta=gcfg.beta) / n_tokens
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return StepResult(loss_sum, sum(len(f["input_ids"]) for f in feats),
+                          {"on_policy": sum(on_policy), "tokens": n_tokens})
+
+    return step
 
 
 def gkd_distill(teacher_ref, student_ref, examples: list[ChatExample], ft, gcfg: GKDConfig, out: str | Path,

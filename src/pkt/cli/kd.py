@@ -60,7 +60,7 @@ def kd(
     from pathlib import Path
 
     from pkt.align.distill import KD_FILE, KDConfig, budget_policy, distill_finetune, kd_data
-    from pkt.align.finetune import dist_state
+    from pkt.dist import dist_state
     from pkt.align.gkd import GKDConfig, gkd_distill
     from pkt.config import load_config
     from pkt.data.tasks import get_task, load_split

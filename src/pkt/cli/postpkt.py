@@ -71,7 +71,7 @@ def postpkt(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """PostPKT: init the student's LoRA (seeking = extracted teacher blocks; pissa; lora), fine-tune, save."""
-    from pkt.align.finetune import dist_state
+    from pkt.dist import dist_state
     from pkt.config import load_config
     from pkt.errors import PktError
     from pkt.postpkt import SeekingConfig, run_postpkt

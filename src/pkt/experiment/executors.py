@@ -151,7 +151,7 @@ def compute_stage(root: str, holder: str, code: dict, name: str, key: dict, fn, 
     torch.set_num_threads(threads)
     # accelerate's process state, which a sequential run has from its first training stage on (its trackers
     # log through it); a worker may start with any stage
-    from pkt.align.finetune import dist_state
+    from pkt.dist import dist_state
 
     dist_state()
     seed = stage_seed(name)
