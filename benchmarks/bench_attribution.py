@@ -13,7 +13,7 @@ per repeat:
   ``forward + (tolist + rebuild) per layer × L + per-FFN-neuron time × L·d_ffn + per-attention-neuron time
   × L·q_dim + sorts``. The sorts are timed at full size on synthetic Python lists (the per-layer FFN sort
   and the quadratic attention re-sort, Σ_l (l+1)·q_dim entries). The extrapolation counts **one** call;
-  the reference makes 3 per model per example (METHODS.md §7.1 item 5).
+  the reference makes 3 per model per example (docs/methods.md §7.1 item 5).
 
 Same scores, asserted: pkt's exact scorer (:func:`pkt.locate.attribution.score_block`, full softmax, on
 the activations from :func:`pkt.locate.attribution.capture`) on exactly the subset's neurons equals the

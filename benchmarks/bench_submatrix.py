@@ -32,7 +32,7 @@ import torch
 from benchmarks.reference_seeking import max_sens_submatrix, summed_area_table
 from pkt.locate.structure import max_sum_submatrix, window_sums
 
-# (name, teacher X×Y, student x×y): Llama-2 13B → 7B (METHODS.md §4.3); count = matrices per layer.
+# (name, teacher X×Y, student x×y): Llama-2 13B → 7B (docs/methods.md §4.3); count = matrices per layer.
 SHAPES = {
     "attn": ((5120, 5120), (4096, 4096), 4),  # q, k, v, o
     "gate_up": ((13824, 5120), (11008, 4096), 2),  # gate, up

@@ -1,6 +1,6 @@
-"""Faithful, slow re-implementation of LaTen's neuron attribution (METHODS.md §2.2 step 1, §7.1 items 3–5).
+"""Faithful, slow re-implementation of LaTen's neuron attribution (docs/methods.md §2.2 step 1, §7.1 items 3–5).
 
-Written from the description in METHODS.md; a benchmark baseline and a test oracle. Its cost profile is
+Written from the description in docs/methods.md; a benchmark baseline and a test oracle. Its cost profile is
 the reference's:
 
 1. **List conversion** (``transfer_output``): every layer's recorded tensors become Python lists —

@@ -1,6 +1,6 @@
-"""Faithful, slow re-implementations of Seeking's reference algorithms (METHODS.md §4, §7.2).
+"""Faithful, slow re-implementations of Seeking's reference algorithms (docs/methods.md §4, §7.2).
 
-Written from the description in METHODS.md; used as benchmark baselines and as test oracles. Do not
+Written from the description in docs/methods.md; used as benchmark baselines and as test oracles. Do not
 "fix" them: their cost *is* the point.
 
 * :func:`max_sens_submatrix` — the reference's sub-block search (§7.2 item 1): a summed-area table

@@ -151,7 +151,7 @@ def test_default_sources_cover_the_layout_the_loaders_read():
 
 
 def test_recorded_checksums_match_the_shared_data_directory(shared_data):
-    """The recorded digests are those of the files the study runs on (DATA.md §1-2), offline."""
+    """The recorded digests are those of the files the study runs on (docs/data.md §1-2), offline."""
     for rel, digest in SHA256.items():
         assert P.sha256_file(shared_data / rel) == digest, rel
 

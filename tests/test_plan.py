@@ -76,7 +76,7 @@ def test_paper_budgets_per_task():
     cfg = load_config(ExperimentConfig, CONFIGS / "full.yaml")
     got = {t: (cfg.budget_for(t).epochs, cfg.budget_for(t).lr, cfg.budget_for(t).train_examples,
                cfg.budget_for(t).train_on_inputs) for t in cfg.tasks}
-    # METHODS.md §2.4 (S3 Table 5): epochs 5/5/3/5, lr 3e-4 except HumanEval 3e-5, 1000 examples except MBPP 300
+    # docs/methods.md §2.4 (S3 Table 5): epochs 5/5/3/5, lr 3e-4 except HumanEval 3e-5, 1000 examples except MBPP 300
     assert got == {"gsm8k": (5, 3e-4, 1000, False), "mmlu": (5, 3e-4, 1000, True),
                    "humaneval": (3, 3e-5, 1000, False), "mbpp": (5, 3e-4, 300, False)}
     assert cfg.budget.batch_size == 64 and cfg.budget_for("mbpp").batch_size == 64

@@ -3,7 +3,7 @@
 ``pkt.postpkt.extract_factors`` decides three things that no other test pins down: which teacher layer
 feeds which student layer, which sensitivity map chooses the block of which weight, and (for the
 ``neuron`` structure) which axis of a weight holds its neurons (rows of q/k/v/gate/up, columns of o/down).
-The expected values here are rebuilt by obvious loops written from METHODS.md §4, sharing nothing with
+The expected values here are rebuilt by obvious loops written from docs/methods.md §4, sharing nothing with
 the library but torch: a layer's score is the sum of its sensitivities; the student's number of
 top-scoring teacher layers is kept, re-sorted, and the i-th kept teacher layer feeds student layer i;
 each teacher weight's *own* map picks the contiguous block of the student weight's shape with the

@@ -30,7 +30,7 @@ from pkt.io import write_json, write_text
 
 CARD = "README.md"
 
-# Where each task's PKT training rows come from on the Hub (DATA.md §2); humaneval's split is generic
+# Where each task's PKT training rows come from on the Hub (docs/data.md §2); humaneval's split is generic
 # code instructions of no known hub dataset, so it names none.
 TRAIN_DATASETS = {"gsm8k": "openai/gsm8k", "mmlu": "cais/mmlu", "mbpp": "google-research-datasets/mbpp"}
 # The benchmark each task is evaluated on: (hub id, config, split, display name, metric).

@@ -1,6 +1,6 @@
 """PostPKT (Seeking): extract sensitive teacher blocks as LoRA factors, inject, fine-tune.
 
-Pipeline (METHODS.md §4): seed samples → teacher sensitivity (:mod:`pkt.locate.sensitivity`) → keep the
+Pipeline (docs/methods.md §4): seed samples → teacher sensitivity (:mod:`pkt.locate.sensitivity`) → keep the
 student's number of teacher layers (:mod:`pkt.locate.layers`), re-sorted, teacher layer i → student
 layer j in order → for each module kind, the block of the teacher weight with the student's shape
 (:mod:`pkt.locate.structure`), using that weight's own sensitivity → rank-r SVD → the student's LoRA

@@ -1,6 +1,6 @@
 """Post-alignment fine-tuning: LoRA SFT of the student, identical for the ``lora``/``pissa``/``seeking`` inits.
 
-PostPKT "injects then trains" (METHODS.md §1): the init is the only thing that differs between the three
+PostPKT "injects then trains" (docs/methods.md §1): the init is the only thing that differs between the three
 arms, so the loop, data order and hyperparameters here are shared. A compact accelerate loop rather than
 ``Trainer`` (:mod:`pkt.align.loop`, shared with GKD): gradient accumulation to the paper's batch size,
 AdamW, warm-up + schedule, clipping, one tqdm bar, optional bf16 autocast over fp32 master weights
@@ -41,7 +41,7 @@ from pkt.tracking import check_report_to
 
 
 class FinetuneConfig(Settings):
-    """LoRA SFT settings. Defaults follow Seeking's ``train.sh``/adapter config (METHODS.md §4.4-4.5):
+    """LoRA SFT settings. Defaults follow Seeking's ``train.sh``/adapter config (docs/methods.md §4.4-4.5):
     r=16, α=16, dropout 0.05, lr 3e-4, batch 64, 3 epochs, warm-up 3%, cutoff 2048, seed 1. ``dropout`` None
     = the init's own (0.05; 0 for PiSSA, whose adapter holds the student's principal part: pkt.align.lora_init)."""
 

@@ -2,7 +2,7 @@
 
 Their baseline is TRL's ``GKDTrainer`` with ``lmbda=1`` (every step trains on continuations the student
 samples itself) and ``beta=0`` (the generalized Jensen-Shannon divergence at β=0 is the forward KL
-KL(teacher ‖ student) per token), on a LoRA student (METHODS.md §2.3). TRL 1.16's ``GKDTrainer`` does
+KL(teacher ‖ student) per token), on a LoRA student (docs/methods.md §2.3). TRL 1.16's ``GKDTrainer`` does
 run with this project's transformers and peft (``benchmarks/crosscheck_gkd_trl.py``: two steps on the
 tiny pair, and its ``generalized_jsd_loss`` equals :func:`generalized_jsd_loss` to 2.4e-7), but it lives
 in ``trl.experimental`` (TRL itself points users to another trainer) and is a ``Trainer`` with its own

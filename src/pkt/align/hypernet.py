@@ -8,7 +8,7 @@ reference (``knowledge_translator.py``): only the hidden width is translated; de
 selection and FFN/attention width from top-k.
 
 Why fp32 and tiny init: the reference initialises both matrices N(0, 1e-5), so the translated deltas
-start ~0 and the student is almost unchanged at step 0 (METHODS.md §7.1 item 7: this may also explain the
+start ~0 and the student is almost unchanged at step 0 (docs/methods.md §7.1 item 7: this may also explain the
 small effect). The init is configurable (``normal`` with a std, ``kaiming``, or ``zeros`` for W2 only,
 which makes step 0 exactly the student).
 

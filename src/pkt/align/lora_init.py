@@ -1,8 +1,8 @@
 """LoRA initialisation from external factors (Seeking), PiSSA and plain LoRA, on stock peft.
 
-Seeking factorises a teacher block W_blk = UΣVᵀ at rank r into B = U_rΣ_r, A = V_rᵀ (METHODS.md §4.4)
+Seeking factorises a teacher block W_blk = UΣVᵀ at rank r into B = U_rΣ_r, A = V_rᵀ (docs/methods.md §4.4)
 and starts the student's LoRA from (B, A). To keep the student's function unchanged at init, the base
-weight becomes W − BA (a "mutated init", like PiSSA's residual, ECOSYSTEM.md §A.3) so that
+weight becomes W − BA (a "mutated init", like PiSSA's residual, docs/methods.md §6.2) so that
 W − BA + BA = W. The reference does this with a hand-made "delta" adapter and two manual merges; here it
 is one peft model, which peft can later convert into an ordinary LoRA (``save_pretrained(...,
 path_initial_model_for_weight_conversion=...)``).

@@ -55,7 +55,7 @@ def random_like(model, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Mo
     config = model.config if isinstance(model, nn.Module) else model
     dtype = dtype or (next(model.parameters()).dtype if isinstance(model, nn.Module) else torch.float32)
     torch.manual_seed(seed)
-    rand = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    rand = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return rand.to(dtype).eval()
 
 

@@ -10,7 +10,7 @@ LoRA inits with a mutated base (PiSSA, Seeking) keep the model's function at ste
 
 It works on *any* peft LoRA model whose base was mutated this way (for an ordinary zero-B LoRA the
 cosines are 0). Analytic checks: PiSSA gives cos(BA, W_res) = 0 and cos(BA, W) = sqrt(Σ_{i≤r}σᵢ²/Σσᵢ²);
-for a foreign (teacher) factor, cos(BA, W) ≈ 0 and cos(BA, W − BA) ≈ −‖BA‖/‖W − BA‖ (METHODS.md §3.1).
+for a foreign (teacher) factor, cos(BA, W) ≈ 0 and cos(BA, W − BA) ≈ −‖BA‖/‖W − BA‖ (docs/methods.md §3.1).
 
 ``delta_similarity`` does the LaTen-style comparison: cos(delta, W) restricted to the rows/columns the
 delta touches (its support is the "located" mask).

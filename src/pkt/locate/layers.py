@@ -1,7 +1,7 @@
 """Layer selection: which teacher layers feed which student layers (shared by Seeking and LaTen).
 
 Both methods keep ``n_student`` of the teacher's layers, re-sort them by index and map the i-th kept
-teacher layer onto student layer i (METHODS.md §2.2 and §4.2). Only the ranking differs: Seeking ranks
+teacher layer onto student layer i (docs/methods.md §2.2 and §4.2). Only the ranking differs: Seeking ranks
 by summed sensitivity, LaTen by attribution; the ablations (Seeking's analysis figure) use random,
 first or last layers. This module takes any per-layer score vector, so it knows nothing about either.
 """

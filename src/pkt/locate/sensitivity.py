@@ -1,7 +1,7 @@
-"""Parameter sensitivity S = Σ_samples |θ ⊙ ∂L/∂θ| (Seeking, METHODS.md §4.1), in bounded memory.
+"""Parameter sensitivity S = Σ_samples |θ ⊙ ∂L/∂θ| (Seeking, docs/methods.md §4.1), in bounded memory.
 
 The reference implementation keeps weights, gradients, a per-sample |θ·g| map and a running map at once
-(≈4× the model size, fp32, METHODS.md §7.2 item 2). Here every parameter gets a
+(≈4× the model size, fp32, docs/methods.md §7.2 item 2). Here every parameter gets a
 ``register_post_accumulate_grad_hook`` that adds |θ·g| into a float32 accumulator and drops ``p.grad``
 straight away, during the backward pass. Peak memory is therefore the weights + one fp32 accumulator
 (optionally on another device, e.g. CPU) + activations + the few gradients alive at one moment.

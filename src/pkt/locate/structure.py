@@ -1,9 +1,9 @@
 """Which part of a teacher weight (X×Y) is taken to fit the student's matching weight (x×y).
 
-Strategies (Seeking's "structure" ablation, METHODS.md §4 and the analysis figure):
+Strategies (Seeking's "structure" ablation, docs/methods.md §4 and the analysis figure):
 
 * ``submatrix`` (Seeking's choice): the contiguous x×y block with the largest summed sensitivity.
-  The reference scans every corner in Python (≈1.6 h for 13B→7B, METHODS.md §7.2 item 1); here all
+  The reference scans every corner in Python (≈1.6 h for 13B→7B, docs/methods.md §7.2 item 1); here all
   window sums come at once from a zero-padded float64 summed-area table, and ``torch.argmax`` returns the
   *first* maximum of the row-major flattened window grid, i.e. the same tie-break as the reference's
   row-major scan with a strict ``>``. float64 keeps sums of ~10⁸ fp32 terms exact enough that only true
