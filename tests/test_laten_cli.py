@@ -12,7 +12,8 @@ from pkt import testing
 from pkt.data.jsonl import ChatExample, write_chat_jsonl
 from pkt.errors import PktError
 from pkt.inject import dense, load_deltas
-from pkt.laten import (LatenConfig, ckpt_path, counts, extract, pair, pair_v, to_deltas, v_rows, wrap_models,
+from pkt.locate.pairing import counts, extract, pair, pair_v, to_deltas, v_rows
+from pkt.laten import (LatenConfig, ckpt_path, wrap_models,
                        apply, locate, train)
 from pkt.align.hypernet import HyperNet
 from pkt.models.arch import ArchSpec
@@ -210,7 +211,7 @@ def test_non_finite_loss_stops_training_before_the_step_is_saved(llama_pair, dat
 
 
 def test_delta_stats_oracle(qwen_pair):
-    from pkt.laten import delta_stats
+    from pkt.inject import delta_stats
 
     _, student, _ = qwen_pair
     spec = ArchSpec.from_model(student)
