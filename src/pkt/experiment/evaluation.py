@@ -76,7 +76,7 @@ def evaluate(study, method: str, ref: str, dtype: str, task: str, seed: int,
         write_jsonl(d / "answer_loss.jsonl", loss_records)
         metric = "accuracy" if "accuracy" in metrics else "pass@1"
         # the record names the evaluation, so that pkt report reads it from the record, not the stage name;
-        # nested, because a vanilla model's evaluation stands for every seed (Study._evaluate_once)
+        # nested, because a vanilla model's evaluation stands for every seed (evaluate_once)
         return {"evaluated_as": {"method": label or method, "task": task, "seed": seed},
                 "metric": metric, "score": metrics[metric], "n": len(records),
                 "per_example": [float(r["correct"]) for r in records], "answer_loss": loss["nll"],
@@ -87,6 +87,17 @@ def evaluate(study, method: str, ref: str, dtype: str, task: str, seed: int,
 
     _, result = study.run_stage(evaluation(label or method, task, seed), payload, fn, reads=reads)
     return result
+
+
+def evaluate_once(study, method: str, ref: str, dtype: str, task: str, seed: int, label: str | None = None):
+    """``study.evaluate``, except that with a fixed evaluation subset (``budget.eval_seed``) a vanilla model (the
+    student, the teacher, the float32 student) is evaluated once, as the first seed's stage, and that result
+    stands for every seed: greedy decoding of the same model on the same questions is the same."""
+    if not is_vanilla(method) or study.cfg.budget_for(task).eval_seed is None:
+        return study.evaluate(method, ref, dtype, task, seed, label)
+    if seed == study.cfg.seeds[0]:
+        study.vanilla[(label or method, task)] = study.evaluate(method, ref, dtype, task, seed, label)
+    return study.vanilla.get((label or method, task))
 
 
 def estimate(plan, method: str, task: str) -> Cost:

@@ -2,7 +2,9 @@
 
 ``pkt run --dry-run CONFIG`` and the preflight of ``pkt run`` use it. The stages (names, keys, cached or
 not) come from walking the study against a dry cache (:meth:`Study.plan_stages`), so the plan lists
-exactly the stages a run would run. Each stage's time is its work in tokens divided by a throughput
+exactly the stages a run would run. Each stage's cost comes from what computes it (a method's build:
+:meth:`pkt.methods.base.Method.estimate`; a shared stage's, the evaluation's, the analysis'), through
+:class:`PlanContext`. Its time is its work in tokens divided by a throughput
 measured on this project's reference machine, :data:`THROUGHPUT` (tokens/s by work kind, dtype and model
 size; interpolated log-log between the measured sizes, ∝ 1/size beyond them); the numbers are for that
 machine (a 2-core CPU) and say nothing about a GPU. Generation is counted at its token cap (an upper

@@ -315,7 +315,8 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
 
 def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
     """With a fixed evaluation subset (``budget.eval_seed``), a vanilla model is evaluated once, as the first
-    seed's stage, and stands for every seed (Study._evaluate_once): its row is repeated for the other seeds."""
+    seed's stage, and stands for every seed (pkt.experiment.evaluation.evaluate_once): its row is repeated for
+    the other seeds."""
     cfg = study.get("config")
     seeds = list(study.get("seeds") or [])
     if not isinstance(cfg, dict) or len(seeds) < 2:

@@ -71,7 +71,7 @@ class Study:
         self.cache = StageCache(self.out, log=self.echo)
         self.bar: tqdm | None = None
         self._data_ids: dict = {}
-        self._vanilla: dict = {}  # (model label, task) -> its evaluation, when one stands for every seed
+        self.vanilla: dict = {}  # (model label, task) -> its evaluation, when one stands for every seed
         self._check_budget()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -263,16 +263,6 @@ class Study:
             freed = self.cache.prune(stage, files, f"weights of {path.name}/ deleted after evaluation")
             self.echo(f"[pruned] {stage.name}/{path.relative_to(stage)}: {freed / 1e9:.2f} GB")
 
-    def _evaluate_once(self, method: str, ref: str, dtype: str, task: str, seed: int, label: str | None = None):
-        """``evaluate``, except that with a fixed evaluation subset (``budget.eval_seed``) a vanilla model (the
-        student, the teacher, the float32 student) is evaluated once, as the first seed's stage, and that result
-        stands for every seed: greedy decoding of the same model on the same questions is the same."""
-        if not methods.is_vanilla(method) or self.cfg.budget_for(task).eval_seed is None:
-            return self.evaluate(method, ref, dtype, task, seed, label)
-        if seed == self.cfg.seeds[0]:
-            self._vanilla[(label or method, task)] = self.evaluate(method, ref, dtype, task, seed, label)
-        return self._vanilla.get((label or method, task))
-
     def _walk(self, records: list, shared: dict) -> list[Path]:
         """Every stage in order; in a plan (dry cache) only keys are computed. Per task: the shared stages the
         study's methods read; then per seed each method's build and evaluation (and its companions', e.g. the
@@ -290,8 +280,8 @@ class Study:
                 for m in arms:
                     seed_everything(seed)
                     ref, dtype = self._build_lazily(m.name, task, seed, s)
-                    s.setdefault("first", {}).setdefault(m.name, ref)  # the analysis reads the first seed's
-                    res = self._evaluate_once(m.name, ref, dtype, task, seed)
+                    s.setdefault("first", {}).setdefault(m.name, ref)  # the analysis reads LaTen's first
+                    res = evaluation.evaluate_once(self, m.name, ref, dtype, task, seed)
                     if res is not None:
                         records.append({"method": m.name, "task": task, "seed": seed, "model_dir": ref, **res})
                         if m.injection:
@@ -299,7 +289,8 @@ class Study:
                     for extra in methods.companions(m.name):
                         if not extra.wanted(self):
                             continue
-                        res = self._evaluate_once(m.name, ref, extra.eval_dtype or dtype, task, seed, label=extra.name)
+                        res = evaluation.evaluate_once(self, m.name, ref, extra.eval_dtype or dtype, task, seed,
+                                                       extra.name)
                         if res is not None:
                             records.append({"method": extra.name, "task": task, "seed": seed, "model_dir": ref,
                                             **res})
