@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pkt.experiment.config import ExperimentConfig
-from pkt.experiment.stage import ANALYSIS_STAGE
+from pkt.experiment.stage import ANALYSIS_STAGE, Cost
 from pkt.io import write_json
-from pkt.methods.base import Cost
 
 def analysis(study, shared: dict) -> list[Path]:
     """Run (or find cached) the analysis stage of ``study``; ``shared``: the walk's per-task outputs (each
@@ -55,10 +53,11 @@ def estimate(plan) -> Cost:
     return Cost(seconds, 0, f"{c.analysis_examples} examples through both models, twice")
 
 
-def run_analysis(c: ExperimentConfig, task: str, factors, laten_dir, d: Path, log) -> dict:
+def run_analysis(c, task: str, factors, laten_dir, d: Path, log) -> dict:
     """Parametric (Seeking/PiSSA inits, LaTen deltas), representation and behaviour similarity → PNGs. The
     result keeps the figures' inputs (``plots``: :func:`pkt.analyse.plots.plot_inputs`), from which the PNGs are
-    drawn, so that ``pkt report`` can redraw them from the stage's record alone."""
+    drawn, so that ``pkt report`` can redraw them from the stage's record alone. ``c``: the study's
+    ExperimentConfig."""
     from pkt.align.lora_init import make_lora_model
     from pkt.analyse import params as P
     from pkt.analyse import plots

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.experiment.stage import evaluation
+from pkt.experiment.stage import Cost, evaluation
 from pkt.methods import get, is_vanilla
-from pkt.methods.base import Cost
 from pkt.seeding import seed_everything
 
 TEST_SIZES = {"gsm8k": 1319, "mmlu": 14042, "humaneval": 164, "mbpp": 500}

@@ -12,7 +12,8 @@ caches still match:
 * the study's analysis: ``analysis``.
 
 :meth:`Stage.from_name` reads a name back; only records written before stages carried their typed value
-need it.
+need it. A stage's estimate on the plan's reference machine is a :class:`Cost`. This module imports nothing
+of pkt: every layer may use its values.
 """
 
 from __future__ import annotations
@@ -84,3 +85,15 @@ def shared(kind: str, task: str) -> Stage:
 
 
 ANALYSIS_STAGE = Stage(ANALYSIS)
+
+
+@dataclass
+class Cost:
+    """A stage's estimate: seconds and disk bytes on the reference machine, the work in words, and whether
+    the bytes include a full copy of the student (the plan counts only the largest such copy unless
+    ``keep_checkpoints``: each is deleted once evaluated)."""
+
+    seconds: float
+    bytes: int
+    work: str
+    checkpoint: bool = False

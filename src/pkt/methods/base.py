@@ -15,22 +15,9 @@ this interface and the registry (:mod:`pkt.methods`). The algorithms live in the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from pkt.experiment.stage import Stage, build as build_stage, shared as shared_stage
-
-
-@dataclass
-class Cost:
-    """A stage's estimate: seconds and disk bytes on the reference machine, the work in words, and whether
-    the bytes include a full copy of the student (the plan counts only the largest such copy unless
-    ``keep_checkpoints``: each is deleted once evaluated)."""
-
-    seconds: float
-    bytes: int
-    work: str
-    checkpoint: bool = False
+from pkt.experiment.stage import Cost, Stage, build as build_stage, shared as shared_stage
 
 
 class Method:

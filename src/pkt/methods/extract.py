@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pkt.errors import PktError
-from pkt.experiment.stage import shared
+from pkt.experiment.stage import Cost, shared
 from pkt.methods import register_shared
-from pkt.methods.base import Cost, SharedStage
+from pkt.methods.base import SharedStage
 
 
 def seeking_targets(study, task: str | None = None) -> list[str]:

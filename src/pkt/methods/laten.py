@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pkt.errors import PktError
-from pkt.experiment.stage import build as build_stage
+from pkt.experiment.stage import Cost, build as build_stage
 from pkt.methods import register
-from pkt.methods.base import Cost, Method
+from pkt.methods.base import Method
 
 # LaTen's chosen point and delta size, which each evaluation row of the arm carries ("injection")
 INJECTION = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed", "selection",
