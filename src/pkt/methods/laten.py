@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pkt.errors import PktError
 from pkt.experiment.stage import Cost, build as build_stage
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import Method
 
 # LaTen's chosen point and delta size, which each evaluation row of the arm carries ("injection")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pkt.experiment.stage import build as build_stage
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import Method, data_setting, finetune_cfg, merged, summary
 
 

@@ -3,7 +3,7 @@ is also compared with."""
 
 from __future__ import annotations
 
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import PostPktArm
 
 

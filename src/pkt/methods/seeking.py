@@ -3,7 +3,7 @@ blocks, extracted once per task (stage ``extract``, :mod:`pkt.methods.extract`).
 
 from __future__ import annotations
 
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import PostPktArm
 
 

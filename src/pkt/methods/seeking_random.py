@@ -4,7 +4,7 @@ teacher's subspaces."""
 
 from __future__ import annotations
 
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import PostPktArm
 
 

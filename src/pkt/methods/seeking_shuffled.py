@@ -3,7 +3,7 @@ derangement, :func:`pkt.postpkt.control_factors`): what the placement of the tea
 
 from __future__ import annotations
 
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import PostPktArm
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pkt.methods import register
+from pkt.methods.registry import register
 from pkt.methods.base import Method
 
 

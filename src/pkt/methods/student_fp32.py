@@ -5,7 +5,7 @@ also measures the student there. Not a method a config lists: it comes with ``st
 
 from __future__ import annotations
 
-from pkt.methods import REGISTRY, register
+from pkt.methods.registry import REGISTRY, register
 from pkt.methods.base import Method
 
 
