@@ -11,7 +11,8 @@ from pkt import testing
 from pkt.data.jsonl import ChatExample, write_chat_jsonl
 from pkt.errors import PktError
 from pkt.inject import dense, load_deltas
-from pkt.laten import (LatenConfig, ckpt_path, counts, extract, pair, pair_v, to_deltas, v_rows, wrap_models,
+from pkt.locate.pairing import counts, extract, pair, pair_v, to_deltas, v_rows
+from pkt.laten import (LatenConfig, ckpt_path, wrap_models,
                        apply, locate, train)
 from pkt.align.hypernet import HyperNet
 from pkt.models.arch import ArchSpec
@@ -209,7 +210,7 @@ def test_non_finite_loss_stops_training_before_the_step_is_saved(llama_pair, dat
 
 
 def test_delta_stats_oracle(qwen_pair):
-    from pkt.laten import delta_stats
+    from pkt.inject import delta_stats
 
     _, student, _ = qwen_pair
     spec = ArchSpec.from_model(student)
@@ -335,24 +336,26 @@ def test_pkt_run_trains_the_papers_step_or_the_selection_grid(shared_data, tmp_p
     schedule spans the steps trained."""
     from pkt.experiment.config import ExperimentConfig
     from pkt.experiment.runner import Study
+    from pkt.methods.laten import laten_cfg, train_and_fuse
 
     def cfg(**budget):
         return ExperimentConfig(tasks=["gsm8k", "mmlu"], budget={"loss_examples": 2, "train_examples": 4, **budget})
 
     paper = Study(cfg(), tmp_path / "a", log=lambda s: None)
-    assert [paper.laten_cfg(t, 0).max_steps for t in ("gsm8k", "mmlu")] == [4, 2]
-    assert paper.laten_cfg("gsm8k", 0).schedule == "trained"
+    assert [laten_cfg(paper, t, 0).max_steps for t in ("gsm8k", "mmlu")] == [4, 2]
+    assert laten_cfg(paper, "gsm8k", 0).schedule == "trained"
     grid = Study(cfg(laten_choice="select", laten_select_steps=6), tmp_path / "b", log=lambda s: None)
-    assert grid.laten_cfg("mmlu", 0).max_steps == 6
+    assert laten_cfg(grid, "mmlu", 0).max_steps == 6
     fixed = Study(cfg(laten_choice="fixed", laten_steps=3, laten_schedule="extract"), tmp_path / "c",
                   log=lambda s: None)
-    assert fixed.laten_cfg("gsm8k", 0).max_steps == 3 and fixed.laten_cfg("gsm8k", 0).schedule == "extract"
+    assert laten_cfg(fixed, "gsm8k", 0).max_steps == 3 and laten_cfg(fixed, "gsm8k", 0).schedule == "extract"
 
 
 def test_pkt_run_laten_stage_applies_the_selected_point(shared_data, qwen_pair, tmp_path):
     """`pkt run`'s LaTen stage with laten_choice 'select': the fused model is the grid's best point."""
     from pkt.experiment.config import ExperimentConfig
     from pkt.experiment.runner import Study
+    from pkt.methods.laten import laten_cfg, train_and_fuse
 
     teacher, student, tok = qwen_pair
     t, s = testing.save_tiny(teacher, tok, tmp_path / "t"), testing.save_tiny(student, tok, tmp_path / "s")
@@ -361,8 +364,8 @@ def test_pkt_run_laten_stage_applies_the_selected_point(shared_data, qwen_pair, 
                                    "laten_choice": "select", "laten_select_steps": 2, "laten_lr": 1e-2,
                                    "laten_select_rates": [0.25, 0.5], "laten_select_examples": 2})
     study = Study(cfg, tmp_path / "run", log=lambda m: None)
-    lc = study.laten_cfg("gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
-    res = study._laten(lc, tmp_path / "stage")
+    lc = laten_cfg(study, "gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
+    res = train_and_fuse(study, lc, tmp_path / "stage")
     grid = res["selection"]
     assert sorted((g["step"], g["rate"]) for g in grid) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]
     best = min(grid, key=lambda g: g["align_loss"])
@@ -377,6 +380,7 @@ def test_pkt_run_laten_grid_keeps_the_papers_point(shared_data, qwen_pair, tmp_p
     fused model stays at the configured step and rate, and the grid is part of the stage's key."""
     from pkt.experiment.config import ExperimentConfig
     from pkt.experiment.runner import Study
+    from pkt.methods.laten import laten_cfg, train_and_fuse
 
     teacher, student, tok = qwen_pair
     t, s = testing.save_tiny(teacher, tok, tmp_path / "t"), testing.save_tiny(student, tok, tmp_path / "s")
@@ -386,8 +390,8 @@ def test_pkt_run_laten_grid_keeps_the_papers_point(shared_data, qwen_pair, tmp_p
     cfg = ExperimentConfig(teacher=t, student=s, teacher_dtype="float32", methods=["student", "laten"],
                            budget={**budget, "laten_grid": True})
     study = Study(cfg, tmp_path / "run", log=lambda m: None)
-    lc = study.laten_cfg("gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
-    res = study._laten(lc, tmp_path / "stage")
+    lc = laten_cfg(study, "gsm8k", 0).model_copy(update={"vocab_top": 32, "chunk": 16})
+    res = train_and_fuse(study, lc, tmp_path / "stage")
     assert sorted((g["step"], g["rate"]) for g in res["selection"]) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]
     assert (res["step"], res["rate"]) == (2, 0.5)
     assert res["vanilla_align_loss"] > 0 and all(g["align_loss"] != res["vanilla_align_loss"] for g in res["selection"])

@@ -14,7 +14,7 @@ import yaml
 from pkt.config import validate
 from pkt.errors import PktError
 from pkt.experiment.config import ExperimentConfig
-from pkt.experiment.executors import RayExecutor, stage_graph, stage_kind
+from pkt.experiment.executors import RayExecutor, stage_graph
 from pkt.experiment.runner import Study
 from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
 
@@ -99,7 +99,7 @@ def test_stage_graph_orders_the_study(study):
     assert by["eval-student-gsm8k-s0"].deps == [] and by["lora-gsm8k-s0"].deps == []
     assert by["eval-student-fp32-gsm8k-s0"].deps == []
     assert set(by["analysis"].deps) == set(ids.values()) - {ids["analysis"]}
-    assert {n.name: stage_kind(n.name) for n in nodes if n.name.endswith("s0") and "eval" not in n.name} == {
+    assert {n.name: n.kind for n in nodes if n.name.endswith("s0") and "eval" not in n.name} == {
         "lora-gsm8k-s0": "finetune", "pissa-gsm8k-s0": "finetune", "seeking-gsm8k-s0": "finetune",
         "seeking-random-gsm8k-s0": "finetune", "seeking-shuffled-gsm8k-s0": "finetune",
         "seqkd-gsm8k-s0": "finetune", "laten-gsm8k-s0": "laten", "gkd-gsm8k-s0": "gkd",

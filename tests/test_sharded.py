@@ -203,7 +203,8 @@ def test_attribution_on_offloaded_teacher(kind, offload, tiny_tok, tmp_path):
 
 def test_laten_locate_and_extract_from_offloaded_teacher(tiny_tok, tmp_path):
     """LaTen's pairing and the teacher vectors it reads come out the same from an offloaded teacher."""
-    from pkt.laten import LatenConfig, extract, locate, wrap_models
+    from pkt.laten import LatenConfig, locate, wrap_models
+    from pkt.locate.pairing import extract
 
     t_path = _save(testing.tiny_model("qwen2", "teacher", len(tiny_tok)), tiny_tok, tmp_path / "teacher")
     student = testing.tiny_model("qwen2", "student", len(tiny_tok))

@@ -193,3 +193,41 @@ def save_fused(model: nn.Module, tokenizer, deltas: Deltas, out: str | Path, man
         save_deltas(deltas, tmp / "laten_deltas.safetensors")
         write_json(tmp / "pkt-laten.json", manifest or {})
     return out
+
+
+@torch.no_grad()
+def delta_stats(student, deltas: Deltas, spec: ArchSpec) -> dict:
+    """Size of the injection relative to the weights it lands on, overall and per module kind.
+
+    ``rel_norm`` = ‖Δ‖_F / ‖W_located‖_F over the located rows/columns only (so it does not shrink with
+    the transfer rate); ``bf16_ratio`` = ‖Δ‖_F / ‖r‖_F with r the bf16 rounding resolution of each located
+    weight (half its bf16 ulp): below 1 the injection is smaller than what casting the student to bf16
+    already moves; ``bf16_changed`` = share of the located weights whose bf16 value W + Δ differs from W's
+    (0 means a student evaluated in bf16 is exactly the vanilla one; weights lying on a bf16 rounding tie,
+    common in dequantized checkpoints, flip with any Δ, so read it with ``bf16_ratio``); ``rms`` = RMS of
+    Δ's entries.
+    """
+    acc: dict[str, list[float]] = {}
+    for (layer, kind), (idx, val) in deltas.items():
+        w = spec.linear(student, layer, kind).weight.detach().float().cpu()
+        idx = idx.cpu()
+        loc = w[idx] if axis(kind) == 0 else w[:, idx].T  # [n, d], rows as the values are laid out
+        v = val.detach().float().cpu()
+        changed = ((loc + v).bfloat16() != loc.bfloat16()).sum().item()
+        # |w| = m·2^e with m in [0.5, 1): bf16 keeps 8 significant bits, so its ulp there is 2^(e-8)
+        half_ulp = torch.where(loc == 0, 0.0, torch.ldexp(torch.ones_like(loc), torch.frexp(loc).exponent - 9))
+        a = acc.setdefault(kind, [0.0, 0.0, 0.0, 0, 0.0])
+        a[0] += float(v.pow(2).sum())
+        a[1] += float(loc.pow(2).sum())
+        a[2] += changed
+        a[3] += v.numel()
+        a[4] += float(half_ulp.pow(2).sum())
+
+    def row(d2, w2, ch, n, r2):
+        return {"rel_norm": (d2 / w2) ** 0.5 if w2 > 0 else float("nan"),
+                "bf16_ratio": (d2 / r2) ** 0.5 if r2 > 0 else float("nan"), "bf16_changed": ch / max(n, 1),
+                "rms": (d2 / max(n, 1)) ** 0.5}
+
+    per_kind = {k: row(*a) for k, a in sorted(acc.items())}
+    total = [sum(a[i] for a in acc.values()) for i in range(5)]
+    return {**row(*total), "per_kind": per_kind}

@@ -47,7 +47,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import align_module_device
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -57,15 +56,13 @@ from pkt.config import Settings
 from pkt.data.chat import IGNORE, collate, tokenize_example
 from pkt.data.jsonl import ChatExample, read_chat_jsonl
 from pkt.errors import PktError
-from pkt.inject import Deltas, Injector, axis, save_fused
+from pkt.inject import Deltas, Injector, delta_stats, save_fused
 from pkt.io import write_json, write_jsonl
 from pkt.tracking import TrainingLog, check_report_to
-from pkt.locate.attribution import Attribution, attribute_example
-from pkt.locate.layers import select_layers
+from pkt.locate.attribution import attribute_example
+from pkt.locate.pairing import Pairing, counts, extract, pair, to_deltas
 from pkt.models.arch import ArchSpec
 
-FFN_KINDS = ("gate", "up", "down")
-ATTN_KINDS = ("v", "o")
 # Alignment steps (optimiser steps) per task of the paper's runs (METHODS.md §2.4: S3 Table 4, whose
 # "Align Size" is steps × 16 samples).
 PAPER_STEPS = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8}
@@ -131,104 +128,6 @@ def split_examples(cfg: LatenConfig, split: str) -> list[ChatExample]:
     from pkt.data.tasks import load_split
 
     return load_split(cfg.task, split)
-
-
-# ---- pairing --------------------------------------------------------------------------------------
-
-@dataclass
-class Pairing:
-    """Which teacher neurons feed which student neurons (rank-matched), per student layer."""
-
-    ffn_layers: list[int]  # teacher FFN layer feeding student layer i
-    attn_layers: list[int]  # teacher attention layer feeding student layer i
-    ffn: list[tuple[torch.Tensor, torch.Tensor]]  # (teacher idx [n], student idx [n]) in rank order
-    attn: list[tuple[torch.Tensor, torch.Tensor]]  # indices h*head_dim+j of the o_proj input
-
-    def summary(self) -> dict:
-        return {"ffn_layers": self.ffn_layers, "attn_layers": self.attn_layers,
-                "ffn_per_layer": int(self.ffn[0][0].numel()) if self.ffn else 0,
-                "attn_per_layer": int(self.attn[0][0].numel()) if self.attn else 0}
-
-
-def counts(student: ArchSpec, teacher: ArchSpec, rate: float) -> tuple[int, int]:
-    """(FFN neurons, attention neurons) per layer: rate × the student's FFN / attention width."""
-    n_ffn, n_attn = int(rate * student.intermediate_size), int(rate * student.q_dim)
-    if n_ffn < 1 or n_attn < 1:
-        raise PktError(f"transfer rate {rate} selects no neurons (student FFN {student.intermediate_size}, "
-                       f"attention {student.q_dim}); raise it")
-    if n_ffn > teacher.intermediate_size or n_attn > teacher.q_dim:
-        raise PktError(f"transfer rate {rate} needs {n_ffn} FFN / {n_attn} attention neurons per layer but the "
-                       f"teacher has only {teacher.intermediate_size} / {teacher.q_dim}")
-    return n_ffn, n_attn
-
-
-def pair(t_att: Attribution, s_att: Attribution, teacher: ArchSpec, student: ArchSpec, rate: float,
-         layer_strategy: str = "score", seed: int = 0) -> Pairing:
-    n_ffn, n_attn = counts(student, teacher, rate)
-    n_layers = student.num_layers
-    ffn_layers = select_layers(t_att.ffn_layers, n_layers, layer_strategy, seed)
-    attn_layers = select_layers(t_att.attn_layers, n_layers, layer_strategy, seed)
-    # topk returns indices sorted by descending score: position = rank.
-    t_ffn = torch.topk(t_att.ffn_neurons[ffn_layers], n_ffn, dim=-1).indices
-    s_ffn = torch.topk(s_att.ffn_neurons, n_ffn, dim=-1).indices
-    t_attn = torch.topk(t_att.attn_neurons[attn_layers], n_attn, dim=-1).indices
-    s_attn = torch.topk(s_att.attn_neurons, n_attn, dim=-1).indices
-    return Pairing(ffn_layers, attn_layers, list(zip(t_ffn, s_ffn)), list(zip(t_attn, s_attn)))
-
-
-def v_rows(neurons: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
-    """v_proj row read by attention neuron h*head_dim+j: (h // gqa_group)*head_dim + j."""
-    return (neurons // spec.head_dim) // spec.gqa_group * spec.head_dim + neurons % spec.head_dim
-
-
-def pair_v(t_idx: torch.Tensor, s_idx: torch.Tensor, teacher: ArchSpec, student: ArchSpec):
-    """(teacher v rows, student v rows): one per distinct student row, from its best-ranked neuron."""
-    s_rows = v_rows(s_idx, student)
-    uniq, inverse = torch.unique(s_rows, return_inverse=True)
-    ranks = torch.arange(s_rows.numel())
-    first = torch.full((uniq.numel(),), s_rows.numel(), dtype=torch.long).scatter_reduce(0, inverse, ranks, "amin")
-    keep = torch.sort(first).values  # ranks of first occurrences, in rank order
-    return v_rows(t_idx[keep], teacher), s_rows[keep]
-
-
-# ---- extraction and translation ------------------------------------------------------------------
-
-Sites = dict[str, list[tuple[int, torch.Tensor]]]  # kind -> [(student layer, student indices)] in stacking order
-
-
-@torch.no_grad()
-def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds) -> tuple[dict, Sites]:
-    """Teacher vectors per module kind, stacked [N, d_T] (fp32), and where each goes in the student."""
-    sources: dict[str, torch.Tensor] = {}
-    sites: Sites = {}
-    for kind in kinds:
-        vecs, where = [], []
-        for i in range(s_spec.num_layers):
-            if kind in FFN_KINDS:
-                t_layer, (t_idx, s_idx) = pairing.ffn_layers[i], pairing.ffn[i]
-            else:
-                t_layer, (t_idx, s_idx) = pairing.attn_layers[i], pairing.attn[i]
-                if kind == "v":
-                    t_idx, s_idx = pair_v(t_idx, s_idx, t_spec, s_spec)
-            mod = t_spec.linear(teacher, t_layer, kind)
-            with align_module_device(mod):  # an offloaded teacher's weights are meta outside forward
-                w = mod.weight
-                t_idx = t_idx.to(w.device)
-                vecs.append((w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu())
-            where.append((i, s_idx.cpu()))
-        sources[kind] = torch.cat(vecs)
-        sites[kind] = where
-    return sources, sites
-
-
-def to_deltas(translated: dict[str, torch.Tensor], sites: Sites) -> Deltas:
-    """Split each kind's stacked translated vectors back into per-layer deltas."""
-    out: Deltas = {}
-    for kind, where in sites.items():
-        parts = torch.split(translated[kind], [idx.numel() for _, idx in where])
-        for (layer, idx), val in zip(where, parts):
-            out[(layer, kind)] = (idx, val)
-    return out
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -385,46 +284,6 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         log(json.dumps(row))
     tracker.close()
     return rows
-
-
-# ---- how large the injection is --------------------------------------------------------------------
-
-@torch.no_grad()
-def delta_stats(student, deltas: Deltas, spec: ArchSpec) -> dict:
-    """Size of the injection relative to the weights it lands on, overall and per module kind.
-
-    ``rel_norm`` = ‖Δ‖_F / ‖W_located‖_F over the located rows/columns only (so it does not shrink with
-    the transfer rate); ``bf16_ratio`` = ‖Δ‖_F / ‖r‖_F with r the bf16 rounding resolution of each located
-    weight (half its bf16 ulp): below 1 the injection is smaller than what casting the student to bf16
-    already moves; ``bf16_changed`` = share of the located weights whose bf16 value W + Δ differs from W's
-    (0 means a student evaluated in bf16 is exactly the vanilla one; weights lying on a bf16 rounding tie,
-    common in dequantized checkpoints, flip with any Δ, so read it with ``bf16_ratio``); ``rms`` = RMS of
-    Δ's entries.
-    """
-    acc: dict[str, list[float]] = {}
-    for (layer, kind), (idx, val) in deltas.items():
-        w = spec.linear(student, layer, kind).weight.detach().float().cpu()
-        idx = idx.cpu()
-        loc = w[idx] if axis(kind) == 0 else w[:, idx].T  # [n, d], rows as the values are laid out
-        v = val.detach().float().cpu()
-        changed = ((loc + v).bfloat16() != loc.bfloat16()).sum().item()
-        # |w| = m·2^e with m in [0.5, 1): bf16 keeps 8 significant bits, so its ulp there is 2^(e-8)
-        half_ulp = torch.where(loc == 0, 0.0, torch.ldexp(torch.ones_like(loc), torch.frexp(loc).exponent - 9))
-        a = acc.setdefault(kind, [0.0, 0.0, 0.0, 0, 0.0])
-        a[0] += float(v.pow(2).sum())
-        a[1] += float(loc.pow(2).sum())
-        a[2] += changed
-        a[3] += v.numel()
-        a[4] += float(half_ulp.pow(2).sum())
-
-    def row(d2, w2, ch, n, r2):
-        return {"rel_norm": (d2 / w2) ** 0.5 if w2 > 0 else float("nan"),
-                "bf16_ratio": (d2 / r2) ** 0.5 if r2 > 0 else float("nan"), "bf16_changed": ch / max(n, 1),
-                "rms": (d2 / max(n, 1)) ** 0.5}
-
-    per_kind = {k: row(*a) for k, a in sorted(acc.items())}
-    total = [sum(a[i] for a in acc.values()) for i in range(5)]
-    return {**row(*total), "per_kind": per_kind}
 
 
 def align_loss(m: Models, deltas: Deltas, examples: list[ChatExample], cfg: LatenConfig) -> float:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from pkt.errors import PktError
+from pkt.experiment.stage import Stage
 from pkt.io import atomic_dir, write_json
 
 LOCK_NAME = ".pkt-run.lock"
@@ -45,10 +46,15 @@ def stable_hash(payload) -> str:
 
 @dataclass
 class StageRecord:
-    stage: str
+    stage: str  # the stage's name
     key: str
     seconds: float
     cached: bool
+    of: Stage | None = None  # the stage as a typed value (None: a stage run by name only)
+
+    def to_dict(self) -> dict:
+        """What a manifest lists of the stage."""
+        return {"stage": self.stage, "key": self.key, "seconds": self.seconds, "cached": self.cached}
 
 
 def read_record(path: Path) -> dict | None:
@@ -110,24 +116,27 @@ class StageCache:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def path(self, stage: str, key_payload) -> Path:
+    def path(self, stage: Stage | str, key_payload) -> Path:
         return self.stages / f"{stage}-{stable_hash(key_payload)}"
 
-    def is_cached(self, stage: str, key_payload) -> bool:
+    def is_cached(self, stage: Stage | str, key_payload) -> bool:
         return read_record(self.path(stage, key_payload)) is not None
 
-    def run(self, stage: str, key_payload: dict, fn: Callable[[Path], dict]) -> tuple[Path, dict | None]:
+    def run(self, stage: Stage | str, key_payload: dict, fn: Callable[[Path], dict]) -> tuple[Path, dict | None]:
         """Return (directory, result) of the stage, computing it with ``fn(tmp_dir) -> result`` if needed.
+        A :class:`Stage` is also written into its ``stage.json`` (``of``), which its record carries.
 
         In dry mode nothing runs: the result is the cached one, or None when the stage would run.
         """
+        of = stage if isinstance(stage, Stage) else None
+        stage = str(stage)
         path = self.path(stage, key_payload)
         data = read_record(path)
         if self.dry:
-            self.records.append(StageRecord(stage, path.name, data["seconds"] if data else 0.0, data is not None))
+            self.records.append(StageRecord(stage, path.name, data["seconds"] if data else 0.0, data is not None, of))
             return path, data["result"] if data else None
         if data is not None:
-            self.records.append(StageRecord(stage, path.name, data["seconds"], True))
+            self.records.append(StageRecord(stage, path.name, data["seconds"], True, of))
             self.log(f"[cached] {stage} ({path.name})")
             return path, data["result"]
         if self._lock_fd is None and not self.worker:
@@ -139,8 +148,10 @@ class StageCache:
         with atomic_dir(path) as tmp:
             result = fn(tmp)
             seconds = round(time.perf_counter() - t0, 2)
-            write_json(tmp / "stage.json", {"stage": stage, "key": key_payload, "result": result, "seconds": seconds})
-        self.records.append(StageRecord(stage, path.name, seconds, False))
+            record = {"stage": stage, **({"of": of.to_dict()} if of else {}), "key": key_payload, "result": result,
+                      "seconds": seconds}
+            write_json(tmp / "stage.json", record)
+        self.records.append(StageRecord(stage, path.name, seconds, False, of))
         self.log(f"[done]   {stage} in {seconds:.1f} s")
         return path, result
 

@@ -3,9 +3,10 @@
 The sequential executor (the default) walks the study in one process. The Ray executor first asks the
 study for the stages a run would compute, exactly as the plan of ``pkt run --dry-run`` does
 (:meth:`pkt.experiment.runner.Study.plan_stages` against a dry cache), but keeps, for each stage that is
-not cached, the function that computes it (:func:`stage_graph`). A stage depends on every stage whose
-directory appears in its key (a Seeking build names its extraction's factors, SeqKD its teacher answers, an
-evaluation the checkpoint it evaluates); the analysis comes after every other stage. Each stage becomes
+not cached, the function that computes it (:func:`stage_graph`). A stage depends on the stages it reads, as
+its method declares them (:attr:`pkt.methods.base.Method.reads`: a Seeking build reads its task's
+extraction, SeqKD the teacher's answers, laten-lora its seed's LaTen build); an evaluation reads the build
+it evaluates; the analysis comes after every other stage. Each stage becomes
 one Ray task that computes it through a :class:`~pkt.experiment.cache.StageCache` on the same directory
 (the same keys, the same atomic stage directories), with the resources its kind asks for in the config
 (``resources:``; CPU only when no GPU is requested). When every stage is in the store, the study's
@@ -22,44 +23,43 @@ with the stage's one-line error. Re-running the command resumes from the store.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pkt import methods
 from pkt.errors import PktError
 from pkt.experiment.cache import LOCK_NAME, StageCache, StageRecord
+from pkt.experiment.stage import ANALYSIS, BUILD, EVAL, Stage, build
 
 # what a worker must see as the driver does (data, prepared models, offline switches)
 FORWARDED_ENV = ("PKT_DATA_DIR", "PKT_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
-def stage_kind(name: str) -> str:
-    """The resource kind of a stage, from its name (the names :class:`Study` gives its stages)."""
-    if name == "analysis":
-        return "analysis"
-    for prefix in ("eval", "extract", "kd-data"):
-        if name.startswith(prefix + "-"):
-            return prefix
-    method = name.rsplit("-", 2)[0]
-    return method if method in ("laten", "gkd") else "finetune"
+def stage_kind(stage: Stage) -> str:
+    """The resource kind of a stage (a key of the config's ``resources:``): its method's for a build, else
+    its own kind (eval, analysis, extract, kd-data)."""
+    return methods.get(stage.method).resource if stage.kind == BUILD else stage.kind
 
 
-def stage_seed(name: str) -> int | None:
-    """The seed of a per-seed stage (``...-s{seed}``): the sequential walk seeds every RNG with it first."""
-    m = re.search(r"-s(\d+)$", name)
-    return int(m.group(1)) if m else None
+def stage_reads(stage: Stage) -> list[Stage]:
+    """The stages ``stage`` reads: what its method declares for a build, the evaluated build for an
+    evaluation of a built model, nothing for a shared stage (the analysis reads every stage before it)."""
+    if stage.kind == BUILD:
+        return methods.get(stage.method).read_stages(stage.task, stage.seed, methods.SHARED)
+    if stage.kind == EVAL and not methods.is_vanilla(stage.method):
+        return [build(stage.method, stage.task, stage.seed)]
+    return []
 
 
 @dataclass
 class StageNode:
-    """One stage to compute: its name, directory, key, the function that fills it, and what it waits for."""
+    """One stage to compute: the stage, its directory, key, the function that fills it, and what it waits for."""
 
-    name: str
+    stage: Stage
     path: Path
     key: dict
     fn: Callable[[Path], dict]
@@ -70,8 +70,12 @@ class StageNode:
         return self.path.name
 
     @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
     def kind(self) -> str:
-        return stage_kind(self.name)
+        return stage_kind(self.stage)
 
 
 @dataclass
@@ -100,13 +104,11 @@ def stage_graph(study) -> list[StageNode]:
         if not r.cached and r.key not in {n.id for n in nodes}:
             nodes.append(collected[r.key])
     for i, node in enumerate(nodes):
-        if node.name == "analysis":  # after every evaluation, as in the sequential order
+        if node.stage.kind == ANALYSIS:  # after every evaluation, as in the sequential order
             node.deps = [n.id for n in nodes if n is not node]
             continue
-        text = json.dumps(node.key, sort_keys=True, default=str)
-        # keys name paths in the run directory as "<out>/..." (Study._in_out)
-        node.deps = [n.id for n in nodes[:i]
-                     if f"<out>/stages/{n.id}/" in text or f'"<out>/stages/{n.id}"' in text]
+        reads = set(stage_reads(node.stage))
+        node.deps = [n.id for n in nodes[:i] if n.stage in reads]
     return nodes
 
 
@@ -133,7 +135,7 @@ def _check_lock(root: Path, holder: str) -> None:
                        f"(pid {holder}); re-run pkt run to resume")
 
 
-def compute_stage(root: str, holder: str, code: dict, name: str, key: dict, fn, threads: int) -> StageRecord:
+def compute_stage(root: str, holder: str, code: dict, stage: Stage, key: dict, fn, threads: int) -> StageRecord:
     """Body of one Ray task: compute (or find cached) one stage in the store, as the sequential walk would."""
     import torch
 
@@ -145,7 +147,7 @@ def compute_stage(root: str, holder: str, code: dict, name: str, key: dict, fn, 
     # edited during the run) would store different code's output under it
     here = code_identity.__wrapped__()
     if here != code:
-        raise PktError(f"stage {name}: pkt's source on this node ({here['pkt']}, {here['source']}) differs from "
+        raise PktError(f"stage {stage}: pkt's source on this node ({here['pkt']}, {here['source']}) differs from "
                        f"the driver's ({code['pkt']}, {code['source']}); install the same pkt on every node and "
                        "re-run")
     torch.set_num_threads(threads)
@@ -154,14 +156,13 @@ def compute_stage(root: str, holder: str, code: dict, name: str, key: dict, fn, 
     from pkt.dist import dist_state
 
     dist_state()
-    seed = stage_seed(name)
-    if seed is not None:
-        seed_everything(seed)
+    if stage.seed is not None:  # the sequential walk seeds every RNG with a per-seed stage's seed first
+        seed_everything(stage.seed)
     cache = StageCache(Path(root), log=lambda s: print(s, flush=True), worker=True)
     try:
-        cache.run(name, key, fn)
+        cache.run(stage, key, fn)
     except PktError as e:
-        raise PktError(f"stage {name}: {e}") from None
+        raise PktError(f"stage {stage}: {e}") from None
     return cache.records[-1]
 
 
@@ -257,9 +258,9 @@ class RayExecutor:
                 for n in [n for n in pending.values() if all(d in done for d in n.deps)]:
                     o = self.options(cfg, n.kind)
                     threads = cfg.resources_for(n.kind).threads or torch.get_num_threads()
-                    running[remote.options(**o).remote(root, holder, code, n.name, n.key, n.fn, threads)] = n
+                    running[remote.options(**o).remote(root, holder, code, n.stage, n.key, n.fn, threads)] = n
                     del pending[n.id]
-                    study._log(f"[ray]    {n.name} submitted ({o['num_cpus']:g} CPU, {o['num_gpus']:g} GPU)")
+                    study.echo(f"[ray]    {n.name} submitted ({o['num_cpus']:g} CPU, {o['num_gpus']:g} GPU)")
             if not running:
                 break
             (ref,), _ = ray.wait(list(running), num_returns=1)
@@ -275,9 +276,9 @@ class RayExecutor:
                     shutil.rmtree(tmp, ignore_errors=True)
             records.append(rec)
             done.add(node.id)
-            study._log(f"[ray]    {node.name} {'cached' if rec.cached else 'done'} in {rec.seconds:.1f} s "
+            study.echo(f"[ray]    {node.name} {'cached' if rec.cached else 'done'} in {rec.seconds:.1f} s "
                        f"({len(done)}/{len(nodes)})")
-            if node.kind == "eval" and node.key["settings"].get("precision"):
+            if node.stage.kind == EVAL and node.key["settings"].get("precision"):
                 study._prune(node.key["settings"]["model"])  # as the sequential walk does after an evaluation
         if failure is not None:
             raise _one_line(*failure, retries=cfg.stage_retries)

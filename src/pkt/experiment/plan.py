@@ -2,7 +2,9 @@
 
 ``pkt run --dry-run CONFIG`` and the preflight of ``pkt run`` use it. The stages (names, keys, cached or
 not) come from walking the study against a dry cache (:meth:`Study.plan_stages`), so the plan lists
-exactly the stages a run would run. Each stage's time is its work in tokens divided by a throughput
+exactly the stages a run would run. Each stage's cost comes from what computes it (a method's build:
+:meth:`pkt.methods.base.Method.estimate`; a shared stage's, the evaluation's, the analysis'), through
+:class:`PlanContext`. Its time is its work in tokens divided by a throughput
 measured on this project's reference machine, :data:`THROUGHPUT` (tokens/s by work kind, dtype and model
 size; interpolated log-log between the measured sizes, ∝ 1/size beyond them); the numbers are for that
 machine (a 2-core CPU) and say nothing about a GPU. Generation is counted at its token cap (an upper
@@ -36,8 +38,6 @@ THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
-TEST_SIZES = {"gsm8k": 1319, "mmlu": 14042, "humaneval": 164, "mbpp": 500}
-TEST_PROMPT_TOKENS = {"gsm8k": 120, "mmlu": 160, "humaneval": 180, "mbpp": 150}  # incl. the chat template
 
 
 def tokens_per_second(work: str, params: int, dtype: str) -> float:
@@ -63,6 +63,7 @@ class Estimate:
     free: int | None = None
     warnings: list[str] = field(default_factory=list)
     machine: str = THROUGHPUT_MACHINE
+    of: dict = field(default_factory=dict)  # stage name -> its Stage (not written: the names say it in records)
 
     def to_dict(self) -> dict:
         return {"seconds": round(self.seconds), "disk_bytes": self.disk_bytes, "free_bytes": self.free,
@@ -124,10 +125,68 @@ class _Tokens:
         return self.memo[(task, split)]
 
 
-def _split_size(task: str, split: str) -> int:
-    from pkt.data.tasks import load_split
+@dataclass
+class PlanContext:
+    """What a stage's estimate reads: the study, both models' facts (size, architecture), the splits' token
+    counts, and the reference machine's rates (:data:`THROUGHPUT`)."""
 
-    return len(load_split(task, split))
+    study: object
+    teacher: object  # pkt.experiment.preflight.ModelFacts, with params and spec filled
+    student: object
+    toks: _Tokens
+
+    @property
+    def cfg(self):
+        return self.study.cfg
+
+    @property
+    def tp(self) -> int:
+        return self.teacher.params or 0
+
+    @property
+    def sp(self) -> int:
+        return self.student.params or 0
+
+    def n_train(self, task: str) -> int:
+        return self.study.n_train[task]
+
+    def secs(self, work: str, params: int, dtype: str, tokens: float) -> float:
+        if not (params and tokens):
+            return 0.0
+        # decoding is counted at the batch-8 rate whatever the batch: at batch 32 the 0.5B measured 37.4 (bf16)
+        # and 15.2 (fp32) tok/s, no faster, though on a loaded machine (docs/benchmarks.md P5)
+        return tokens / tokens_per_second(work, params, dtype)
+
+    def load(self, params: int, dtype: str) -> float:
+        return params * DTYPE_BYTES.get(dtype, 4) / 1e9 * LOAD_SECONDS_PER_GB
+
+    def model_bytes(self, params: int, dtype: str) -> int:
+        return int(params * DTYPE_BYTES.get(dtype, 4))
+
+    def lora_bytes(self, spec, rank: int) -> int:
+        if spec is None:
+            return 0
+        per_layer = sum(sum(spec.weight_shape(k)) for k in ("q", "k", "v", "o", "gate", "up", "down"))
+        return per_layer * spec.num_layers * rank * 4
+
+
+def stage_cost(plan: PlanContext, stage):
+    """The :class:`pkt.methods.base.Cost` of one stage, from what computes it: the analysis, the evaluation,
+    a method's build, or a shared stage."""
+    from pkt import methods
+    from pkt.experiment.stage import ANALYSIS, BUILD, EVAL
+
+    if stage.kind == ANALYSIS:
+        from pkt.analyse.stage import estimate as analysis_cost
+
+        return analysis_cost(plan)
+    if stage.kind == EVAL:
+        from pkt.experiment.evaluation import estimate as eval_cost
+
+        return eval_cost(plan, stage.method, stage.task)
+    if stage.kind == BUILD:
+        return methods.get(stage.method).estimate(plan, stage.task)
+    return methods.get_shared(stage.kind).estimate(plan, stage.task)
 
 
 def estimate(study, teacher, student) -> Estimate:
@@ -137,116 +196,25 @@ def estimate(study, teacher, student) -> Estimate:
     c = study.cfg
     est = Estimate()
     teacher, student = meta_facts(teacher), meta_facts(student)
-    toks = _Tokens(student.path, student.tokenizer)
-    tp = teacher.params or 0
-    sp = student.params or 0
-    if not tp or not sp:
+    plan = PlanContext(study, teacher, student, _Tokens(student.path, student.tokenizer))
+    if not plan.tp or not plan.sp:
         est.warnings.append("a model's size is unknown until it is prepared: its stages are estimated at 0")
-
-    def secs(work: str, params: int, dtype: str, tokens: float) -> float:
-        if not (params and tokens):
-            return 0.0
-        # decoding is counted at the batch-8 rate whatever the batch: at batch 32 the 0.5B measured 37.4 (bf16)
-        # and 15.2 (fp32) tok/s, no faster, though on a loaded machine (docs/benchmarks.md P5)
-        return tokens / tokens_per_second(work, params, dtype)
-
-    def load(params: int, dtype: str) -> float:
-        return params * DTYPE_BYTES.get(dtype, 4) / 1e9 * LOAD_SECONDS_PER_GB
-
-    def model_bytes(params: int, dtype: str) -> int:
-        return int(params * DTYPE_BYTES.get(dtype, 4))
-
-    def lora_bytes(spec, rank: int) -> int:
-        if spec is None:
-            return 0
-        per_layer = sum(sum(spec.weight_shape(k)) for k in ("q", "k", "v", "o", "gate", "up", "down"))
-        return per_layer * spec.num_layers * rank * 4
-
     checkpoint_bytes, other_bytes = [], 0
     for rec in study.plan_stages():
-        name = rec.stage
-        seconds, nbytes, work, is_ckpt = 0.0, 0, "", False
-        if name == "analysis":
-            task = c.tasks[0]
-            b = c.budget_for(task)
-            n = c.analysis_examples * toks.mean(task, "train")
-            seconds = 2 * (secs("forward", tp, "bfloat16", n) + secs("forward", sp, "bfloat16", n)) + \
-                2 * (load(tp, "bfloat16") + load(sp, "bfloat16"))
-            work = f"{c.analysis_examples} examples through both models, twice"
-        elif name.startswith("eval-"):
-            method, task, _ = name[len("eval-"):].rsplit("-", 2)
-            b = c.budget_for(task)
-            n = min(b.eval_limit or TEST_SIZES[task], TEST_SIZES[task])
-            params = tp if method == "teacher" else sp
-            dt = "float32" if method == "student-fp32" else c.eval_dtype  # built models: eval_dtype, a lower bound
-            gen = 0 if task == "mmlu" else b.eval_max_new_tokens
-            if gen and b.eval_decoding == "continuous":  # its measured rate includes the prompts' prefill
-                answer = secs("generate-continuous", params, dt, n * gen)
-            else:
-                answer = secs("forward", params, dt, n * TEST_PROMPT_TOKENS[task]) + secs("generate", params, dt,
-                                                                                           n * gen)
-            seconds = (answer
-                       + secs("forward", params, dt, b.loss_examples * toks.mean(task, "train"))
-                       + load(params, dt))
-            work = f"{n} {task} questions" + (f" x <= {gen} new tokens" if gen else "") + \
-                f", {b.loss_examples} loss examples ({dt})"
-        elif name.startswith("extract-"):
-            task = name[len("extract-"):]
-            b = c.budget_for(task)
-            n = min(b.extract_samples, _split_size(task, "extract"))
-            seconds = secs("train", tp, c.teacher_dtype, n * toks.mean(task, "extract")) + load(tp, c.teacher_dtype)
-            nbytes = lora_bytes(student.spec, b.rank)
-            work = f"teacher sensitivity on {n} examples"
-        elif name.startswith("kd-data-"):
-            task = name[len("kd-data-"):]
-            b = c.budget_for(task)
-            n = study.n_train[task]
-            seconds = secs("generate", tp, c.teacher_dtype, n * b.kd_max_new_tokens) + load(tp, c.teacher_dtype)
-            work = f"teacher answers {n} prompts x <= {b.kd_max_new_tokens} tokens"
-        else:
-            method, task, _ = name.rsplit("-", 2)
-            b = c.budget_for(task)
-            is_ckpt = True
-            nbytes = model_bytes(sp, c.dtype)
-            if method == "laten":
-                steps = study.laten_train_steps(task) if hasattr(study, "laten_train_steps") else b.laten_steps
-                per_step = b.laten_batch * toks.mean(task, "align")
-                seconds = steps * (secs("forward", tp, c.teacher_dtype, per_step) + secs("train", sp, c.dtype, per_step))
-                if getattr(b, "laten_choice", None) == "select" or getattr(b, "laten_grid", False):
-                    n_sel = steps * len(b.laten_select_rates) * b.laten_select_examples * toks.mean(task, "align")
-                    seconds += secs("forward", sp, c.dtype, n_sel)
-                seconds += load(tp, c.teacher_dtype) + load(sp, c.dtype)
-                if teacher.spec is not None and student.spec is not None:
-                    h_t, h_s = teacher.spec.hidden_size, student.spec.hidden_size
-                    nbytes += (steps + 1) * 4 * (h_t * h_t + h_s * h_t) * 4  # a translator checkpoint per step
-                work = f"{steps} hypernetwork steps x {b.laten_batch} examples"
-            elif method == "gkd":
-                n = study.n_train[task]
-                new = getattr(b, "gkd_max_new_tokens", 0)
-                tokens = n * b.epochs * (toks.mean(task, "train") + new)
-                seconds = (secs("generate", sp, c.dtype, n * b.epochs * new) + secs("forward", tp, c.teacher_dtype, tokens)
-                           + secs("train", sp, c.dtype, tokens) + load(tp, c.teacher_dtype) + load(sp, c.dtype))
-                nbytes += 3 * lora_bytes(student.spec, b.rank)
-                work = f"on-policy distillation, {n} prompts x {b.epochs:g} epochs x <= {new} sampled tokens"
-            else:
-                n = study.n_train[task]
-                tokens = n * b.epochs * toks.mean(task, "train")
-                seconds = secs("train", sp, c.dtype, tokens) + load(sp, c.dtype)
-                nbytes += 3 * lora_bytes(student.spec, b.rank)
-                work = f"fine-tune {n} examples x {b.epochs:g} epochs ({c.dtype})"
-        if rec.cached:
-            seconds, nbytes = 0.0, 0
+        cost = stage_cost(plan, rec.of)
+        seconds, nbytes = (0.0, 0) if rec.cached else (cost.seconds, cost.bytes)
         est.stages.append({"stage": rec.stage, "key": rec.key, "cached": rec.cached, "seconds": round(seconds, 1),
-                           "bytes": nbytes, "work": work})
-        if is_ckpt and not rec.cached:
-            ckpt = model_bytes(sp, c.dtype)
+                           "bytes": nbytes, "work": cost.work})
+        est.of[rec.stage] = rec.of
+        if cost.checkpoint and not rec.cached:
+            ckpt = plan.model_bytes(plan.sp, c.dtype)
             checkpoint_bytes.append(ckpt)
             other_bytes += nbytes - ckpt
         else:
             other_bytes += nbytes
     for facts in (teacher, student):
         if facts.source == "embedded" and facts.path is None and facts.params:
-            other_bytes += model_bytes(facts.params, "float32")
+            other_bytes += plan.model_bytes(facts.params, "float32")
     est.seconds = sum(s["seconds"] for s in est.stages)
     peak_ckpt = sum(checkpoint_bytes) if c.keep_checkpoints else max(checkpoint_bytes, default=0)
     est.disk_bytes = int(other_bytes + peak_ckpt)

@@ -16,10 +16,11 @@ that stage: an older configuration's record is ignored, and :func:`export_run` r
 :func:`pkt.experiment.report.write_report`), reading its stage directories instead of exported records, so its
 results.md is the one ``pkt report`` makes from the records.
 
-Records of studies run before this module existed (pkt at bf03009 and earlier) are read too: an evaluation's
-method, task and seed then come from its stage name (``eval-{method}-{task}-s{seed}``; a method may contain
-'-', a task does not), and an analysis without plot inputs brings its PNGs along (``DEST/figures/``), which the
-report uses as they are.
+A record carries its stage as a typed value (``of``: kind, method, task, seed; :class:`~pkt.experiment.stage.Stage`).
+Records written before it did are read from their stage name (:meth:`Stage.from_name`), and records of studies
+run before this module existed (pkt at bf03009 and earlier) too: an evaluation's method, task and seed then come
+from its stage name (``eval-{method}-{task}-s{seed}``; a method may contain '-', a task does not), and an
+analysis without plot inputs brings its PNGs along (``DEST/figures/``), which the report uses as they are.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from pkt import methods
 from pkt.errors import PktError
+from pkt.experiment.stage import ANALYSIS, EVAL, Stage
 from pkt.io import write_json
 from pkt.tracking import arm_label
 
@@ -43,9 +46,6 @@ STUDY_KEYS = ("name", "teacher", "student", "seeds", "tasks", "methods", "versio
               "finished", "seconds", "config", "config_yaml", "stages")
 # the per-step logs of the training loops (fine-tuning / KD: run/train_log.jsonl; LaTen: train/log.jsonl)
 LOOP_LOGS = ("train_log.jsonl", "log.jsonl")
-# LaTen's chosen point and delta size, as pkt.experiment.runner._laten_injection reads them from its build stage
-INJECTION = ("choice", "step", "rate", "delta_rel_norm", "delta_bf16_ratio", "delta_bf16_changed", "selection",
-             "vanilla_align_loss")
 EVAL_NEEDS = ("metric", "score", "per_example")
 # in a stage directory restored from its committed record (restore): that record, exported as it is
 RESTORED = "record.json"
@@ -100,8 +100,9 @@ def stage_record(stage_dir: str | Path) -> dict:
     data = _read_json(f, "stage record")
     if not isinstance(data, dict) or not isinstance(data.get("stage"), str) or "result" not in data:
         raise PktError(f"{f}: malformed stage record: needs 'stage' and 'result'")
-    rec = {"format": FORMAT, "stage": data["stage"], "key": stage_dir.name, "seconds": data.get("seconds"),
-           "inputs": portable(data.get("key")), "result": portable(data["result"])}
+    rec = {"format": FORMAT, "stage": data["stage"], **({"of": data["of"]} if "of" in data else {}),
+           "key": stage_dir.name, "seconds": data.get("seconds"), "inputs": portable(data.get("key")),
+           "result": portable(data["result"])}
     logs = {}
     for name in LOOP_LOGS:
         for log in stage_dir.rglob(name):
@@ -172,7 +173,8 @@ def restore(dest: str | Path, planned: list[dict], stages_root: str | Path,
             continue  # another configuration's (or another code's) record of this stage
         with atomic_dir(stages_root / key) as tmp:
             write_json(tmp / RESTORED, rec)
-            write_json(tmp / "stage.json", {"stage": name, "key": rec.get("inputs"), "result": rec["result"],
+            write_json(tmp / "stage.json", {"stage": name, **({"of": rec["of"]} if "of" in rec else {}),
+                                            "key": rec.get("inputs"), "result": rec["result"],
                                             "seconds": float(rec.get("seconds") or 0.0), "restored": True})
             if not keep_outputs(name):
                 write_json(tmp / PRUNED, {"note": f"restored from {f.name}: its outputs are not here", "files": []})
@@ -297,10 +299,10 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
         if st is None or s["key"] in seen:
             continue  # not finished (yet), or listed twice (a build another build reuses)
         seen.add(s["key"])
-        name = st.record["stage"]
-        if name.startswith("eval-"):
-            out.records.append(_eval_row(st, tasks, stages))
-        elif name == "analysis":
+        stage = _typed(st, tasks)
+        if stage.kind == EVAL:
+            out.records.append(_eval_row(st, stage, stages))
+        elif stage.kind == ANALYSIS:
             out.analysis = st.record["result"] if isinstance(st.record["result"], dict) else None
             out.figures = [st.figures / n for n in _old_figures(st.record["result"])]
     out.records = _vanilla_for_every_seed(out.records, study)
@@ -313,7 +315,8 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
 
 def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
     """With a fixed evaluation subset (``budget.eval_seed``), a vanilla model is evaluated once, as the first
-    seed's stage, and stands for every seed (Study._evaluate_once): its row is repeated for the other seeds."""
+    seed's stage, and stands for every seed (pkt.experiment.evaluation.evaluate_once): its row is repeated for
+    the other seeds."""
     cfg = study.get("config")
     seeds = list(study.get("seeds") or [])
     if not isinstance(cfg, dict) or len(seeds) < 2:
@@ -327,16 +330,15 @@ def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
 
     have = {(r["method"], r["task"], r["seed"]) for r in records}
     extra = [{**r, "seed": s} for r in records
-             if r["method"] in ("student", "teacher", "student-fp32") and r["seed"] == seeds[0]
+             if methods.is_vanilla(r["method"]) and r["seed"] == seeds[0]
              and eval_seed(r["task"]) is not None
              for s in seeds[1:] if (r["method"], r["task"], s) not in have]
     if not extra:
         return records
-    # in the walk's order (task, seed, method; the float32 student right after the student), where the walk
-    # appended each seed's copy
+    # in the walk's order (task, seed, method; a companion evaluation, e.g. the float32 student, right after its
+    # method), where the walk appended each seed's copy
     tasks = list(study.get("tasks") or [])
-    order = [m for meth in study.get("methods") or []
-             for m in ((meth, "student-fp32") if meth == "student" else (meth,))]
+    order = [m for meth in study.get("methods") or [] for m in (meth, *(x.name for x in methods.companions(meth)))]
 
     def rank(r):
         return (tasks.index(r["task"]) if r["task"] in tasks else len(tasks),
@@ -346,7 +348,17 @@ def _vanilla_for_every_seed(records: list[dict], study: dict) -> list[dict]:
     return sorted(records + extra, key=rank)
 
 
-def _eval_row(st: _Stage, tasks: list[str], stages: dict[str, _Stage]) -> dict:
+def _typed(st: _Stage, tasks: list[str]) -> Stage:
+    """The stage a record is of: its ``of``, or, in a record written before records carried it, its name read
+    back against the study's tasks."""
+    rec = st.record
+    try:
+        return Stage.from_dict(rec["of"]) if "of" in rec else Stage.from_name(rec["stage"], tasks)
+    except (ValueError, TypeError) as e:
+        raise PktError(f"{st.source}: malformed stage record: {e}") from None
+
+
+def _eval_row(st: _Stage, stage: Stage, stages: dict[str, _Stage]) -> dict:
     res = st.record["result"]
     if not isinstance(res, dict) or any(k not in res for k in EVAL_NEEDS):
         raise PktError(f"{st.source}: malformed evaluation record: the result needs {', '.join(EVAL_NEEDS)}")
@@ -354,20 +366,13 @@ def _eval_row(st: _Stage, tasks: list[str], stages: dict[str, _Stage]) -> dict:
     if isinstance(ident, dict) and all(ident.get(k) is not None for k in ("method", "task", "seed")):
         method, task, seed = ident["method"], ident["task"], ident["seed"]
     else:  # a record from before evaluations named themselves
-        method, task, seed = _parse_eval_name(st.record["stage"], tasks, st.source)
+        method, task, seed = stage.method, stage.task, stage.seed
     model = ((st.record.get("inputs") or {}).get("settings") or {}).get("model")
     row = {"method": method, "task": task, "seed": seed, "model_dir": model, **res}
-    if method == "laten":
-        row["injection"] = _injection(model, stages)
+    keys = methods.REGISTRY[method].injection if method in methods.REGISTRY else ()
+    if keys:
+        row["injection"] = _injection(model, stages, keys)
     return row
-
-
-def _parse_eval_name(name: str, tasks: list[str], src: Path) -> tuple[str, str, int]:
-    alts = "|".join(re.escape(t) for t in sorted(tasks, key=len, reverse=True))
-    m = re.fullmatch(rf"eval-(.+)-({alts})-s(\d+)", name) if alts else None
-    if not m:
-        raise PktError(f"{src}: stage {name!r} is not eval-METHOD-TASK-sSEED for a task of the study {tasks}")
-    return m.group(1), m.group(2), int(m.group(3))
 
 
 def _stage_of(model, stages: dict[str, _Stage]) -> tuple[_Stage, PurePosixPath] | None:
@@ -378,10 +383,11 @@ def _stage_of(model, stages: dict[str, _Stage]) -> tuple[_Stage, PurePosixPath] 
     return stages[parts[1]], PurePosixPath(*parts[2:])
 
 
-def _injection(model, stages: dict[str, _Stage]) -> dict | None:
+def _injection(model, stages: dict[str, _Stage], keys: tuple[str, ...]) -> dict | None:
+    """``keys`` of the result of the build stage that wrote ``model`` (as the runner reads them)."""
     found = _stage_of(model, stages)
     res = found[0].record["result"] if found else None
-    return {k: res.get(k) for k in INJECTION} if isinstance(res, dict) else None
+    return {k: res.get(k) for k in keys} if isinstance(res, dict) else None
 
 
 def _curves(records: list[dict], stages: dict[str, _Stage]) -> dict:
