@@ -10,7 +10,7 @@ everywhere else (the reference adds, it does not replace). Two ways to apply it:
   the hypernetwork that produced them. No forked modeling file; works with any module named by ArchSpec.
 * :func:`fuse`: add Δ into the weights (in fp32, then cast back) and :func:`save_fused` writes a standard
   HF checkpoint. The reference stored Δ as a plain attribute and ``save_pretrained`` silently wrote the
-  unmodified student (METHODS.md §7.1 item 1); here the saved weights really contain the injection, and
+  unmodified student (docs/methods.md §7.1 item 1); here the saved weights really contain the injection, and
   the deltas themselves are saved next to them (``laten_deltas.safetensors``) for auditing.
 """
 

@@ -1,6 +1,6 @@
 """PrePKT / LaTen orchestration: locate → pair → translate (hypernetwork) → inject, train and apply.
 
-Flow of one training step t (METHODS.md §2.2, "as implemented"):
+Flow of one training step t (docs/methods.md §2.2, "as implemented"):
 
 1. **Locate** with extract example e_t: attribution (pkt.locate.attribution) on the teacher and on the
    student; target = the last meaningful answer token.
@@ -63,15 +63,15 @@ from pkt.locate.attribution import attribute_example
 from pkt.locate.pairing import Pairing, counts, extract, pair, to_deltas
 from pkt.models.arch import ArchSpec
 
-# Alignment steps (optimiser steps) per task of the paper's runs (METHODS.md §2.4: S3 Table 4, whose
+# Alignment steps (optimiser steps) per task of the paper's runs (docs/methods.md §2.4: S3 Table 4, whose
 # "Align Size" is steps × 16 samples).
 PAPER_STEPS = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8}
-# The reference inference script's transfer rates (METHODS.md §2.2 step 5).
+# The reference inference script's transfer rates (docs/methods.md §2.2 step 5).
 REFERENCE_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 class LatenConfig(Settings):
-    """Training settings (defaults = the reference's, METHODS.md §2.4; see configs/laten.yaml)."""
+    """Training settings (defaults = the reference's, docs/methods.md §2.4; see configs/laten.yaml)."""
 
     teacher: str = "qwen2.5-coder-1.5b-instruct"
     student: str = "qwen2.5-coder-0.5b-instruct"

@@ -29,7 +29,7 @@ from pkt.tracking import ARM_LABEL
 
 BASELINE = "student"
 FIGURES = "figures"  # the analysis figures of a report, under its output directory
-# The student evaluated in float32 (pkt.experiment.runner.STUDENT_FP32): a model that had to be evaluated in
+# The student evaluated in float32 (pkt.methods.student_fp32): a model that had to be evaluated in
 # float32 (its change would not survive the study's eval dtype) is compared with it, so that its Δ is the
 # method's and not the dtype's; its own row's Δ vs the student is the dtype's effect alone.
 BASELINE_FP32 = "student-fp32"
