@@ -247,3 +247,23 @@ def test_the_default_estimate_is_lora_fine_tuning(toys, models, tmp_path, shared
     toy_cost = cost(study, toy)
     assert toy_cost == cost(study, methods.get("lora")) and toy_cost.checkpoint and toy_cost.seconds > 0
     assert cost(study, methods.get("gkd")).seconds > toy_cost.seconds  # a method's own estimate is used
+
+
+def test_a_config_names_any_registered_method_and_nothing_else():
+    """``methods:`` is checked against the registry (a new method file is enough for a config to name it); an
+    unknown name, a companion listed on its own or a repeat is one settings error."""
+    from pkt.errors import PktError
+
+    class Extra(Method):
+        name = "extra-for-config"
+
+    methods.register(Extra())
+    try:
+        cfg = validate(ExperimentConfig, {"methods": ["student", "extra-for-config"]})
+        assert cfg.methods == ["student", "extra-for-config"]
+        for bad, msg in ((["student", "nonesuch"], "unknown method"), (["student", "student-fp32"], "unknown method"),
+                         (["student", "lora", "lora"], "listed twice")):
+            with pytest.raises(PktError, match=msg):
+                validate(ExperimentConfig, {"methods": bad})
+    finally:
+        methods.unregister("extra-for-config")
