@@ -103,22 +103,36 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _vectors(mats: list[dict[str, torch.Tensor]], idx: torch.Tensor, measure: str) -> torch.Tensor:
-    """[layers, ·] unit vectors of one measure for the tokens ``idx`` (repeats allowed): a score is a dot product."""
+def _stack(mats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The layers' token matrices of one side as ``[layers, n, n]`` tensors, so that a draw gathers them at once."""
+    return {k: torch.stack([m[k] for m in mats]) for k in mats[0]}
+
+
+def _vectors(mats: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor], idx: torch.Tensor,
+             measure: str) -> torch.Tensor:
+    """[layers, ·] unit vectors of one measure for the tokens ``idx`` (repeats allowed): a score is a dot product.
+    ``mats``: per layer the :func:`_token_matrices`, or those stacked by :func:`_stack`."""
+    st = _stack(mats) if isinstance(mats, list) else mats
     if measure == "rsa":
         n = len(idx)
         iu = torch.triu_indices(n, n, offset=1)
-        v = torch.stack([m["cos"][idx][:, idx][iu[0], iu[1]] for m in mats])
+        c = st["cos"][:, idx][:, :, idx]
+        v = c[:, iu[0], iu[1]]
         return _unit_rows(v - v.mean(dim=1, keepdim=True))
-    out = []
-    for m in mats:
-        g = m["gram"][idx][:, idx].double()
-        if measure == "cka":  # re-centre on the drawn tokens: H K H with K the full sample's centred Gram
-            g = g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
-        else:
-            g = unbiased_centre_gram(g)
-        out.append(g.reshape(-1).float())
-    return _unit_rows(torch.stack(out))
+    g = st["gram"][:, idx][:, :, idx]
+    if measure == "cka":  # re-centre on the drawn tokens: H K H with K the full sample's centred Gram
+        g = g - g.mean(1, keepdim=True) - g.mean(2, keepdim=True) + g.mean((1, 2), keepdim=True)
+    else:  # the U-centring of pkt.analyse.similarity.unbiased_centre_gram, for every layer at once
+        n = g.shape[-1]
+        if n < 4:
+            raise ValueError("debiased CKA needs at least 4 samples")
+        g = g.clone()
+        g.diagonal(dim1=1, dim2=2).zero_()
+        means = g.sum(1) / (n - 2)
+        means = means - means.sum(1, keepdim=True) / (2 * (n - 1))
+        g = g - means[:, :, None] - means[:, None, :]
+        g.diagonal(dim1=1, dim2=2).zero_()
+    return _unit_rows(g.reshape(g.shape[0], -1))
 
 
 def _summaries(mat: torch.Tensor) -> dict[str, float]:
@@ -151,7 +165,7 @@ def compare_with_nulls(student: dict[str, list[torch.Tensor]], teacher: dict[str
         sides = {"student": [x[s_rows] for x in student[kind]], "real": [x[s_rows] for x in teacher[kind]],
                  "random_teacher": [x[s_rows] for x in random_teacher[kind]],
                  "shuffled_inputs": [x[t_rows] for x in teacher[kind]]}
-        mats = {side: [_token_matrices(x, measures) for x in xs] for side, xs in sides.items()}
+        mats = {side: _stack([_token_matrices(x, measures) for x in xs]) for side, xs in sides.items()}
         del sides
         out[kind] = {}
         for measure in measures:
