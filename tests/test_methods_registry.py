@@ -18,7 +18,7 @@ from pkt.experiment.config import ALL_METHODS, STAGE_KINDS, ExperimentConfig
 from pkt.experiment.executors import stage_graph
 from pkt.experiment.records import load
 from pkt.experiment.runner import Study
-from pkt.experiment.stage import ANALYSIS_STAGE, Stage, build, evaluation, shared
+from pkt.stage import ANALYSIS_STAGE, Stage, build, evaluation, shared
 from pkt.methods.base import Method
 from pkt.testing import invoke_cli, save_tiny, tiny_model, tiny_tokenizer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pkt.experiment.stage import ANALYSIS_STAGE, Cost
+from pkt.stage import ANALYSIS_STAGE, Cost
 from pkt.io import write_json
 
 def analysis(study, shared: dict) -> list[Path]:

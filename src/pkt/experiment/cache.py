@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from pkt.errors import PktError
-from pkt.experiment.stage import Stage
+from pkt.stage import Stage
 from pkt.io import atomic_dir, write_json
 
 LOCK_NAME = ".pkt-run.lock"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.experiment.stage import Cost, evaluation
+from pkt.stage import Cost, evaluation
 from pkt.methods import get, is_vanilla
 from pkt.seeding import seed_everything
 

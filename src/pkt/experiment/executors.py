@@ -32,7 +32,7 @@ from typing import Callable
 from pkt import methods
 from pkt.errors import PktError
 from pkt.experiment.cache import LOCK_NAME, StageCache, StageRecord
-from pkt.experiment.stage import ANALYSIS, BUILD, EVAL, Stage, build
+from pkt.stage import ANALYSIS, BUILD, EVAL, Stage, build
 
 # what a worker must see as the driver does (data, prepared models, offline switches)
 FORWARDED_ENV = ("PKT_DATA_DIR", "PKT_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",

@@ -174,7 +174,7 @@ def stage_cost(plan: PlanContext, stage):
     """The :class:`pkt.methods.base.Cost` of one stage, from what computes it: the analysis, the evaluation,
     a method's build, or a shared stage."""
     from pkt import methods
-    from pkt.experiment.stage import ANALYSIS, BUILD, EVAL
+    from pkt.stage import ANALYSIS, BUILD, EVAL
 
     if stage.kind == ANALYSIS:
         from pkt.analyse.stage import estimate as analysis_cost

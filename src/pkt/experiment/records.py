@@ -16,7 +16,7 @@ that stage: an older configuration's record is ignored, and :func:`export_run` r
 :func:`pkt.experiment.report.write_report`), reading its stage directories instead of exported records, so its
 results.md is the one ``pkt report`` makes from the records.
 
-A record carries its stage as a typed value (``of``: kind, method, task, seed; :class:`~pkt.experiment.stage.Stage`).
+A record carries its stage as a typed value (``of``: kind, method, task, seed; :class:`~pkt.stage.Stage`).
 Records written before it did are read from their stage name (:meth:`Stage.from_name`), and records of studies
 run before this module existed (pkt at bf03009 and earlier) too: an evaluation's method, task and seed then come
 from its stage name (``eval-{method}-{task}-s{seed}``; a method may contain '-', a task does not), and an
@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from pkt import methods
 from pkt.errors import PktError
-from pkt.experiment.stage import ANALYSIS, EVAL, Stage
+from pkt.stage import ANALYSIS, EVAL, Stage
 from pkt.io import write_json
 from pkt.tracking import arm_label
 

@@ -4,7 +4,7 @@ For each task: the seed-independent stages the study's methods read (Seeking's e
 answers), then for each seed every method's *build* stage (a fine-tuned / injected student checkpoint) and
 its *eval* stage, then one analysis stage (parametric, representation and behavioural similarity). What a
 method builds and reads is its own file's business (:mod:`pkt.methods`); the study asks it through the
-registry, and each stage is a typed :class:`~pkt.experiment.stage.Stage`. Every stage's directory is keyed
+registry, and each stage is a typed :class:`~pkt.stage.Stage`. Every stage's directory is keyed
 by a hash of what determines it (settings, code, libraries, models, data: see :mod:`pkt.experiment.cache`
 and :mod:`pkt.experiment.fingerprint`), so a re-run after an interruption resumes at the first unfinished
 stage, and a change recomputes only what it affects. With ``records:`` it also resumes on another machine:
@@ -40,7 +40,7 @@ from pkt.experiment import evaluation, fingerprint
 from pkt.experiment.cache import StageCache, StageRecord
 from pkt.experiment.config import ExperimentConfig
 from pkt.experiment.records import RESTORED
-from pkt.experiment.stage import ANALYSIS, EVAL, Stage
+from pkt.stage import ANALYSIS, EVAL, Stage
 from pkt.io import write_json
 from pkt.seeding import seed_everything
 

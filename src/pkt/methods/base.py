@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pkt.experiment.stage import Cost, Stage, build as build_stage, shared as shared_stage
+from pkt.stage import Cost, Stage, build as build_stage, shared as shared_stage
 
 
 class Method:
@@ -125,6 +125,24 @@ def finetune_cost(plan, task: str) -> Cost:
     return Cost(seconds, nbytes, f"fine-tune {n} examples x {b.epochs:g} epochs ({c.dtype})", checkpoint=True)
 
 
+def seeking_targets(study, task: str | None = None) -> list[str]:
+    """Module kinds Seeking (and its controls) transfer: the fine-tuning targets, plus embed/lm_head if asked."""
+    from pkt.align.finetune import FinetuneConfig
+
+    b = study.cfg.budget_for(task) if task else study.cfg.budget
+    return list(FinetuneConfig().targets) + (["embed", "lm_head"] if b.seeking_embeddings else [])
+
+
+def seeking_cfg(study, task: str | None = None):
+    """The extraction's settings (also handed to every PostPKT arm, which reads only its split and style)."""
+    from pkt.postpkt import SeekingConfig
+
+    c = study.cfg
+    b = c.budget_for(task) if task else c.budget
+    return SeekingConfig(n_samples=b.extract_samples, rank=b.rank, style=c.style, targets=seeking_targets(study, task),
+                         max_length=b.max_length, dtype=c.teacher_dtype, train_on_inputs=b.train_on_inputs)
+
+
 class PostPktArm(Method):
     """A PostPKT arm (:func:`pkt.postpkt.run_postpkt`): LoRA fine-tuning of the student from the init ``init``
     (lora | pissa | seeking), Seeking's from the task's extraction, optionally turned into a ``control``."""
@@ -133,7 +151,6 @@ class PostPktArm(Method):
     control: str | None = None
 
     def build(self, study, task, seed, inputs):
-        from pkt.methods.extract import seeking_cfg, seeking_targets
         from pkt.postpkt import run_postpkt
 
         c = study.cfg

@@ -6,27 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pkt.errors import PktError
-from pkt.experiment.stage import Cost, shared
+from pkt.stage import Cost, shared
 from pkt.methods.registry import register_shared
-from pkt.methods.base import SharedStage
-
-
-def seeking_targets(study, task: str | None = None) -> list[str]:
-    """Module kinds Seeking (and its controls) transfer: the fine-tuning targets, plus embed/lm_head if asked."""
-    from pkt.align.finetune import FinetuneConfig
-
-    b = study.cfg.budget_for(task) if task else study.cfg.budget
-    return list(FinetuneConfig().targets) + (["embed", "lm_head"] if b.seeking_embeddings else [])
-
-
-def seeking_cfg(study, task: str | None = None):
-    """The extraction's settings (also handed to every PostPKT arm, which reads only its split and style)."""
-    from pkt.postpkt import SeekingConfig
-
-    c = study.cfg
-    b = c.budget_for(task) if task else c.budget
-    return SeekingConfig(n_samples=b.extract_samples, rank=b.rank, style=c.style, targets=seeking_targets(study, task),
-                         max_length=b.max_length, dtype=c.teacher_dtype, train_on_inputs=b.train_on_inputs)
+from pkt.methods.base import SharedStage, seeking_cfg
 
 
 class Extraction(SharedStage):

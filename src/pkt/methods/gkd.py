@@ -3,7 +3,7 @@ distributions, on a LoRA student (:func:`pkt.align.gkd.gkd_distill`)."""
 
 from __future__ import annotations
 
-from pkt.experiment.stage import Cost, build as build_stage
+from pkt.stage import Cost, build as build_stage
 from pkt.methods.registry import register
 from pkt.methods.base import Method, finetune_cfg, merged, summary
 

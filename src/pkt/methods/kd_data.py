@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.experiment.stage import Cost, shared
+from pkt.stage import Cost, shared
 from pkt.methods.registry import register_shared
 from pkt.methods.base import SharedStage
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pkt.errors import PktError
-from pkt.experiment.stage import Cost, build as build_stage
+from pkt.stage import Cost, build as build_stage
 from pkt.methods.registry import register
 from pkt.methods.base import Method
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.experiment.stage import build as build_stage
+from pkt.stage import build as build_stage
 from pkt.methods.registry import register
-from pkt.methods.base import Method, data_setting, finetune_cfg, merged, summary
+from pkt.methods.base import Method, data_setting, finetune_cfg, merged, seeking_cfg, summary
 
 
 class LatenLoRA(Method):
@@ -16,7 +16,6 @@ class LatenLoRA(Method):
     reads = ("laten",)
 
     def build(self, study, task, seed, inputs):
-        from pkt.methods.extract import seeking_cfg
         from pkt.postpkt import run_postpkt
 
         c = study.cfg

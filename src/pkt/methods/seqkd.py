@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pkt.experiment.stage import build as build_stage
+from pkt.stage import build as build_stage
 from pkt.methods.registry import register
 from pkt.methods.base import Method, finetune_cfg, merged, summary
 
