@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 
 from pkt.analyse.representations import RepConfig, collect_activations, plan_tokens, summarise_matrix
-from pkt.analyse.similarity import unbiased_centre_gram
 from pkt.errors import PktError
 
 NULLS = ("random_teacher", "shuffled_inputs")
@@ -169,7 +168,7 @@ def compare_with_nulls(student: dict[str, list[torch.Tensor]], teacher: dict[str
         del sides
         out[kind] = {}
         for measure in measures:
-            def scores(idx):
+            def scores(idx, mats=mats, measure=measure):
                 sv = _vectors(mats["student"], idx, measure)
                 return {side: _summaries((sv @ _vectors(mats[side], idx, measure).T).double())
                         for side in ("real", *NULLS)}

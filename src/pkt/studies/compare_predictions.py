@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 from pkt.studies.compare_records import compare as compare_verdicts
-from pkt.experiment.stats import mcnemar_exact
 from pkt.studies.compare_records import DIGEST_FORMAT
 
 RAISED = re.compile(r"pkt-sandbox: the program raised (\w+)")
@@ -239,6 +238,10 @@ def table(digests: Path) -> list[dict]:
     return out
 
 
+def _p(p: float | None) -> str:
+    return "–" if p is None else format(p, ".3g")
+
+
 def table_markdown(rows: list[dict]) -> str:
     """The table, then the questions only the student / only the arm passes within each pair of comment habits."""
     head = ("| task | arm | seed | passes (arm / student) | only student | only arm | McNemar p | arm's outputs "
@@ -247,7 +250,7 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         strata = " | ".join(f"{d['only_a']} / {d['only_b']} of {d['n']}" for d in r["by_comment"].values())
         lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {r['b_passed']} / {r['a_passed']} of {r['common']} "
-                     f"| {r['only_a']} | {r['only_b']} | {'–' if r['mcnemar_p'] is None else format(r['mcnemar_p'], '.3g')} "
+                     f"| {r['only_a']} | {r['only_b']} | {_p(r['mcnemar_p'])} "
                      f"| {r['style_b']['with_comment']:.0%} "
                      f"| {strata} |")
     lines.append("\nLast four columns: the questions only the student / only the arm passes, of the questions where "
