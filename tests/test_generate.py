@@ -84,7 +84,7 @@ def test_continuous_batching_shares_a_common_prefix(tiny_tok):
     """Prompts behind the same few-shot text: the continuous engine prefills that text once (the suffixes'
     padding then sits between prefix and suffix) and still gives the padded path's answers."""
     from pkt import testing
-    from pkt.evaluate import generate as G
+    from pkt.evaluate import kv_cache as G
 
     shots = "Q: There are 15 trees in the grove. How many trees are planted? A: The answer is 6.\n\n" * 2
     prompts = [shots + "Q: " + p + " A:" for p in PROMPTS]
@@ -103,7 +103,7 @@ def test_continuous_batching_shares_a_common_prefix(tiny_tok):
 def test_grouped_scoring_equals_padded(qwen_pair):
     """engine="continuous" scoring: two few-shot headers (each group's cache computed once) and a prompt of its
     own give the padded path's log-probabilities."""
-    from pkt.evaluate import generate as G
+    from pkt.evaluate import kv_cache as G
 
     _, model, tok = qwen_pair
     heads = ["The following are multiple choice questions about algebra. 1+1? A. 2\n", "Physics questions. " * 6]
