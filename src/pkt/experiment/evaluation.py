@@ -49,10 +49,13 @@ def evaluate(study, method: str, ref: str, dtype: str, task: str, seed: int,
     c = study.cfg
     ecfg = eval_cfg(c, seed, task)
     built = not is_vanilla(method)
+    # a built model's change is measured against the model it was built from: the student, or the teacher for a
+    # method whose model is the teacher's size (sized_as)
+    base = c.teacher if built and get(method).sized_as == "teacher" else c.student
     payload = {"model": ref, "dtype": dtype, "task": task, "eval": ecfg.model_dump(mode="json"),
                "loss_examples": c.budget_for(task).loss_examples,
-               "precision": {"reference": c.student, "min_surviving": c.eval_min_surviving} if built else None}
-    reads = {"models": [ref, c.student] if built else [ref], "data": {task: ["test", "train"]}}
+               "precision": {"reference": base, "min_surviving": c.eval_min_surviving} if built else None}
+    reads = {"models": [ref, base] if built else [ref], "data": {task: ["test", "train"]}}
 
     def fn(d: Path) -> dict:
         from pkt.io import write_jsonl
@@ -61,7 +64,7 @@ def evaluate(study, method: str, ref: str, dtype: str, task: str, seed: int,
         if built:
             from pkt.evaluate.precision import choose_dtype
 
-            used, precision = choose_dtype(ref, c.student, dtype, c.eval_min_surviving)
+            used, precision = choose_dtype(ref, base, dtype, c.eval_min_surviving)
             if precision["fallback"]:
                 study.echo(f"{method}: only {precision['surviving']}/{precision['changed']} changed entries "
                            f"survive {dtype}; evaluating in float32")
