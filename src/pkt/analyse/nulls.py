@@ -3,7 +3,7 @@
 A similarity means something only beside the value that no relation gives. pkt's analysis reports, for the
 teacher and the student, representation similarity (linear CKA, debiased CKA, RSA of each module's outputs, per
 layer pair) and the parametric similarity of a Seeking block to the student's weight. This module measures the
-same quantities for two nulls, on the same tokens, with bootstrap intervals over *examples*:
+same quantities for two nulls, on the same tokens, with intervals over *examples* (half-sampling, below):
 
 * **random teacher**: a model of the teacher's architecture with freshly initialised weights (its config's own
   initialiser, seeded), fed the same inputs. What the architecture and the inputs alone give.
@@ -14,12 +14,17 @@ same quantities for two nulls, on the same tokens, with bootstrap intervals over
 The real pairing is scored on exactly the student tokens that the shuffled pairing uses, so the three scores
 share their n (CKA's small-sample bias is the same for all three).
 
-The bootstrap resamples examples with replacement (tokens of one example move together) and recomputes every
-layer pair's score from the n×n token matrices restricted to the drawn tokens, so no activation is read twice.
-Each summary (mean over the paper's triangle of layer pairs, mean at the same relative depth, mean of each student
-layer's best teacher layer) gets a percentile interval, and so does its difference real − null (the same draws for
-both, so the difference is paired). A drawn example's tokens that appear twice make a few token pairs identical
-in both models (cosine 1); with ≥ 64 examples they are under 0.1% of RSA's pairs.
+The intervals resample *examples* (the tokens of one example move together) by half-sampling: each draw keeps
+half of the examples, without replacement, and every layer pair's score is recomputed from the n×n token
+matrices restricted to the kept tokens (no activation is read again). Drawing with replacement would not do: a
+repeated example makes its token pairs identical in both models, and with 64 examples those pairs are a few
+percent of all pairs, enough to lift a similarity near 0.1 by 0.05-0.1 and to leave the full sample's value
+outside its own interval. A mean over n/2 of n examples drawn without replacement has the variance s²/n of the
+mean over all n, so the spread of the half-sample scores around their mean estimates the full sample's (to first
+order; the scores are smooth functions of sums over token pairs). Each summary (mean over the paper's triangle of
+layer pairs, mean at the same relative depth, mean of each student layer's best teacher layer) gets the interval
+value + the 2.5% and 97.5% quantiles of that spread, and so does its difference real − null (the same draws for
+both sides, so the difference is paired).
 """
 
 from __future__ import annotations
@@ -141,23 +146,28 @@ def _summaries(mat: torch.Tensor) -> dict[str, float]:
 
 
 def _draw(groups: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Row indices of a resample of the examples (with replacement), each drawn example's rows together."""
+    """Row indices of a half-sample of the examples (without replacement), each kept example's rows together."""
     ids = torch.unique(groups)
     rows = [torch.nonzero(groups == g).flatten() for g in ids.tolist()]
-    pick = rng.integers(0, len(rows), len(rows))
+    pick = np.sort(rng.choice(len(rows), size=max(2, len(rows) // 2), replace=False))
     return torch.cat([rows[k] for k in pick])
+
+
+def _interval(point: float, draws: list[float], level: float) -> list[float]:
+    """``point`` + the central ``level`` quantiles of the half-sample draws around their mean."""
+    spread = np.asarray(draws) - np.mean(draws)
+    return [float(point + np.quantile(spread, (1 - level) / 2)), float(point + np.quantile(spread, 1 - (1 - level) / 2))]
 
 
 def compare_with_nulls(student: dict[str, list[torch.Tensor]], teacher: dict[str, list[torch.Tensor]],
                        random_teacher: dict[str, list[torch.Tensor]], counts: list[int], measures,
                        cfg: NullConfig = NullConfig(), progress: Callable | None = None) -> dict:
     """Per module kind and measure: the real, random-teacher and shuffled-input score matrices' summaries, each
-    with a bootstrap interval over examples, and the paired differences real − null."""
+    with a half-sampling interval over examples, and the paired differences real − null."""
     s_rows, t_rows, groups = shuffled_rows(counts, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     draws = [_draw(groups, rng) for _ in range(cfg.n_boot)]
     full = torch.arange(len(s_rows))
-    lo_q, hi_q = (1 - cfg.level) / 2, 1 - (1 - cfg.level) / 2
     out = {}
     kinds = [k for k in student if k in teacher and k in random_teacher]
     for kind in (progress(kinds) if progress else kinds):
@@ -178,13 +188,14 @@ def compare_with_nulls(student: dict[str, list[torch.Tensor]], teacher: dict[str
             res = {}
             for side in ("real", *NULLS):
                 res[side] = {k: {"value": point[side][k],
-                                 "interval": [float(np.quantile([b[side][k] for b in boot], q)) for q in (lo_q, hi_q)]}
+                                 "interval": _interval(point[side][k], [b[side][k] for b in boot], cfg.level)}
                              for k in SUMMARIES}
             for null in NULLS:
                 res[f"real_minus_{null}"] = {
                     k: {"value": point["real"][k] - point[null][k],
-                        "interval": [float(np.quantile([b["real"][k] - b[null][k] for b in boot], q))
-                                     for q in (lo_q, hi_q)]} for k in SUMMARIES}
+                        "interval": _interval(point["real"][k] - point[null][k],
+                                              [b["real"][k] - b[null][k] for b in boot], cfg.level)}
+                    for k in SUMMARIES}
             out[kind][measure] = res
         del mats
     return out
@@ -212,7 +223,7 @@ def representation_nulls(teacher, student, tokenizer, examples, rep: RepConfig =
             log("collecting the random teacher's activations")
             acts["random_teacher"] = collect_activations(rand, plan, rep.kinds, rep.batch_size, tokenizer.pad_token_id)
             del rand
-    log(f"scoring layer pairs with {cfg.n_boot} bootstrap draws over examples")
+    log(f"scoring layer pairs with {cfg.n_boot} half-samples of the examples")
     result = compare_with_nulls(acts["student"], acts["teacher"], acts["random_teacher"], counts, rep.measures, cfg,
                                 progress=progress)
     return {"config": {"representations": asdict(rep), "nulls": asdict(cfg)}, "n_examples": len(counts),
@@ -264,7 +275,7 @@ def nulls_markdown(res: dict) -> str:
     """The nulls' tables: per module and measure, each summary for the real pairing and both nulls, and the paired
     differences real − null; then the parametric null when it was run."""
     lines = [f"Teacher × student similarity against its nulls: {res['n_examples']} examples, {res['n_paired_tokens']} "
-             f"paired tokens, {res['config']['nulls']['n_boot']} bootstrap draws over examples (95% intervals).", "",
+             f"paired tokens; 95% intervals from {res['config']['nulls']['n_boot']} half-samples of the examples.", "",
              "| module | measure | summary | real | random teacher | shuffled inputs | real − random | "
              "real − shuffled |", "|---|---|---|---|---|---|---|---|"]
     names = {"triangle": "teacher ≥ student", "same_depth": "same relative depth", "best": "best teacher layer"}

@@ -224,7 +224,7 @@ def nulls(
     max_tokens: int = typer.Option(1024, help="Cap on sample tokens (seeded subsample)."),
     modules: str = typer.Option("up,down,v,o,residual", help="Comma list of up,down,v,o,residual."),
     measures: str = typer.Option("cka,dcka,rsa", help="Comma list of cka,dcka,rsa."),
-    n_boot: int = typer.Option(200, help="Bootstrap draws over examples."),
+    n_boot: int = typer.Option(200, help="Half-samples of the examples the intervals are drawn from."),
     params_rank: int = typer.Option(16, help="Rank of the Seeking blocks of the parametric null (0: skip it)."),
     batch_size: int = typer.Option(4, help="Examples per forward pass."),
     dtype: str = typer.Option("bfloat16", help="Model dtype for the forward passes."),
@@ -232,7 +232,7 @@ def nulls(
     config: Path = config_option("nulls"),  # applied by its callback, before the other options
 ) -> None:
     """Teacher × student similarity beside its nulls: a random teacher of the same architecture, and the teacher
-    fed other examples; bootstrap intervals over examples."""
+    fed other examples; intervals from half-samples of the examples."""
     from pkt.analyse.nulls import NullConfig, nulls_markdown, parametric_nulls, representation_nulls
     from pkt.analyse.representations import KINDS as REP_KINDS
     from pkt.analyse.representations import RepConfig
