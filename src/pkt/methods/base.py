@@ -113,16 +113,18 @@ def merged(path: Path) -> str:
     return str(path / "run" / "merged")
 
 
-def finetune_cost(plan, task: str) -> Cost:
-    """LoRA fine-tuning of the student: training tokens at the train rate, its load, a full copy of it and
-    the adapter with its optimiser state."""
+def finetune_cost(plan, task: str, on: str = "student") -> Cost:
+    """LoRA fine-tuning of the student (or, ``on="teacher"``, of the teacher): training tokens at the train rate,
+    its load, a full copy of it and the adapter with its optimiser state."""
     c = plan.cfg
     b = c.budget_for(task)
     n = plan.n_train(task)
+    params, spec = (plan.tp, plan.teacher.spec) if on == "teacher" else (plan.sp, plan.student.spec)
     tokens = n * b.epochs * plan.toks.mean(task, "train")
-    seconds = plan.secs("train", plan.sp, c.dtype, tokens) + plan.load(plan.sp, c.dtype)
-    nbytes = plan.model_bytes(plan.sp, c.dtype) + 3 * plan.lora_bytes(plan.student.spec, b.rank)
-    return Cost(seconds, nbytes, f"fine-tune {n} examples x {b.epochs:g} epochs ({c.dtype})", checkpoint=True)
+    seconds = plan.secs("train", params, c.dtype, tokens) + plan.load(params, c.dtype)
+    nbytes = plan.model_bytes(params, c.dtype) + 3 * plan.lora_bytes(spec, b.rank)
+    what = "the teacher on " if on == "teacher" else ""
+    return Cost(seconds, nbytes, f"fine-tune {what}{n} examples x {b.epochs:g} epochs ({c.dtype})", checkpoint=True)
 
 
 def seeking_targets(study, task: str | None = None) -> list[str]:

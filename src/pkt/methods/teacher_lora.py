@@ -8,9 +8,9 @@ vector, the thing a transfer through function moves into the student. Exactly ``
 
 from __future__ import annotations
 
-from pkt.methods.base import Method, data_setting, finetune_cfg, merged, seeking_cfg, summary
+from pkt.methods.base import Method, data_setting, finetune_cfg, finetune_cost, merged, seeking_cfg, summary
 from pkt.methods.registry import register
-from pkt.stage import Cost, build as build_stage
+from pkt.stage import Cost, build as build_stage  # noqa: F401  (Cost: estimate's type)
 
 
 class TeacherLoRA(Method):
@@ -34,15 +34,7 @@ class TeacherLoRA(Method):
         return merged(path), c.eval_dtype
 
     def estimate(self, plan, task: str) -> Cost:
-        """LoRA fine-tuning of the teacher: as the student's (pkt.methods.base.finetune_cost), at its size."""
-        c = plan.cfg
-        b = c.budget_for(task)
-        n = plan.n_train(task)
-        tokens = n * b.epochs * plan.toks.mean(task, "train")
-        seconds = plan.secs("train", plan.tp, c.dtype, tokens) + plan.load(plan.tp, c.dtype)
-        nbytes = plan.model_bytes(plan.tp, c.dtype) + 3 * plan.lora_bytes(plan.teacher.spec, b.rank)
-        return Cost(seconds, nbytes, f"fine-tune the teacher on {n} examples x {b.epochs:g} epochs ({c.dtype})",
-                    checkpoint=True)
+        return finetune_cost(plan, task, on="teacher")
 
 
 register(TeacherLoRA())
