@@ -151,3 +151,16 @@ def test_half_sample_intervals_match_the_sampling_spread():
     ratio = np.mean(halves) / np.std(fulls)
     assert 1 / 1.5 < ratio < 1.5, ratio
     assert np.mean(repeated) > 0.3 * np.std(fulls)  # the with-replacement bias this interval avoids (~0.5 sd here)
+
+
+def test_the_committed_nulls_table_is_its_record():
+    """docs/analyses/nulls-gsm8k: nulls.md is nulls_markdown of the committed nulls.json, byte for byte."""
+    import json
+    from pathlib import Path
+
+    d = Path(__file__).resolve().parents[1] / "docs" / "analyses" / "nulls-gsm8k"
+    res = json.loads((d / "nulls.json").read_text())
+    assert N.nulls_markdown(res) == (d / "nulls.md").read_text()
+    # every summary of every module and measure, for the real pair and both nulls
+    assert {(k, m) for k, per in res["modules"].items() for m in per} == {
+        (k, m) for k in ("up", "down", "v", "o", "residual") for m in ("cka", "dcka", "rsa")}
