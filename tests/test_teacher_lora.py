@@ -21,7 +21,7 @@ def test_teacher_lora_fine_tunes_the_teacher(tmp_path, shared_data):
     teacher = save_tiny(tiny_model("qwen2", "teacher", len(tok)), tok, tmp_path / "teacher")
     student = save_tiny(tiny_model("qwen2", "student", len(tok)), tok, tmp_path / "student")
     cfg = validate(ExperimentConfig, {"name": "tl", "teacher": teacher, "student": student, "tasks": ["gsm8k"],
-                                      "seeds": [0], "methods": ["student", "lora", "teacher-lora"],
+                                      "seeds": [0], "methods": ["student", "teacher", "lora", "teacher-lora"],
                                       "dtype": "float32", "teacher_dtype": "float32", "eval_dtype": "float32",
                                       "analysis": False, "budget": TINY_BUDGET, "keep_checkpoints": True})
     study = Study(cfg, tmp_path / "run", log=lambda s: None)
@@ -48,3 +48,6 @@ def test_teacher_lora_fine_tunes_the_teacher(tmp_path, shared_data):
             for m in ("lora", "teacher-lora")}
     assert runs["teacher-lora"]["config"] == runs["lora"]["config"]
     assert runs["teacher-lora"]["student"] == teacher and runs["lora"]["student"] == student  # what each tuned
+    # the report compares it with the teacher it was fine-tuned from (does the split teach the teacher?)
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| teacher-lora − teacher | gsm8k | 1 |" in md

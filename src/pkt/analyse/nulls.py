@@ -227,8 +227,7 @@ def representation_nulls(teacher, student, tokenizer, examples, rep: RepConfig =
     result = compare_with_nulls(acts["student"], acts["teacher"], acts["random_teacher"], counts, rep.measures, cfg,
                                 progress=progress)
     return {"config": {"representations": asdict(rep), "nulls": asdict(cfg)}, "n_examples": len(counts),
-            "n_tokens": plan.n_tokens, "n_paired_tokens": int(sum(min(counts[i], counts[j]) for i, j in
-                                                                  enumerate(derangement(len(counts), cfg.seed)))),
+            "n_tokens": plan.n_tokens, "n_paired_tokens": len(shuffled_rows(counts, cfg.seed)[0]),
             "modules": result}
 
 

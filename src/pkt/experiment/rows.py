@@ -122,9 +122,11 @@ def _dtype_cell(recs: list[dict]) -> str | None:
 
 # The study's head-to-head questions beyond "vs student" and "vs LoRA" (the table's columns): Seeking against its
 # controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
-# language-based transfer at the same teacher-derived examples.
+# language-based transfer at the same teacher-derived examples; and whether the split teaches the teacher itself
+# (teacher-lora against the teacher it was fine-tuned from).
 COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), ("seeking", "pissa"),
-               ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten")]
+               ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten"),
+               ("teacher-lora", "teacher")]
 
 def comparisons(records: list[dict], pairs=COMPARISONS) -> list[dict]:
     """Paired differences a − b on each task over the seeds both arms have: the score's difference with its 95%
