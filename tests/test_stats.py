@@ -13,7 +13,8 @@ from pkt.experiment.stats import holm, mcnemar_exact, paired_bootstrap, paired_d
 # by its difficulty z_q; a fine-tuned arm shifts each question's logit by its own amount (shared by all seeds: the
 # question part of a difference), by a small per-seed amount (the seed part) and by per-(seed, question) noise.
 # These settings give the variance components the committed records show (pkt's cpu-study, arm − student on GSM8K:
-# question ≈ 0.11, seed ≈ 0.0003, residual ≈ 0.03-0.06; about 15% of answers differ from the student's).
+# question 0.06-0.13, seed under 0.0004, residual 0.03-0.06, tests/test_results_claims.py; about 15% of answers
+# differ from the student's).
 SIM = {"mu": -1.5, "sd_z": 2.0, "shift": 0.4, "sd_shift": 1.0, "sd_seed": 0.1, "noise": 0.5}
 N_Q, N_SEEDS, N_STUDIES = 150, 3, 1000
 
