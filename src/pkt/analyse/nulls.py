@@ -239,20 +239,12 @@ def parametric_nulls(teacher, student: nn.Module, rank: int = 16, kinds=("up", "
     a zero-argument loader; the two teachers are held one at a time (float32, a 1.5B teacher is 6 GB)."""
     from pkt.analyse.params import lora_similarity, seeking_init, summarise
 
-    def per_layer(t: nn.Module) -> list[dict]:
+    rng = np.random.default_rng(cfg.seed)
+
+    def side(t: nn.Module) -> dict:
         # a copy: seeking_init rewrites the student's weights (base ← W − BA)
         model, _ = seeking_init(t, copy.deepcopy(student), rank=rank, kinds=kinds)
-        return lora_similarity(model)
-
-    rng = np.random.default_rng(cfg.seed)
-    out = {}
-    real = teacher() if callable(teacher) and not isinstance(teacher, nn.Module) else teacher
-    config = real.config
-    for side in ("real", "random_teacher"):
-        t = real if side == "real" else random_like(config, seed=cfg.seed, dtype=torch.float32)
-        real = None  # the real teacher is dropped before the random one is built
-        recs = per_layer(t)
-        del t
+        recs = lora_similarity(model)
         summary = summarise(recs)
         for module, stats in summary.items():
             for key in stats:
@@ -260,7 +252,13 @@ def parametric_nulls(teacher, student: nn.Module, rank: int = 16, kinds=("up", "
                 boots = [vals[rng.integers(0, len(vals), len(vals))].mean() for _ in range(cfg.n_boot)]
                 stats[key]["interval"] = [float(np.quantile(boots, q)) for q in ((1 - cfg.level) / 2,
                                                                                  1 - (1 - cfg.level) / 2)]
-        out[side] = summary
+        return summary
+
+    real = teacher() if callable(teacher) and not isinstance(teacher, nn.Module) else teacher
+    config = real.config
+    out = {"real": side(real)}
+    del real  # the real teacher is dropped (when this function loaded it) before the random one is built
+    out["random_teacher"] = side(random_like(config, seed=cfg.seed, dtype=torch.float32))
     return out
 
 
