@@ -22,6 +22,8 @@ COMMANDS = {
     "adapter-update": ("adapter_update", "How far fine-tuning moved the student: ‖ΔW‖/‖W‖ of saved adapters."),
     "representation-depth": ("representation_depth", "Teacher x student representation similarity by student "
                                                      "depth, from an analysis record."),
+    "pilot": ("pilot", "The pilot curve: LoRA by training budget, lr chosen on held-out data, the chosen build "
+                       "against the student on the test subset (run, --dry-run, --report)."),
 }
 
 app = typer.Typer(help="Analyses of finished studies, as docs/results.md quotes them (pkt study NAME --help).",

@@ -14,5 +14,9 @@ command                    module                      what it prints
 ``gsm8k-first-answer``     ``gsm8k_first_answer``      GSM8K scored at the first stated answer
 ``adapter-update``         ``adapter_update``          ‖ΔW‖/‖W‖ of saved adapters
 ``representation-depth``   ``representation_depth``    representation similarity by student depth
+``pilot``                  ``pilot``                   runs the pilot curve (LoRA by budget); its report
 =========================  ==========================  ===================================================
+
+``pilot`` is the one that computes: it runs (and resumes) a small study of its own, plain LoRA by training budget
+with the lr chosen on held-out data, and reports it from its committed records (docs/pilot.md).
 """

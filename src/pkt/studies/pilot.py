@@ -1,0 +1,417 @@
+"""``pkt study pilot CONFIG``: the pilot curve that finds a training budget at which plain LoRA moves the student.
+
+    pkt study pilot configs/pilot-gsm8k.yaml --dry-run      # the plan and its cost on the reference machine
+    pkt study pilot configs/pilot-gsm8k.yaml --out runs/pilot-gsm8k   # run, or resume
+    pkt study pilot configs/pilot-gsm8k.yaml --report       # pilot.md + pilot.png from the records alone
+
+Why: a claim that an init beats plain LoRA needs a budget at which plain LoRA itself beats the untuned student.
+For every budget (train examples × epochs) of the grid and every lr, the student gets a LoRA built exactly as
+``pkt postpkt --init lora`` builds it (:func:`pkt.cli.postpkt.finetune_config`, :func:`pkt.postpkt.run_postpkt`),
+which is scored on a HELD-OUT set; per budget the lr with the best held-out score is chosen
+(:func:`pkt.studies.pilot_report.select_lr`) and only that build is scored on the TEST subset, paired with the
+untuned student on the same questions. The test set never takes part in the choice.
+
+The held-out set (:mod:`pkt.studies.pilot_heldout`): for GSM8K the questions of its train.jsonl in no PKT gsm
+split and not in the test set, for MBPP its validation rows; a fixed seeded sample. HumanEval has no held-out pool
+(its 164 problems are the test set), so a HumanEval pilot is refused.
+
+Every build and evaluation is a stage of :class:`pkt.experiment.cache.StageCache` under ``OUT/stages``, keyed
+like ``pkt run``'s (settings, pkt's code, library versions, model and data hashes), written atomically: a rerun
+resumes at the first unfinished stage. A build's merged weights are deleted once its budget is evaluated unless
+``keep_checkpoints``; a build whose evaluations are cached is not rebuilt. Each finished piece writes a small JSON
+record into ``records`` (:mod:`pkt.studies.pilot_report`), from which pilot.md and pilot.png are derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pkt.config import Settings, read_yaml, validate
+from pkt.errors import PktError
+from pkt.io import write_json
+from pkt.studies import pilot_report as R
+from pkt.studies.pilot_heldout import heldout_set
+
+METRICS = {"gsm8k": "accuracy", "mbpp": "pass@1"}
+NO_HELDOUT = {"humaneval": "HumanEval has no held-out pool (its 164 problems are the test set); use mbpp",
+              "mmlu": "MMLU is scored by a letter, not generated; the pilot covers gsm8k and mbpp"}
+Positive = Annotated[float, Field(gt=0)]
+
+
+class EvalSettings(Settings):
+    """How both sets are asked and decoded (the ``pkt eval`` defaults: the PKT papers' 0-shot format)."""
+
+    test_size: int = Field(300, ge=1)  # the test subset: a fixed seeded sample of the task's test set
+    test_seed: int = 0
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    decoding: Literal["padded", "continuous"] = "continuous"
+    protocol: str = "pkt"
+    shots: int = Field(0, ge=0)
+    allow_weak_sandbox: bool = False
+
+
+class HeldoutSettings(Settings):
+    size: int = Field(150, ge=1)
+    seed: int = 0
+    answer_loss: bool = True  # also the teacher-forced loss of the held-out gold answers (one forward pass)
+
+
+class PilotConfig(Settings):
+    name: str = "pilot"
+    student: str
+    task: str = "gsm8k"
+    records: str  # the directory the records (and pilot.md) go to, committed as they finish
+    seeds: list[int] = Field([0], min_length=1)
+    train_examples: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    epochs: list[Positive] = Field([1.0], min_length=1)
+    extra_budgets: list[tuple[Annotated[int, Field(ge=1)], Positive]] = []  # (examples, epochs) beyond the grid
+    lrs: list[Positive] = Field(min_length=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    max_length: int = Field(384, ge=16)
+    rank: int = Field(16, ge=1)
+    alpha: float = 16
+    dropout: float | None = Field(None, ge=0, lt=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    style: Literal["chat", "tulu"] = "chat"
+    keep_checkpoints: bool = False
+    progress: bool = Field(True, exclude=True)  # progress bars; not a setting of any result
+    eval: EvalSettings = EvalSettings()
+    heldout: HeldoutSettings = HeldoutSettings()
+
+    @field_validator("task")
+    @classmethod
+    def _has_heldout(cls, v: str) -> str:
+        if v in NO_HELDOUT:
+            raise ValueError(NO_HELDOUT[v])
+        if v not in METRICS:
+            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
+        return v
+
+    @field_validator("seeds", "train_examples", "lrs", "epochs")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"values repeat in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _micro_batch(self):
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} exceeds batch_size {self.batch_size}")
+        return self
+
+
+def load_config(path: str | Path) -> tuple[PilotConfig, str]:
+    """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
+    data = read_yaml(path)
+    return validate(PilotConfig, data, str(path)), Path(path).read_text(encoding="utf-8")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+class Pilot:
+    """One pilot config run into ``out`` (stages) and ``cfg.records`` (records, pilot.md)."""
+
+    def __init__(self, cfg: PilotConfig, out: str | Path | None, config_text: str = "", log=print, dry: bool = False):
+        from pkt.experiment.cache import StageCache
+        from pkt.experiment.fingerprint import code_identity, library_versions
+
+        self.cfg, self.config_text, self.log = cfg, config_text, log
+        # a plan without --out knows no cached stage; its stage names are all it needs of a directory
+        self.cache = StageCache(Path(out) if out is not None else Path("."), log=log, dry=dry or out is None)
+        self.records = Path(cfg.records)
+        self.common = {"code": code_identity(), "libraries": library_versions()}
+        self.heldout = heldout_set(cfg.task, cfg.heldout.size, cfg.heldout.seed)
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        from pkt.data.tasks import load_split
+
+        n = len(load_split(self.cfg.task, "train"))
+        for b, _ in R.budgets(self.cfg.model_dump(mode="json")):
+            if b > n:
+                raise PktError(f"train_examples {b}: the {self.cfg.task} PKT train split has only {n} examples")
+
+    # ---- keys ----
+    def eval_cfg(self, which: str):
+        from pkt.evaluate.harness import EvalConfig
+
+        e, c = self.cfg.eval, self.cfg
+        return EvalConfig(limit=e.test_size if which == "test" else None, seed=e.test_seed, style=c.style,
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, decoding=e.decoding,
+                          protocol=e.protocol, shots=e.shots, allow_weak_sandbox=e.allow_weak_sandbox,
+                          max_prompt_tokens=max(c.max_length, 1024), progress=c.progress)
+
+    def finetune_cfg(self, n: int, epochs: float, lr: float, seed: int):
+        """The FinetuneConfig ``pkt postpkt --init lora`` builds from the same flags."""
+        from pkt.cli.postpkt import finetune_config
+
+        c = self.cfg
+        return finetune_config(None, r=c.rank, alpha=c.alpha, dropout=c.dropout, lr=lr, epochs=epochs,
+                               batch_size=c.batch_size, micro_batch_size=c.micro_batch_size, max_length=c.max_length,
+                               n_train=n, style=c.style, dtype=c.dtype, seed=seed, report_to="none")
+
+    def build_key(self, n: int, epochs: float, lr: float, seed: int) -> tuple[str, dict]:
+        from pkt.experiment.fingerprint import data_identity, model_identity
+
+        return f"build-{R.point_name(n, epochs, lr, seed)}", {
+            "kind": "pilot-build", "init": "lora", "task": self.cfg.task,
+            "finetune": self.finetune_cfg(n, epochs, lr, seed).model_dump(), **self.common,
+            "models": {self.cfg.student: model_identity(self.cfg.student)},
+            "data": data_identity(self.cfg.task, ("train",))}
+
+    def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
+        from pkt.experiment.fingerprint import data_identity
+
+        ecfg = self.eval_cfg(which).model_dump(mode="json")
+        ecfg.pop("progress")
+        rows = ({"heldout": {k: self.heldout.info[k] for k in ("source", "ids")},
+                 "data": data_identity(self.cfg.task, ("extract", "align", "train", "test"))}
+                if which == "heldout" else {"data": data_identity(self.cfg.task, ("test",))})
+        return f"{which}-{label}", {"kind": "pilot-eval", "set": which, "task": self.cfg.task, "model": model,
+                                    "dtype": self.cfg.dtype, "eval": ecfg, "rows": rows,
+                                    "answer_loss": which == "heldout" and self.cfg.heldout.answer_loss,
+                                    **self.common}
+
+    # ---- stages ----
+    def _evaluate(self, name: str, key: dict, ref: str, which: str) -> dict | None:
+        def fn(d: Path) -> dict:
+            import gc
+
+            from pkt.evaluate.harness import run_task
+            from pkt.io import write_jsonl
+            from pkt.models.load import load_model, load_tokenizer
+            from pkt.seeding import seed_everything
+
+            ecfg = self.eval_cfg(which)
+            seed_everything(ecfg.seed)
+            tok, model = load_tokenizer(ref), load_model(ref, dtype=self.cfg.dtype)
+            rows = self.heldout.rows if which == "heldout" else None
+            records, metrics = run_task(self.cfg.task, model, tok, ecfg, rows=rows)
+            write_jsonl(d / "predictions.jsonl", records)
+            metric = METRICS[self.cfg.task]
+            res = {"metric": metric, "score": metrics[metric], "n": len(records), "ids": [r["id"] for r in records],
+                   "per_example": [float(r["correct"]) for r in records],
+                   "at_cap": metrics.get("hit_max_new_tokens"), "answer_loss": None}
+            if key["answer_loss"]:
+                loss_records, loss = run_task(f"{self.cfg.task}_loss", model, tok, ecfg, rows=self.heldout.loss)
+                write_jsonl(d / "answer_loss.jsonl", loss_records)
+                res["answer_loss"] = loss["nll"]
+            del model
+            gc.collect()
+            return res
+
+        return self.cache.run(name, key, fn)[1]
+
+    def _build(self, n: int, epochs: float, lr: float, seed: int, needed: bool) -> tuple[Path, dict | None]:
+        """The build's directory and result; run only when ``needed`` or never finished (its weights may be pruned:
+        a build whose evaluations are cached is read from its stage.json, not rebuilt)."""
+        name, key = self.build_key(n, epochs, lr, seed)
+        path = self.cache.path(name, key)
+        done = _finished(path)
+        if not needed and done is not None:
+            if not self.cache.dry:
+                self.log(f"[cached] {name}: not needed, its evaluations are cached")
+            return path, done
+
+        def fn(d: Path) -> dict:
+            from pkt.methods.base import summary
+            from pkt.models.load import resolve
+            from pkt.postpkt import SeekingConfig, run_postpkt
+            from pkt.seeding import seed_everything
+            from pkt.studies.adapter_update import adapter_dir, base_tensors, summarise, update_norms
+
+            seed_everything(seed)  # the lora init's A factors come from the global RNG (as `pkt postpkt` seeds it)
+            run = run_postpkt(None, self.cfg.student, self.cfg.task, "lora", d / "run",
+                              self.finetune_cfg(n, epochs, lr, seed), SeekingConfig(), progress=self.cfg.progress,
+                              log=self.log)
+            # for a plain LoRA the saved adapter's product is exactly merged − student
+            update = summarise(update_norms(adapter_dir(d / "run"), base_tensors(Path(resolve(self.cfg.student)))))
+            return {**summary(run, d / "run"), "update": dict(sorted(update.items()))}
+
+        return self.cache.run(name, key, fn)
+
+    def point(self, n: int, epochs: float, lr: float, seed: int) -> dict | None:
+        """One grid point: build, held-out evaluation, record. None in a plan while it is not cached."""
+        bname, bkey = self.build_key(n, epochs, lr, seed)
+        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "heldout",
+                                    {"stage": self.cache.path(bname, bkey).name})
+        path, build = self._build(n, epochs, lr, seed, needed=not self.cache.is_cached(ename, ekey))
+        res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "heldout") if build is not None else None
+        if res is None:
+            return None
+        return {"point": R.point_name(n, epochs, lr, seed), "train_examples": n, "epochs": epochs, "lr": lr,
+                "seed": seed, "build_stage": path.name, "eval_stage": self.cache.path(ename, ekey).name,
+                "build": build, "heldout": res}
+
+    def test(self, n: int, epochs: float, lr: float, seed: int, means: dict) -> dict | None:
+        bname, bkey = self.build_key(n, epochs, lr, seed)
+        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "test",
+                                    {"stage": self.cache.path(bname, bkey).name})
+        path, build = self._build(n, epochs, lr, seed, needed=not self.cache.is_cached(ename, ekey))
+        res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "test") if build is not None else None
+        if res is None:
+            return None
+        return {"budget": R.budget_name(n, epochs), "train_examples": n, "epochs": epochs, "seed": seed, "lr": lr,
+                "heldout_means": {f"{k:g}": v for k, v in sorted(means.items())}, "build_stage": path.name,
+                "eval_stage": self.cache.path(ename, ekey).name, "test": res}
+
+    def student(self) -> dict:
+        from pkt.experiment.fingerprint import model_identity
+
+        out = {}
+        for which in ("heldout", "test"):
+            name, key = self.eval_key("student", which, model_identity(self.cfg.student))
+            res = self._evaluate(name, key, self.cfg.student, which)
+            if res is not None:
+                out[which] = {**res, "eval_stage": self.cache.path(name, key).name}
+        return out
+
+    def meta(self) -> dict:
+        e, t = self.cfg.eval, self.cfg.task
+        from pkt.experiment.evaluation import TEST_SIZES
+
+        return {"format": 1, "settings": self.cfg.model_dump(mode="json"), "config_yaml": self.config_text,
+                "metric": METRICS[t], "heldout": self.heldout.info, **self.common,
+                "test": {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
+                         "description": f"{min(e.test_size, TEST_SIZES[t])} of the {TEST_SIZES[t]} {t} test "
+                                        f"questions, seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}}
+
+    def run(self) -> Path:
+        from pkt.experiment.preflight import check_sandbox, model_facts
+        from pkt.io import check_output_dir
+
+        model_facts(self.cfg.student)  # a missing or unusable student fails here, before any stage
+        if self.cfg.task == "mbpp":
+            check_sandbox(["mbpp"], self.cfg.eval.allow_weak_sandbox)
+        check_output_dir(self.records, "records")
+        s = self.cfg.model_dump(mode="json")
+        grid = R.budgets(s)
+        total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds)
+        written: set[Path] = set()
+
+        def record(rel: str, obj: dict) -> None:
+            write_json(self.records / rel, obj)
+            written.add(self.records / rel)
+
+        with self.cache.lock():
+            record(R.META, self.meta())
+            st = self.student()
+            record(R.STUDENT, st)
+            self.log("[pilot] student: " + ", ".join(f"{w} {st[w]['score']:.1%}" for w in st))
+            done = 0
+            for n, e in grid:
+                points = {}
+                for seed in self.cfg.seeds:
+                    for lr in self.cfg.lrs:
+                        p = self.point(n, e, lr, seed)
+                        points[p["point"]] = p
+                        record(f"{R.POINTS}/{p['point']}.json", p)
+                        done += 1
+                        self.log(f"[pilot] point {done}/{total} {p['point']}: held-out {p['heldout']['score']:.1%}"
+                                 f", ‖ΔW‖/‖W‖ {p['build']['update']['all']:.3%}")
+                lr, means = R.select_lr(points, n, e, list(self.cfg.lrs), list(self.cfg.seeds))
+                for seed in self.cfg.seeds:
+                    t = self.test(n, e, lr, seed, means)
+                    record(f"{R.TESTS}/{t['budget']}-s{seed}.json", t)
+                    self.log(f"[pilot] budget {t['budget']} seed {seed}: lr {lr:g} selected on held-out, test "
+                             f"{t['test']['score']:.1%}")
+                if not self.cfg.keep_checkpoints:
+                    for seed in self.cfg.seeds:
+                        for x in self.cfg.lrs:
+                            self._prune(self.cache.path(*self.build_key(n, e, x, seed)))
+                R.write_report(self.records)
+            for old in [*(self.records / R.POINTS).glob("*.json"), *(self.records / R.TESTS).glob("*.json")]:
+                if old not in written:  # a record of another grid or settings: not this pilot's
+                    old.unlink()
+            report = R.write_report(self.records)
+        self.log(f"[pilot] wrote {report} and {report.with_name(R.PLOT)}")
+        return report
+
+    # ---- the plan (--dry-run) ----
+    def plan(self) -> list[tuple[str, bool, float, str]]:
+        """(stage, cached, estimated seconds, work) of every stage a run computes; nothing runs. A budget's test
+        stage is named once its held-out stages are cached (the lr is chosen from them)."""
+        from pkt.experiment.fingerprint import model_identity
+
+        from pkt.studies.pilot_plan import Costs
+
+        cost = Costs(self.cfg, self.heldout)
+        rows = []
+        for which in ("heldout", "test"):
+            name, key = self.eval_key("student", which, model_identity(self.cfg.student))
+            rows.append((name, self.cache.is_cached(name, key), cost.evaluate(which), cost.work(which)))
+        for n, e in R.budgets(self.cfg.model_dump(mode="json")):
+            points = {}
+            for seed in self.cfg.seeds:
+                for lr in self.cfg.lrs:
+                    bname, bkey = self.build_key(n, e, lr, seed)
+                    p = self.point(n, e, lr, seed)
+                    if p is not None:
+                        points[p["point"]] = p
+                    rows += [(bname, p is not None or self.cache.is_cached(bname, bkey), cost.build(n, e),
+                              f"fine-tune {n} examples x {e:g} epochs, lr {lr:g}"),
+                             (f"heldout-{R.point_name(n, e, lr, seed)}", p is not None, cost.evaluate("heldout"),
+                              cost.work("heldout"))]
+            lr, means = R.select_lr(points, n, e, list(self.cfg.lrs), list(self.cfg.seeds))
+            for seed in self.cfg.seeds:
+                t = self.test(n, e, lr, seed, means) if lr is not None else None
+                name = f"test-{R.point_name(n, e, lr, seed)}" if lr is not None else \
+                    f"test-{R.budget_name(n, e)}-s{seed} (lr to be chosen)"
+                rows.append((name, t is not None, cost.evaluate("test"), cost.work("test")))
+        self.plan_notes = cost.notes + [cost.disk_note()]
+        return rows
+
+    def _prune(self, path: Path) -> None:
+        files = sorted((path / "run" / "merged").glob("model*.safetensors"))
+        if files:
+            freed = self.cache.prune(path, files, "merged weights deleted after the budget's evaluations")
+            self.log(f"[pruned] {path.name}: {freed / 1e9:.2f} GB")
+
+
+def _finished(path: Path) -> dict | None:
+    """The result in a finished stage's stage.json, also after its weights were pruned."""
+    import json
+
+    try:
+        data = json.loads((path / "stage.json").read_text(encoding="utf-8"))
+        return data["result"] if isinstance(data, dict) and isinstance(data.get("result"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from pkt.io import check_output_dir
+    from pkt.studies.pilot_plan import render_plan
+
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path, help="the pilot's YAML settings (configs/pilot-gsm8k.yaml)")
+    ap.add_argument("--out", type=Path, help="work directory: stages and weights (resumed if it exists)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true", help="write pilot.md and pilot.png from the records alone")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
+    args = ap.parse_args(argv)
+    cfg, text = load_config(args.config)
+    if args.report:
+        path = R.write_report(cfg.records)
+        print(f"wrote {path} and {path.with_name(R.PLOT)}")
+        return 0
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.dry_run:
+        print(render_plan(Pilot(cfg, args.out, text, log=log, dry=True)))
+        return 0
+    if args.out is None:
+        raise PktError("--out DIR is required to run the pilot (its stages and weights go there)")
+    check_output_dir(args.out, "--out")
+    Pilot(cfg, args.out, text, log=log).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

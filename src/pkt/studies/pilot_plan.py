@@ -1,0 +1,78 @@
+"""The cost of a pilot before it runs (``pkt study pilot CONFIG --dry-run``): its stages, cached or not, with their
+estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured training, forward and
+continuous-decoding rates by model size and dtype; generation counted at its token cap, an upper bound) and the disk
+its merged students take at once.
+"""
+
+from __future__ import annotations
+
+from pkt.studies import pilot_report as R
+
+
+class Costs:
+    """Seconds of a build or an evaluation on the reference machine, from :mod:`pkt.experiment.plan`'s measured
+    rates (training, forward and continuous-decoding tokens/s by model size and dtype)."""
+
+    def __init__(self, cfg, heldout):
+        from pkt.experiment.plan import DTYPE_BYTES, LOAD_SECONDS_PER_GB, _Tokens
+        from pkt.experiment.preflight import meta_facts, model_facts
+
+        facts = meta_facts(model_facts(cfg.student, plan=True))
+        self.cfg, self.n_heldout, self.params = cfg, len(heldout.rows), facts.params or 0
+        self.notes = [] if self.params else ["the student's size is unknown until it is prepared: its stages cost 0"]
+        self.tokens = min(_Tokens(facts.path, facts.tokenizer).mean(cfg.task, "train"), cfg.max_length)
+        self.model_bytes = self.params * DTYPE_BYTES[cfg.dtype]
+        self.load = self.model_bytes / 1e9 * LOAD_SECONDS_PER_GB
+
+    def _secs(self, work: str, tokens: float) -> float:
+        from pkt.experiment.plan import tokens_per_second
+
+        return tokens / tokens_per_second(work, self.params, self.cfg.dtype) if self.params else 0.0
+
+    def build(self, n: int, epochs: float) -> float:
+        return self._secs("train", n * epochs * self.tokens) + self.load * bool(self.params)
+
+    def questions(self, which: str) -> int:
+        from pkt.experiment.evaluation import TEST_SIZES
+
+        return self.n_heldout if which == "heldout" else min(self.cfg.eval.test_size, TEST_SIZES[self.cfg.task])
+
+    def evaluate(self, which: str) -> float:
+        from pkt.experiment.evaluation import TEST_PROMPT_TOKENS
+
+        e, q = self.cfg.eval, self.questions(which)
+        if e.decoding == "continuous":  # its measured rate includes the prompts' prefill
+            gen = self._secs("generate-continuous", q * e.max_new_tokens)
+        else:
+            gen = self._secs("forward", q * TEST_PROMPT_TOKENS[self.cfg.task]) + \
+                self._secs("generate", q * e.max_new_tokens)
+        loss = self._secs("forward", q * self.tokens) if which == "heldout" and self.cfg.heldout.answer_loss else 0
+        return gen + loss + self.load * bool(self.params)
+
+    def work(self, which: str) -> str:
+        loss = ", answer loss" if which == "heldout" and self.cfg.heldout.answer_loss else ""
+        return f"{self.questions(which)} {which} questions x <= {self.cfg.eval.max_new_tokens} new tokens{loss}"
+
+    def disk_note(self) -> str:
+        c = self.cfg
+        n = len(c.lrs) * len(c.seeds) * (len(R.budgets(c.model_dump(mode="json"))) if c.keep_checkpoints else 1)
+        return (f"disk: up to {n} merged students at once ({n * self.model_bytes / 1e9:.1f} GB"
+                f"{'' if c.keep_checkpoints else ': each budget keeps its builds until its test evaluation'}) "
+                "besides their adapters")
+
+
+def render_plan(pilot) -> str:
+    """The plan of ``pilot`` (:meth:`pkt.studies.pilot.Pilot.plan`) as a table, its total and notes."""
+    from pkt.experiment.plan import THROUGHPUT_MACHINE, human
+
+    rows = pilot.plan()
+    todo = [r for r in rows if not r[1]]
+    seconds = sum(r[2] for r in todo)
+    lines = [f"{'stage':<44} {'status':<7} {'estimate':>9}  work"]
+    lines += [f"{name:<44} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
+              for name, cached, s, work in rows]
+    builds = sum(r[0].startswith("build-") for r in rows)
+    lines.append(f"plan: {builds} builds and {len(rows) - builds} evaluations ({len(rows) - len(todo)} stages "
+                 f"cached), estimated {human(seconds)} on the reference machine ({THROUGHPUT_MACHINE}), "
+                 "generation counted at its token cap")
+    return "\n".join(lines + [f"note: {x}" for x in pilot.plan_notes])
