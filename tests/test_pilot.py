@@ -133,3 +133,19 @@ def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_
                              "--dry-run")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
+
+
+def test_the_committed_config_builds_the_known_point_as_pkt_postpkt_does(shared_data):
+    """configs/pilot-gsm8k.yaml's 256 x 1 x 3e-4 point is `pkt postpkt --init lora --n-train 256 --epochs 1
+    --batch-size 16 --micro-batch-size 4 --max-length 384 --lr 3e-4 --seed 0` (the known 7.5% -> 15.5% point)."""
+    from pathlib import Path
+
+    from pkt.cli.postpkt import finetune_config
+    from pkt.studies.pilot import Pilot, load_config
+
+    cfg, _ = load_config(Path(__file__).parents[1] / "configs" / "pilot-gsm8k.yaml")
+    assert (cfg.task, cfg.eval.shots, cfg.eval.protocol, cfg.eval.test_size, cfg.heldout.size) == (
+        "gsm8k", 0, "pkt", 300, 150)
+    cli = finetune_config(None, n_train=256, epochs=1, batch_size=16, micro_batch_size=4, max_length=384, lr=3e-4,
+                          seed=0)
+    assert Pilot(cfg, None).finetune_cfg(256, 1.0, 3e-4, 0).model_dump() == cli.model_dump()
