@@ -118,6 +118,7 @@ def pair_layers(cka: torch.Tensor, cfg: TransferConfig) -> tuple[list[int], dict
         pairing = proportional_map(n_s, n_t)
     elif cfg.pairing == "shuffled":
         pairing, info["derangement"] = shuffled_pairing(best, cfg.seed)
+        info["moved"] = sum(a != b for a, b in zip(pairing, best))  # all, unless a teacher layer repeats
     else:
         pairing = best
     info["teacher_layers"] = pairing
@@ -129,8 +130,13 @@ def pair_layers(cka: torch.Tensor, cfg: TransferConfig) -> tuple[list[int], dict
 def task_vector_from_adapter(teacher, adapter_dir) -> tuple[TaskVector, object]:
     """(ΔW = the adapter's own delta per teacher projection, the teacher without the adapter): peft computes
     each delta (its scaling, rsLoRA or not), then the adapter is removed."""
+    from pathlib import Path
+
     from peft import PeftModel
 
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise PktError(f"{adapter_dir}: no LoRA adapter there (adapter_config.json), the teacher's task vector "
+                       "is read from a teacher-lora run's adapter/")
     model = PeftModel.from_pretrained(teacher, str(adapter_dir))
     spec = ArchSpec.from_model(model)
     tv: TaskVector = {}
@@ -221,7 +227,7 @@ def collect(teacher, student, tv: TaskVector, pairing: list[int], s_keys: list[t
     down = {(l, "down") for l, k in s_keys if SPACE[k] == "ffn"}  # their maps read down's input
     s_hooks = sorted(set(s_keys) | down)
     t_hooks = sorted({(pairing[l], k) for l, k in s_hooks})
-    dw = {(pairing[l], k): tv[(pairing[l], k)].double() for l, k in s_keys}
+    dw = {(pairing[l], k): tv[(pairing[l], k)].detach().double() for l, k in s_keys}
     eff, maps, gram = {}, {}, {}
     for ids in sequences:
         t_got, s_got = _capture(teacher, t_spec, t_hooks, ids), _capture(student, s_spec, s_hooks, ids)
