@@ -51,8 +51,8 @@ class TransferConfig(Settings):
     pairing: Literal["cka", "shuffled", "depth"] = "cka"
     monotone: bool = True  # CKA pairing: the best non-decreasing assignment (else each layer's own argmax)
     output_map: Literal["ridge", "procrustes"] = "ridge"
-    map_ridge: float = Field(1e-2, ge=0)  # relative to tr(Y_tᵀY_t)/d_out_t (centred)
-    ridge: float = Field(1e-2, ge=0)  # relative to tr(X_sᵀX_s)/d_in_s
+    map_ridge: float = Field(1e-2, gt=0)  # relative to tr(Y_tᵀY_t)/d_out_t (centred)
+    ridge: float = Field(1e-2, gt=0)  # relative to tr(X_sᵀX_s)/d_in_s
     rank: int | None = Field(None, ge=1)
     cka_tokens: int = Field(2048, ge=4)  # tokens (seeded subsample) the layer CKA is computed on
     max_stat_gib: float = Field(4.0, gt=0)
@@ -214,8 +214,12 @@ def layer_passes(layers: list[int], per_layer: int, max_bytes: float) -> list[li
     return [layers[i: i + step] for i in range(0, len(layers), step)]
 
 
-def _add(d: dict, key, value) -> None:
-    d[key] = d.get(key, 0.0) + value
+def _gram(d: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:
+    """d[key] += aᵀb, in place after the first (no second matrix of that size)."""
+    if key in d:
+        d[key].addmm_(a.T, b)
+    else:
+        d[key] = a.T @ b
 
 
 def collect(teacher, student, tv: TaskVector, pairing: list[int], s_keys: list[tuple[int, str]], sequences,
@@ -235,42 +239,53 @@ def collect(teacher, student, tv: TaskVector, pairing: list[int], s_keys: list[t
             kinds = [k for ll, k in s_keys if ll == l]
             for group in {INPUT_GROUP[k] for k in kinds}:  # q, k and v read one input: one Gram matrix
                 xs = s_got[(l, next(k for k in kinds if INPUT_GROUP[k] == group))][0]
-                _add(gram, (l, group), xs.T @ xs)
+                _gram(gram, (l, group), xs, xs)
             for space in {SPACE[k] for k in kinds}:
                 yt, ys = _space(t_got, pairing[l], space), _space(s_got, l, space)
-                m = maps.setdefault((l, space), {"ts": 0.0, "tt": 0.0, "mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
-                m["ts"] = m["ts"] + yt.T @ ys
+                m = maps.setdefault((l, space), {"mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
+                _gram(m, "ts", yt, ys)
                 if ridge_map:
-                    m["tt"] = m["tt"] + yt.T @ yt
+                    _gram(m, "tt", yt, yt)
                 m["mt"], m["ms"] = m["mt"] + yt.sum(0), m["ms"] + ys.sum(0)
                 m["ss"] += float(ys.square().sum())
                 m["n"] += ys.shape[0]
             for k in kinds:
                 e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
-                _add(eff, (l, k, "xe"), s_got[(l, k)][0].T @ e)
-                _add(eff, (l, k, "ee"), float(e.square().sum()))
+                _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
+                eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
     return eff, maps, gram
 
 
 # ---- the closed-form solves ------------------------------------------------------------------------------
-def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, rel: float) -> torch.Tensor:
-    """(G + λI)⁻¹ rhs with λ = rel · tr(G)/dim: the ridge solution given G = XᵀX and rhs = XᵀB."""
-    lam = rel * float(torch.trace(gram)) / gram.shape[0]
-    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+def ridge_lambda(gram: torch.Tensor, rel: float) -> float:
+    return rel * float(torch.trace(gram)) / gram.shape[0]
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, rel: float, inplace: bool = False) -> torch.Tensor:
+    """(G + λI)⁻¹ rhs with λ = :func:`ridge_lambda`: the ridge solution given G = XᵀX and rhs = XᵀB. G is
+    symmetric positive definite once λ > 0 (Cholesky); ``inplace`` adds λ to G's own diagonal."""
+    lam = ridge_lambda(gram, rel)
+    g = gram if inplace else gram.clone()
+    g.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(g)
+    # a λ too small for float64 to see can leave G numerically indefinite: LU then
+    return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(g, rhs)
 
 
 def output_map(a: dict, how: str, rel: float) -> tuple[torch.Tensor, float | None]:
     """(M: d_out_t × d_out_s with Y_s ≈ Y_t M on the centred outputs, its R² when ridge)."""
     n = a["n"]
     mt, ms = a["mt"] / n, a["ms"] / n
-    ts = a["ts"] - n * torch.outer(mt, ms)
+    ts = a["ts"].addr_(mt, ms, alpha=-n)  # centred in place: the statistics are not used again
     if how == "procrustes":  # the polar factor U Vᵀ of Y_tᵀY_s: semi-orthogonal when the widths differ
         u, _, vh = torch.linalg.svd(ts, full_matrices=False)
         return u @ vh, None
-    tt = a["tt"] - n * torch.outer(mt, mt)
-    m = ridge_solve(tt, ts, rel)
+    tt = a["tt"].addr_(mt, mt, alpha=-n)
+    lam = ridge_lambda(tt, rel)
+    m = ridge_solve(tt, ts, rel, inplace=True)
+    # residual ‖Ỹ_s − Ỹ_t M‖² = tr(C_ss) − 2⟨M, C_ts⟩ + ⟨M, C_tt M⟩, and C_tt M = C_ts − λM at the ridge solution
     total = a["ss"] - n * float(ms @ ms)
-    resid = total - 2 * float((m * ts).sum()) + float((m * (tt @ m)).sum())
+    resid = total - float((m * ts).sum()) - lam * float(m.square().sum())
     return m, (1 - resid / total if total > 0 else None)
 
 
@@ -290,11 +305,13 @@ def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cf
     layers = [l for l in range(s_spec.num_layers) if any((pairing[l], k) in tv for k in kinds)]
     passes = layer_passes(layers, layer_stat_bytes(s_spec, t_spec, kinds, ridge_map), cfg.max_stat_gib * 2**30)
     deltas: TaskVector = {}
-    rows = []
+    rows, t_stats = [], 0.0
     for n_pass, chunk in enumerate(passes):
         log(f"function transfer: pass {n_pass + 1}/{len(passes)}, student layers {chunk[0]}..{chunk[-1]}")
         keys = [(l, k) for l in chunk for k in kinds if (pairing[l], k) in tv]
+        t1 = time.perf_counter()
         eff, maps, gram = collect(teacher, student, tv, pairing, keys, sequences, ridge_map)
+        t_stats += time.perf_counter() - t1
         fitted = {key: output_map(a, cfg.output_map, cfg.map_ridge) for key, a in maps.items()}
         for l, k in keys:
             m, r2 = fitted[(l, SPACE[k])]
@@ -311,7 +328,8 @@ def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cf
         del eff, maps, gram
     info.update(kinds=kinds, projections=rows, passes=len(passes), n_sequences=len(sequences),
                 n_tokens=int(sum(len(s) for s in sequences)),
-                seconds={"pairing": round(t_pair, 1), "transfer": round(time.perf_counter() - t0 - t_pair, 1)})
+                seconds={"pairing": round(t_pair, 1), "statistics": round(t_stats, 1),
+                         "solve": round(time.perf_counter() - t0 - t_pair - t_stats, 1)})
     return deltas, info
 
 
