@@ -12,7 +12,7 @@ activations is reproduced in closed form (docs/methods.md §9.2):
    the student layers.
 3. Per projection p of student layer l, the teacher's update effect ``E = X_t ΔW_tᵀ`` (tokens × d_out_t) is
    carried into the student's output space by a linear map M (d_out_t × d_out_s) fitted on the centred
-   calibration outputs, ``Y_s ≈ Y_t M``: ridge least squares (``output_map="ridge"``) or the semi-orthogonal
+   calibration outputs, ``Y_s ≈ Y_t M`` (for gate and up, on the FFN neurons' activations: :data:`SPACE`): ridge least squares (``output_map="ridge"``) or the semi-orthogonal
    Procrustes factor (``"procrustes"``). Then ``ΔW_sᵀ = (X_sᵀX_s + λI)⁻¹ X_sᵀ E M``, the ridge solution of
    ``min ‖X_s ΔW_sᵀ − E M‖² + λ‖ΔW_s‖²``, with λ = ``ridge`` × tr(X_sᵀX_s)/d_in (likewise ``map_ridge`` for M).
    ``rank`` optionally truncates ΔW_s by SVD; the default keeps it full rank (merged into the weights).
@@ -207,6 +207,18 @@ def layer_stat_bytes(s: ArchSpec, t: ArchSpec, kinds, ridge_map: bool) -> int:
             (widths[space][0][0], widths[space][1][0])
         n += o_t * o_s + (o_t * o_t if ridge_map else 0)
     return 8 * n
+
+
+def layer_solve_flops(s: ArchSpec, t: ArchSpec, kinds) -> int:
+    """Approximate flops of one student layer's solves (Cholesky factor and two triangular solves each)."""
+    n = 0
+    for k in kinds:
+        (o_s, i_s), o_t = s.weight_shape(k), t.weight_shape(k)[0]
+        n += i_s ** 3 // 3 + 2 * i_s * i_s * o_s
+        if SPACE[k] == k or k == "gate":  # one map per space (gate and up share theirs)
+            o_t, o_s = (t.intermediate_size, s.intermediate_size) if SPACE[k] == "ffn" else (o_t, o_s)
+            n += o_t ** 3 // 3 + 2 * o_t * o_t * o_s
+    return n
 
 
 def layer_passes(layers: list[int], per_layer: int, max_bytes: float) -> list[list[int]]:
