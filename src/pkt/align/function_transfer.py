@@ -337,7 +337,7 @@ def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cf
             rows.append({"layer": l, "teacher_layer": pairing[l], "kind": k, "map": SPACE[k],
                          "map_r2": None if r2 is None else round(r2, 4),
                          "effect_ratio": round(math.sqrt(effect / ee), 4) if ee > 0 else None})
-        del eff, maps, gram
+        del eff, maps, gram, fitted
     info.update(kinds=kinds, projections=rows, passes=len(passes), n_sequences=len(sequences),
                 n_tokens=int(sum(len(s) for s in sequences)),
                 seconds={"pairing": round(t_pair, 1), "statistics": round(t_stats, 1),
