@@ -11,6 +11,10 @@
   ``--batch-size`` concurrent sequences. It has no stop strings, so its outputs run to the end token and are
   truncated at the stops afterwards (the same text, more tokens decoded).
 
+``--engines`` takes ENGINE[@ROWS] (e.g. ``continuous-whole-head@32,continuous@32,continuous@64``), where
+``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product (the engine
+before P11's sliced head). The texts are kept in ``--out`` so that differing answers can be scored.
+
 Prompts are the task's own (HumanEval: the Qwen2.5-Coder protocol; GSM8K: the pkt protocol; gsm8k-cot:
 lm-eval's 8-shot chain of thought, whose exemplars the continuous engine prefills once), with the task's stops.
 Reported per engine: wall seconds, real new tokens (up to the end token or stop), useful tokens/s, and how many
@@ -24,7 +28,9 @@ import argparse
 import json
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -44,8 +50,9 @@ def task_prompts(task: str, tok, n: int) -> tuple[list[str], list[str]]:
     rows = select(gsm8k_test(), n, 0)
     if task == "gsm8k-cot":
         return [gsm8k.lmeval_prompt(r["question"]) for r in rows], gsm8k.LMEVAL_STOP
-    return [prompt_text(gsm8k.user_turn(r["question"]), tok, "chat", gsm8k.ASSISTANT_PREFIX) for r in rows], \
-        gsm8k.STOP
+    shots = 8 if task == "gsm8k-8shot" else 0  # the study's 8-shot protocol (pkt eval --shots 8), or 0-shot
+    return [prompt_text(gsm8k.user_turn(r["question"], shots, 0), tok, "chat", gsm8k.ASSISTANT_PREFIX)
+            for r in rows], gsm8k.STOP
 
 
 def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str], int]:
@@ -76,7 +83,7 @@ def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str],
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--task", choices=("humaneval", "gsm8k", "gsm8k-cot"), default="humaneval")
+    ap.add_argument("--task", choices=("humaneval", "gsm8k", "gsm8k-8shot", "gsm8k-cot"), default="humaneval")
     ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=384)
@@ -95,22 +102,31 @@ def main() -> None:
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            **{k: v for k, v in vars(args).items() if k not in ("engines", "out")}, "engines": {}}
     ref = None
-    for engine in args.engines.split(","):
+    for spec in args.engines.split(","):
+        # ENGINE[@ROWS]: rows decoded at once (default --batch-size); "continuous-whole-head" is the continuous
+        # engine with the vocabulary projection in one product, as before pkt.evaluate.logits sliced it
+        engine, _, rows = spec.partition("@")
+        batch = int(rows) if rows else args.batch_size
         t0 = time.perf_counter()
         if engine == "hf-paged":
             with torch.no_grad():
-                texts, tokens = hf_paged(model, tok, prompts, stop, args.max_new_tokens, args.batch_size)
+                texts, tokens = hf_paged(model, tok, prompts, stop, args.max_new_tokens, batch)
         else:
             st = GenStats()
-            texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
-                                            batch_size=args.batch_size, progress=False, stats=st, engine=engine)]
+            whole = engine == "continuous-whole-head"
+            with patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext():
+                texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
+                                                batch_size=batch, progress=False, stats=st,
+                                                engine="continuous" if whole else engine)]
             tokens = st.new_tokens
         secs = time.perf_counter() - t0
         ref = texts if ref is None else ref
-        res["engines"][engine] = {"seconds": round(secs, 1), "new_tokens": tokens,
-                                  "tokens_per_s": round(tokens / secs, 2),
-                                  "same_as_first": sum(a == b for a, b in zip(ref, texts))}
-        print(json.dumps({engine: res["engines"][engine]}), flush=True)
+        res["engines"][spec] = {"seconds": round(secs, 1), "new_tokens": tokens,
+                                "tokens_per_s": round(tokens / secs, 2),
+                                "same_as_first": sum(a == b for a, b in zip(ref, texts)),
+                                "differ_from_first": [i for i, (a, b) in enumerate(zip(ref, texts)) if a != b],
+                                "texts": texts}
+        print(json.dumps({spec: {k: v for k, v in res["engines"][spec].items() if k != "texts"}}), flush=True)
         if args.out:
             args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))

@@ -23,6 +23,7 @@ import torch
 
 from pkt.evaluate.kv_cache import (_Rows, _prefill, _prefill_prefix, _prefix_groups, _shared_prefix,
                                    _supports_refill, left_padded)
+from pkt.evaluate.logits import last_logits
 
 
 @dataclass
@@ -179,8 +180,8 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
             rows.add(cache, mask, new, mask.sum(-1), first)
         else:
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
-            logits = model(input_ids=rows.last[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
-                           past_key_values=rows.cache, use_cache=True).logits[:, -1]
+            logits = last_logits(model, input_ids=rows.last[:, None], attention_mask=rows.mask,
+                                 position_ids=rows.pos[:, None], past_key_values=rows.cache)
             rows.last = logits.argmax(-1)
             rows.pos = rows.pos + 1
             for i, t in zip(rows.ids, rows.last.tolist()):

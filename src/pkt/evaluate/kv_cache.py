@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pkt.evaluate.logits import last_logits
+
 
 def left_padded(enc: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
     """Token-id lists as one left-padded batch with its attention mask."""
@@ -136,8 +138,8 @@ def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, de
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(len(suffixes))
         mask = torch.cat([mask.new_ones(len(suffixes), shared), mask], dim=1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = last_logits(model, input_ids=batch["input_ids"], attention_mask=mask, position_ids=position,
+                         past_key_values=cache)
     return logits, cache, mask
 
 
