@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from pkt.io import atomic_dir, write_json
 from pkt.locate import layers as layer_sel
 from pkt.locate import structure
 from pkt.models.arch import ArchSpec
+from pkt.peak_memory import peak_rss_bytes
 
 FACTORS = "factors.safetensors"
 MANIFEST = "manifest.json"
@@ -68,11 +68,6 @@ class SeekingConfig(Settings):
         parse_kinds(self.targets)
         if self.n_samples < 1 or self.rank < 1:
             raise PktError("n_samples and rank must be at least 1")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def spec_from_ref(ref) -> ArchSpec:

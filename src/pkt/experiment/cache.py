@@ -1,7 +1,7 @@
 """Content-addressed stage cache: a stage's output directory is keyed by a hash of everything that
 determines it (settings, code, libraries, models, data: see :mod:`pkt.experiment.fingerprint`).
 
-A finished stage holds ``stage.json`` (its key, result and timing) and is never recomputed; an
+A finished stage holds ``stage.json`` (its key, result, wall time and peak resident memory) and is never recomputed; an
 interrupted one leaves nothing (the directory is built under a temporary name and renamed at the end,
 see :func:`pkt.io.atomic_dir`). Re-running an experiment after a crash or SIGKILL therefore resumes at
 the first unfinished stage and gives the same numbers as an uninterrupted run.
@@ -34,6 +34,7 @@ from typing import Callable
 from pkt.errors import PktError
 from pkt.stage import Stage
 from pkt.io import atomic_dir, write_json
+from pkt.peak_memory import peak_rss_bytes, reset_peak
 
 LOCK_NAME = ".pkt-run.lock"
 PRUNED = "pruned.json"
@@ -51,10 +52,12 @@ class StageRecord:
     seconds: float
     cached: bool
     of: Stage | None = None  # the stage as a typed value (None: a stage run by name only)
+    peak_rss_bytes: int | None = None  # the stage's own peak resident memory, where measured
 
     def to_dict(self) -> dict:
         """What a manifest lists of the stage."""
-        return {"stage": self.stage, "key": self.key, "seconds": self.seconds, "cached": self.cached}
+        return {"stage": self.stage, "key": self.key, "seconds": self.seconds, "cached": self.cached,
+                **({"peak_rss_bytes": self.peak_rss_bytes} if self.peak_rss_bytes is not None else {})}
 
 
 def read_record(path: Path) -> dict | None:
@@ -136,7 +139,7 @@ class StageCache:
             self.records.append(StageRecord(stage, path.name, data["seconds"] if data else 0.0, data is not None, of))
             return path, data["result"] if data else None
         if data is not None:
-            self.records.append(StageRecord(stage, path.name, data["seconds"], True, of))
+            self.records.append(StageRecord(stage, path.name, data["seconds"], True, of, data.get("peak_rss_bytes")))
             self.log(f"[cached] {stage} ({path.name})")
             return path, data["result"]
         if self._lock_fd is None and not self.worker:
@@ -145,14 +148,19 @@ class StageCache:
             self.log(f"[redo]   {stage}: its record is unreadable or its outputs were pruned")
         self.log(f"[run]    {stage}")
         t0 = time.perf_counter()
+        # the stage's own peak memory: the process's peak is reset first (where the OS allows; else the record
+        # says the peak is the process's so far)
+        scope = "stage" if reset_peak() else "process"
         with atomic_dir(path) as tmp:
             result = fn(tmp)
             seconds = round(time.perf_counter() - t0, 2)
+            peak = peak_rss_bytes()
             record = {"stage": stage, **({"of": of.to_dict()} if of else {}), "key": key_payload, "result": result,
-                      "seconds": seconds}
+                      "seconds": seconds, "peak_rss_bytes": peak, "peak_scope": scope}
             write_json(tmp / "stage.json", record)
-        self.records.append(StageRecord(stage, path.name, seconds, False, of))
-        self.log(f"[done]   {stage} in {seconds:.1f} s")
+        self.records.append(StageRecord(stage, path.name, seconds, False, of, peak))
+        self.log(f"[done]   {stage} in {seconds:.1f} s, peak resident memory {peak / 2**30:.2f} GiB"
+                 + ("" if scope == "stage" else " (the process's so far)"))
         return path, result
 
     def prune(self, path: Path, files: list[Path], note: str) -> int:

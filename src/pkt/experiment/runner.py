@@ -360,6 +360,10 @@ class Study:
             if self.records_dir is not None:
                 R.export_run(self.out, self.records_dir)
                 R.rebuild(self.records_dir)
+        for r in self.cache.records:  # what each stage of this run took, so a user sees which stage needs what
+            if not r.cached:
+                peak = "" if r.peak_rss_bytes is None else f", peak {r.peak_rss_bytes / 2**30:.2f} GiB"
+                self.log(f"  {r.stage}: {r.seconds:.0f} s{peak}")
         self.log(f"wrote {self.out / 'results.md'} and {self.out / 'report.html'} "
                  f"({manifest['seconds']:.0f} s, {sum(not r.cached for r in self.cache.records)} stages run, "
                  f"{sum(r.cached for r in self.cache.records)} cached)")
