@@ -34,6 +34,7 @@ from typing import Callable
 from pkt.errors import PktError
 from pkt.stage import Stage
 from pkt.io import atomic_dir, write_json
+from pkt.machine import describe, kernel_class
 from pkt.peak_memory import peak_rss_bytes, reset_peak
 
 LOCK_NAME = ".pkt-run.lock"
@@ -140,7 +141,11 @@ class StageCache:
             return path, data["result"] if data else None
         if data is not None:
             self.records.append(StageRecord(stage, path.name, data["seconds"], True, of, data.get("peak_rss_bytes")))
-            self.log(f"[cached] {stage} ({path.name})")
+            other = data.get("machine")
+            # a record made by other kernels (AMX bf16 vs AVX-512, another torch) may differ in its last digits
+            note = (f"; computed on {describe(other)}, this machine is {describe(kernel_class())}"
+                    if isinstance(other, dict) and describe(other) != describe(kernel_class()) else "")
+            self.log(f"[cached] {stage} ({path.name}{note})")
             return path, data["result"]
         if self._lock_fd is None and not self.worker:
             raise RuntimeError("StageCache.run outside StageCache.lock()")
@@ -156,7 +161,7 @@ class StageCache:
             seconds = round(time.perf_counter() - t0, 2)
             peak = peak_rss_bytes()
             record = {"stage": stage, **({"of": of.to_dict()} if of else {}), "key": key_payload, "result": result,
-                      "seconds": seconds, "peak_rss_bytes": peak, "peak_scope": scope}
+                      "seconds": seconds, "peak_rss_bytes": peak, "peak_scope": scope, "machine": kernel_class()}
             write_json(tmp / "stage.json", record)
         self.records.append(StageRecord(stage, path.name, seconds, False, of, peak))
         self.log(f"[done]   {stage} in {seconds:.1f} s, peak resident memory {peak / 2**30:.2f} GiB"

@@ -124,10 +124,12 @@ class ExperimentConfig(Settings):
     methods: list[str] = list(ALL_METHODS)
     seeds: list[int] = [0]
     dtype: Literal["float32", "bfloat16"] = "float32"
-    teacher_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # "auto" (for demos: a study pins its dtypes so that its records compare across machines) is resolved when
+    # the config is read, to the dtype whose matrix products run faster on this machine (pkt.machine)
+    teacher_dtype: Literal["float32", "bfloat16", "auto"] = "bfloat16"
     # every model (teacher, vanilla and transferred students) is evaluated in this dtype, so the comparison
-    # is fair; bf16 is ~3x faster on CPUs with bf16 units and on GPUs
-    eval_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # is fair; bf16 is faster on CPUs with AMX and on GPUs, slower than fp32 on AVX-512 alone (P6)
+    eval_dtype: Literal["float32", "bfloat16", "auto"] = "bfloat16"
     style: Literal["chat", "tulu"] = "chat"
     analysis: bool = True
     analysis_examples: int = Field(8, ge=2)
@@ -183,6 +185,15 @@ class ExperimentConfig(Settings):
     resources: dict[Literal["default", *STAGE_KINDS], StageResources] = {}
     # how often Ray retries a stage whose worker died (a stage that raises is not retried)
     stage_retries: int = Field(2, ge=0)
+
+    @field_validator("teacher_dtype", "eval_dtype")
+    @classmethod
+    def _auto_dtype(cls, v):
+        if v != "auto":
+            return v
+        from pkt.machine import fastest_dtype
+
+        return fastest_dtype()[0]  # the stage keys and the manifest then carry the dtype actually used
 
     def resources_for(self, kind: str) -> StageResources:
         """The request of one stage kind: ``resources[kind]``, else ``resources.default``, else 1 CPU."""

@@ -102,7 +102,7 @@ def stage_record(stage_dir: str | Path) -> dict:
         raise PktError(f"{f}: malformed stage record: needs 'stage' and 'result'")
     rec = {"format": FORMAT, "stage": data["stage"], **({"of": data["of"]} if "of" in data else {}),
            "key": stage_dir.name, "seconds": data.get("seconds"),
-           **({"peak_rss_bytes": data["peak_rss_bytes"]} if "peak_rss_bytes" in data else {}),
+           **{k: data[k] for k in ("peak_rss_bytes", "machine") if k in data},
            "inputs": portable(data.get("key")), "result": portable(data["result"])}
     logs = {}
     for name in LOOP_LOGS:
@@ -177,8 +177,7 @@ def restore(dest: str | Path, planned: list[dict], stages_root: str | Path,
             write_json(tmp / "stage.json", {"stage": name, **({"of": rec["of"]} if "of" in rec else {}),
                                             "key": rec.get("inputs"), "result": rec["result"],
                                             "seconds": float(rec.get("seconds") or 0.0), "restored": True,
-                                            **({"peak_rss_bytes": rec["peak_rss_bytes"]}
-                                               if "peak_rss_bytes" in rec else {})})
+                                            **{k: rec[k] for k in ("peak_rss_bytes", "machine") if k in rec}})
             if not keep_outputs(name):
                 write_json(tmp / PRUNED, {"note": f"restored from {f.name}: its outputs are not here", "files": []})
         done.append(name)

@@ -317,6 +317,8 @@ class Study:
         records, shared = [], {}
         est = self.preflight()  # read-only: a failing check leaves no trace in the output directory
         self.log(est.summary_line())
+        from pkt.machine import describe, kernel_class
+
         from pkt.experiment import records as R
 
         if c.records:
@@ -326,12 +328,15 @@ class Study:
             check_output_dir(self.records_dir, "records")
         manifest = {
             "name": c.name, "teacher": c.teacher, "student": c.student, "seeds": c.seeds, "tasks": c.tasks,
-            "methods": c.methods, "versions": versions(), "code": fingerprint.code_identity(),
+            "methods": c.methods, "versions": versions(), "machine": kernel_class(),
+            "code": fingerprint.code_identity(),
             "started": started, "finished": None, "seconds": None, "config": c.model_dump(mode="json"),
             "config_yaml": self.config_text, "estimate": est.to_dict(),
             "stages": [{k: s[k] for k in ("stage", "key", "seconds", "cached")} for s in est.stages],
         }
         with self.cache.lock():
+            self.log(f"machine: {describe(kernel_class())}; dtypes: training {c.dtype}, teacher {c.teacher_dtype}, "
+                     f"evaluation {c.eval_dtype}")
             if self.records_dir is not None:  # the stage list first: a record counts once study.json names it
                 R.write_study(self.records_dir, manifest)
                 # finished on another machine: its committed records stand in for the stages (their weights are
