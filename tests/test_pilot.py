@@ -110,6 +110,11 @@ def test_tiny_pilot_runs_resumes_and_rederives_its_report(tmp_path, qwen_pair, s
     code, plan, _ = pkt_cli("study", "pilot", cfg, "--dry-run", "--out", out)
     assert "(7 stages cached)" in plan and "estimated 0 s" in plan
 
+    # another machine: a fresh stage directory, only the committed records: every stage restored, none recomputed
+    code, log, err = pkt_cli("study", "pilot", cfg, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    assert "[run]" not in log and log.count("[restored]") == 5 and _tree(records) == first
+
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
     shutil.copytree(records, copy)
     (copy / R.REPORT).unlink()

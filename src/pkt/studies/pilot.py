@@ -129,6 +129,11 @@ class Pilot:
         self.common = {"code": code_identity(), "libraries": library_versions()}
         self.heldout = heldout_set(cfg.task, cfg.heldout.size, cfg.heldout.seed)
         self._check_budgets()
+        self.restored = restorable(self.records)
+
+    def _have(self, name: str, key: dict) -> bool:
+        """Whether an evaluation is done: cached here, or in a committed record of the same stage key."""
+        return self.cache.is_cached(name, key) or self.cache.path(name, key).name in self.restored
 
     def _check_budgets(self) -> None:
         from pkt.data.tasks import load_split
@@ -181,6 +186,13 @@ class Pilot:
 
     # ---- stages ----
     def _evaluate(self, name: str, key: dict, ref: str, which: str) -> dict | None:
+        stage = self.cache.path(name, key).name
+        if not self.cache.is_cached(name, key) and stage in self.restored:
+            # finished on another machine (same settings, code and data: the stage key is in the name)
+            if not self.cache.dry:
+                self.log(f"[restored] {name} from its record in {self.records}")
+            return self.restored[stage]
+
         def fn(d: Path) -> dict:
             import gc
 
@@ -214,7 +226,7 @@ class Pilot:
         a build whose evaluations are cached is read from its stage.json, not rebuilt)."""
         name, key = self.build_key(n, epochs, lr, seed)
         path = self.cache.path(name, key)
-        done = _finished(path)
+        done = _finished(path) or self.restored.get(path.name)
         if not needed and done is not None:
             if not self.cache.dry:
                 self.log(f"[cached] {name}: not needed, its evaluations are cached")
@@ -242,7 +254,7 @@ class Pilot:
         bname, bkey = self.build_key(n, epochs, lr, seed)
         ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "heldout",
                                     {"stage": self.cache.path(bname, bkey).name})
-        path, build = self._build(n, epochs, lr, seed, needed=not self.cache.is_cached(ename, ekey))
+        path, build = self._build(n, epochs, lr, seed, needed=not self._have(ename, ekey))
         res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "heldout") if build is not None else None
         if res is None:
             return None
@@ -254,7 +266,7 @@ class Pilot:
         bname, bkey = self.build_key(n, epochs, lr, seed)
         ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "test",
                                     {"stage": self.cache.path(bname, bkey).name})
-        path, build = self._build(n, epochs, lr, seed, needed=not self.cache.is_cached(ename, ekey))
+        path, build = self._build(n, epochs, lr, seed, needed=not self._have(ename, ekey))
         res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "test") if build is not None else None
         if res is None:
             return None
@@ -373,6 +385,38 @@ class Pilot:
         if files:
             freed = self.cache.prune(path, files, "merged weights deleted after the budget's evaluations")
             self.log(f"[pruned] {path.name}: {freed / 1e9:.2f} GB")
+
+
+def restorable(records: Path) -> dict[str, dict]:
+    """Stage results held by the committed records, by stage directory name (its key's hash): an evaluation's
+    result, and a build's (its record, without weights). A pilot resumed on another machine takes these instead
+    of recomputing them; a record whose stage key differs (other settings or code) matches no stage."""
+    import json
+
+    found: dict[str, dict] = {}
+
+    def take(rec, res_key):
+        if isinstance(rec, dict) and isinstance(rec.get(res_key), dict) and isinstance(rec.get("eval_stage"), str):
+            found[rec["eval_stage"]] = rec[res_key]
+        if isinstance(rec, dict) and isinstance(rec.get("build"), dict) and isinstance(rec.get("build_stage"), str):
+            found[rec["build_stage"]] = rec["build"]
+
+    files = [*(records / R.POINTS).glob("*.json"), *(records / R.TESTS).glob("*.json")]
+    for f in files:
+        try:
+            rec = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: recomputed, never trusted
+        take(rec, "heldout" if f.parent.name == R.POINTS else "test")
+    try:
+        student = json.loads((records / R.STUDENT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        student = {}
+    for which in ("heldout", "test"):
+        rec = (student or {}).get(which)
+        if isinstance(rec, dict) and isinstance(rec.get("eval_stage"), str):
+            found[rec["eval_stage"]] = {k: v for k, v in rec.items() if k != "eval_stage"}
+    return found
 
 
 def _finished(path: Path) -> dict | None:
