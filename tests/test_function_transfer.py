@@ -7,6 +7,9 @@
   stream, Qᵀ ΔW where it writes it), with either output map;
 * the closed-form ridge solve equals gradient descent on the same objective; the monotone pairing equals a brute
   force over every non-decreasing map;
+* the dual (token-space) forms of the map and the solve equal the primal forms, on random matrices and through
+  whole transfers on the tiny pair, with fewer tokens than widths and with more; the rule that picks them keeps
+  the real pair's few hundred calibration tokens in the token space;
 * the nulls: the random task vector keeps the teacher's per-projection norms and singular values; the shuffled
   pairing is a derangement that moves every layer;
 * the three methods are registered and run through a study on the tiny pair, with their stage records.
@@ -23,8 +26,10 @@ import pytest
 import torch
 
 from pkt import methods
-from pkt.align.function_transfer import (TransferConfig, apply_deltas, monotone_pairing, pair_layers,
-                                         random_task_vector, rel_norms, ridge_solve, transfer)
+from pkt.align.function_transfer import (TransferConfig, apply_deltas, layer_solve_flops, layer_stat_bytes,
+                                         layer_token_bytes, monotone_pairing, output_map, pair_layers,
+                                         random_task_vector, rel_norms, ridge_solve, solve_in_tokens, transfer)
+from pkt.align.transfer_solve import TokenRidge, token_map
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
@@ -195,6 +200,89 @@ def test_closed_form_ridge_equals_gradient_descent():
     err = rel(closed, w.detach())
     print(f"\nclosed-form ridge vs gradient descent: relative difference {err:.2e}")
     assert err < 1e-8
+
+
+def stats_of(yt: torch.Tensor, ys: torch.Tensor) -> dict:
+    """What :func:`pkt.align.function_transfer.collect` sums for one output space, in one go."""
+    return {"ts": yt.T @ ys, "tt": yt.T @ yt, "mt": yt.sum(0), "ms": ys.sum(0), "ss": float(ys.square().sum()),
+            "n": yt.shape[0]}
+
+
+@pytest.mark.parametrize("n", [40, 300])  # fewer tokens than every width, and more
+def test_dual_and_primal_forms_agree_on_random_matrices(n):
+    g = torch.Generator().manual_seed(n)
+    d_t, d_s, d_in, d_out = 120, 90, 100, 70
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    yt = randn(n, d_t) @ randn(d_t, d_t) + 3 * randn(d_t)  # correlated, off-centre outputs
+    ys = yt @ randn(d_t, d_s) / 10 + randn(n, d_s) + 2 * randn(d_s)
+    e, x, b = randn(n, d_t), randn(n, d_in) + randn(d_in), randn(n, d_out)
+    diffs = {}
+    for how in ("ridge", "procrustes"):
+        primal, dual = token_map(yt, ys, how, 1e-2, dual=False), token_map(yt, ys, how, 1e-2, dual=True)
+        stats = output_map(stats_of(yt, ys), how, 1e-2)  # the primal form from running sums
+        assert dual.dual and not primal.dual and len(dual.factors) == 2
+        diffs[f"{how} map, E M"] = max(rel(dual.apply(e), primal.apply(e)), rel(stats.apply(e), primal.apply(e)))
+        if how == "ridge":
+            assert dual.r2 == pytest.approx(primal.r2, abs=1e-10) and stats.r2 == pytest.approx(primal.r2, abs=1e-10)
+            resid = (ys - ys.mean(0)) - (yt - yt.mean(0)) @ primal.matrix()
+            assert primal.r2 == pytest.approx(1 - float(resid.square().sum() / (ys - ys.mean(0)).square().sum()))
+        else:  # a partial isometry of rank min(n - 1, d_s): the centred data determine no more
+            s, r = torch.linalg.svdvals(dual.matrix()), min(n - 1, d_s)
+            assert torch.allclose(s[:r], torch.ones(r, dtype=s.dtype)) and float(s[r:].sum()) < 1e-8
+    primal, dual = TokenRidge(x, 0.3, dual=False), TokenRidge(x, 0.3, dual=True)
+    assert dual.lam == pytest.approx(primal.lam)
+    diffs["ridge solve"] = max(rel(dual.solve(b), primal.solve(b)),
+                               rel(ridge_solve(x.T @ x, x.T @ b, 0.3), primal.solve(b)))
+    print(f"\n{n} tokens: max relative difference dual vs primal: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert max(diffs.values()) < 1e-9
+
+
+@pytest.mark.parametrize("how", ["ridge", "procrustes"])
+@pytest.mark.parametrize("length", [12, 96])  # 48 tokens (below every FFN and the teacher's widths), 384 (above)
+def test_dual_and_primal_transfers_agree_on_the_tiny_pair(tok, how, length):
+    teacher, student = tiny_model("qwen2", "teacher", len(tok)), tiny_model("qwen2", "student", len(tok))
+    tv, seqs = planted(teacher), sequences(len(tok), length=length)
+    cfg = TransferConfig(output_map=how)
+    runs = {solve: transfer(teacher, student, tv, seqs, cfg, log=lambda s: None, solve=solve)
+            for solve in ("primal", "dual", "auto")}
+    (ref, info_p), (dual, info_d), (auto, info_a) = runs["primal"], runs["dual"], runs["auto"]
+    err = {solve: max(rel(d[k], ref[k]) for k in ref) for solve, (d, _) in runs.items() if solve != "primal"}
+    n = 4 * length
+    # ΔW_s is kept in float32: the forms' float64 difference (the test above) mostly vanishes in the cast
+    print(f"\n{how} map, {n} tokens: max relative difference of ΔW_s (float32) from the primal statistics: dual "
+          f"{err['dual']:.1e}, auto ({info_a['solved_from']}) {err['auto']:.1e}")
+    assert set(dual) == set(ref) == set(auto) and max(err.values()) < 1e-7
+    assert info_p["solved_from"] == "statistics" and info_d["solved_from"] == "tokens"
+    assert all(r["forms"] == {"map": "primal", "solve": "primal"} for r in info_p["projections"])
+    assert all(r["forms"] == {"map": "dual", "solve": "dual"} for r in info_d["projections"])
+    for field in ("map_r2", "effect_ratio"):  # rounded to 4 decimals in the record (None: Procrustes' R²)
+        got, want = ([r[field] or 0.0 for r in i["projections"]] for i in (info_d, info_p))
+        assert got == pytest.approx(want, abs=1e-4)
+    if info_a["solved_from"] == "tokens":  # each Gram in its smaller form
+        t_spec = ArchSpec.from_model(teacher)
+        for r in info_a["projections"]:
+            d_t = t_spec.intermediate_size if r["map"] == "ffn" else t_spec.weight_shape(r["map"])[0]
+            assert r["forms"]["map"] == ("dual" if n < d_t else "primal")
+
+
+def test_the_real_pairs_calibration_tokens_are_solved_in_the_token_space():
+    """Qwen2.5-Coder-1.5B → 0.5B widths (from their configs): the statistics of one layer take 1.4 GiB and a
+    d_ff-sized factorisation ~10¹² flops; on 731 tokens the token matrices take < 100 MiB and the solves < 1/5
+    of those flops, while many tokens go back to the statistics."""
+    from pkt.models.arch import ConfigDims
+
+    teacher = ConfigDims(28, 1536, 8960, 12, 2, 128, 151936, True)
+    student = ConfigDims(24, 896, 4864, 14, 2, 64, 151936, True)
+    assert layer_stat_bytes(student, teacher, LINEAR_KINDS, True) > 1.4 * 2**30
+    assert layer_token_bytes(student, teacher, LINEAR_KINDS, 731) < 100 * 2**20
+    assert layer_solve_flops(student, teacher, LINEAR_KINDS, 731) < layer_solve_flops(student, teacher, LINEAR_KINDS) / 5
+    assert solve_in_tokens(student, teacher, LINEAR_KINDS, True, 731)
+    assert solve_in_tokens(student, teacher, LINEAR_KINDS, True, 12_000)
+    assert not solve_in_tokens(student, teacher, LINEAR_KINDS, True, 20_000)
 
 
 def test_monotone_pairing_is_the_best_non_decreasing_map():

@@ -96,9 +96,10 @@ class FunctionTransfer(Method):
 
     def estimate(self, plan, task: str) -> Cost:
         """Both models' load, one forward of each on the calibration tokens per pass (plus the pairing's), and
-        the statistics' products and the solves counted at the student's forward rate (2 flops per parameter
-        and token)."""
-        from pkt.align.function_transfer import layer_passes, layer_solve_flops, layer_stat_bytes
+        the statistics' products (when they are kept rather than the tokens' activations) and the solves counted
+        at the student's forward rate (2 flops per parameter and token)."""
+        from pkt.align.function_transfer import (layer_passes, layer_solve_flops, layer_stat_bytes,
+                                                 layer_token_bytes, solve_in_tokens)
         from pkt.data.tasks import load_split
         from pkt.experiment.plan import tokens_per_second
         from pkt.models.arch import LINEAR_KINDS
@@ -108,13 +109,19 @@ class FunctionTransfer(Method):
         n = min(b.extract_samples, len(load_split(task, CALIBRATION_SPLIT)))
         tokens = n * min(plan.toks.mean(task, CALIBRATION_SPLIT), b.max_length)
         s_spec, t_spec = plan.student.spec, plan.teacher.spec
+        cfg = self.transfer_cfg(0)
+        ridge_map = cfg.output_map == "ridge"
         passes, stat_elems, solve_flops = 1, 0, 0
         if s_spec is not None and t_spec is not None:
-            per_layer = layer_stat_bytes(s_spec, t_spec, LINEAR_KINDS, True)
-            budget = self.transfer_cfg(0).max_stat_gib * 2**30
-            passes = len(layer_passes(list(range(s_spec.num_layers)), per_layer, budget))
-            stat_elems = per_layer // 8 * s_spec.num_layers
-            solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS) * s_spec.num_layers
+            n_tok = max(1, round(tokens))
+            if solve_in_tokens(s_spec, t_spec, LINEAR_KINDS, ridge_map, n_tok):
+                per_layer = layer_token_bytes(s_spec, t_spec, LINEAR_KINDS, n_tok)
+                solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS, n_tok) * s_spec.num_layers
+            else:
+                per_layer = layer_stat_bytes(s_spec, t_spec, LINEAR_KINDS, ridge_map)
+                stat_elems = per_layer // 8 * s_spec.num_layers
+                solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS) * s_spec.num_layers
+            passes = len(layer_passes(list(range(s_spec.num_layers)), per_layer, cfg.max_stat_gib * 2**30))
         forwards = (1 + passes) * (plan.secs("forward", plan.tp, "float32", tokens) +
                                    plan.secs("forward", plan.sp, "float32", tokens))
         flops_per_s = 2 * plan.sp * tokens_per_second("forward", plan.sp, "float32") if plan.sp else 0
