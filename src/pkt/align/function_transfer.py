@@ -297,27 +297,36 @@ def collect(teacher, student, tv: TaskVector, pairing: list[int], s_keys: list[t
     s_hooks = sorted(set(s_keys) | down)
     t_hooks = sorted({(pairing[l], k) for l, k in s_hooks})
     dw = {(pairing[l], k): tv[(pairing[l], k)].detach().double() for l, k in s_keys}
-    eff, maps, gram = {}, {}, {}
+    stats = ({}, {}, {})
     for ids in sequences:
-        t_got, s_got = _capture(teacher, t_spec, t_hooks, ids), _capture(student, s_spec, s_hooks, ids)
-        for l in sorted({l for l, _ in s_keys}):
-            kinds = [k for ll, k in s_keys if ll == l]
-            for group in {INPUT_GROUP[k] for k in kinds}:  # q, k and v read one input: one Gram matrix
-                xs = s_got[(l, next(k for k in kinds if INPUT_GROUP[k] == group))][0]
-                _gram(gram, (l, group), xs, xs)
-            for space in {SPACE[k] for k in kinds}:
-                yt, ys = _space(t_got, pairing[l], space), _space(s_got, l, space)
-                m = maps.setdefault((l, space), {"mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
-                _gram(m, "ts", yt, ys)
-                if ridge_map:
-                    _gram(m, "tt", yt, yt)
-                m["mt"], m["ms"] = m["mt"] + yt.sum(0), m["ms"] + ys.sum(0)
-                m["ss"] += float(ys.square().sum())
-                m["n"] += ys.shape[0]
-            for k in kinds:
-                e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
-                _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
-                eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
+        accumulate(stats, _capture(teacher, t_spec, t_hooks, ids), _capture(student, s_spec, s_hooks, ids), dw,
+                   pairing, s_keys, ridge_map)
+    return stats
+
+
+def accumulate(stats: tuple[dict, dict, dict], t_got: dict, s_got: dict, dw: TaskVector, pairing: list[int],
+               s_keys, ridge_map: bool) -> None:
+    """Add one sequence's activations ({(layer, kind): (input, output)} of each model, float64) to the
+    statistics (eff, maps, gram) of :func:`collect`."""
+    eff, maps, gram = stats
+    for l in sorted({l for l, _ in s_keys}):
+        kinds = [k for ll, k in s_keys if ll == l]
+        for group in {INPUT_GROUP[k] for k in kinds}:  # q, k and v read one input: one Gram matrix
+            xs = s_got[(l, next(k for k in kinds if INPUT_GROUP[k] == group))][0]
+            _gram(gram, (l, group), xs, xs)
+        for space in {SPACE[k] for k in kinds}:
+            yt, ys = _space(t_got, pairing[l], space), _space(s_got, l, space)
+            m = maps.setdefault((l, space), {"mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
+            _gram(m, "ts", yt, ys)
+            if ridge_map:
+                _gram(m, "tt", yt, yt)
+            m["mt"], m["ms"] = m["mt"] + yt.sum(0), m["ms"] + ys.sum(0)
+            m["ss"] += float(ys.square().sum())
+            m["n"] += ys.shape[0]
+        for k in kinds:
+            e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
+            _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
+            eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
     return eff, maps, gram
 
 
