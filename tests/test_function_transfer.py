@@ -332,6 +332,60 @@ def test_shuffled_pairing_is_a_derangement_that_moves_every_layer():
     assert pair_layers(cka, TransferConfig(pairing="depth"))[0] == [0, 1, 3, 4, 6, 7]
 
 
+# ---- the study's settings ----------------------------------------------------------------------------------
+def test_the_budgets_transfer_settings_default_to_the_transfers_own():
+    from pkt.config import validate
+    from pkt.experiment.config import Budget, ExperimentConfig
+
+    ft = methods.get("function-transfer")
+    b = Budget()
+    assert ft.transfer_cfg(b, 3) == TransferConfig(pairing="cka", seed=3)  # today's settings, so today's stage keys
+    assert ft.calibration_examples(b) == b.extract_samples
+    assert methods.get("function-transfer-shuffled").transfer_cfg(b, 3) == TransferConfig(pairing="shuffled", seed=3)
+    assert b.transfer_map == TransferConfig().output_map and b.transfer_ridge == TransferConfig().ridge
+    assert b.transfer_map_ridge == TransferConfig().map_ridge and b.transfer_monotone == TransferConfig().monotone
+    assert b.transfer_rank == TransferConfig().rank
+
+    changed = Budget(transfer_examples=3, transfer_ridge=0.1, transfer_map="procrustes", transfer_map_ridge=0.5,
+                     transfer_monotone=False, transfer_rank=8)
+    cfg = ft.transfer_cfg(changed, 0)
+    assert (cfg.ridge, cfg.output_map, cfg.map_ridge, cfg.monotone, cfg.rank) == (0.1, "procrustes", 0.5, False, 8)
+    assert ft.calibration_examples(changed) == 3
+    for bad, msg in [({"transfer_map": "svd"}, r"budget.transfer_map: Input should be 'ridge' or 'procrustes'"),
+                     ({"transfer_ridge": 0}, r"budget.transfer_ridge: Input should be greater than 0"),
+                     ({"transfer_rank": 0}, r"budget.transfer_rank: Input should be greater than or equal to 1"),
+                     ({"transfer_examples": 0}, r"budget.transfer_examples: Input should be greater than or equal")]:
+        with pytest.raises(PktError, match=msg):
+            validate(ExperimentConfig, {"budget": bad})
+    with pytest.raises(PktError, match=r"per_task: .*gsm8k.transfer_map_ridge: Input should be greater than 0"):
+        validate(ExperimentConfig, {"per_task": {"gsm8k": {"transfer_map_ridge": -1}}})
+
+
+def test_the_study_reads_the_transfer_settings(tmp_path, shared_data):
+    """The plan's stage names the budget's calibration examples, and the build stage's key follows the settings
+    (a cached transfer is never reused for other settings)."""
+    from pkt.config import validate
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.runner import Study
+
+    tk = tiny_tokenizer()
+    teacher = save_tiny(tiny_model("qwen2", "teacher", len(tk)), tk, tmp_path / "teacher")
+    student = save_tiny(tiny_model("qwen2", "student", len(tk)), tk, tmp_path / "student")
+
+    def plan(**budget):
+        cfg = validate(ExperimentConfig, {"name": "ft", "teacher": teacher, "student": student, "tasks": ["gsm8k"],
+                                          "seeds": [0], "methods": ["student", "function-transfer"],
+                                          "analysis": False, "budget": {**TINY_BUDGET, **budget}})
+        return {s["stage"]: s for s in Study(cfg, tmp_path / "run", log=lambda s: None).preflight(plan=True).stages}
+
+    base, changed = plan(), plan(transfer_examples=1, transfer_map="procrustes")
+    row = "function-transfer-gsm8k-s0"
+    assert base[row]["work"].startswith("transfer the teacher's task vector on 2 calibration examples")
+    assert changed[row]["work"].startswith("transfer the teacher's task vector on 1 calibration examples")
+    assert base[row]["key"] != changed[row]["key"] and base["teacher-lora-gsm8k-s0"]["key"] == \
+        changed["teacher-lora-gsm8k-s0"]["key"]
+
+
 # ---- the methods in a study --------------------------------------------------------------------------------
 def test_the_methods_run_through_a_study(tmp_path, shared_data):
     from pkt.config import validate

@@ -2,8 +2,10 @@
 student through what the layers compute, in closed form (:mod:`pkt.align.function_transfer`, docs/methods.md
 §9.2), merged into the student's weights; no training.
 
-Calibration: the first ``budget.extract_samples`` examples of the task's extract split (Seeking's calibration
-examples), tokenised once for both models (they share a tokenizer, checked), up to ``budget.max_length`` tokens.
+Calibration: the first ``budget.transfer_examples`` examples of the task's extract split (by default
+``budget.extract_samples``, Seeking's calibration examples), tokenised once for both models (they share a
+tokenizer, checked), up to ``budget.max_length`` tokens. The transfer's settings are the budget's ``transfer_*``
+fields (ridge, map, map ridge, monotone pairing, rank); the rest keep :class:`TransferConfig`'s defaults.
 The model is saved in float32 so that the delta keeps its resolution until the evaluation casts it; the record
 has ‖ΔW‖/‖W‖ per projection, per kind and in total, and the share of the changed entries that survive the
 evaluation dtype. The nulls (``function-transfer-random``, ``function-transfer-shuffled``) are this class with
@@ -30,19 +32,26 @@ class FunctionTransfer(Method):
     task_vector = "teacher"  # "random": the null with the teacher delta's singular values, random directions
     pairing = "cka"  # "shuffled": the null with the CKA pairing deranged
 
-    def transfer_cfg(self, seed: int):
+    def transfer_cfg(self, budget, seed: int):
+        """The transfer's settings: the budget's ``transfer_*`` fields, this method's pairing, the study's seed."""
         from pkt.align.function_transfer import TransferConfig
 
-        return TransferConfig(pairing=self.pairing, seed=seed)
+        return TransferConfig(pairing=self.pairing, seed=seed, ridge=budget.transfer_ridge,
+                              output_map=budget.transfer_map, map_ridge=budget.transfer_map_ridge,
+                              monotone=budget.transfer_monotone, rank=budget.transfer_rank)
+
+    @staticmethod
+    def calibration_examples(budget) -> int:
+        return budget.extract_samples if budget.transfer_examples is None else budget.transfer_examples
 
     def build(self, study, task, seed, inputs):
         c = study.cfg
         b = c.budget_for(task)
         tuned, _ = study.build("teacher-lora", task, seed, inputs)
         adapter = Path(tuned).parent / "adapter"  # survives the pruning of teacher-lora's merged weights
-        calib = {"split": CALIBRATION_SPLIT, "examples": b.extract_samples, "max_length": b.max_length,
+        calib = {"split": CALIBRATION_SPLIT, "examples": self.calibration_examples(b), "max_length": b.max_length,
                  "style": c.style}
-        cfg = self.transfer_cfg(seed)
+        cfg = self.transfer_cfg(b, seed)
         payload = {"method": self.name, "task": task, "teacher": c.teacher, "student": c.student,
                    "adapter": str(adapter), "task_vector": self.task_vector, "transfer": cfg.model_dump(),
                    "calibration": calib, "eval_dtype": c.eval_dtype}
@@ -106,10 +115,10 @@ class FunctionTransfer(Method):
 
         c = plan.cfg
         b = c.budget_for(task)
-        n = min(b.extract_samples, len(load_split(task, CALIBRATION_SPLIT)))
+        n = min(self.calibration_examples(b), len(load_split(task, CALIBRATION_SPLIT)))
         tokens = n * min(plan.toks.mean(task, CALIBRATION_SPLIT), b.max_length)
         s_spec, t_spec = plan.student.spec, plan.teacher.spec
-        cfg = self.transfer_cfg(0)
+        cfg = self.transfer_cfg(b, 0)
         ridge_map = cfg.output_map == "ridge"
         passes, stat_elems, solve_flops = 1, 0, 0
         if s_spec is not None and t_spec is not None:
