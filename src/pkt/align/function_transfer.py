@@ -269,8 +269,9 @@ def layer_token_bytes(s: ArchSpec, t: ArchSpec, kinds, n: int) -> int:
 
 def solve_in_tokens(s: ArchSpec, t: ArchSpec, kinds, ridge_map: bool, n: int) -> bool:
     """The rule of ``solve="auto"``: keep the tokens' activations (float32, then dual wherever n is below a
-    Gram's width) when they take no more memory per layer than the float64 statistics; for the real pair's
-    widths that is up to ~12,900 tokens, beyond which every Gram is narrower than n anyway."""
+    Gram's width) when they take no more memory per layer than the float64 statistics. For Qwen2.5-Coder
+    1.5B → 0.5B that is up to 12,888 tokens with the ridge map (6,892 with Procrustes, which keeps no
+    Y_tᵀY_t), beyond which every Gram but the 8,960-wide FFN map's is narrower than n anyway."""
     return layer_token_bytes(s, t, kinds, n) <= layer_stat_bytes(s, t, kinds, ridge_map)
 
 
