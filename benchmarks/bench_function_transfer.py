@@ -157,8 +157,8 @@ def main(argv=None):
         for r in results:
             if ref is not None:
                 d = torch.load(os.path.join(tmp, f"{r['variant']}.pt"))
-                r["max_rel_diff_vs_primal"] = max(float((d[k].double() - ref[k].double()).norm() / ref[k].double().norm())
-                                                  for k in ref)
+                r["max_rel_diff_vs_primal"] = max(
+                    float((d[k].double() - ref[k].double()).norm() / ref[k].double().norm()) for k in ref)
     print(f"one student layer, {a.tokens} tokens, {results[0]['threads']} threads (Qwen2.5-Coder-1.5B → 0.5B widths)")
     print(f"{'variant':8} {'stats s':>8} {'solve s':>8} {'total s':>8} {'×' + str(a.layers) + ' layers':>11} "
           f"{'added peak MiB':>15} {'rel diff':>9}")

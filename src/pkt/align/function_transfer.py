@@ -12,8 +12,8 @@ activations is reproduced in closed form (docs/methods.md §9.2):
    the student layers.
 3. Per projection p of student layer l, the teacher's update effect ``E = X_t ΔW_tᵀ`` (tokens × d_out_t) is
    carried into the student's output space by a linear map M (d_out_t × d_out_s) fitted on the centred
-   calibration outputs, ``Y_s ≈ Y_t M`` (for gate and up, on the FFN neurons' activations: :data:`SPACE`): ridge least squares (``output_map="ridge"``) or the semi-orthogonal
-   Procrustes factor (``"procrustes"``). Then ``ΔW_sᵀ = (X_sᵀX_s + λI)⁻¹ X_sᵀ E M``, the ridge solution of
+   calibration outputs, ``Y_s ≈ Y_t M`` (for gate and up, on the FFN neurons' activations: :data:`SPACE`):
+   ridge least squares (``output_map="ridge"``) or the semi-orthogonal Procrustes factor (``"procrustes"``). Then ``ΔW_sᵀ = (X_sᵀX_s + λI)⁻¹ X_sᵀ E M``, the ridge solution of
    ``min ‖X_s ΔW_sᵀ − E M‖² + λ‖ΔW_s‖²``, with λ = ``ridge`` × tr(X_sᵀX_s)/d_in (likewise ``map_ridge`` for M).
    ``rank`` optionally truncates ΔW_s by SVD; the default keeps it full rank (merged into the weights).
 
@@ -35,9 +35,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from pkt.align.transfer_solve import OutputMap, TokenRidge, primal_map, ridge_solve, token_map, use_dual
 from pkt.config import Settings
 from pkt.errors import PktError
-from pkt.align.transfer_solve import OutputMap, TokenRidge, primal_map, ridge_solve, token_map, use_dual
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 
 # projections that read the same input share one X_sᵀX_s
@@ -183,7 +183,7 @@ def _capture(model, spec: ArchSpec, keys, ids: torch.Tensor, dtype=torch.float64
 
     def hook(key):
         def fn(_mod, args, out):
-            got[key] = (args[0][0].detach().to("cpu", dtype, copy=True), out[0].detach().to("cpu", dtype, copy=True))
+            got[key] = tuple(a[0].detach().to("cpu", dtype, copy=True) for a in (args[0], out))
         return fn
 
     try:
@@ -328,7 +328,6 @@ def accumulate(stats: tuple[dict, dict, dict], t_got: dict, s_got: dict, dw: Tas
             e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
             _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
             eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
-    return eff, maps, gram
 
 
 @torch.no_grad()
@@ -401,8 +400,8 @@ def solve_tokens(acts: dict, tv: TaskVector, keys, pairing: list[int], cfg: Tran
             del e
         del x, fitted, solvers
         later = {pairing[ll] for ll in layers[i + 1:]}
-        for key in [key for key in acts if key[1] == l if key[0] == "s"] + \
-                [key for key in acts if key[0] == "t" and key[1] not in later]:
+        done = [key for key in acts if (key[0] == "s" and key[1] == l) or (key[0] == "t" and key[1] not in later)]
+        for key in done:
             del acts[key]
 
 
@@ -417,11 +416,10 @@ def _record(deltas: TaskVector, rows: list, l: int, m: int, k: str, dw: torch.Te
             solve_dual: bool, effect: float, ee: float) -> None:
     """ΔW_s (float32) and its row: the map's R², ‖X_s ΔW_sᵀ‖/‖E‖, and the forms solved in (token space)."""
     deltas[(l, k)] = dw.float()
-    row = {"layer": l, "teacher_layer": m, "kind": k, "map": SPACE[k],
-           "map_r2": None if fitted.r2 is None else round(fitted.r2, 4),
-           "effect_ratio": round(math.sqrt(effect / ee), 4) if ee > 0 else None}
-    row["forms"] = {"map": "dual" if fitted.dual else "primal", "solve": "dual" if solve_dual else "primal"}
-    rows.append(row)
+    rows.append({"layer": l, "teacher_layer": m, "kind": k, "map": SPACE[k],
+                 "map_r2": None if fitted.r2 is None else round(fitted.r2, 4),
+                 "effect_ratio": round(math.sqrt(effect / ee), 4) if ee > 0 else None,
+                 "forms": {"map": "dual" if fitted.dual else "primal", "solve": "dual" if solve_dual else "primal"}})
 
 
 def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cfg: TransferConfig,
