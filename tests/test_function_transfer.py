@@ -7,6 +7,9 @@
   stream, Qᵀ ΔW where it writes it), with either output map;
 * the closed-form ridge solve equals gradient descent on the same objective; the monotone pairing equals a brute
   force over every non-decreasing map;
+* the dual (token-space) forms of the map and the solve equal the primal forms, on random matrices and through
+  whole transfers on the tiny pair, with fewer tokens than widths and with more; the rule that picks them keeps
+  the real pair's few hundred calibration tokens in the token space;
 * the nulls: the random task vector keeps the teacher's per-projection norms and singular values; the shuffled
   pairing is a derangement that moves every layer;
 * the three methods are registered and run through a study on the tiny pair, with their stage records.
@@ -23,8 +26,10 @@ import pytest
 import torch
 
 from pkt import methods
-from pkt.align.function_transfer import (TransferConfig, apply_deltas, monotone_pairing, pair_layers,
-                                         random_task_vector, rel_norms, ridge_solve, transfer)
+from pkt.align.function_transfer import (TransferConfig, apply_deltas, layer_solve_flops, layer_stat_bytes,
+                                         layer_token_bytes, monotone_pairing, output_map, pair_layers,
+                                         random_task_vector, rel_norms, ridge_solve, solve_in_tokens, transfer)
+from pkt.align.transfer_solve import TokenRidge, token_map
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
@@ -197,6 +202,90 @@ def test_closed_form_ridge_equals_gradient_descent():
     assert err < 1e-8
 
 
+def stats_of(yt: torch.Tensor, ys: torch.Tensor) -> dict:
+    """What :func:`pkt.align.function_transfer.collect` sums for one output space, in one go."""
+    return {"ts": yt.T @ ys, "tt": yt.T @ yt, "mt": yt.sum(0), "ms": ys.sum(0), "ss": float(ys.square().sum()),
+            "n": yt.shape[0]}
+
+
+@pytest.mark.parametrize("n", [40, 300])  # fewer tokens than every width, and more
+def test_dual_and_primal_forms_agree_on_random_matrices(n):
+    g = torch.Generator().manual_seed(n)
+    d_t, d_s, d_in, d_out = 120, 90, 100, 70
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    yt = randn(n, d_t) @ randn(d_t, d_t) + 3 * randn(d_t)  # correlated, off-centre outputs
+    ys = yt @ randn(d_t, d_s) / 10 + randn(n, d_s) + 2 * randn(d_s)
+    e, x, b = randn(n, d_t), randn(n, d_in) + randn(d_in), randn(n, d_out)
+    diffs = {}
+    for how in ("ridge", "procrustes"):
+        primal, dual = token_map(yt, ys, how, 1e-2, dual=False), token_map(yt, ys, how, 1e-2, dual=True)
+        stats = output_map(stats_of(yt, ys), how, 1e-2)  # the primal form from running sums
+        assert dual.dual and not primal.dual and len(dual.factors) == 2
+        diffs[f"{how} map, E M"] = max(rel(dual.apply(e), primal.apply(e)), rel(stats.apply(e), primal.apply(e)))
+        if how == "ridge":
+            assert dual.r2 == pytest.approx(primal.r2, abs=1e-10) and stats.r2 == pytest.approx(primal.r2, abs=1e-10)
+            resid = (ys - ys.mean(0)) - (yt - yt.mean(0)) @ primal.matrix()
+            assert primal.r2 == pytest.approx(1 - float(resid.square().sum() / (ys - ys.mean(0)).square().sum()))
+        else:  # a partial isometry of rank min(n - 1, d_s): the centred data determine no more
+            s, r = torch.linalg.svdvals(dual.matrix()), min(n - 1, d_s)
+            assert torch.allclose(s[:r], torch.ones(r, dtype=s.dtype)) and float(s[r:].sum()) < 1e-8
+    primal, dual = TokenRidge(x, 0.3, dual=False), TokenRidge(x, 0.3, dual=True)
+    assert dual.lam == pytest.approx(primal.lam)
+    diffs["ridge solve"] = max(rel(dual.solve(b), primal.solve(b)),
+                               rel(ridge_solve(x.T @ x, x.T @ b, 0.3), primal.solve(b)))
+    print(f"\n{n} tokens: max relative difference dual vs primal: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert max(diffs.values()) < 1e-9
+
+
+@pytest.mark.parametrize("how", ["ridge", "procrustes"])
+@pytest.mark.parametrize("length", [12, 96])  # 48 tokens (below every FFN and the teacher's widths), 384 (above)
+def test_dual_and_primal_transfers_agree_on_the_tiny_pair(tok, how, length):
+    teacher, student = tiny_model("qwen2", "teacher", len(tok)), tiny_model("qwen2", "student", len(tok))
+    tv, seqs = planted(teacher), sequences(len(tok), length=length)
+    cfg = TransferConfig(output_map=how)
+    runs = {solve: transfer(teacher, student, tv, seqs, cfg, log=lambda s: None, solve=solve)
+            for solve in ("primal", "dual", "auto")}
+    (ref, info_p), (dual, info_d), (auto, info_a) = runs["primal"], runs["dual"], runs["auto"]
+    err = {solve: max(rel(d[k], ref[k]) for k in ref) for solve, (d, _) in runs.items() if solve != "primal"}
+    n = 4 * length
+    # ΔW_s is kept in float32: the forms' float64 difference (the test above) mostly vanishes in the cast
+    print(f"\n{how} map, {n} tokens: max relative difference of ΔW_s (float32) from the primal statistics: dual "
+          f"{err['dual']:.1e}, auto ({info_a['solved_from']}) {err['auto']:.1e}")
+    assert set(dual) == set(ref) == set(auto) and max(err.values()) < 1e-7
+    assert info_p["solved_from"] == "statistics" and info_d["solved_from"] == "tokens"
+    assert all(r["forms"] == {"map": "primal", "solve": "primal"} for r in info_p["projections"])
+    assert all(r["forms"] == {"map": "dual", "solve": "dual"} for r in info_d["projections"])
+    for field in ("map_r2", "effect_ratio"):  # rounded to 4 decimals in the record (None: Procrustes' R²)
+        got, want = ([r[field] or 0.0 for r in i["projections"]] for i in (info_d, info_p))
+        assert got == pytest.approx(want, abs=1e-4)
+    if info_a["solved_from"] == "tokens":  # each Gram in its smaller form
+        t_spec = ArchSpec.from_model(teacher)
+        for r in info_a["projections"]:
+            d_t = t_spec.intermediate_size if r["map"] == "ffn" else t_spec.weight_shape(r["map"])[0]
+            assert r["forms"]["map"] == ("dual" if n < d_t else "primal")
+
+
+def test_the_real_pairs_calibration_tokens_are_solved_in_the_token_space():
+    """Qwen2.5-Coder-1.5B → 0.5B widths (from their configs): the statistics of one layer take 1.4 GiB and a
+    d_ff-sized factorisation ~10¹² flops; on 731 tokens the token matrices take < 100 MiB and the solves < 1/5
+    of those flops, while many tokens go back to the statistics."""
+    from pkt.models.arch import ConfigDims
+
+    teacher = ConfigDims(28, 1536, 8960, 12, 2, 128, 151936, True)
+    student = ConfigDims(24, 896, 4864, 14, 2, 64, 151936, True)
+    assert layer_stat_bytes(student, teacher, LINEAR_KINDS, True) > 1.4 * 2**30
+    assert layer_token_bytes(student, teacher, LINEAR_KINDS, 731) < 100 * 2**20
+    primal_flops = layer_solve_flops(student, teacher, LINEAR_KINDS)
+    assert primal_flops > 1e12 and layer_solve_flops(student, teacher, LINEAR_KINDS, 731) < primal_flops / 5
+    assert solve_in_tokens(student, teacher, LINEAR_KINDS, True, 731)
+    assert solve_in_tokens(student, teacher, LINEAR_KINDS, True, 12_000)
+    assert not solve_in_tokens(student, teacher, LINEAR_KINDS, True, 20_000)
+
+
 def test_monotone_pairing_is_the_best_non_decreasing_map():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -242,6 +331,60 @@ def test_shuffled_pairing_is_a_derangement_that_moves_every_layer():
         assert info["moved"] == 6
         assert info["cka_pairing"] == base
     assert pair_layers(cka, TransferConfig(pairing="depth"))[0] == [0, 1, 3, 4, 6, 7]
+
+
+# ---- the study's settings ----------------------------------------------------------------------------------
+def test_the_budgets_transfer_settings_default_to_the_transfers_own():
+    from pkt.config import validate
+    from pkt.experiment.config import Budget, ExperimentConfig
+
+    ft = methods.get("function-transfer")
+    b = Budget()
+    assert ft.transfer_cfg(b, 3) == TransferConfig(pairing="cka", seed=3)  # today's settings, so today's stage keys
+    assert ft.calibration_examples(b) == b.extract_samples
+    assert methods.get("function-transfer-shuffled").transfer_cfg(b, 3) == TransferConfig(pairing="shuffled", seed=3)
+    assert b.transfer_map == TransferConfig().output_map and b.transfer_ridge == TransferConfig().ridge
+    assert b.transfer_map_ridge == TransferConfig().map_ridge and b.transfer_monotone == TransferConfig().monotone
+    assert b.transfer_rank == TransferConfig().rank
+
+    changed = Budget(transfer_examples=3, transfer_ridge=0.1, transfer_map="procrustes", transfer_map_ridge=0.5,
+                     transfer_monotone=False, transfer_rank=8)
+    cfg = ft.transfer_cfg(changed, 0)
+    assert (cfg.ridge, cfg.output_map, cfg.map_ridge, cfg.monotone, cfg.rank) == (0.1, "procrustes", 0.5, False, 8)
+    assert ft.calibration_examples(changed) == 3
+    for bad, msg in [({"transfer_map": "svd"}, r"budget.transfer_map: Input should be 'ridge' or 'procrustes'"),
+                     ({"transfer_ridge": 0}, r"budget.transfer_ridge: Input should be greater than 0"),
+                     ({"transfer_rank": 0}, r"budget.transfer_rank: Input should be greater than or equal to 1"),
+                     ({"transfer_examples": 0}, r"budget.transfer_examples: Input should be greater than or equal")]:
+        with pytest.raises(PktError, match=msg):
+            validate(ExperimentConfig, {"budget": bad})
+    with pytest.raises(PktError, match=r"per_task: .*gsm8k.transfer_map_ridge: Input should be greater than 0"):
+        validate(ExperimentConfig, {"per_task": {"gsm8k": {"transfer_map_ridge": -1}}})
+
+
+def test_the_study_reads_the_transfer_settings(tmp_path, shared_data):
+    """The plan's stage names the budget's calibration examples, and the build stage's key follows the settings
+    (a cached transfer is never reused for other settings)."""
+    from pkt.config import validate
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.runner import Study
+
+    tk = tiny_tokenizer()
+    teacher = save_tiny(tiny_model("qwen2", "teacher", len(tk)), tk, tmp_path / "teacher")
+    student = save_tiny(tiny_model("qwen2", "student", len(tk)), tk, tmp_path / "student")
+
+    def plan(**budget):
+        cfg = validate(ExperimentConfig, {"name": "ft", "teacher": teacher, "student": student, "tasks": ["gsm8k"],
+                                          "seeds": [0], "methods": ["student", "function-transfer"],
+                                          "analysis": False, "budget": {**TINY_BUDGET, **budget}})
+        return {s["stage"]: s for s in Study(cfg, tmp_path / "run", log=lambda s: None).preflight(plan=True).stages}
+
+    base, changed = plan(), plan(transfer_examples=1, transfer_map="procrustes")
+    row = "function-transfer-gsm8k-s0"
+    assert base[row]["work"].startswith("transfer the teacher's task vector on 2 calibration examples")
+    assert changed[row]["work"].startswith("transfer the teacher's task vector on 1 calibration examples")
+    assert base[row]["key"] != changed[row]["key"] and base["teacher-lora-gsm8k-s0"]["key"] == \
+        changed["teacher-lora-gsm8k-s0"]["key"]
 
 
 # ---- the methods in a study --------------------------------------------------------------------------------
@@ -293,3 +436,7 @@ def test_the_methods_run_through_a_study(tmp_path, shared_data):
     assert sorted(perm) == list(range(3)) and all(p != i for i, p in enumerate(perm))
     assert shf["teacher_layers"] == [base[p] for p in perm] != base
     assert shf["moved"] == sum(a != b for a, b in zip(shf["teacher_layers"], base)) > 0
+    # the report pairs function-transfer with each null (vs student and vs LoRA are the table's own columns)
+    md = (tmp_path / "run" / "results.md").read_text()
+    for null in names[1:]:
+        assert f"| function-transfer − {null} | gsm8k | 1 |" in md

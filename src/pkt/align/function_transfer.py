@@ -12,14 +12,18 @@ activations is reproduced in closed form (docs/methods.md §9.2):
    the student layers.
 3. Per projection p of student layer l, the teacher's update effect ``E = X_t ΔW_tᵀ`` (tokens × d_out_t) is
    carried into the student's output space by a linear map M (d_out_t × d_out_s) fitted on the centred
-   calibration outputs, ``Y_s ≈ Y_t M`` (for gate and up, on the FFN neurons' activations: :data:`SPACE`): ridge least squares (``output_map="ridge"``) or the semi-orthogonal
-   Procrustes factor (``"procrustes"``). Then ``ΔW_sᵀ = (X_sᵀX_s + λI)⁻¹ X_sᵀ E M``, the ridge solution of
+   calibration outputs, ``Y_s ≈ Y_t M`` (for gate and up, on the FFN neurons' activations: :data:`SPACE`):
+   ridge least squares (``output_map="ridge"``) or the semi-orthogonal Procrustes factor (``"procrustes"``). Then ``ΔW_sᵀ = (X_sᵀX_s + λI)⁻¹ X_sᵀ E M``, the ridge solution of
    ``min ‖X_s ΔW_sᵀ − E M‖² + λ‖ΔW_s‖²``, with λ = ``ridge`` × tr(X_sᵀX_s)/d_in (likewise ``map_ridge`` for M).
    ``rank`` optionally truncates ΔW_s by SVD; the default keeps it full rank (merged into the weights).
 
-Only sufficient statistics are kept (X_sᵀX_s, X_sᵀE, Y_tᵀY_t, Y_tᵀY_s and the means), in float64, so memory
-does not grow with the number of calibration tokens; the student layers are split into passes (one forward of
-each model per sequence and pass) whose statistics fit in ``max_stat_gib``.
+Every fit is a ridge regression on the n calibration tokens, so it can be solved in the token space: by the
+push-through identity (XᵀX + λI)⁻¹Xᵀ = Xᵀ(XXᵀ + λI)⁻¹ an n × n factorisation replaces a width × width one
+(:mod:`pkt.align.transfer_solve`). With few tokens (a few hundred to several thousand) the activations
+themselves are kept (float32) and each Gram is factorised in the smaller form; with many, only float64
+sufficient statistics (X_sᵀX_s, X_sᵀE, Y_tᵀY_t, Y_tᵀY_s and the means), whose size does not grow with the
+tokens, and the primal form (:func:`solve_in_tokens` decides). Either way the student layers are split into
+passes (one forward of each model per sequence and pass) whose matrices fit in ``max_stat_gib``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from pkt.align.transfer_solve import OutputMap, TokenRidge, primal_map, ridge_solve, token_map, use_dual
 from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
@@ -42,6 +47,8 @@ INPUT_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "
 # fitted there is unidentified off it); theirs is the FFN neurons' activations, down's input, indexed by the
 # same neurons and of full rank through the nonlinearity
 SPACE = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "ffn", "up": "ffn", "down": "down"}
+# the projection whose input stands for its input group's (in the token space: hooked whichever kinds move)
+GROUP_REP = {"attn": "q", "o": "o", "mlp": "gate", "down": "down"}
 TaskVector = dict[tuple[int, str], torch.Tensor]  # (layer, kind) -> ΔW [d_out, d_in]
 
 
@@ -168,15 +175,15 @@ def random_task_vector(tv: TaskVector, seed: int) -> TaskVector:
 
 # ---- statistics ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _capture(model, spec: ArchSpec, keys, ids: torch.Tensor) -> dict:
-    """{(layer, kind): (input, output)} of one sequence, float64 on the CPU."""
+def _capture(model, spec: ArchSpec, keys, ids: torch.Tensor, dtype=torch.float64) -> dict:
+    """{(layer, kind): (input, output)} of one sequence, in ``dtype`` on the CPU (copies)."""
     from pkt.models.load import module_device
 
     got, handles = {}, []
 
     def hook(key):
         def fn(_mod, args, out):
-            got[key] = (args[0][0].detach().cpu().double(), out[0].detach().cpu().double())
+            got[key] = tuple(a[0].detach().to("cpu", dtype, copy=True) for a in (args[0], out))
         return fn
 
     try:
@@ -209,16 +216,63 @@ def layer_stat_bytes(s: ArchSpec, t: ArchSpec, kinds, ridge_map: bool) -> int:
     return 8 * n
 
 
-def layer_solve_flops(s: ArchSpec, t: ArchSpec, kinds) -> int:
-    """Approximate flops of one student layer's solves (Cholesky factor and two triangular solves each)."""
-    n = 0
+def layer_solve_flops(s: ArchSpec, t: ArchSpec, kinds, n: int | None = None) -> int:
+    """Approximate flops of one student layer's solves: from statistics (``n`` None), a Cholesky factor and
+    two triangular solves per width-sized Gram; in the token space (``n`` tokens), each Gram in the smaller
+    of its primal and dual forms (:func:`pkt.align.transfer_solve.use_dual`), with the products around it."""
+    total = 0
+    maps = {}  # space -> (d_t, d_s): one map per space (gate and up share theirs)
     for k in kinds:
-        (o_s, i_s), o_t = s.weight_shape(k), t.weight_shape(k)[0]
-        n += i_s ** 3 // 3 + 2 * i_s * i_s * o_s
-        if SPACE[k] == k or k == "gate":  # one map per space (gate and up share theirs)
-            o_t, o_s = (t.intermediate_size, s.intermediate_size) if SPACE[k] == "ffn" else (o_t, o_s)
-            n += o_t ** 3 // 3 + 2 * o_t * o_t * o_s
-    return n
+        (o_s, i_s), (o_t, i_t) = s.weight_shape(k), t.weight_shape(k)
+        maps[SPACE[k]] = (t.intermediate_size, s.intermediate_size) if SPACE[k] == "ffn" else (o_t, o_s)
+        if n is None:
+            total += i_s ** 3 // 3 + 2 * i_s * i_s * o_s
+            continue
+        d_t, d_s = maps[SPACE[k]]
+        total += n * i_t * o_t + 2 * n * i_s * o_s  # E = X_t ΔW_tᵀ; the effect ‖X_s ΔW_sᵀ‖²
+        total += n * n * (d_t + d_s) if use_dual(n, d_t) else n * d_t * d_s  # E M
+        total += 2 * n * n * o_s if use_dual(n, i_s) else 2 * i_s * i_s * o_s  # the solve's right-hand side
+    for d_t, d_s in maps.values():
+        d = min(d_t, n) if n is not None else d_t
+        total += d ** 3 // 3 + 2 * d * d * d_s + (n * d * (d_t + d_s) if n is not None else 0)
+    if n is not None:
+        for group in {INPUT_GROUP[k] for k in kinds}:
+            i_s = s.weight_shape(GROUP_REP[group])[1]
+            d = min(i_s, n)
+            total += d ** 3 // 3 + n * i_s * d  # the Gram (XXᵀ or XᵀX) and its factor
+    return total
+
+
+def token_entries(pairing: list[int], s_keys) -> set[tuple]:
+    """The token matrices the token space keeps for the (student layer, kind) pairs ``s_keys``:
+    (side "s" | "t", layer, kind, "in" | "out"); each input group's by its :data:`GROUP_REP`, each output
+    space's output (for "ffn", down's input), the teacher's at the paired layer."""
+    out = set()
+    for l, k in s_keys:
+        for side, layer in (("s", l), ("t", pairing[l])):
+            out.add((side, layer, GROUP_REP[INPUT_GROUP[k]], "in"))
+            out.add(_out_entry(layer, SPACE[k], side))
+    return out
+
+
+def _out_entry(layer: int, space: str, side: str) -> tuple:
+    return (side, layer, "down", "in") if space == "ffn" else (side, layer, space, "out")
+
+
+def layer_token_bytes(s: ArchSpec, t: ArchSpec, kinds, n: int) -> int:
+    """float32 bytes of one student layer's token matrices on ``n`` tokens (teacher layers shared by two
+    student layers counted twice)."""
+    widths = {"s": s, "t": t}
+    return 4 * n * sum(widths[side].weight_shape(kind)[1 if io == "in" else 0]
+                       for side, _, kind, io in token_entries([0], [(0, k) for k in kinds]))
+
+
+def solve_in_tokens(s: ArchSpec, t: ArchSpec, kinds, ridge_map: bool, n: int) -> bool:
+    """The rule of ``solve="auto"``: keep the tokens' activations (float32, then dual wherever n is below a
+    Gram's width) when they take no more memory per layer than the float64 statistics. For Qwen2.5-Coder
+    1.5B → 0.5B that is up to 12,888 tokens with the ridge map (6,892 with Procrustes, which keeps no
+    Y_tᵀY_t), beyond which every Gram but the 8,960-wide FFN map's is narrower than n anyway."""
+    return layer_token_bytes(s, t, kinds, n) <= layer_stat_bytes(s, t, kinds, ridge_map)
 
 
 def layer_passes(layers: list[int], per_layer: int, max_bytes: float) -> list[list[int]]:
@@ -244,66 +298,138 @@ def collect(teacher, student, tv: TaskVector, pairing: list[int], s_keys: list[t
     s_hooks = sorted(set(s_keys) | down)
     t_hooks = sorted({(pairing[l], k) for l, k in s_hooks})
     dw = {(pairing[l], k): tv[(pairing[l], k)].detach().double() for l, k in s_keys}
-    eff, maps, gram = {}, {}, {}
+    stats = ({}, {}, {})
     for ids in sequences:
-        t_got, s_got = _capture(teacher, t_spec, t_hooks, ids), _capture(student, s_spec, s_hooks, ids)
-        for l in sorted({l for l, _ in s_keys}):
-            kinds = [k for ll, k in s_keys if ll == l]
-            for group in {INPUT_GROUP[k] for k in kinds}:  # q, k and v read one input: one Gram matrix
-                xs = s_got[(l, next(k for k in kinds if INPUT_GROUP[k] == group))][0]
-                _gram(gram, (l, group), xs, xs)
-            for space in {SPACE[k] for k in kinds}:
-                yt, ys = _space(t_got, pairing[l], space), _space(s_got, l, space)
-                m = maps.setdefault((l, space), {"mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
-                _gram(m, "ts", yt, ys)
-                if ridge_map:
-                    _gram(m, "tt", yt, yt)
-                m["mt"], m["ms"] = m["mt"] + yt.sum(0), m["ms"] + ys.sum(0)
-                m["ss"] += float(ys.square().sum())
-                m["n"] += ys.shape[0]
-            for k in kinds:
-                e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
-                _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
-                eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
-    return eff, maps, gram
+        accumulate(stats, _capture(teacher, t_spec, t_hooks, ids), _capture(student, s_spec, s_hooks, ids), dw,
+                   pairing, s_keys, ridge_map)
+    return stats
+
+
+def accumulate(stats: tuple[dict, dict, dict], t_got: dict, s_got: dict, dw: TaskVector, pairing: list[int],
+               s_keys, ridge_map: bool) -> None:
+    """Add one sequence's activations ({(layer, kind): (input, output)} of each model, float64) to the
+    statistics (eff, maps, gram) of :func:`collect`."""
+    eff, maps, gram = stats
+    for l in sorted({l for l, _ in s_keys}):
+        kinds = [k for ll, k in s_keys if ll == l]
+        for group in {INPUT_GROUP[k] for k in kinds}:  # q, k and v read one input: one Gram matrix
+            xs = s_got[(l, next(k for k in kinds if INPUT_GROUP[k] == group))][0]
+            _gram(gram, (l, group), xs, xs)
+        for space in {SPACE[k] for k in kinds}:
+            yt, ys = _space(t_got, pairing[l], space), _space(s_got, l, space)
+            m = maps.setdefault((l, space), {"mt": 0.0, "ms": 0.0, "ss": 0.0, "n": 0})
+            _gram(m, "ts", yt, ys)
+            if ridge_map:
+                _gram(m, "tt", yt, yt)
+            m["mt"], m["ms"] = m["mt"] + yt.sum(0), m["ms"] + ys.sum(0)
+            m["ss"] += float(ys.square().sum())
+            m["n"] += ys.shape[0]
+        for k in kinds:
+            e = t_got[(pairing[l], k)][0] @ dw[(pairing[l], k)].T  # the teacher update's effect
+            _gram(eff, (l, k, "xe"), s_got[(l, k)][0], e)
+            eff[(l, k, "ee")] = eff.get((l, k, "ee"), 0.0) + float(e.square().sum())
+
+
+@torch.no_grad()
+def collect_tokens(teacher, student, pairing: list[int], s_keys, sequences) -> dict:
+    """The token matrices of :func:`token_entries` for ``s_keys``, float32 (the models' own activations, kept
+    without loss), n_tokens × width, the sequences' rows one after the other."""
+    t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
+    wanted = token_entries(pairing, s_keys)
+    n = int(sum(len(s) for s in sequences))
+    acts, row = {}, 0
+    for ids in sequences:
+        got = {side: _capture(model, spec, sorted({(l, k) for sd, l, k, _ in wanted if sd == side}), ids,
+                              torch.float32)
+               for side, model, spec in (("t", teacher, t_spec), ("s", student, s_spec))}
+        for key in wanted:
+            side, l, k, io = key
+            x = got[side][(l, k)][0 if io == "in" else 1]
+            if key not in acts:
+                acts[key] = torch.empty(n, x.shape[1], dtype=torch.float32)
+            acts[key][row: row + x.shape[0]] = x
+        row += len(ids)
+        del got
+    return acts
 
 
 # ---- the closed-form solves ------------------------------------------------------------------------------
-def ridge_lambda(gram: torch.Tensor, rel: float) -> float:
-    return rel * float(torch.trace(gram)) / gram.shape[0]
-
-
-def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, rel: float, inplace: bool = False) -> torch.Tensor:
-    """(G + λI)⁻¹ rhs with λ = :func:`ridge_lambda`: the ridge solution given G = XᵀX and rhs = XᵀB. G is
-    symmetric positive definite once λ > 0 (Cholesky); ``inplace`` adds λ to G's own diagonal."""
-    lam = ridge_lambda(gram, rel)
-    g = gram if inplace else gram.clone()
-    g.diagonal().add_(lam)
-    chol, info = torch.linalg.cholesky_ex(g)
-    # a λ too small for float64 to see can leave G numerically indefinite: LU then
-    return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(g, rhs)
-
-
-def output_map(a: dict, how: str, rel: float) -> tuple[torch.Tensor, float | None]:
-    """(M: d_out_t × d_out_s with Y_s ≈ Y_t M on the centred outputs, its R² when ridge)."""
+def output_map(a: dict, how: str, rel: float) -> OutputMap:
+    """The map fitted from one output space's statistics (:func:`collect`), centred here in place (the
+    statistics are not used again)."""
     n = a["n"]
     mt, ms = a["mt"] / n, a["ms"] / n
-    ts = a["ts"].addr_(mt, ms, alpha=-n)  # centred in place: the statistics are not used again
-    if how == "procrustes":  # the polar factor U Vᵀ of Y_tᵀY_s: semi-orthogonal when the widths differ
-        u, _, vh = torch.linalg.svd(ts, full_matrices=False)
-        return u @ vh, None
-    tt = a["tt"].addr_(mt, mt, alpha=-n)
-    lam = ridge_lambda(tt, rel)
-    m = ridge_solve(tt, ts, rel, inplace=True)
-    # residual ‖Ỹ_s − Ỹ_t M‖² = tr(C_ss) − 2⟨M, C_ts⟩ + ⟨M, C_tt M⟩, and C_tt M = C_ts − λM at the ridge solution
-    total = a["ss"] - n * float(ms @ ms)
-    resid = total - float((m * ts).sum()) - lam * float(m.square().sum())
-    return m, (1 - resid / total if total > 0 else None)
+    ts = a["ts"].addr_(mt, ms, alpha=-n)
+    tt = None if how == "procrustes" else a["tt"].addr_(mt, mt, alpha=-n)
+    return primal_map(tt, ts, a["ss"] - n * float(ms @ ms), how, rel)
+
+
+def solve_statistics(eff: dict, maps: dict, gram: dict, keys, pairing: list[int], cfg: TransferConfig,
+                     deltas: TaskVector, rows: list) -> None:
+    """The pass's updates from its statistics, every Gram in the primal form, into ``deltas`` and ``rows``."""
+    fitted = {key: output_map(a, cfg.output_map, cfg.map_ridge) for key, a in maps.items()}
+    for l, k in keys:
+        g = gram[(l, INPUT_GROUP[k])]
+        dw = ridge_solve(g, fitted[(l, SPACE[k])].apply(eff[(l, k, "xe")]), cfg.ridge).T  # d_out_s × d_in_s
+        dw = _rank_capped(dw, cfg.rank)
+        effect = float((dw @ g * dw).sum())  # ‖X_s ΔW_sᵀ‖²
+        _record(deltas, rows, l, pairing[l], k, dw, fitted[(l, SPACE[k])], False, effect, eff[(l, k, "ee")])
+
+
+def solve_tokens(acts: dict, tv: TaskVector, keys, pairing: list[int], cfg: TransferConfig, dual: bool | None,
+                 deltas: TaskVector, rows: list) -> None:
+    """The pass's updates from its token matrices (:func:`collect_tokens`), each Gram in the primal or the dual
+    form (``dual`` None: the smaller, :func:`pkt.align.transfer_solve.use_dual`), one student layer at a time;
+    a layer's matrices are dropped once solved, a teacher layer's once no student layer left reads it."""
+    layers = sorted({l for l, _ in keys})
+    for i, l in enumerate(layers):
+        m = pairing[l]
+        kinds = [k for ll, k in keys if ll == l]
+        # this layer's matrices in float64 (the teacher's may be shared with another student layer: copies)
+        x = {key: acts[key].double() for key in token_entries(pairing, [(l, k) for k in kinds])}
+        fitted = {space: token_map(x[_out_entry(m, space, "t")], x[_out_entry(l, space, "s")],
+                                   cfg.output_map, cfg.map_ridge, dual) for space in {SPACE[k] for k in kinds}}
+        solvers = {g: TokenRidge(x[("s", l, GROUP_REP[g], "in")], cfg.ridge, dual)
+                   for g in {INPUT_GROUP[k] for k in kinds}}
+        for k in kinds:
+            solver = solvers[INPUT_GROUP[k]]
+            e = x[("t", m, GROUP_REP[INPUT_GROUP[k]], "in")] @ tv[(m, k)].double().T  # the teacher's effect
+            dw = _rank_capped(solver.solve(fitted[SPACE[k]].apply(e)).T, cfg.rank)  # d_out_s × d_in_s
+            effect = float((solver.x @ dw.T).square().sum())
+            _record(deltas, rows, l, m, k, dw, fitted[SPACE[k]], solver.dual, effect, float(e.square().sum()))
+            del e
+        del x, fitted, solvers
+        later = {pairing[ll] for ll in layers[i + 1:]}
+        done = [key for key in acts if (key[0] == "s" and key[1] == l) or (key[0] == "t" and key[1] not in later)]
+        for key in done:
+            del acts[key]
+
+
+def _rank_capped(dw: torch.Tensor, rank: int | None) -> torch.Tensor:
+    if rank is not None and rank < min(dw.shape):
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+        dw = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return dw
+
+
+def _record(deltas: TaskVector, rows: list, l: int, m: int, k: str, dw: torch.Tensor, fitted: OutputMap,
+            solve_dual: bool, effect: float, ee: float) -> None:
+    """ΔW_s (float32) and its row: the map's R², ‖X_s ΔW_sᵀ‖/‖E‖, and the forms solved in (token space)."""
+    deltas[(l, k)] = dw.float()
+    rows.append({"layer": l, "teacher_layer": m, "kind": k, "map": SPACE[k],
+                 "map_r2": None if fitted.r2 is None else round(fitted.r2, 4),
+                 "effect_ratio": round(math.sqrt(effect / ee), 4) if ee > 0 else None,
+                 "forms": {"map": "dual" if fitted.dual else "primal", "solve": "dual" if solve_dual else "primal"}})
 
 
 def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cfg: TransferConfig,
-             log=print) -> tuple[TaskVector, dict]:
-    """(ΔW_s per (student layer, kind), report) for the teacher delta ``tv`` (keyed by teacher layer)."""
+             log=print, solve: Literal["auto", "primal", "dual"] = "auto") -> tuple[TaskVector, dict]:
+    """(ΔW_s per (student layer, kind), report) for the teacher delta ``tv`` (keyed by teacher layer).
+
+    ``solve`` says how, never what (the forms are mathematically identical): "auto" keeps the calibration
+    tokens' activations when they take no more memory than the statistics would (:func:`solve_in_tokens`)
+    and then factorises each Gram in the smaller of its primal and dual forms, else the statistics, primal;
+    "primal": the statistics; "dual": the tokens, every Gram dual."""
     t0 = time.perf_counter()
     t_spec, s_spec = ArchSpec.from_model(teacher), ArchSpec.from_model(student)
     kinds = [k for k in LINEAR_KINDS if any(kind == k for _, kind in tv)]
@@ -314,32 +440,31 @@ def transfer(teacher, student, tv: TaskVector, sequences: list[torch.Tensor], cf
     info["cka"] = [[round(float(x), 4) for x in row] for row in cka]
     t_pair = time.perf_counter() - t0
     ridge_map = cfg.output_map == "ridge"
+    n_tokens = int(sum(len(s) for s in sequences))
+    tokens = solve == "dual" or (solve == "auto" and solve_in_tokens(s_spec, t_spec, kinds, ridge_map, n_tokens))
+    per_layer = layer_token_bytes(s_spec, t_spec, kinds, n_tokens) if tokens else \
+        layer_stat_bytes(s_spec, t_spec, kinds, ridge_map)
     layers = [l for l in range(s_spec.num_layers) if any((pairing[l], k) in tv for k in kinds)]
-    passes = layer_passes(layers, layer_stat_bytes(s_spec, t_spec, kinds, ridge_map), cfg.max_stat_gib * 2**30)
+    passes = layer_passes(layers, per_layer, cfg.max_stat_gib * 2**30)
     deltas: TaskVector = {}
     rows, t_stats = [], 0.0
     for n_pass, chunk in enumerate(passes):
-        log(f"function transfer: pass {n_pass + 1}/{len(passes)}, student layers {chunk[0]}..{chunk[-1]}")
+        log(f"function transfer: pass {n_pass + 1}/{len(passes)}, student layers {chunk[0]}..{chunk[-1]} "
+            f"({'token space' if tokens else 'statistics'})")
         keys = [(l, k) for l in chunk for k in kinds if (pairing[l], k) in tv]
         t1 = time.perf_counter()
-        eff, maps, gram = collect(teacher, student, tv, pairing, keys, sequences, ridge_map)
-        t_stats += time.perf_counter() - t1
-        fitted = {key: output_map(a, cfg.output_map, cfg.map_ridge) for key, a in maps.items()}
-        for l, k in keys:
-            m, r2 = fitted[(l, SPACE[k])]
-            g = gram[(l, INPUT_GROUP[k])]
-            dw = ridge_solve(g, eff[(l, k, "xe")] @ m, cfg.ridge).T  # d_out_s × d_in_s
-            if cfg.rank is not None and cfg.rank < min(dw.shape):
-                u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-                dw = (u[:, : cfg.rank] * s[: cfg.rank]) @ vh[: cfg.rank]
-            effect, ee = float((dw @ g * dw).sum()), eff[(l, k, "ee")]  # ‖X_s ΔW_sᵀ‖², ‖E‖²
-            deltas[(l, k)] = dw.float()
-            rows.append({"layer": l, "teacher_layer": pairing[l], "kind": k, "map": SPACE[k],
-                         "map_r2": None if r2 is None else round(r2, 4),
-                         "effect_ratio": round(math.sqrt(effect / ee), 4) if ee > 0 else None})
-        del eff, maps, gram, fitted
-    info.update(kinds=kinds, projections=rows, passes=len(passes), n_sequences=len(sequences),
-                n_tokens=int(sum(len(s) for s in sequences)),
+        if tokens:
+            acts = collect_tokens(teacher, student, pairing, keys, sequences)
+            t_stats += time.perf_counter() - t1
+            solve_tokens(acts, tv, keys, pairing, cfg, True if solve == "dual" else None, deltas, rows)
+            del acts
+        else:
+            eff, maps, gram = collect(teacher, student, tv, pairing, keys, sequences, ridge_map)
+            t_stats += time.perf_counter() - t1
+            solve_statistics(eff, maps, gram, keys, pairing, cfg, deltas, rows)
+            del eff, maps, gram
+    info.update(kinds=kinds, projections=rows, passes=len(passes), n_sequences=len(sequences), n_tokens=n_tokens,
+                solved_from="tokens" if tokens else "statistics",
                 seconds={"pairing": round(t_pair, 1), "statistics": round(t_stats, 1),
                          "solve": round(time.perf_counter() - t0 - t_pair - t_stats, 1)})
     return deltas, info

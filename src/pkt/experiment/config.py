@@ -67,6 +67,17 @@ class Budget(Settings):
     gkd_beta: float = Field(0.0, ge=0, le=1)
     gkd_temperature: float = Field(0.9, gt=0)
     gkd_max_new_tokens: int = Field(128, ge=1)
+    # function-transfer and its nulls (docs/methods.md §9.2; the defaults are pkt.align.function_transfer's
+    # TransferConfig's): calibration examples of the extract split (None: extract_samples, Seeking's), the
+    # student update's ridge and the output map's (each relative to its Gram's trace per width), the map
+    # (ridge least squares | procrustes), the monotone CKA layer pairing (else each student layer's own best
+    # teacher layer), and a rank cap on each update (None: full rank)
+    transfer_examples: int | None = Field(None, ge=1)
+    transfer_ridge: float = Field(1e-2, gt=0)
+    transfer_map: Literal["ridge", "procrustes"] = "ridge"
+    transfer_map_ridge: float = Field(1e-2, gt=0)
+    transfer_monotone: bool = True
+    transfer_rank: int | None = Field(None, ge=1)
     # Seeking and its controls also transfer embed_tokens and lm_head (the reference's extra targets; needs
     # one vocabulary and a student with untied embeddings)
     seeking_embeddings: bool = False

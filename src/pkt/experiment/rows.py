@@ -120,12 +120,15 @@ def _dtype_cell(recs: list[dict]) -> str | None:
     return "/".join(used)
 
 
-# The study's head-to-head questions beyond "vs student" and "vs LoRA" (the table's columns): Seeking against its
-# controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
-# language-based transfer at the same teacher-derived examples; and whether the split teaches the teacher itself
-# (teacher-lora against the teacher it was fine-tuned from).
+# The study's head-to-head questions beyond "vs student" and "vs LoRA" (the table's columns, which every built arm,
+# function-transfer included, already has: listed here too they would enter Holm's family twice): Seeking against
+# its controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
+# language-based transfer at the same teacher-derived examples; function-transfer against its nulls (the teacher's
+# directions, the layer pairing); and whether the split teaches the teacher itself (teacher-lora against the teacher
+# it was fine-tuned from). A pair whose arms a study lacks is skipped, so older reports keep their table.
 COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), ("seeking", "pissa"),
                ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten"),
+               ("function-transfer", "function-transfer-random"), ("function-transfer", "function-transfer-shuffled"),
                ("teacher-lora", "teacher")]
 
 def comparisons(records: list[dict], pairs=COMPARISONS) -> list[dict]:

@@ -2,8 +2,10 @@
 student through what the layers compute, in closed form (:mod:`pkt.align.function_transfer`, docs/methods.md
 §9.2), merged into the student's weights; no training.
 
-Calibration: the first ``budget.extract_samples`` examples of the task's extract split (Seeking's calibration
-examples), tokenised once for both models (they share a tokenizer, checked), up to ``budget.max_length`` tokens.
+Calibration: the first ``budget.transfer_examples`` examples of the task's extract split (by default
+``budget.extract_samples``, Seeking's calibration examples), tokenised once for both models (they share a
+tokenizer, checked), up to ``budget.max_length`` tokens. The transfer's settings are the budget's ``transfer_*``
+fields (ridge, map, map ridge, monotone pairing, rank); the rest keep :class:`TransferConfig`'s defaults.
 The model is saved in float32 so that the delta keeps its resolution until the evaluation casts it; the record
 has ‖ΔW‖/‖W‖ per projection, per kind and in total, and the share of the changed entries that survive the
 evaluation dtype. The nulls (``function-transfer-random``, ``function-transfer-shuffled``) are this class with
@@ -30,19 +32,26 @@ class FunctionTransfer(Method):
     task_vector = "teacher"  # "random": the null with the teacher delta's singular values, random directions
     pairing = "cka"  # "shuffled": the null with the CKA pairing deranged
 
-    def transfer_cfg(self, seed: int):
+    def transfer_cfg(self, budget, seed: int):
+        """The transfer's settings: the budget's ``transfer_*`` fields, this method's pairing, the study's seed."""
         from pkt.align.function_transfer import TransferConfig
 
-        return TransferConfig(pairing=self.pairing, seed=seed)
+        return TransferConfig(pairing=self.pairing, seed=seed, ridge=budget.transfer_ridge,
+                              output_map=budget.transfer_map, map_ridge=budget.transfer_map_ridge,
+                              monotone=budget.transfer_monotone, rank=budget.transfer_rank)
+
+    @staticmethod
+    def calibration_examples(budget) -> int:
+        return budget.extract_samples if budget.transfer_examples is None else budget.transfer_examples
 
     def build(self, study, task, seed, inputs):
         c = study.cfg
         b = c.budget_for(task)
         tuned, _ = study.build("teacher-lora", task, seed, inputs)
         adapter = Path(tuned).parent / "adapter"  # survives the pruning of teacher-lora's merged weights
-        calib = {"split": CALIBRATION_SPLIT, "examples": b.extract_samples, "max_length": b.max_length,
+        calib = {"split": CALIBRATION_SPLIT, "examples": self.calibration_examples(b), "max_length": b.max_length,
                  "style": c.style}
-        cfg = self.transfer_cfg(seed)
+        cfg = self.transfer_cfg(b, seed)
         payload = {"method": self.name, "task": task, "teacher": c.teacher, "student": c.student,
                    "adapter": str(adapter), "task_vector": self.task_vector, "transfer": cfg.model_dump(),
                    "calibration": calib, "eval_dtype": c.eval_dtype}
@@ -96,25 +105,32 @@ class FunctionTransfer(Method):
 
     def estimate(self, plan, task: str) -> Cost:
         """Both models' load, one forward of each on the calibration tokens per pass (plus the pairing's), and
-        the statistics' products and the solves counted at the student's forward rate (2 flops per parameter
-        and token)."""
-        from pkt.align.function_transfer import layer_passes, layer_solve_flops, layer_stat_bytes
+        the statistics' products (when they are kept rather than the tokens' activations) and the solves counted
+        at the student's forward rate (2 flops per parameter and token)."""
+        from pkt.align.function_transfer import (layer_passes, layer_solve_flops, layer_stat_bytes,
+                                                 layer_token_bytes, solve_in_tokens)
         from pkt.data.tasks import load_split
         from pkt.experiment.plan import tokens_per_second
         from pkt.models.arch import LINEAR_KINDS
 
         c = plan.cfg
         b = c.budget_for(task)
-        n = min(b.extract_samples, len(load_split(task, CALIBRATION_SPLIT)))
+        n = min(self.calibration_examples(b), len(load_split(task, CALIBRATION_SPLIT)))
         tokens = n * min(plan.toks.mean(task, CALIBRATION_SPLIT), b.max_length)
         s_spec, t_spec = plan.student.spec, plan.teacher.spec
+        cfg = self.transfer_cfg(b, 0)
+        ridge_map = cfg.output_map == "ridge"
         passes, stat_elems, solve_flops = 1, 0, 0
         if s_spec is not None and t_spec is not None:
-            per_layer = layer_stat_bytes(s_spec, t_spec, LINEAR_KINDS, True)
-            budget = self.transfer_cfg(0).max_stat_gib * 2**30
-            passes = len(layer_passes(list(range(s_spec.num_layers)), per_layer, budget))
-            stat_elems = per_layer // 8 * s_spec.num_layers
-            solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS) * s_spec.num_layers
+            n_tok = max(1, round(tokens))
+            if solve_in_tokens(s_spec, t_spec, LINEAR_KINDS, ridge_map, n_tok):
+                per_layer = layer_token_bytes(s_spec, t_spec, LINEAR_KINDS, n_tok)
+                solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS, n_tok) * s_spec.num_layers
+            else:
+                per_layer = layer_stat_bytes(s_spec, t_spec, LINEAR_KINDS, ridge_map)
+                stat_elems = per_layer // 8 * s_spec.num_layers
+                solve_flops = layer_solve_flops(s_spec, t_spec, LINEAR_KINDS) * s_spec.num_layers
+            passes = len(layer_passes(list(range(s_spec.num_layers)), per_layer, cfg.max_stat_gib * 2**30))
         forwards = (1 + passes) * (plan.secs("forward", plan.tp, "float32", tokens) +
                                    plan.secs("forward", plan.sp, "float32", tokens))
         flops_per_s = 2 * plan.sp * tokens_per_second("forward", plan.sp, "float32") if plan.sp else 0
