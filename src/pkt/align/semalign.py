@@ -323,8 +323,9 @@ def build_targets(states: list[dict], pairing: list[int], layers: list[int], r: 
 
 def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Tensor], cfg: SemAlignConfig,
              n_vocab: int | None = None, log=print) -> tuple[dict, dict]:
-    """Train ``student`` in place towards ``teacher``'s recomposed layer outputs on the ``train`` sequences;
-    returns (ΔW per (student layer, kind), report), the report holding the pairing, the recomposition's figures
+    """Train ``student``'s layers towards ``teacher``'s recomposed layer outputs on the ``train`` sequences;
+    returns (ΔW per (student layer, kind), report) and leaves the student's weights as they were (merge with
+    :func:`pkt.align.function_transfer.apply_deltas`). The report holds the pairing, the recomposition's figures
     and per trained layer the alignment loss before and after on ``train`` and on ``heldout``."""
     t0 = time.perf_counter()
     if not train:
@@ -385,7 +386,12 @@ def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Te
         for p, g in frozen:
             p.requires_grad_(g)
         student.train(was_training)
-    deltas = {key: (s_spec.linear(student, *key).weight.detach().float() - w.float()) for key, w in originals.items()}
+    deltas = {}
+    with torch.no_grad():  # ΔW out, the student back as it was: the caller merges (and measures) the deltas
+        for key, w in originals.items():
+            trained = s_spec.linear(student, *key).weight
+            deltas[key] = trained.detach().float() - w.float()
+            trained.copy_(w)
     info.update(recomposition=rinfo, layers=layers, kinds=list(cfg.kinds), target=cfg.target, loss=cfg.loss,
                 per_layer=rows_out, n_train=len(train), n_heldout=len(heldout),
                 n_tokens=int(sum(len(s) for s in train)), teacher_layers=pairing,
