@@ -88,7 +88,7 @@ def test_one_model_recomposes_to_its_own_states(tok, basis):
     cfg = SemAlignConfig(basis=basis)
     n = ArchSpec.from_model(teacher).num_layers
     seqs = sequences(len(tok), n=2)
-    states = teacher_states(teacher, seqs, set(range(n)))
+    states = list(teacher_states(teacher, seqs, set(range(n))))
     targets = build_targets(states, list(range(n)), list(range(n)), r, cfg)
     t_err = max(rel(targets[i][l], states[i][l][1]) for i in range(2) for l in range(n))
     r_default, _ = recomposition(h, h, rows, "lstsq", cfg.ridge)
@@ -122,7 +122,7 @@ def test_a_rotated_student_gets_the_rotated_states(tok, basis):
     r_err = rel(r, q.T.double())
     n = ArchSpec.from_model(teacher).num_layers
     seqs = sequences(len(tok), n=2)
-    states = teacher_states(teacher, seqs, set(range(n)))
+    states = list(teacher_states(teacher, seqs, set(range(n))))
     targets = build_targets(states, list(range(n)), list(range(n)), r, SemAlignConfig())
     own = outputs(student, seqs, range(n))  # the rotated student's own layer outputs, h Q
     t_err = max(rel(targets[i][l], own[i][l]) for i in range(2) for l in range(n))
@@ -150,6 +150,16 @@ def test_depth_pairing_is_the_papers_map():
     assert depth_pairing(24, 28) == [max(1, (28 * k) // 24) - 1 for k in range(1, 25)]
     assert depth_pairing(24, 28)[-1] == 27 and depth_pairing(24, 28)[0] == 0
     assert depth_pairing(3, 4) == [0, 1, 3] and depth_pairing(4, 4) == [0, 1, 2, 3]
+
+
+
+def test_cka_pairing_of_one_model_is_the_identity(tok):
+    teacher = tiny_model("qwen2", "teacher", len(tok))
+    seqs = sequences(len(tok), n=3)
+    _, info = semalign(teacher, copy.deepcopy(teacher), seqs[:2], seqs[2:], SemAlignConfig(pairing="cka", steps=0),
+                       log=lambda s: None)
+    assert info["teacher_layers"] == [0, 1, 2, 3] and all(c > 0.9999 for c in info["pair_cka"])
+    assert len(info["cka"]) == 4
 
 
 # ---- (b) the layer-wise training ---------------------------------------------------------------------------

@@ -184,13 +184,12 @@ def _hidden_out(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def teacher_states(teacher, sequences: list[torch.Tensor], layers: set[int]) -> list[dict[int, tuple]]:
-    """Per sequence, {teacher layer: (its input, its output)} [tokens, d_t] in float32 on the CPU."""
+def teacher_states(teacher, sequences: list[torch.Tensor], layers: set[int]):
+    """Yields per sequence {teacher layer: (its input, its output)} [tokens, d_t] in float32 on the CPU (one
+    sequence at a time: the caller keeps only what it recomposes)."""
     from pkt.models.load import module_device
 
     spec = ArchSpec.from_model(teacher)
-    out: list[dict] = []
     got: dict = {}
 
     def hook(i):
@@ -202,12 +201,12 @@ def teacher_states(teacher, sequences: list[torch.Tensor], layers: set[int]) -> 
     try:
         for ids in sequences:
             got.clear()
-            teacher(input_ids=ids.view(1, -1).to(module_device(teacher.get_input_embeddings())), use_cache=False)
-            out.append(dict(got))
+            with torch.no_grad():
+                teacher(input_ids=ids.view(1, -1).to(module_device(teacher.get_input_embeddings())), use_cache=False)
+            yield dict(got)
     finally:
         for h in handles:
             h.remove()
-    return out
 
 
 @torch.no_grad()
@@ -341,11 +340,11 @@ def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Te
     r, rinfo = recomposition(h_t, h_s, rows, cfg.recompose, cfg.ridge, perm)
     rinfo.update(basis=cfg.basis, vocab_shuffle=cfg.vocab_shuffle,
                  moved_tokens=None if perm is None else int((perm != torch.arange(len(rows))).sum()))
-    pairing, info = pair_layers(teacher, student, train + heldout, cfg)
+    pairing, info = pair_layers(teacher, student, train, cfg)  # held-out inputs stay out of every fit
     t_pair = time.perf_counter() - t0
     log(f"semalign: R {tuple(r.shape)} over {len(rows)} tokens, pairing {pairing}")
     need = {pairing[l] for l in layers}
-    targets = {name: build_targets(teacher_states(teacher, seqs, need), pairing, layers, r, cfg)
+    targets = {name: [build_targets([st], pairing, layers, r, cfg)[0] for st in teacher_states(teacher, seqs, need)]
                for name, seqs in (("train", train), ("heldout", heldout))}
     t_targets = time.perf_counter() - t0 - t_pair
 

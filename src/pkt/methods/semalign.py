@@ -41,18 +41,18 @@ class SemAlign(Method):
         b = c.budget_for(task)
         tuned, _ = study.build("teacher-lora", task, seed, inputs)
         adapter = Path(tuned).parent / "adapter"  # survives the pruning of teacher-lora's merged weights
-        data = {"train": [TRAIN_SPLIT, study.n_train[task]], "heldout": [HELDOUT_SPLIT, b.extract_samples],
+        io = {"train": [TRAIN_SPLIT, study.n_train[task]], "heldout": [HELDOUT_SPLIT, b.extract_samples],
                 "max_length": b.max_length, "style": c.style}
         cfg = self.align_cfg(seed)
         payload = {"method": self.name, "task": task, "teacher": c.teacher, "student": c.student,
-                   "adapter": str(adapter), "semalign": cfg.model_dump(), "data": data, "eval_dtype": c.eval_dtype}
+                   "adapter": str(adapter), "semalign": cfg.model_dump(), "inputs": io, "eval_dtype": c.eval_dtype}
         path, _ = study.run_stage(build_stage(self.name, task, seed), payload,
-                                  lambda d: self.run(study, task, adapter, cfg, data, d),
+                                  lambda d: self.run(study, task, adapter, cfg, io, d),
                                   reads={"models": [c.teacher, c.student, tuned],
                                          "data": {task: [TRAIN_SPLIT, HELDOUT_SPLIT]}})
         return str(path / "model"), c.eval_dtype
 
-    def run(self, study, task: str, adapter: Path, cfg, data: dict, d: Path) -> dict:
+    def run(self, study, task: str, adapter: Path, cfg, io: dict, d: Path) -> dict:
         """The build stage's work: load both models in float32, train the student, save, record."""
         import torch
 
@@ -70,10 +70,10 @@ class SemAlign(Method):
         assert_same_tokenizer(load_tokenizer(c.teacher), tok)
 
         def sequences(split: str, n: int) -> list:
-            return [torch.tensor(tokenize_example(e, tok, data["style"], data["max_length"])["input_ids"])
+            return [torch.tensor(tokenize_example(e, tok, io["style"], io["max_length"])["input_ids"])
                     for e in load_split(task, split)[:n]]
 
-        train, heldout = sequences(*data["train"]), sequences(*data["heldout"])
+        train, heldout = sequences(*io["train"]), sequences(*io["heldout"])
         teacher = tuned_teacher(load_model(c.teacher, dtype="float32"), adapter)
         student = load_model(c.student, dtype="float32")
         t_load = time.perf_counter() - t0
@@ -85,7 +85,7 @@ class SemAlign(Method):
         tok.save_pretrained(d / "model")
         survival = surviving(str(d / "model"), c.student, c.eval_dtype)
         info["seconds"]["load"] = round(t_load, 1)
-        return {"vocab": self.vocab, "adapter": str(adapter), "data": data, **info, **norms,
+        return {"vocab": self.vocab, "adapter": str(adapter), "inputs": io, **info, **norms,
                 "surviving": survival, "peak_rss_bytes": peak_rss_bytes()}
 
     def estimate(self, plan, task: str) -> Cost:
@@ -113,8 +113,9 @@ class SemAlign(Method):
             vocab = s_spec.vocab_size * s_spec.hidden_size * (s_spec.hidden_size + t_spec.hidden_size)
             vocab_s = plan.secs("forward", plan.sp, "float32", vocab / plan.sp / 2)
             train_s = n_layers * layer_fwd + vocab_s
-            # the targets of every trained layer, and the teacher's states they come from, in float32
-            extra_bytes = int(4 * tokens * n_layers * (s_spec.hidden_size + 2 * t_spec.hidden_size))
+            # the targets of every trained layer, in float32 (the teacher's states are recomposed one sequence at
+            # a time), and the student's hidden states on every sequence
+            extra_bytes = int(4 * tokens * (n_layers + 1) * s_spec.hidden_size)
         seconds = forwards + train_s + plan.load(plan.tp, "float32") + plan.load(plan.sp, "float32")
         return Cost(seconds, plan.model_bytes(plan.sp, "float32") + plan.model_bytes(plan.tp, "float32") + extra_bytes,
                     f"align {n_layers} student layers to the recomposed teacher on {n_train} examples "
