@@ -329,7 +329,7 @@ def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Te
     t0 = time.perf_counter()
     if not train:
         raise PktError("semalign: no training sequences")
-    s_spec, t_spec = ArchSpec.from_model(student), ArchSpec.from_model(teacher)
+    s_spec = ArchSpec.from_model(student)
     layers = list(range(s_spec.num_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     if any(not 0 <= l < s_spec.num_layers for l in layers):
         raise PktError(f"semalign: layers {cfg.layers} outside the student's 0..{s_spec.num_layers - 1}")
@@ -400,7 +400,7 @@ def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Te
 
 
 def _r(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(x, 6)
+    return None if x is None or not math.isfinite(x) else round(x, 6) + 0.0  # no "-0.0" in the record
 
 
 def tuned_teacher(teacher, adapter_dir):
