@@ -114,8 +114,8 @@ def _config(tmp_path, student: str, teacher: str | None, **over) -> str:
             "seeds": [0, 1], "train_examples": [4], "epochs": [1], "lrs": [1e-3, 1e-2], "batch_size": 2,
             "micro_batch_size": 2, "max_length": 160, "rank": 2, "alpha": 2, "extract_samples": 2,
             "matched_test": True, "progress": False,
-            "eval": {"test_size": 3, "max_new_tokens": 4, "batch_size": 4}, "heldout": {"size": 3, "answer_loss": False},
-            **over}
+            "eval": {"test_size": 3, "max_new_tokens": 4, "batch_size": 4},
+            "heldout": {"size": 3, "answer_loss": False}, **over}
     path = tmp_path / f"sweep-{len(over)}.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -225,3 +225,19 @@ def test_a_bad_inits_setting_is_one_line_naming_it(tmp_path, shared_data, pkt_cl
     code, out, err = pkt_cli("study", "pilot", str(path), "--dry-run")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
+
+
+def test_the_lr_sweep_config_is_the_decisive_studys_sweep(shared_data):
+    """configs/lr-sweep-gsm8k.yaml: the four inits at lr 3e-5 ... 1e-3, one budget, seed 0, held-out 150, test 300,
+    and the plan its header quotes."""
+    from pkt.studies.pilot import Pilot, load_config
+    from pkt.studies.pilot_plan import render_plan
+
+    cfg, text = load_config(ROOT / "configs" / "lr-sweep-gsm8k.yaml")
+    assert cfg.inits == ["lora", "pissa", "seeking", "seeking-random"] and cfg.teacher
+    assert (cfg.lrs, cfg.seeds, len(R.budgets(cfg.model_dump(mode="json")))) == ([3e-5, 1e-4, 3e-4, 1e-3], [0], 1)
+    assert (cfg.heldout.size, cfg.eval.test_size, cfg.matched_test) == (150, 300, False)
+    assert "placeholder" in text.lower()
+    plan = render_plan(Pilot(cfg, None, text, log=lambda m: None, dry=True))
+    assert "plan: 16 builds, 1 extraction and 22 evaluations (0 stages cached), estimated 12.1 h" in plan
+    assert "16 builds, 1 extraction and 22 evaluations, 12.1 h" in text

@@ -27,6 +27,8 @@ class Costs:
         self.model_bytes = self.params * DTYPE_BYTES[cfg.dtype]
         self.load = self.model_bytes / 1e9 * LOAD_SECONDS_PER_GB
         self.teacher_params = self.extract_tokens = 0
+        if "pissa" in cfg.inits:
+            self.notes.append("PiSSA's SVD of every adapted matrix at init is not counted in its builds")
         if any(i.startswith("seeking") for i in cfg.inits):
             from pkt.data.tasks import load_split
             from pkt.postpkt import SeekingConfig
@@ -101,8 +103,9 @@ def render_plan(pilot) -> str:
     rows = pilot.plan()
     todo = [r for r in rows if not r[1]]
     seconds = sum(r[2] for r in todo)
-    lines = [f"{'stage':<44} {'status':<7} {'estimate':>9}  work"]
-    lines += [f"{name:<44} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
+    w = max([44] + [len(r[0]) for r in rows])  # the stage column: an init's names are longer than LoRA's
+    lines = [f"{'stage':<{w}} {'status':<7} {'estimate':>9}  work"]
+    lines += [f"{name:<{w}} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
               for name, cached, s, work in rows]
     builds = sum(r[0].startswith("build-") for r in rows)
     extractions = sum(r[0].startswith("extract-") for r in rows)

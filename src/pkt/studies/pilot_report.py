@@ -5,9 +5,10 @@
 and on the test subset), ``points/<point>.json`` (one build: its training summary, ‖ΔW‖/‖W‖ and its
 held-out score) and ``tests/<budget>-s<seed>.json`` (the build whose lr the held-out set chose, on the test
 subset). A LoRA build's names are unprefixed; another init's carry it first (``pissa-n256-e1-lr0.0003-s0``), and
-a test of the lr that matches LoRA's update size (``matched_test``) ends in ``-matched-s<seed>``. This module reads nothing else: no run directory, no weights, no model, so that the curve is re-derived
-from a commit, byte for byte (no timestamps or paths in the output, rows in the grid's order, a seeded bootstrap,
-PNG metadata without the library version).
+a test of the lr that matches LoRA's update size (``matched_test``) ends in ``-matched-s<seed>``.
+This module reads nothing else: no run directory, no weights, no model, so that the curve is re-derived from a
+commit, byte for byte (no timestamps or paths in the output, rows in the grid's order, a seeded bootstrap, PNG
+metadata without the library version).
 
 Selection (:func:`select_lr`): per init and budget (train examples × epochs) the lr with the best mean held-out
 score over the seeds; a tie goes to the smaller lr, the smaller update to the student (a tie says the held-out set
