@@ -11,6 +11,11 @@ optimizer, learning rate and steps move a non-zero adapter's product further: a 
 zero in LoRA but large in PiSSA or Seeking. This prints, per stage, ‖ΔW‖/‖W‖ over all
 adapted matrices and per projection (square roots of summed squares), so that arms are compared by the size of
 their update, not only by its result.
+
+:func:`merged_update_norms` measures the same change from the weights themselves: the merged checkpoint minus the
+student, over the matrices an adapter covers (``pkt study pilot`` uses it for PiSSA and Seeking, whose init rewrites
+W as W − B₀A₀: what reached the evaluated model is the merged checkpoint, whatever peft's conversion saved), and
+:func:`update_norms` of a run's ``adapter_init/`` gives the init's own ‖B₀A₀‖/‖W‖, its size at step 0.
 """
 
 from __future__ import annotations
@@ -73,6 +78,27 @@ def update_norms(adapter: Path, base: dict) -> dict[str, tuple[float, float]]:
         out[name] = (float(delta.pow(2).sum()), float(w.pow(2).sum()))
     if not out:
         raise SystemExit(f"{adapter}: the adapter holds no lora_A/lora_B pair")
+    return out
+
+
+def merged_update_norms(merged: Path, base: dict, adapter: Path) -> dict[str, tuple[float, float]]:
+    """{base weight name: (‖M − W‖_F², ‖W‖_F²)} of a merged checkpoint M against the base W, for every matrix the
+    adapter (any of a run's adapters: only its module names are read) covers."""
+    from pkt.errors import PktError
+
+    names = sorted(k.removeprefix(PREFIX).replace(".lora_A.weight", ".weight")
+                   for k in load_file(str(adapter / "adapter_model.safetensors")) if k.endswith(".lora_A.weight"))
+    if not names:
+        raise PktError(f"{adapter}: the adapter holds no lora_A/lora_B pair")
+    built = base_tensors(merged)
+    out = {}
+    for name in names:
+        if name not in base or name not in built:
+            raise PktError(f"{merged}: {name} is not a weight of both the merged checkpoint and the base model")
+        w, m = base[name].get_tensor(name).float(), built[name].get_tensor(name).float()
+        if m.shape != w.shape:
+            raise PktError(f"{merged}: {name}: {tuple(m.shape)} against the base's {tuple(w.shape)}")
+        out[name] = (float((m - w).pow(2).sum()), float(w.pow(2).sum()))
     return out
 
 

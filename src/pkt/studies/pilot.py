@@ -15,6 +15,14 @@ The held-out set (:mod:`pkt.studies.pilot_heldout`): for GSM8K the questions of 
 split and not in the test set, for MBPP its validation rows; a fixed seeded sample. HumanEval has no held-out pool
 (its 164 problems are the test set), so a HumanEval pilot is refused.
 
+Several inits (``inits: [lora, pissa, seeking, seeking-random]``; LoRA alone by default): every init is built as
+``pkt postpkt --init <init>`` builds it (seeking-random: ``--init seeking --control random``) at every budget, lr and
+seed, and each init gets its own lr, chosen on the held-out set. Seeking and seeking-random read the teacher's
+extraction (``teacher:``), a stage of its own computed once and shared by all their builds. Every build records
+‖ΔW‖/‖W‖ of the change that reached the evaluated model (merged minus student) and ‖B₀A₀‖/‖W‖ of its init's own
+adapter at step 0, so that the inits can also be compared at matched update size (:mod:`pkt.studies.pilot_report`).
+A config without ``inits`` runs LoRA alone, under the stage names and keys it had before inits existed.
+
 Every build and evaluation is a stage of :class:`pkt.experiment.cache.StageCache` under ``OUT/stages``, keyed
 like ``pkt run``'s (settings, pkt's code, library versions, model and data hashes), written atomically: a rerun
 resumes at the first unfinished stage. A build's merged weights are deleted once its budget is evaluated unless
@@ -38,6 +46,8 @@ from pkt.studies import pilot_report as R
 from pkt.studies.pilot_heldout import heldout_set
 
 METRICS = {"gsm8k": "accuracy", "mbpp": "pass@1"}
+INITS = ("lora", "pissa", "seeking", "seeking-random")
+TEACHER_INITS = ("seeking", "seeking-random")  # built from the teacher's extraction
 NO_HELDOUT = {"humaneval": "HumanEval has no held-out pool (its 164 problems are the test set); use mbpp",
               "mmlu": "MMLU is scored by a letter, not generated; the pilot covers gsm8k and mbpp"}
 Positive = Annotated[float, Field(gt=0)]
@@ -66,6 +76,16 @@ class PilotConfig(Settings):
     name: str = "pilot"
     student: str
     task: str = "gsm8k"
+    # the inits swept, each with its own lr chosen on held-out; LoRA is always one (the others are compared with it)
+    inits: list[Literal[INITS]] = Field(["lora"], min_length=1)
+    # Seeking's teacher, whose extraction the seeking inits start from: needed only by them
+    teacher: str | None = Field(None, validate_default=True)
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    extract_samples: int = Field(32, ge=1)  # examples of the extract split the teacher's sensitivity is taken on
+    pissa_niter: int | None = Field(None, ge=1)  # PiSSA's SVD: None = exact (`pkt postpkt`'s), K = randomised
+    # also evaluate on the test subset each init's build at LoRA's update size (its matched lr), when that is not
+    # its selected build; off, the matched comparison is read on held-out only
+    matched_test: bool = False
     records: str  # the directory the records (and pilot.md) go to, committed as they finish
     seeds: list[int] = Field([0], min_length=1)
     train_examples: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
@@ -94,11 +114,27 @@ class PilotConfig(Settings):
             raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
         return v
 
-    @field_validator("seeds", "train_examples", "lrs", "epochs")
+    @field_validator("seeds", "train_examples", "lrs", "epochs", "inits")
     @classmethod
     def _distinct(cls, v: list) -> list:
         if len(set(v)) != len(v):
             raise ValueError(f"values repeat in {v}")
+        return v
+
+    @field_validator("inits")
+    @classmethod
+    def _has_lora(cls, v: list) -> list:
+        if "lora" not in v:
+            raise ValueError("lora must be one of the inits (every other init is compared with it)")
+        return v
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str | None, info) -> str | None:
+        need = [i for i in info.data.get("inits") or [] if i in TEACHER_INITS]
+        if need and not v:
+            raise ValueError(f"init {need[0]} starts from the teacher's extraction: name the teacher "
+                             "(e.g. teacher: qwen2.5-coder-1.5b-instruct)")
         return v
 
     @model_validator(mode="after")
@@ -126,6 +162,8 @@ class Pilot:
         # a plan without --out knows no cached stage; its stage names are all it needs of a directory
         self.cache = StageCache(Path(out) if out is not None else Path("."), log=log, dry=dry or out is None)
         self.records = Path(cfg.records)
+        self.inits = R.inits(cfg.model_dump(mode="json"))  # LoRA first: the others are compared with it
+        self._factors: tuple[Path, dict] | None = None  # the extraction, once computed or found
         self.common = {"code": code_identity(), "libraries": library_versions()}
         self.heldout = heldout_set(cfg.task, cfg.heldout.size, cfg.heldout.seed)
         self._check_budgets()
@@ -153,23 +191,51 @@ class Pilot:
                           protocol=e.protocol, shots=e.shots, allow_weak_sandbox=e.allow_weak_sandbox,
                           max_prompt_tokens=max(c.max_length, 1024), progress=c.progress)
 
-    def finetune_cfg(self, n: int, epochs: float, lr: float, seed: int):
-        """The FinetuneConfig ``pkt postpkt --init lora`` builds from the same flags."""
+    def finetune_cfg(self, n: int, epochs: float, lr: float, seed: int, init: str = "lora"):
+        """The FinetuneConfig ``pkt postpkt --init <init>`` builds from the same flags (PiSSA's also from
+        ``--config`` with ``pissa_niter``; no other init reads it, so it is not in their keys)."""
         from pkt.cli.postpkt import finetune_config
 
         c = self.cfg
         return finetune_config(None, r=c.rank, alpha=c.alpha, dropout=c.dropout, lr=lr, epochs=epochs,
                                batch_size=c.batch_size, micro_batch_size=c.micro_batch_size, max_length=c.max_length,
-                               n_train=n, style=c.style, dtype=c.dtype, seed=seed, report_to="none")
+                               n_train=n, style=c.style, dtype=c.dtype, seed=seed, report_to="none",
+                               pissa_niter=c.pissa_niter if init == "pissa" else None)
 
-    def build_key(self, n: int, epochs: float, lr: float, seed: int) -> tuple[str, dict]:
+    def seeking_cfg(self):
+        """The extraction settings ``pkt postpkt --init seeking --teacher T`` uses: SeekingConfig's defaults with the
+        style, at the LoRA's rank and targets (:func:`pkt.postpkt.run_postpkt`), on ``extract_samples`` examples."""
+        from pkt.postpkt import SeekingConfig
+
+        c = self.cfg
+        ex = SeekingConfig(style=c.style, n_samples=c.extract_samples, dtype=c.teacher_dtype)
+        ft = self.finetune_cfg(1, 1.0, 1e-4, 0, "seeking")
+        return ex.model_copy(update={"rank": ft.r, "targets": list(ft.targets)})
+
+    def extraction_key(self) -> tuple[str, dict]:
+        """The teacher's extraction: one stage per task, whatever the budget, lr, seed or seeking init."""
         from pkt.experiment.fingerprint import data_identity, model_identity
 
-        return f"build-{R.point_name(n, epochs, lr, seed)}", {
-            "kind": "pilot-build", "init": "lora", "task": self.cfg.task,
-            "finetune": self.finetune_cfg(n, epochs, lr, seed).model_dump(), **self.common,
-            "models": {self.cfg.student: model_identity(self.cfg.student)},
-            "data": data_identity(self.cfg.task, ("train",))}
+        c = self.cfg
+        return f"extract-{c.task}", {
+            "kind": "pilot-extract", "teacher": c.teacher, "student": c.student, "task": c.task,
+            "seeking": self.seeking_cfg().model_dump(), **self.common,
+            "models": {c.teacher: model_identity(c.teacher), c.student: model_identity(c.student)},
+            "data": data_identity(c.task, (self.seeking_cfg().split,))}
+
+    def build_key(self, n: int, epochs: float, lr: float, seed: int, init: str = "lora") -> tuple[str, dict]:
+        """A build's stage name and key. LoRA's are those of a pilot before inits existed (its name has no init,
+        its key's ``init`` is "lora"); another init's name starts with it, and a seeking init's key names the
+        extraction stage it reads (its directory name: the extraction's key hash)."""
+        from pkt.experiment.fingerprint import data_identity, model_identity
+
+        key = {"kind": "pilot-build", "init": init, "task": self.cfg.task,
+               "finetune": self.finetune_cfg(n, epochs, lr, seed, init).model_dump(), **self.common,
+               "models": {self.cfg.student: model_identity(self.cfg.student)},
+               "data": data_identity(self.cfg.task, ("train",))}
+        if init in TEACHER_INITS:
+            key["extraction"] = self.cache.path(*self.extraction_key()).name
+        return f"build-{R.point_name(n, epochs, lr, seed, init)}", key
 
     def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
         from pkt.experiment.fingerprint import data_identity
@@ -221,57 +287,93 @@ class Pilot:
 
         return self.cache.run(name, key, fn)[1]
 
-    def _build(self, n: int, epochs: float, lr: float, seed: int, needed: bool) -> tuple[Path, dict | None]:
+    def extraction(self) -> tuple[Path, dict]:
+        """(factors directory, what the build records of it) of the teacher's extraction, computed on first need."""
+        if self._factors is None:
+            name, key = self.extraction_key()
+
+            def fn(d: Path) -> dict:
+                from pkt.postpkt import run_extraction
+
+                m = run_extraction(self.cfg.teacher, self.cfg.student, self.cfg.task, self.seeking_cfg(),
+                                   d / "factors", progress=self.cfg.progress, log=self.log)
+                return {"teacher_layers": m["teacher_layers"], "n_samples": m["n_samples"], "seconds": m["seconds"]}
+
+            path, res = self.cache.run(name, key, fn)
+            self._factors = (path / "factors", {"stage": path.name, "teacher_layers": res["teacher_layers"]})
+        return self._factors
+
+    def _build(self, init: str, n: int, epochs: float, lr: float, seed: int, needed: bool) \
+            -> tuple[Path, dict | None]:
         """The build's directory and result; run only when ``needed`` or never finished (its weights may be pruned:
         a build whose evaluations are cached is read from its stage.json, not rebuilt)."""
-        name, key = self.build_key(n, epochs, lr, seed)
+        name, key = self.build_key(n, epochs, lr, seed, init)
         path = self.cache.path(name, key)
         done = _finished(path) or self.restored.get(path.name)
         if not needed and done is not None:
             if not self.cache.dry:
                 self.log(f"[cached] {name}: not needed, its evaluations are cached")
             return path, done
+        if init in TEACHER_INITS and not self.cache.dry and not self.cache.is_cached(name, key):
+            self.extraction()  # its own stage, before the build's (whose peak memory it is not)
 
         def fn(d: Path) -> dict:
             from pkt.methods.base import summary
             from pkt.models.load import resolve
-            from pkt.postpkt import SeekingConfig, run_postpkt
+            from pkt.postpkt import run_postpkt
             from pkt.seeding import seed_everything
-            from pkt.studies.adapter_update import adapter_dir, base_tensors, summarise, update_norms
+            from pkt.studies.adapter_update import (adapter_dir, base_tensors, merged_update_norms, summarise,
+                                                    update_norms)
 
             seed_everything(seed)  # the lora init's A factors come from the global RNG (as `pkt postpkt` seeds it)
-            run = run_postpkt(None, self.cfg.student, self.cfg.task, "lora", d / "run",
-                              self.finetune_cfg(n, epochs, lr, seed), SeekingConfig(), progress=self.cfg.progress,
-                              log=self.log)
-            # for a plain LoRA the saved adapter's product is exactly merged − student
-            update = summarise(update_norms(adapter_dir(d / "run"), base_tensors(Path(resolve(self.cfg.student)))))
-            return {**summary(run, d / "run"), "update": dict(sorted(update.items()))}
+            factors, extraction = self.extraction() if init in TEACHER_INITS else (None, None)
+            run = run_postpkt(self.cfg.teacher if factors else None, self.cfg.student, self.cfg.task,
+                              "seeking" if factors else init, d / "run", self.finetune_cfg(n, epochs, lr, seed, init),
+                              self.seeking_cfg(), factors_dir=factors, progress=self.cfg.progress, log=self.log,
+                              control="random" if init == "seeking-random" else None)
+            base = base_tensors(Path(resolve(self.cfg.student)))
+            if init == "lora":  # the record it had before inits existed
+                # for a plain LoRA the saved adapter's product is exactly merged − student
+                update = summarise(update_norms(adapter_dir(d / "run"), base))
+                return {**summary(run, d / "run"), "update": dict(sorted(update.items()))}
+            # PiSSA and Seeking move W at init (W − B₀A₀ is stored): what reached the evaluated model is the merged
+            # checkpoint minus the student, over the matrices the adapter covers; B₀A₀ is the init's own size
+            start = d / "run" / "adapter_init"
+            update = summarise(merged_update_norms(d / "run" / "merged", base, start))
+            init_update = summarise(update_norms(start, base))
+            return {**summary(run, d / "run"), "update": dict(sorted(update.items())),
+                    "init_update": dict(sorted(init_update.items())),
+                    **({"extraction": extraction} if extraction else {})}
 
         return self.cache.run(name, key, fn)
 
-    def point(self, n: int, epochs: float, lr: float, seed: int) -> dict | None:
+    def point(self, init: str, n: int, epochs: float, lr: float, seed: int) -> dict | None:
         """One grid point: build, held-out evaluation, record. None in a plan while it is not cached."""
-        bname, bkey = self.build_key(n, epochs, lr, seed)
-        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "heldout",
+        bname, bkey = self.build_key(n, epochs, lr, seed, init)
+        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed, init), "heldout",
                                     {"stage": self.cache.path(bname, bkey).name})
-        path, build = self._build(n, epochs, lr, seed, needed=not self._have(ename, ekey))
+        path, build = self._build(init, n, epochs, lr, seed, needed=not self._have(ename, ekey))
         res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "heldout") if build is not None else None
         if res is None:
             return None
-        return {"point": R.point_name(n, epochs, lr, seed), "train_examples": n, "epochs": epochs, "lr": lr,
-                "seed": seed, "build_stage": path.name, "eval_stage": self.cache.path(ename, ekey).name,
-                "build": build, "heldout": res}
+        return {"point": R.point_name(n, epochs, lr, seed, init), "init": init, "train_examples": n,
+                "epochs": epochs, "lr": lr, "seed": seed, "build_stage": path.name,
+                "eval_stage": self.cache.path(ename, ekey).name, "build": build, "heldout": res}
 
-    def test(self, n: int, epochs: float, lr: float, seed: int, means: dict) -> dict | None:
-        bname, bkey = self.build_key(n, epochs, lr, seed)
-        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed), "test",
+    def test(self, init: str, n: int, epochs: float, lr: float, seed: int, means: dict,
+             matched: dict | None = None) -> dict | None:
+        """The build of ``lr`` on the test subset: the selected one, or (``matched``: LoRA's update size and this
+        build's) the one at LoRA's update size."""
+        bname, bkey = self.build_key(n, epochs, lr, seed, init)
+        ename, ekey = self.eval_key(R.point_name(n, epochs, lr, seed, init), "test",
                                     {"stage": self.cache.path(bname, bkey).name})
-        path, build = self._build(n, epochs, lr, seed, needed=not self._have(ename, ekey))
+        path, build = self._build(init, n, epochs, lr, seed, needed=not self._have(ename, ekey))
         res = self._evaluate(ename, ekey, str(path / "run" / "merged"), "test") if build is not None else None
         if res is None:
             return None
-        return {"budget": R.budget_name(n, epochs), "train_examples": n, "epochs": epochs, "seed": seed, "lr": lr,
-                "heldout_means": {f"{k:g}": v for k, v in sorted(means.items())}, "build_stage": path.name,
+        return {"budget": R.budget_name(n, epochs), "init": init, "train_examples": n, "epochs": epochs,
+                "seed": seed, "lr": lr, "heldout_means": {f"{k:g}": v for k, v in sorted(means.items())},
+                **({"matched": matched} if matched else {}), "build_stage": path.name,
                 "eval_stage": self.cache.path(ename, ekey).name, "test": res}
 
     def student(self) -> dict:
@@ -300,12 +402,15 @@ class Pilot:
         from pkt.io import check_output_dir
 
         model_facts(self.cfg.student)  # a missing or unusable student fails here, before any stage
+        if any(i in TEACHER_INITS for i in self.inits):
+            model_facts(self.cfg.teacher)
         if self.cfg.task == "mbpp":
             check_sandbox(["mbpp"], self.cfg.eval.allow_weak_sandbox)
         check_output_dir(self.records, "records")
         s = self.cfg.model_dump(mode="json")
         grid = R.budgets(s)
-        total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds)
+        total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds) * len(self.inits)
+        lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
         written: set[Path] = set()
 
         def record(rel: str, obj: dict) -> None:
@@ -319,25 +424,38 @@ class Pilot:
             self.log("[pilot] student: " + ", ".join(f"{w} {st[w]['score']:.1%}" for w in st))
             done = 0
             for n, e in grid:
-                points = {}
-                for seed in self.cfg.seeds:
-                    for lr in self.cfg.lrs:
-                        p = self.point(n, e, lr, seed)
-                        points[p["point"]] = p
-                        record(f"{R.POINTS}/{p['point']}.json", p)
-                        done += 1
-                        self.log(f"[pilot] point {done}/{total} {p['point']}: held-out {p['heldout']['score']:.1%}"
-                                 f", ‖ΔW‖/‖W‖ {p['build']['update']['all']:.3%}")
-                lr, means = R.select_lr(points, n, e, list(self.cfg.lrs), list(self.cfg.seeds))
-                for seed in self.cfg.seeds:
-                    t = self.test(n, e, lr, seed, means)
-                    record(f"{R.TESTS}/{t['budget']}-s{seed}.json", t)
-                    self.log(f"[pilot] budget {t['budget']} seed {seed}: lr {lr:g} selected on held-out, test "
-                             f"{t['test']['score']:.1%}")
-                if not self.cfg.keep_checkpoints:
-                    for seed in self.cfg.seeds:
-                        for x in self.cfg.lrs:
-                            self._prune(self.cache.path(*self.build_key(n, e, x, seed)))
+                points: dict = {}  # every init's, by point name (the names carry the init)
+                target = None  # ‖ΔW‖/‖W‖ of LoRA's selected build, which comes first
+                for init in self.inits:
+                    for seed in seeds:
+                        for lr in lrs:
+                            p = self.point(init, n, e, lr, seed)
+                            points[p["point"]] = p
+                            record(f"{R.POINTS}/{p['point']}.json", p)
+                            done += 1
+                            self.log(f"[pilot] point {done}/{total} {p['point']}: held-out "
+                                     f"{p['heldout']['score']:.1%}, ‖ΔW‖/‖W‖ {p['build']['update']['all']:.3%}")
+                    lr, means = R.select_lr(points, n, e, lrs, seeds, init)
+                    who = "" if init == R.LORA else f"{init} "
+                    for seed in seeds:
+                        t = self.test(init, n, e, lr, seed, means)
+                        record(f"{R.TESTS}/{R.test_name(n, e, seed, init)}.json", t)
+                        self.log(f"[pilot] {who}budget {t['budget']} seed {seed}: lr {lr:g} selected on held-out, "
+                                 f"test {t['test']['score']:.1%}")
+                    if init == R.LORA:
+                        target = R.mean_updates(points, n, e, lrs, seeds)[lr]
+                    elif self.cfg.matched_test:
+                        m = R.matched_lr(points, n, e, lrs, seeds, init, target)
+                        ups = R.mean_updates(points, n, e, lrs, seeds, init)
+                        for seed in seeds if m != lr else []:
+                            t = self.test(init, n, e, m, seed, means, matched={"target": target, "update": ups[m]})
+                            record(f"{R.TESTS}/{R.test_name(n, e, seed, init, matched=True)}.json", t)
+                            self.log(f"[pilot] {init} budget {t['budget']} seed {seed}: lr {m:g} matches LoRA's "
+                                     f"update size, test {t['test']['score']:.1%}")
+                    if not self.cfg.keep_checkpoints:  # one init's builds on disk at a time
+                        for seed in seeds:
+                            for x in lrs:
+                                self._prune(self.cache.path(*self.build_key(n, e, x, seed, init)))
                 R.write_report(self.records)
             for old in [*(self.records / R.POINTS).glob("*.json"), *(self.records / R.TESTS).glob("*.json")]:
                 if old not in written:  # a record of another grid or settings: not this pilot's
@@ -359,24 +477,45 @@ class Pilot:
         for which in ("heldout", "test"):
             name, key = self.eval_key("student", which, model_identity(self.cfg.student))
             rows.append((name, self.cache.is_cached(name, key), cost.evaluate(which), cost.work(which)))
+        lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
+        teacher_builds = []  # whether each seeking build is done: the extraction runs only for one that is not
         for n, e in R.budgets(self.cfg.model_dump(mode="json")):
-            points = {}
-            for seed in self.cfg.seeds:
-                for lr in self.cfg.lrs:
-                    bname, bkey = self.build_key(n, e, lr, seed)
-                    p = self.point(n, e, lr, seed)
-                    if p is not None:
-                        points[p["point"]] = p
-                    rows += [(bname, p is not None or self.cache.is_cached(bname, bkey), cost.build(n, e),
-                              f"fine-tune {n} examples x {e:g} epochs, lr {lr:g}"),
-                             (f"heldout-{R.point_name(n, e, lr, seed)}", p is not None, cost.evaluate("heldout"),
-                              cost.work("heldout"))]
-            lr, means = R.select_lr(points, n, e, list(self.cfg.lrs), list(self.cfg.seeds))
-            for seed in self.cfg.seeds:
-                t = self.test(n, e, lr, seed, means) if lr is not None else None
-                name = f"test-{R.point_name(n, e, lr, seed)}" if lr is not None else \
-                    f"test-{R.budget_name(n, e)}-s{seed} (lr to be chosen)"
-                rows.append((name, t is not None, cost.evaluate("test"), cost.work("test")))
+            points: dict = {}
+            target = None
+            for init in self.inits:
+                for seed in seeds:
+                    for lr in lrs:
+                        bname, bkey = self.build_key(n, e, lr, seed, init)
+                        p = self.point(init, n, e, lr, seed)
+                        if p is not None:
+                            points[p["point"]] = p
+                        built = p is not None or self.cache.is_cached(bname, bkey)
+                        if init in TEACHER_INITS:
+                            teacher_builds.append(built)
+                        rows += [(bname, built, cost.build(n, e, init),
+                                  f"{'' if init == R.LORA else init + ': '}fine-tune {n} examples x {e:g} epochs, "
+                                  f"lr {lr:g}"),
+                                 (f"heldout-{R.point_name(n, e, lr, seed, init)}", p is not None,
+                                  cost.evaluate("heldout"), cost.work("heldout"))]
+                lr, means = R.select_lr(points, n, e, lrs, seeds, init)
+                for seed in seeds:
+                    t = self.test(init, n, e, lr, seed, means) if lr is not None else None
+                    name = f"test-{R.point_name(n, e, lr, seed, init)}" if lr is not None else \
+                        f"test-{R.test_name(n, e, seed, init)} (lr to be chosen)"
+                    rows.append((name, t is not None, cost.evaluate("test"), cost.work("test")))
+                if init == R.LORA:
+                    target = R.mean_updates(points, n, e, lrs, seeds).get(lr)
+                elif self.cfg.matched_test:
+                    m = R.matched_lr(points, n, e, lrs, seeds, init, target)
+                    for seed in seeds if m is None or m != lr else []:
+                        t = self.test(init, n, e, m, seed, means) if m is not None else None
+                        name = f"test-{R.point_name(n, e, m, seed, init)}" if m is not None else \
+                            f"test-{R.test_name(n, e, seed, init, matched=True)} (lr to be matched; none if selected)"
+                        rows.append((name, t is not None, cost.evaluate("test"), cost.work("test")))
+        if teacher_builds:
+            name, key = self.extraction_key()
+            rows.insert(2, (name, self.cache.is_cached(name, key) or all(teacher_builds), cost.extraction(),
+                            cost.extraction_work()))
         self.plan_notes = cost.notes + [cost.disk_note()]
         return rows
 

@@ -2,14 +2,16 @@
 
 :mod:`pkt.studies.pilot` writes one small JSON record per finished piece of work into the records directory:
 ``pilot.json`` (the settings and the held-out set), ``student.json`` (the untuned student on the held-out set
-and on the test subset), ``points/<point>.json`` (one LoRA build: its training summary, ‖ΔW‖/‖W‖ and its
+and on the test subset), ``points/<point>.json`` (one build: its training summary, ‖ΔW‖/‖W‖ and its
 held-out score) and ``tests/<budget>-s<seed>.json`` (the build whose lr the held-out set chose, on the test
-subset). This module reads nothing else: no run directory, no weights, no model, so that the curve is re-derived
-from a commit, byte for byte (no timestamps or paths in the output, rows in the grid's order, a seeded bootstrap,
-PNG metadata without the library version).
+subset). A LoRA build's names are unprefixed; another init's carry it first (``pissa-n256-e1-lr0.0003-s0``), and
+a test of the lr that matches LoRA's update size (``matched_test``) ends in ``-matched-s<seed>``.
+This module reads nothing else: no run directory, no weights, no model, so that the curve is re-derived from a
+commit, byte for byte (no timestamps or paths in the output, rows in the grid's order, a seeded bootstrap, PNG
+metadata without the library version).
 
-Selection (:func:`select_lr`): per budget (train examples × epochs) the lr with the best mean held-out score
-over the seeds; a tie goes to the smaller lr, the smaller update to the student (a tie says the held-out set
+Selection (:func:`select_lr`): per init and budget (train examples × epochs) the lr with the best mean held-out
+score over the seeds; a tie goes to the smaller lr, the smaller update to the student (a tie says the held-out set
 cannot tell them apart, so the more conservative one is kept). A budget is selected only once every (lr, seed)
 of it has a record. The test subset is read only for the selected build, so it plays no part in the choice.
 
@@ -17,11 +19,18 @@ Comparison with the student on the test subset: the paired difference with its 9
 resampled: :func:`pkt.experiment.stats.paired_difference`), the exact McNemar test on the discordant questions
 of each seed (:func:`pkt.experiment.stats.mcnemar_exact`) and Holm's correction of those p-values across the
 budgets reported (per seed). A budget counts as significant when Δ > 0 and every seed's Holm p ≤ 0.05.
+
+Several inits (``inits``): each init's selected build is compared with the student and with LoRA's selected build
+of the same budget, paired on the same questions, and Holm's correction runs over every comparison the report
+states. "Matched update size" (:func:`matched_lr`): for each init, the lr whose ‖ΔW‖/‖W‖ is closest (by ratio)
+to that of LoRA's selected build, read on the held-out set (and on the test subset when ``matched_test``).
+A config of LoRA alone gives the report it gave before inits existed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pkt.errors import PktError
@@ -31,14 +40,34 @@ from pkt.io import write_text
 
 META, STUDENT, POINTS, TESTS = "pilot.json", "student.json", "points", "tests"
 REPORT, PLOT = "pilot.md", "pilot.png"
+LORA = "lora"
+# how each init is built: `pkt postpkt --init <init>` (seeking-random: --init seeking --control random)
+INIT_CLI = {"lora": "--init lora", "pissa": "--init pissa", "seeking": "--init seeking",
+            "seeking-random": "--init seeking --control random"}
 
 
-def point_name(n: int, epochs: float, lr: float, seed: int) -> str:
-    return f"n{n}-e{epochs:g}-lr{lr:g}-s{seed}"
+def _prefix(init: str) -> str:
+    # LoRA's names are those of a pilot before inits existed, so its stages and records keep their names
+    return "" if init == LORA else f"{init}-"
+
+
+def point_name(n: int, epochs: float, lr: float, seed: int, init: str = LORA) -> str:
+    return f"{_prefix(init)}n{n}-e{epochs:g}-lr{lr:g}-s{seed}"
 
 
 def budget_name(n: int, epochs: float) -> str:
     return f"n{n}-e{epochs:g}"
+
+
+def test_name(n: int, epochs: float, seed: int, init: str = LORA, matched: bool = False) -> str:
+    """The record name of a test evaluation: the selected build's, or (``matched``) the matched-update build's."""
+    return f"{_prefix(init)}{budget_name(n, epochs)}{'-matched' if matched else ''}-s{seed}"
+
+
+def inits(settings: dict) -> list[str]:
+    """The inits of a pilot's settings in the order it runs them: LoRA first (the others are compared with it)."""
+    listed = settings.get("inits") or [LORA]
+    return [LORA] + [i for i in listed if i != LORA]
 
 
 def _read(path: Path) -> dict:
@@ -69,13 +98,20 @@ def budgets(settings: dict) -> list[tuple[int, float]]:
     return sorted(dict.fromkeys(grid), key=lambda b: (b[0] * b[1], b[0]))
 
 
-def select_lr(points: dict, n: int, epochs: float, lrs: list[float], seeds: list[int]) -> tuple[float | None, dict]:
-    """(selected lr or None while a point of the budget is missing, {lr: mean held-out score over seeds})."""
+def _means(points: dict, n: int, epochs: float, lrs: list[float], seeds: list[int], init: str, value) -> dict:
+    """{lr: mean over the seeds of value(point)} for the lrs whose every seed has a record."""
     means = {}
     for lr in lrs:
-        scores = [points[k]["heldout"]["score"] for s in seeds if (k := point_name(n, epochs, lr, s)) in points]
-        if len(scores) == len(seeds):
-            means[lr] = sum(scores) / len(scores)
+        got = [value(points[k]) for s in seeds if (k := point_name(n, epochs, lr, s, init)) in points]
+        if len(got) == len(seeds):
+            means[lr] = sum(got) / len(got)
+    return means
+
+
+def select_lr(points: dict, n: int, epochs: float, lrs: list[float], seeds: list[int],
+              init: str = LORA) -> tuple[float | None, dict]:
+    """(selected lr or None while a point of the budget is missing, {lr: mean held-out score over seeds})."""
+    means = _means(points, n, epochs, lrs, seeds, init, lambda p: p["heldout"]["score"])
     if len(means) < len(lrs):
         return None, means
     # best mean; on a tie the smaller lr (sorted ascending, so max keeps the first of equals)
@@ -83,21 +119,55 @@ def select_lr(points: dict, n: int, epochs: float, lrs: list[float], seeds: list
     return best, means
 
 
-def compare(student_test: dict, tests: list[dict]) -> dict:
-    """The selected builds of one budget (one per seed) against the student on the same test questions."""
-    for t in tests:
-        if t["test"]["ids"] != student_test["ids"]:
-            raise PktError(f"test record of seed {t['seed']}: its questions differ from the student's test subset")
+def mean_updates(points: dict, n: int, epochs: float, lrs: list[float], seeds: list[int], init: str = LORA) -> dict:
+    """{lr: mean ‖ΔW‖/‖W‖ over the seeds} of an init's builds of one budget."""
+    return _means(points, n, epochs, lrs, seeds, init, lambda p: p["build"]["update"]["all"])
+
+
+def matched_lr(points: dict, n: int, epochs: float, lrs: list[float], seeds: list[int], init: str,
+               target: float | None) -> float | None:
+    """The lr of ``init`` whose mean ‖ΔW‖/‖W‖ is closest to ``target`` (LoRA's selected build's) by ratio, the
+    smaller lr on a tie; None while a point is missing or the target is unknown. By ratio because the update
+    sizes of a sweep span orders of magnitude: 0.1% is as far from 0.2% as 0.2% is from 0.4%."""
+    ups = mean_updates(points, n, epochs, lrs, seeds, init)
+    if target is None or target <= 0 or len(ups) < len(lrs):
+        return None
+
+    def distance(lr: float) -> float:
+        return round(abs(math.log(ups[lr] / target)), 12) if ups[lr] > 0 else math.inf
+
+    return min(sorted(ups), key=distance)
+
+
+def compare(student_test: dict, tests: list[dict], base: list[dict] | None = None, against: str = "the student's") \
+        -> dict:
+    """The selected builds of one budget (one per seed) against the student on the same test questions, or, with
+    ``base`` (one test result per seed, e.g. LoRA's selected builds), against those, seed by seed."""
+    base = base or [student_test] * len(tests)
+    for t, b in zip(tests, base, strict=True):
+        if t["test"]["ids"] != b["ids"]:
+            raise PktError(f"test record of seed {t['seed']}: its questions differ from {against} test subset")
     method = [t["test"]["per_example"] for t in tests]
-    base = [student_test["per_example"]] * len(tests)
-    d = paired_difference(method, base)
+    d = paired_difference(method, [b["per_example"] for b in base])
     discord = []
-    for m in method:
-        only_a = sum(a > b for a, b in zip(m, student_test["per_example"]))
-        only_b = sum(b > a for a, b in zip(m, student_test["per_example"]))
+    for m, b in zip(method, base):
+        only_a = sum(x > y for x, y in zip(m, b["per_example"]))
+        only_b = sum(y > x for x, y in zip(m, b["per_example"]))
         discord.append((only_a, only_b, mcnemar_exact(only_a, only_b)))
     score = sum(t["test"]["score"] for t in tests) / len(tests)
     return {"score": score, "delta": d.mean, "low": d.low, "high": d.high, "p_boot": d.p, "mcnemar": discord}
+
+
+def _tests(rec: dict, n: int, e: float, seeds: list[int], init: str, lr: float | None, matched: bool = False) \
+        -> list[dict | None]:
+    """The test records of one init and budget, each checked against the lr the held-out records give."""
+    found = [rec["tests"].get(test_name(n, e, seed, init, matched)) for seed in seeds]
+    for seed, t in zip(seeds, found):
+        if t is not None and (lr is None or float(t["lr"]) != lr):
+            what = "match LoRA's update size at" if matched else "select"
+            raise PktError(f"test record {test_name(n, e, seed, init, matched)}: lr {t['lr']:g}, but the held-out "
+                           f"records {what} {'nothing yet' if lr is None else format(lr, 'g')} (a stale record)")
+    return found
 
 
 def derive(rec: dict) -> dict:
@@ -106,27 +176,43 @@ def derive(rec: dict) -> dict:
     lrs, seeds = [float(x) for x in s["lrs"]], list(s["seeds"])
     rows, selected = [], []
     for n, e in budgets(s):
-        lr, means = select_lr(rec["points"], n, e, lrs, seeds)
-        for x in lrs:
-            for seed in seeds:
-                p = rec["points"].get(point_name(n, e, x, seed))
-                rows.append({"n": n, "epochs": e, "lr": x, "seed": seed, "point": p, "selected": lr == x})
-        tests = [rec["tests"].get(f"{budget_name(n, e)}-s{seed}") for seed in seeds]
-        for t in tests:
-            if t is not None and (lr is None or float(t["lr"]) != lr):
-                raise PktError(f"test record {budget_name(n, e)}-s{t['seed']}: lr {t['lr']:g}, but the held-out "
-                               f"records select {'nothing yet' if lr is None else format(lr, 'g')} (a stale record)")
-        done = lr is not None and all(tests) and "test" in rec["student"]
-        selected.append({"n": n, "epochs": e, "lr": lr, "heldout": means.get(lr) if lr is not None else None,
-                         "cmp": compare(rec["student"]["test"], tests) if done else None})
-    reported = [b for b in selected if b["cmp"]]
-    for i in range(len(seeds)):  # Holm across the budgets reported, per seed (each seed's McNemar is its own test)
-        adj = holm([b["cmp"]["mcnemar"][i][2] for b in reported])
-        for b, p in zip(reported, adj):
-            b["cmp"].setdefault("holm", []).append(p)
-    for b in reported:
-        b["cmp"]["significant"] = b["cmp"]["delta"] > 0 and all(p <= ALPHA for p in b["cmp"]["holm"])
-    return {"rows": rows, "selected": selected}
+        lora = None
+        for init in inits(s):
+            lr, means = select_lr(rec["points"], n, e, lrs, seeds, init)
+            for x in lrs:
+                for seed in seeds:
+                    p = rec["points"].get(point_name(n, e, x, seed, init))
+                    rows.append({"init": init, "n": n, "epochs": e, "lr": x, "seed": seed, "point": p,
+                                 "selected": lr == x})
+            tests = _tests(rec, n, e, seeds, init, lr)
+            done = lr is not None and all(tests) and "test" in rec["student"]
+            ups = mean_updates(rec["points"], n, e, lrs, seeds, init)
+            b = {"init": init, "n": n, "epochs": e, "lr": lr, "heldout": means.get(lr) if lr is not None else None,
+                 "means": means, "updates": ups, "tests": tests if done else None,
+                 "cmp": compare(rec["student"]["test"], tests) if done else None}
+            if init == LORA:
+                lora = b
+            else:
+                b["vs_lora"] = (compare(None, tests, [t["test"] for t in lora["tests"]], "LoRA's")
+                                if done and lora["tests"] else None)
+                target = lora["updates"].get(lora["lr"]) if lora["lr"] is not None else None
+                m = matched_lr(rec["points"], n, e, lrs, seeds, init, target)
+                mt = _tests(rec, n, e, seeds, init, m, matched=True) if m != lr else [None]
+                b["matched"] = {"lr": m, "target": target, "update": ups.get(m), "heldout": means.get(m),
+                                "lora_heldout": lora["heldout"], "same": m is not None and m == lr,
+                                "cmp": compare(None, mt, [t["test"] for t in lora["tests"]], "LoRA's")
+                                if m is not None and m != lr and all(mt) and lora["tests"] else None}
+            selected.append(b)
+    # Holm across every comparison the report states (per seed: each seed's McNemar is its own test)
+    stated = [c for b in selected for c in (b["cmp"], b.get("vs_lora"), (b.get("matched") or {}).get("cmp")) if c]
+    for i in range(len(seeds)):
+        adj = holm([c["mcnemar"][i][2] for c in stated])
+        for c, p in zip(stated, adj):
+            c.setdefault("holm", []).append(p)
+    for c in stated:
+        c["significant"] = c["delta"] > 0 and all(p <= ALPHA for p in c["holm"])
+        c["differs"] = all(p <= ALPHA for p in c["holm"])
+    return {"rows": rows, "selected": selected, "n_comparisons": len(stated)}
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -142,6 +228,11 @@ def _p(p: float) -> str:
 
 
 def render(rec: dict, out: dict) -> str:
+    """pilot.md: LoRA's report when LoRA is the only init (as before inits existed), else the per-init one."""
+    return (render_lora if inits(rec["meta"]["settings"]) == [LORA] else render_inits)(rec, out)
+
+
+def render_lora(rec: dict, out: dict) -> str:
     meta, st = rec["meta"], rec["student"]
     s, h, t = meta["settings"], meta["heldout"], meta["test"]
     metric = meta.get("metric", "score")
@@ -203,9 +294,146 @@ def render(rec: dict, out: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmp_cells(c: dict) -> str:
+    """Δ [95% CI] | bootstrap p | McNemar p (discordant counts) per seed | Holm p per seed"""
+    mc = ", ".join(f"{_p(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
+    return (f"{_pts(c['delta'])} [{_pts(c['low'])}, {_pts(c['high'])}] | {_p(c['p_boot'])} | {mc} | "
+            f"{', '.join(map(_p, c['holm']))}")
+
+
+def _direction(c: dict) -> str:
+    return ("higher" if c["delta"] > 0 else "lower") if c["differs"] else ""
+
+
+def _upd(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.3f}%"
+
+
+def render_inits(rec: dict, out: dict) -> str:
+    """pilot.md of a pilot of several inits: the grid, each init's held-out curve over lr with its update size, the
+    selected builds against the student and against LoRA, and the inits at LoRA's update size."""
+    meta, st = rec["meta"], rec["student"]
+    s, h, t = meta["settings"], meta["heldout"], meta["test"]
+    metric = meta.get("metric", "score")
+    names = inits(s)
+    lrs = [float(x) for x in s["lrs"]]
+    n_points = sum(r["point"] is not None for r in out["rows"])
+    tested = [b for b in out["selected"] if b["cmp"] is not None]
+    matched_tested = [b for b in out["selected"] if (b.get("matched") or {}).get("cmp")]
+    built = "; ".join(f"{i}: `pkt postpkt {INIT_CLI[i]}`" for i in names)
+    teacher = (f" Seeking's factors come from `{s['teacher']}` ({s['extract_samples']} examples of the extract "
+               "split), extracted once and shared by every Seeking and seeking-random build."
+               if any(i.startswith("seeking") for i in names) else "")
+    lines = [f"# Pilot: {s['name']}", "",
+             f"{', '.join(names)} of `{s['student']}` on {s['task']} ({metric}, {t['protocol']}), each built as "
+             f"({built}), trained on the first N examples of the PKT train split; batch {s['batch_size']} "
+             f"(micro-batch {s['micro_batch_size']}), max length {s['max_length']}, rank {s['rank']}, "
+             f"α {s['alpha']:g}, {s['dtype']}, seeds {', '.join(map(str, s['seeds']))}.{teacher} For each init and "
+             f"budget the lr is chosen on the held-out set only ({h['description']}); each init's chosen build alone "
+             f"is evaluated on the test subset ({t['description']}).",
+             "", f"Recorded: {n_points} of {len(out['rows'])} grid points, {len(tested)} of {len(out['selected'])} "
+             "selected builds' test evaluations"
+             + (f", {len(matched_tested)} matched-update test evaluations" if s.get("matched_test") else "") + ".",
+             ""]
+    sh, stt = st.get("heldout"), st.get("test")
+    lines += [f"Untuned student: held-out {_pct(sh and sh['score'])}"
+              + (f" (answer loss {sh['answer_loss']:.3f})" if sh and sh.get("answer_loss") is not None else "")
+              + f", test {_pct(stt and stt['score'])}"
+              + (f" ({round(stt['score'] * stt['n'])}/{stt['n']})" if stt else "") + ".", ""]
+
+    lines += ["## Held-out grid", "",
+              "| init | train examples | epochs | lr | seed | steps | final train loss | held-out | held-out answer "
+              "loss | ‖ΔW‖/‖W‖ | ‖B₀A₀‖/‖W‖ | selected |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in out["rows"]:
+        p = r["point"]
+        head = f"| {r['init']} | {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} |"
+        if p is None:
+            lines.append(head + " – | – | – | – | – | – | |")
+            continue
+        b, ho = p["build"], p["heldout"]
+        loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
+        start = (b.get("init_update") or {}).get("all", 0.0)  # LoRA starts at B₀ = 0
+        lines.append(f"{head} {b['steps']} | {b['final_loss']:.3f} | {_pct(ho['score'])} | {loss} | "
+                     f"{_upd(b['update']['all'])} | {_upd(start)} | {'✓' if r['selected'] else ''} |")
+
+    lines += ["", "## Each init's held-out curve over lr", "",
+              "Held-out score (‖ΔW‖/‖W‖ of the build), means over the seeds; ✓ the selected lr.", "",
+              "| init | train examples | epochs | " + " | ".join(f"lr {x:g}" for x in lrs) + " | selected lr |",
+              "|---|---:|---:|" + "---:|" * len(lrs) + "---:|"]
+    for b in out["selected"]:
+        cells = [f"{_pct(b['means'][x])} ({_upd(b['updates'].get(x))}){' ✓' if b['lr'] == x else ''}"
+                 if x in b["means"] else "–" for x in lrs]
+        lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | " + " | ".join(cells) +
+                     f" | {'–' if b['lr'] is None else format(b['lr'], 'g')} |")
+
+    lines += ["", "## The selected lr on the test subset, against the student", "",
+              "| init | train examples | epochs | selected lr | held-out | test | student | Δ [95% CI] | bootstrap p "
+              "| McNemar p (only init / only student) | Holm p | significant |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|:---:|"]
+    for b in out["selected"]:
+        c = b["cmp"]
+        lr = "–" if b["lr"] is None else f"{b['lr']:g}"
+        head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} | {_pct(b['heldout'])} |"
+        lines.append(head + (" – | – | – | – | – | – | |" if c is None else
+                             f" {_pct(c['score'])} | {_pct(stt['score'])} | {_cmp_cells(c)} | "
+                             f"{'✓' if c['significant'] else ''} |"))
+
+    lora_of = {(b["n"], b["epochs"]): b for b in out["selected"] if b["init"] == LORA}
+    lines += ["", "## Each init against LoRA, both at their selected lr", "",
+              "| init | train examples | epochs | lr (init / LoRA) | test (init / LoRA) | Δ [95% CI] | bootstrap p "
+              "| McNemar p (only init / only LoRA) | Holm p | differs |",
+              "|---|---:|---:|---|---|---|---:|---|---|:---:|"]
+    for b in out["selected"]:
+        if b["init"] == LORA:
+            continue
+        lo, c = lora_of[b["n"], b["epochs"]], b["vs_lora"]
+        lr = " / ".join("–" if x is None else f"{x:g}" for x in (b["lr"], lo["lr"]))
+        head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
+        lines.append(head + (" – | – | – | – | – | |" if c is None else
+                             f" {_pct(c['score'])} / {_pct(lo['cmp']['score'])} | {_cmp_cells(c)} | "
+                             f"{_direction(c)} |"))
+
+    lines += ["", "## At matched update size", "",
+              "For each init, the lr whose ‖ΔW‖/‖W‖ (mean over the seeds) is closest, by ratio, to that of LoRA's "
+              "selected build: the inits compared at the same size of the change that reached the model. "
+              + ("The matched builds are also evaluated on the test subset (`matched_test`)." if s.get("matched_test")
+                 else "Read on the held-out set only (`matched_test: false`): no test evaluation chose or checks it."),
+              "", "| init | train examples | epochs | LoRA's ‖ΔW‖/‖W‖ | matched lr | its ‖ΔW‖/‖W‖ | held-out (init / "
+              "LoRA) | test Δ vs LoRA [95% CI] | Holm p |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for b in out["selected"]:
+        if b["init"] == LORA:
+            continue
+        m = b["matched"]
+        if m["same"]:
+            test = "the selected build (above)"
+            holm_p = "–"
+        elif m["cmp"] is not None:
+            c = m["cmp"]
+            test = f"{_pts(c['delta'])} [{_pts(c['low'])}, {_pts(c['high'])}]"
+            holm_p = ", ".join(map(_p, c["holm"]))
+        else:
+            test, holm_p = "–", "–"
+        lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | {_upd(m['target'])} | "
+                     f"{'–' if m['lr'] is None else format(m['lr'], 'g')} | {_upd(m['update'])} | "
+                     f"{_pct(m['heldout'])} / {_pct(m['lora_heldout'])} | {test} | {holm_p} |")
+
+    lines += ["", f"Δ in points: the test score of the first build minus the second's (the student's, or LoRA's "
+                  f"selected build of the same budget and seed) on the same questions; interval: paired bootstrap "
+                  f"(questions and seeds resampled); McNemar: exact, per seed, on the discordant questions; Holm: "
+                  f"across all {out['n_comparisons']} comparisons stated above, per seed; significant: Δ > 0 and every "
+                  f"seed's Holm p ≤ {ALPHA:g}; differs: every seed's Holm p ≤ {ALPHA:g}, in the direction named. "
+                  "Selection: per init, the best mean held-out score over the seeds, ties to the smaller lr. "
+                  "‖ΔW‖/‖W‖: the change that reached the evaluated model, the merged build minus the student, over "
+                  "the adapted matrices (for LoRA its adapter's product, the same change); ‖B₀A₀‖/‖W‖: the size of "
+                  "the init's own adapter at step 0, which PiSSA and Seeking subtract from W, so that their model at "
+                  "step 0 is the student.", "", f"![pilot: held-out score by lr and by update size]({PLOT})", ""]
+    return "\n".join(lines)
+
+
 def plot(rec: dict, out: dict, path: Path) -> None:
-    """Held-out score per lr and the selected builds' test score (with the interval of Δ) by train examples; one
-    line style per epochs value."""
+    """pilot.png: LoRA's curve by budget when LoRA is the only init, else each init's held-out score by lr and by
+    update size (:func:`figure_lora`, :func:`figure_inits`)."""
     import io
 
     import matplotlib
@@ -213,6 +441,19 @@ def plot(rec: dict, out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = (figure_lora if inits(rec["meta"]["settings"]) == [LORA] else figure_inits)(plt, rec, out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no library version in the bytes
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def figure_lora(plt, rec: dict, out: dict):
+    """Held-out score per lr and the selected builds' test score (with the interval of Δ) by train examples; one
+    line style per epochs value."""
     s = rec["meta"]["settings"]
     epochs = sorted({r["epochs"] for r in out["rows"]})
     styles, markers = ["-", "--", "-.", ":"], ["s", "D", "^", "v"]
@@ -248,13 +489,48 @@ def plot(rec: dict, out: dict, path: Path) -> None:
     ax.set_title(f"{s['name']}: LoRA of the student by budget")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no library version in the bytes
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    return fig
+
+
+def figure_inits(plt, rec: dict, out: dict):
+    """Two panels: each init's mean held-out score against lr (its selected lr marked), and against its update size
+    ‖ΔW‖/‖W‖ (LoRA's selected size drawn as a vertical line: the matched-update reading); one colour per init, one
+    line style per budget."""
+    s = rec["meta"]["settings"]
+    names, styles = inits(s), ["-", "--", "-.", ":"]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (by_lr, by_size) = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
+    budget_list = budgets(s)
+    for b in out["selected"]:
+        k, i = budget_list.index((b["n"], b["epochs"])), names.index(b["init"])
+        xs = sorted(b["means"])
+        if not xs:
+            continue
+        style = dict(color=colours[i % len(colours)], linestyle=styles[k % 4], marker="o", alpha=0.8)
+        label = b["init"] + ("" if len(budget_list) == 1 else f", {b['n']} x {b['epochs']:g} ep")
+        by_lr.plot(xs, [100 * b["means"][x] for x in xs], label=label, **style)
+        sized = [x for x in xs if x in b["updates"]]
+        by_size.plot([100 * b["updates"][x] for x in sized], [100 * b["means"][x] for x in sized], **style)
+        if b["lr"] is not None:
+            by_lr.plot([b["lr"]], [100 * b["means"][b["lr"]]], marker="*", markersize=12, linestyle="none",
+                       color=colours[i % len(colours)])
+            if b["init"] == LORA and b["lr"] in b["updates"]:
+                by_size.axvline(100 * b["updates"][b["lr"]], color=colours[i % len(colours)], linewidth=1,
+                                linestyle=styles[k % 4], alpha=0.5)
+    if rec["student"].get("heldout"):
+        for ax in (by_lr, by_size):
+            ax.axhline(100 * rec["student"]["heldout"]["score"], color="grey", linestyle=":", linewidth=1,
+                       label="student, held-out" if ax is by_lr else None)
+    for ax in (by_lr, by_size):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    by_lr.set_xlabel("learning rate (★ selected on held-out)")
+    by_size.set_xlabel("‖ΔW‖/‖W‖ (%) of the build (vertical: LoRA's selected)")
+    by_lr.set_ylabel(f"held-out {rec['meta'].get('metric', 'score')} (%)")
+    fig.suptitle(f"{s['name']}: each init's held-out score by lr and by update size")
+    by_lr.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 def write_report(records: str | Path) -> Path:
