@@ -167,7 +167,8 @@ def _loss(x: tuple) -> str:
 
 
 def _signed(v: float) -> str:
-    return f"{v:+.4f}".replace("-", "−")
+    # a difference below the table's 4 decimals is still shown with its sign and size
+    return (f"{v:+.4f}" if v == 0 or abs(v) >= 5e-5 else f"{v:+.1e}").replace("-", "−")
 
 
 def _steps(v: float) -> str:
