@@ -308,13 +308,16 @@ def run_extraction(teacher_ref, student_ref, task: str, cfg: SeekingConfig, out:
 
 def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path, ft_cfg, ex_cfg: SeekingConfig,
                 factors_dir: str | Path | None = None, progress: bool = True, log=print,
-                control: str | None = None, data: str | None = None, base_deltas: str | Path | None = None) -> dict:
+                control: str | None = None, data: str | None = None, base_deltas: str | Path | None = None,
+                heldout=None) -> dict:
     """Full PostPKT arm: (extract if seeking) → student LoRA with the init → SFT → save under ``out``.
 
     ``control`` (``random`` | ``shuffled``, seeking only): fine-tune from the control made of the extraction
     (:func:`control_factors`, seeded with the fine-tuning seed), written next to ``out``.
     ``base_deltas`` (a LaTen ``laten_deltas.safetensors``): fused into the student before the LoRA is made, so
     the arm fine-tunes the LaTen-injected student (the ``laten-lora`` arm of ``pkt run``).
+    ``heldout`` (:class:`pkt.align.finetune.Heldout`): the held-out answer loss measured at its optimizer steps,
+    written to ``out/heldout.json`` (training unchanged).
     """
     from pkt.align.finetune import train_and_save
     from pkt.dist import dist_state
@@ -372,7 +375,8 @@ def run_postpkt(teacher_ref, student_ref, task: str, init: str, out: str | Path,
         examples = examples[: ft_cfg.n_train]
     log(f"{init}: LoRA r={ft_cfg.r} α={ft_cfg.alpha} on {','.join(ft_cfg.targets)}; "
         f"fine-tuning on {len(examples)} {data or f'{task}/train'} examples")
-    summary = train_and_save(model, tok, examples, ft_cfg, init, out, extra=extra, progress=progress)
+    summary = train_and_save(model, tok, examples, ft_cfg, init, out, extra=extra, progress=progress,
+                             heldout=heldout)
     if dist_state().is_main_process:  # under `accelerate launch` only the main process writes
         summary["peak_rss_bytes"] = peak_rss_bytes()
         write_json(out / "summary.json", summary)

@@ -15,7 +15,9 @@ Outputs (written atomically, :func:`save_outputs`):
   ``merged/``        the merged Hugging Face checkpoint + tokenizer, loadable with plain transformers;
   ``adapter*/README.md``, ``merged/README.md``  model cards (:mod:`pkt.cards`);
   ``logs/finetune/`` the per-step log in the tracker chosen with ``report_to`` (TensorBoard by default,
-                     :mod:`pkt.tracking`), besides ``train_log.jsonl``.
+                     :mod:`pkt.tracking`), besides ``train_log.jsonl``;
+  ``heldout.json``   only with a :class:`Heldout`: the held-out answer loss at its optimizer steps (per example:
+                     summed NLL and token count) and the examples each step trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +37,7 @@ from pkt.data.chat import IGNORE, STYLES, collate, tokenize_example
 from pkt.data.jsonl import ChatExample
 from pkt.errors import PktError
 from pkt.io import atomic_dir, write_json, write_jsonl
-from pkt.align.loop import Step, StepResult, train_loop
+from pkt.align.loop import Probe, Step, StepResult, train_loop
 from pkt.align.token_loss import answer_token_loss, fast_path_applies, full_logits_loss
 from pkt.dist import dist_state
 from pkt.tracking import check_report_to
@@ -91,20 +94,57 @@ class FinetuneConfig(Settings):
             raise PktError("need 1 <= micro_batch_size <= batch_size")
 
 
+@dataclass
+class Heldout:
+    """Held-out examples whose answer loss fine-tuning measures at the optimizer steps ``at`` (0 = before any
+    update): :func:`heldout_probe`. ``max_length`` cuts them as ``pkt eval``'s answer loss does (its
+    ``max_prompt_tokens``: the fine-tuning length, at least 1024)."""
+
+    examples: list[ChatExample]
+    at: tuple[int, ...]
+    batch_size: int = 8
+    max_length: int = 1024
+
+
+def heldout_probe(heldout: Heldout, tokenizer, style: str) -> Probe:
+    """A :class:`~pkt.align.loop.Probe` measuring the teacher-forced answer loss of the held-out examples with
+    :func:`pkt.evaluate.generate.response_nll`, tokenised as ``pkt eval``'s answer loss tokenises them
+    (:mod:`pkt.evaluate.tasks.answer_loss`). Its record: ``loss`` (token-weighted mean NLL, the ``nll`` of
+    ``pkt eval``), ``loss_per_example`` (mean of the examples' mean NLLs) and ``per_example`` ([summed NLL,
+    tokens] per example, in the given order)."""
+    from pkt.evaluate.generate import response_nll
+
+    feats = [tokenize_example(e, tokenizer, style, max_length=heldout.max_length) for e in heldout.examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def measure(model) -> dict:
+        res = response_nll(model, feats, pad, batch_size=heldout.batch_size, progress=False, desc="held-out loss")
+        tokens = sum(n for _, n in res)
+        means = [s / n for s, n in res if n]
+        return {"loss": sum(s for s, _ in res) / tokens if tokens else None,
+                "loss_per_example": sum(means) / len(means) if means else None, "tokens": tokens,
+                "per_example": [[s, n] for s, n in res]}
+
+    return Probe(tuple(sorted(set(heldout.at))), measure)
+
+
 def _n_labels(feat: dict) -> int:
     """Labelled tokens of an example that enter the loss (the first position predicts nothing)."""
     return sum(1 for x in feat["labels"][1:] if x != IGNORE)
 
 
 def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, progress: bool = True,
-             log=None, log_dir=None) -> list[dict]:
+             log=None, log_dir=None, probe: Probe | None = None) -> list[dict]:
     """Train the LoRA parameters of a peft ``model`` in place; returns per-step logs (loss, lr, grad norm,
-    tokens/s, seconds), also sent to ``cfg.report_to`` under ``log_dir`` when one is given."""
+    tokens/s, seconds), also sent to ``cfg.report_to`` under ``log_dir`` when one is given. A ``probe``
+    (:func:`heldout_probe`) measures the model at its steps without changing the training; its ``batches`` are
+    then indices into ``examples``."""
     if not examples:
         raise PktError("fine-tuning: no training examples")
     feats = [tokenize_example(e, tokenizer, cfg.style, cfg.max_length, cfg.train_on_inputs, cfg.assistant_turns)
              for e in examples]
-    feats = [f for f in feats if _n_labels(f)]
+    kept = [i for i, f in enumerate(feats) if _n_labels(f)]  # the loop's example i is examples[kept[i]]
+    feats = [feats[i] for i in kept]
     if not feats:
         raise PktError("fine-tuning: no example has labelled tokens; raise max_length")
 
@@ -113,9 +153,12 @@ def finetune(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig,
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.enable_input_require_grads()
 
-    return train_loop(model, len(feats), cfg, sft_step(feats, tokenizer.pad_token_id, cfg), what="fine-tuning",
+    logs = train_loop(model, len(feats), cfg, sft_step(feats, tokenizer.pad_token_id, cfg), what="fine-tuning",
                       run_name="finetune", desc="fine-tune", tracker_config=cfg.model_dump(), prepare=prepare,
-                      progress=progress, log=log, log_dir=log_dir)
+                      progress=progress, log=log, log_dir=log_dir, probe=probe)
+    if probe is not None:
+        probe.batches[:] = [[kept[i] for i in b] for b in probe.batches]
+    return logs
 
 
 def micro_batches(idx: list[int], lengths: list[int], size: int, world: int = 1, rank: int = 0,
@@ -217,27 +260,34 @@ def save_outputs(model, tokenizer, init: str, tmp_dir: Path, init_adapter: Path)
 
 
 def train_and_save(model, tokenizer, examples: list[ChatExample], cfg: FinetuneConfig, init: str,
-                   out: str | Path, extra: dict | None = None, progress: bool = True) -> dict:
-    """Save the initial adapter, fine-tune, and write adapter/merged/logs atomically into ``out``."""
+                   out: str | Path, extra: dict | None = None, progress: bool = True,
+                   heldout: Heldout | None = None) -> dict:
+    """Save the initial adapter, fine-tune, and write adapter/merged/logs atomically into ``out``; with
+    ``heldout`` also ``heldout.json`` (the held-out answer loss at its steps, :func:`heldout_probe`)."""
     out = Path(out)
     state = dist_state()
+    probe = heldout_probe(heldout, tokenizer, cfg.style) if heldout is not None else None
     if not state.is_main_process:
         # other data-parallel workers train (their gradients are needed) but write nothing
-        logs = finetune(model, tokenizer, examples, cfg, progress=False)
+        logs = finetune(model, tokenizer, examples, cfg, progress=False, probe=probe)
         return {"init": init, "n_train": len(examples), "steps": len(logs),
                 "final_loss": logs[-1]["loss"] if logs else None}
     with atomic_dir(out) as tmp:
         init_dir = tmp / "adapter_init"
         save_initial_adapter(model, init_dir)
         t0 = time.perf_counter()
-        logs = finetune(model, tokenizer, examples, cfg, progress=progress, log_dir=tmp)
+        logs = finetune(model, tokenizer, examples, cfg, progress=progress, log_dir=tmp, probe=probe)
         train_s = time.perf_counter() - t0
         write_jsonl(tmp / "train_log.jsonl", logs)
+        if probe is not None:
+            write_json(tmp / "heldout.json", {"at": list(probe.at), "n": len(heldout.examples),
+                                              "records": probe.records, "batches": probe.batches})
         t1 = time.perf_counter()
         info = save_outputs(model, tokenizer, init, tmp, init_dir)
         summary = {"init": init, "n_train": len(examples), "steps": len(logs),
                    "lora_dropout": model.peft_config["default"].lora_dropout,
                    "final_loss": logs[-1]["loss"] if logs else None, "processes": state.num_processes,
+                   **({"heldout_loss": {str(r["step"]): r["loss"] for r in probe.records}} if probe else {}),
                    "train_seconds": round(train_s, 1),
                    "save_seconds": round(time.perf_counter() - t1, 1), "config": cfg.model_dump(),
                    "report_to": cfg.report_to, "outputs": info, **(extra or {})}

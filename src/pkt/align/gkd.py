@@ -107,11 +107,12 @@ def _features(prompt: list[int], continuation: list[int]) -> dict:
 
 
 def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcfg: GKDConfig, progress: bool = True,
-                 log=None, log_dir: str | Path | None = None) -> list[dict]:
+                 log=None, log_dir: str | Path | None = None, probe=None) -> list[dict]:
     """Train the LoRA parameters of the peft ``model`` in place by GKD against ``teacher``; per-step logs.
 
     The loop is SFT's (:func:`pkt.align.loop.train_loop`); :func:`gkd_step` is what a step does. With
-    ``log_dir`` the same records also go to the tracker chosen by ``ft.report_to`` (:mod:`pkt.tracking`).
+    ``log_dir`` the same records also go to the tracker chosen by ``ft.report_to`` (:mod:`pkt.tracking`). A
+    ``probe`` (:func:`pkt.align.finetune.heldout_probe`) measures the model at its steps, training unchanged.
     """
     from pkt.align.loop import train_loop
     from pkt.dist import dist_state
@@ -130,7 +131,7 @@ def gkd_finetune(model, teacher, tokenizer, examples: list[ChatExample], ft, gcf
                for e in examples]
     teacher.eval()
     return train_loop(model, len(examples), ft, gkd_step(teacher, tokenizer, gold, prompts, ft, gcfg), what="gkd",
-                      run_name="gkd", desc="gkd", loss_digits=6, progress=progress, log=log, log_dir=log_dir,
+                      run_name="gkd", desc="gkd", loss_digits=6, progress=progress, log=log, log_dir=log_dir, probe=probe,
                       tracker_config={**ft.model_dump(), **{f"gkd_{k}": v for k, v in gcfg.model_dump().items()}})
 
 

@@ -24,6 +24,9 @@ COMMANDS = {
                                                      "depth, from an analysis record."),
     "pilot": ("pilot", "The pilot curve: LoRA by training budget, lr chosen on held-out data, the chosen build "
                        "against the student on the test subset (run, --dry-run, --report)."),
+    "steps-saved": ("steps_saved", "Held-out loss by optimizer step of laten-lora and lora on the same batches, and "
+                                   "the steps each takes to reach LoRA's final held-out loss (run, --dry-run, "
+                                   "--report)."),
 }
 
 app = typer.Typer(help="Analyses of finished studies, as docs/results.md quotes them (pkt study NAME --help).",

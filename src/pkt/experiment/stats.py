@@ -50,16 +50,34 @@ class Difference:
         return self.low > 0 or self.high < 0
 
 
+def _seed_counts(n_seeds: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    # seeds drawn with replacement, as counts per seed: (n_boot, n_seeds)
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot).astype(float)
+
+
+def _question_counts(n_q: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    # one draw of question indices per replicate, used by every seed: (n_boot, n_q) counts
+    return rng.multinomial(n_q, np.full(n_q, 1 / n_q), size=n_boot).astype(float)
+
+
+def two_way_counts(n_seeds: int, n_q: int, n_boot: int = N_BOOT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The draws of :func:`paired_difference`'s two-way bootstrap, for a statistic that is not a mean difference
+    (e.g. where a loss curve crosses a level): (seed counts (n_boot, n_seeds), question counts (n_boot, n_q)).
+    Replicate b weighs seed s by ``seed_counts[b, s]`` and question i, the same in every seed, by
+    ``q_counts[b, i]``; the same ``seed`` gives the same draws as :func:`paired_difference`."""
+    rng = np.random.default_rng(seed)
+    seeds = _seed_counts(n_seeds, n_boot, rng)
+    return seeds, _question_counts(n_q, n_boot, rng)
+
+
 def _draws(diffs: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """``n_boot`` bootstrap replicates of the mean over seeds of each seed's mean difference."""
     n_seeds = len(diffs)
-    # seeds drawn with replacement, as counts per seed: (n_boot, n_seeds)
-    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot).astype(float)
+    seed_counts = _seed_counts(n_seeds, n_boot, rng)
     lengths = {len(d) for d in diffs}
     if len(lengths) == 1:
         n_q = lengths.pop()
-        # one draw of question indices per replicate, used by every seed: (n_boot, n_q) counts
-        q_counts = rng.multinomial(n_q, np.full(n_q, 1 / n_q), size=n_boot).astype(float)
+        q_counts = _question_counts(n_q, n_boot, rng)
         per_seed = q_counts @ np.stack(diffs).T / n_q  # (n_boot, n_seeds): each seed's mean on the drawn questions
     else:  # subsets of different sizes cannot share questions: each seed's own resample
         per_seed = np.stack([rng.multinomial(len(d), np.full(len(d), 1 / len(d)), size=n_boot) @ d / len(d)

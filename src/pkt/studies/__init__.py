@@ -15,8 +15,11 @@ command                    module                      what it prints
 ``adapter-update``         ``adapter_update``          ‖ΔW‖/‖W‖ of saved adapters
 ``representation-depth``   ``representation_depth``    representation similarity by student depth
 ``pilot``                  ``pilot``                   runs the pilot curve (LoRA by budget); its report
+``steps-saved``            ``steps_saved``             runs held-out loss curves by step; steps saved
 =========================  ==========================  ===================================================
 
-``pilot`` is the one that computes: it runs (and resumes) a small study of its own, plain LoRA by training budget
-with the lr chosen on held-out data, and reports it from its committed records (docs/pilot.md).
+``pilot`` and ``steps-saved`` are the ones that compute: each runs (and resumes) a small study of its own and
+reports it from its committed records. ``pilot``: plain LoRA by training budget with the lr chosen on held-out
+data (docs/pilot.md); ``steps-saved``: laten-lora against lora on the same batches, their loss on one held-out
+set at chosen optimizer steps and the steps each takes to reach LoRA's final held-out loss (docs/steps-saved.md).
 """

@@ -1,0 +1,265 @@
+"""Held-out loss by optimizer step (`pkt study steps-saved`, docs/steps-saved.md).
+
+The probe of the shared training loop changes nothing of the training (weights and per-step losses equal bit for
+bit with and without it, for SFT and GKD, with dropout on); its step 0 is the untrained model's answer loss; the
+study's arms see the same batches; a tiny study runs, resumes without stage work, restores from its records on
+another machine and re-derives its report byte for byte; a bad config is one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pkt.align.finetune import FinetuneConfig, Heldout, finetune, heldout_probe
+from pkt.align.lora_init import make_lora_model
+from pkt.data.chat import tokenize_example
+from pkt.data.jsonl import ChatExample
+from pkt.evaluate.generate import response_nll
+
+TRAIN = [ChatExample(f"What is {a} + {b}?" + " Think." * (a % 3), f"{a} + {b} = {a + b}. The answer is {a + b}")
+         for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1)]]
+HELD = [ChatExample(f"What is {a} times {b}?", f"{a} * {b} = {a * b}. The answer is {a * b}")
+        for a, b in [(2, 3), (4, 5), (6, 7)]]
+
+
+def _lora(student, seed=0):
+    torch.manual_seed(seed)  # the LoRA A init draws from torch's global RNG
+    return make_lora_model(copy.deepcopy(student), "lora", r=4, alpha=8, dropout=0.1)
+
+
+def _lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _cfg(**over) -> FinetuneConfig:
+    return FinetuneConfig(**{"r": 4, "alpha": 8, "dropout": 0.1, "lr": 1e-2, "batch_size": 2, "micro_batch_size": 1,
+                             "epochs": 2, "max_length": 64, "warmup_ratio": 0.25, "report_to": "none", **over})
+
+
+TRAINING = ("step", "epoch", "loss", "lr", "grad_norm")
+
+
+def test_the_probe_changes_no_training_bit(qwen_pair):
+    """Dropout on, micro-batches, two epochs (a reshuffle): with the probe at 0, 1, 2, 4 and the last step the
+    LoRA weights and every per-step training number are equal to those of a run without it, bit for bit."""
+    _, student, tok = qwen_pair
+    cfg = _cfg()
+    plain_model, probed_model = _lora(student), _lora(student)
+    plain = finetune(plain_model, tok, TRAIN, cfg, progress=False)
+    plain_rng = torch.get_rng_state()
+    probe = heldout_probe(Heldout(HELD, (0, 1, 2, 4, 8), batch_size=2), tok, cfg.style)
+    probed = finetune(probed_model, tok, TRAIN, cfg, progress=False, probe=probe)
+    assert len(plain) == 8  # 4 steps per epoch (7 examples by 2), 2 epochs
+    assert [{k: r[k] for k in TRAINING} for r in probed] == [{k: r[k] for k in TRAINING} for r in plain]
+    a, b = _lora_state(probed_model), _lora_state(plain_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # the global RNG is where the run without the probe left it
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    assert [r["step"] for r in probe.records] == [0, 1, 2, 4, 8]
+    assert [r.get("heldout_loss") for r in probed] == [None if k not in (1, 2, 4, 8) else
+                                                         probe.records[[1, 2, 4, 8].index(k) + 1]["loss"]
+                                                         for k in range(1, 9)]
+    assert probe.records[-1]["loss"] != probe.records[0]["loss"]  # training moved the held-out loss
+    # each step's examples, as indices into TRAIN: every epoch a permutation of all seven
+    assert len(probe.batches) == 8 and sorted(sum(probe.batches[:4], [])) == list(range(7))
+    assert sorted(sum(probe.batches[4:], [])) == list(range(7)) and probe.batches[:4] != probe.batches[4:]
+    assert not probed_model.training and not any(m.training for m in probed_model.modules())
+
+
+def test_the_probe_changes_no_gkd_bit(qwen_pair):
+    """GKD samples the student's continuations from torch's RNG and draws its on-policy coin from the loop's: the
+    probe leaves both where they were."""
+    from pkt.align.gkd import GKDConfig, gkd_finetune
+
+    teacher, student, tok = qwen_pair
+    ft = _cfg(batch_size=4, micro_batch_size=2)
+    gcfg = GKDConfig(lmbda=0.5, max_new_tokens=6)
+    plain_model, probed_model = _lora(student), _lora(student)
+    plain = gkd_finetune(plain_model, teacher, tok, TRAIN, ft, gcfg, progress=False)
+    probe = heldout_probe(Heldout(HELD, (0, 2, 3)), tok, ft.style)
+    probed = gkd_finetune(probed_model, teacher, tok, TRAIN, ft, gcfg, progress=False, probe=probe)
+    keys = (*TRAINING, "on_policy")
+    assert [{k: r[k] for k in keys} for r in probed] == [{k: r[k] for k in keys} for r in plain]
+    a, b = _lora_state(probed_model), _lora_state(plain_model)
+    assert all(torch.equal(a[n], b[n]) for n in a) and [r["step"] for r in probe.records] == [0, 2, 3]
+
+
+def test_step_zero_is_the_untrained_models_answer_loss(qwen_pair):
+    """A LoRA starts as the student (B = 0): the probe's step 0 is the plain student's response_nll on the same
+    examples, tokenised as `pkt eval`'s answer loss tokenises them."""
+    _, student, tok = qwen_pair
+    held = Heldout(HELD, (0,), batch_size=2, max_length=1024)
+    probe = heldout_probe(held, tok, "chat")
+    finetune(_lora(student), tok, TRAIN, _cfg(epochs=1), progress=False, probe=probe)
+    feats = [tokenize_example(e, tok, "chat", max_length=1024) for e in HELD]
+    student.eval()
+    ref = response_nll(student, feats, tok.pad_token_id, batch_size=2, progress=False)
+    got = probe.records[0]
+    assert [n for _, n in got["per_example"]] == [n for _, n in ref]
+    assert [s for s, _ in got["per_example"]] == pytest.approx([s for s, _ in ref], rel=1e-6)
+    assert got["loss"] == pytest.approx(sum(s for s, _ in ref) / sum(n for _, n in ref), rel=1e-6)
+    assert got["tokens"] == sum(n for _, n in ref) > 0
+
+
+def test_a_step_the_run_never_reaches_fails_before_training(qwen_pair):
+    from pkt.errors import PktError
+
+    _, student, tok = qwen_pair
+    model = _lora(student)
+    before = _lora_state(model)
+    with pytest.raises(PktError, match=r"heldout_at 9: the run has 4 optimizer steps"):
+        finetune(model, tok, TRAIN, _cfg(epochs=1), progress=False,
+                 probe=heldout_probe(Heldout(HELD, (0, 9)), tok, "chat"))
+    assert all(torch.equal(before[n], p) for n, p in _lora_state(model).items())
+
+
+# ---- the study ---------------------------------------------------------------------------------------------------
+def _config(tmp_path, teacher: str, student: str, **over) -> str:
+    import yaml
+
+    from pkt.testing import TINY_BUDGET
+
+    data = {"name": "tiny-steps", "teacher": teacher, "student": student, "task": "gsm8k",
+            "records": str(tmp_path / "records"), "seeds": [0, 1], "arms": ["lora", "laten-lora"],
+            "heldout_at": [0, 1, 2], "heldout": {"size": 3, "batch_size": 3}, "teacher_dtype": "float32",
+            "progress": False, "budget": {**TINY_BUDGET, "lr": 1e-2, "dropout": 0.1}, **over}
+    path = tmp_path / f"steps-{len(over)}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tiny_study_pairs_its_arms_resumes_and_rederives_its_report(tmp_path, qwen_pair, shared_data, pkt_cli):
+    import json
+    import shutil
+
+    from pkt.models.load import load_model, load_tokenizer
+    from pkt.studies import steps_saved_report as R
+    from pkt.studies.pilot_heldout import heldout_set
+    from pkt.testing import save_tiny
+
+    teacher, student, tok = qwen_pair
+    t, s = save_tiny(teacher, tok, tmp_path / "teacher"), save_tiny(student, tok, tmp_path / "student")
+    cfg = _config(tmp_path, t, s)
+    out, records = tmp_path / "out", tmp_path / "records"
+
+    code, plan, err = pkt_cli("study", "steps-saved", cfg, "--dry-run")
+    assert code == 0, err
+    assert "plan: 4 curves and 2 input builds (0 stages cached)" in plan and "laten-gsm8k-s1" in plan
+
+    code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", out)
+    assert code == 0, err
+    assert log.count("[run]") == 6 and "[steps-saved] 4/4 laten-lora seed 1" in log  # 2 LaTen builds, 4 curves
+    rec = R.load(records)
+    assert sorted(rec["curves"]) == [("laten-lora", 0), ("laten-lora", 1), ("lora", 0), ("lora", 1)]
+    for seed in (0, 1):
+        lora, laten = rec["curves"][("lora", seed)]["result"], rec["curves"][("laten-lora", seed)]["result"]
+        # the same batches, step by step: the same data order (the seed) and the same examples per step
+        assert lora["batches"] == laten["batches"] and len(lora["batches"]) == 2 and lora["steps"] == 2
+        assert sorted(sum(lora["batches"], [])) == list(range(4))
+        assert [h["step"] for h in lora["heldout"]] == [0, 1, 2]
+        # LaTen moved the student: the curves differ from step 0 on; training moved both
+        assert laten["heldout"][0]["loss"] != lora["heldout"][0]["loss"]
+        assert lora["heldout"][2]["loss"] != lora["heldout"][0]["loss"]
+    assert rec["curves"][("lora", 0)]["result"]["batches"] != rec["curves"][("lora", 1)]["result"]["batches"]
+    # step 0 of lora is the untrained student's answer loss on the held-out set (tokenised as pkt eval's)
+    saved_tok = load_tokenizer(s)  # the student directory's tokenizer, which the run reads
+    feats = [tokenize_example(e, saved_tok, "chat", max_length=1024) for e in heldout_set("gsm8k", 3, 0).loss]
+    ref = response_nll(load_model(s).eval(), feats, saved_tok.pad_token_id, batch_size=3, progress=False)
+    step0 = rec["curves"][("lora", 1)]["result"]["heldout"][0]["per_example"]
+    assert [x[1] for x in step0] == [n for _, n in ref]
+    assert [x[0] for x in step0] == pytest.approx([x for x, _ in ref], rel=1e-6)
+    stages = out / "stages"
+    assert not list(stages.glob("laten-*/fused/model*.safetensors"))  # LaTen's student deleted, its deltas kept
+    assert len(list(stages.glob("laten-*/fused/laten_deltas.safetensors"))) == 2
+    assert not list(stages.glob("curve-*/run/merged/model*.safetensors"))
+    md = (records / R.REPORT).read_text()
+    assert "Recorded: 4 of 4 curves; complete seeds: 0, 1." in md and "| laten-lora |" in md
+    assert "## Steps to reach LoRA's final held-out loss" in md and (records / R.PLOT).stat().st_size > 0
+    first = _tree(records)
+
+    code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", out)  # resume: no stage work
+    assert code == 0, err
+    assert "[run]" not in log and "[redo]" not in log and log.count("[cached] curve-") == 4
+    assert _tree(records) == first
+    code, plan, _ = pkt_cli("study", "steps-saved", cfg, "--dry-run", "--out", out)
+    assert code == 0 and "plan: 4 curves and 0 input builds (4 stages cached)" in plan
+
+    # another machine: a fresh stage directory and only the committed records: every curve restored, nothing built
+    code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    assert "[run]" not in log and log.count("[restored]") == 4 and _tree(records) == first
+
+    copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
+    shutil.copytree(records, copy)
+    (copy / R.REPORT).unlink()
+    (copy / R.PLOT).unlink()
+    code, _, err = pkt_cli("study", "steps-saved", _config(tmp_path, "nowhere", "nowhere", records=str(copy)),
+                           "--report")
+    assert code == 0, err
+    assert _tree(copy) == first
+
+    # a record whose batches are not lora's is refused: the comparison is paired by construction
+    f = copy / R.CURVES / R.curve_file("laten-lora", 0)
+    bad = json.loads(f.read_text())
+    bad["result"]["batches"] = bad["result"]["batches"][::-1]
+    f.write_text(json.dumps(bad))
+    code, _, err = pkt_cli("study", "steps-saved", _config(tmp_path, "nowhere", "nowhere", records=str(copy)),
+                           "--report")
+    assert code == 2 and "laten-lora-s0.json: trained on other batches than lora's of seed 0" in err
+
+
+def test_crossings_interpolate_between_measured_steps():
+    import numpy as np
+
+    from pkt.studies.steps_saved_report import crossings
+
+    at = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+    curves = np.array([[2.0, 1.8, 1.6, 1.2, 1.0],   # reaches 1.0 at its last step
+                       [1.5, 1.3, 1.0, 0.9, 0.8],   # exactly at step 2
+                       [2.0, 1.8, 1.6, 1.4, 1.2],   # never
+                       [0.9, 0.8, 0.7, 0.6, 0.5],   # already at step 0
+                       [2.0, 1.8, 1.6, 1.2, 0.8]])  # between 4 and 8: 4 + (1.2 - 1.0) / 0.4 * 4 = 6
+    got = crossings(curves, at, np.full(5, 1.0))
+    assert got.tolist() == [8.0, 2.0, np.inf, 0.0, pytest.approx(6.0)]
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"arms": ["laten-lora"]}, "arms: Value error, 'lora' must be among the arms"),
+    ({"arms": ["lora", "laten"]}, "arms: Value error, unknown arm 'laten'"),
+    ({"heldout_at": [1, 2]}, "heldout_at: Value error, must start at 0"),
+    ({"heldout_at": [0, 2, 2]}, "heldout_at: Value error, must increase step by step"),
+    ({"task": "humaneval"}, "task: Value error, HumanEval has no held-out pool"),
+    ({"heldout_at": [0, 1]}, "heldout_at ends at step 1, but the run has 2 optimizer steps"),
+    ({"heldout_at": [0, 1, 4]}, "heldout_at ends at step 4, but the run has 2 optimizer steps"),
+    ({"lr": 1e-3}, "lr: Extra inputs are not permitted"),
+])
+def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_cli, setting, needle):
+    code, out, err = pkt_cli("study", "steps-saved", _config(tmp_path, "qwen2.5-coder-1.5b-instruct",
+                                                             "qwen2.5-coder-0.5b-instruct", **setting), "--dry-run")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
+
+
+def test_the_committed_config_is_the_study_budget(shared_data):
+    """configs/steps-saved-gsm8k.yaml: the embedded pair, gsm8k, seeds 0-2, 32 examples at batch 4 and lr 3e-4 (8
+    steps, measured at 0, 1, 2, 4, 8), each arm fine-tuned with the settings pkt run gives it."""
+    from pathlib import Path
+
+    from pkt.studies.steps_saved import StepsSaved, load_config
+
+    path = Path(__file__).parents[1] / "configs" / "steps-saved-gsm8k.yaml"
+    cfg, text = load_config(path)
+    study = StepsSaved(cfg, None, text, log=lambda m: None, dry=True)
+    assert (cfg.student, cfg.teacher, cfg.task, cfg.seeds) == ("qwen2.5-coder-0.5b-instruct",
+                                                               "qwen2.5-coder-1.5b-instruct", "gsm8k", [0, 1, 2])
+    assert study.total == 8 and cfg.heldout_at == [0, 1, 2, 4, 8] and cfg.arms == ["lora", "laten-lora"]
+    ft = study.finetune_cfg("laten-lora", 2)
+    assert (ft.n_train, ft.batch_size, ft.lr, ft.epochs, ft.seed) == (32, 4, 3e-4, 1, 2)
+    assert ft == study.finetune_cfg("lora", 2)  # the arms differ only in the student they start from
