@@ -104,7 +104,7 @@ class SemAlign(Method):
         tokens = (n_train + n_held) * per_seq
         s_spec, t_spec = plan.student.spec, plan.teacher.spec
         forwards = plan.secs("forward", plan.tp, "float32", tokens) + plan.secs("forward", plan.sp, "float32", tokens)
-        train_s, extra_bytes, n_layers = 0.0, 0, 1
+        train_s, n_layers = 0.0, 1
         if s_spec is not None and t_spec is not None and plan.sp:
             n_layers = len(cfg.layers) if cfg.layers is not None else s_spec.num_layers
             share = sum(s_spec.weight_shape(k)[0] * s_spec.weight_shape(k)[1] for k in LINEAR_KINDS) / plan.sp
@@ -113,11 +113,10 @@ class SemAlign(Method):
             vocab = s_spec.vocab_size * s_spec.hidden_size * (s_spec.hidden_size + t_spec.hidden_size)
             vocab_s = plan.secs("forward", plan.sp, "float32", vocab / plan.sp / 2)
             train_s = n_layers * layer_fwd + vocab_s
-            # the targets of every trained layer, in float32 (the teacher's states are recomposed one sequence at
-            # a time), and the student's hidden states on every sequence
-            extra_bytes = int(4 * tokens * (n_layers + 1) * s_spec.hidden_size)
         seconds = forwards + train_s + plan.load(plan.tp, "float32") + plan.load(plan.sp, "float32")
-        return Cost(seconds, plan.model_bytes(plan.sp, "float32") + plan.model_bytes(plan.tp, "float32") + extra_bytes,
+        # on disk: the aligned student in float32 (what it holds in memory besides both models, the targets of every
+        # trained layer, is not disk)
+        return Cost(seconds, plan.model_bytes(plan.sp, "float32"),
                     f"align {n_layers} student layers to the recomposed teacher on {n_train} examples "
                     f"({cfg.steps} steps each)", checkpoint=True)
 
