@@ -58,3 +58,22 @@ def test_other_architectures_use_their_own_forward(tiny_tok, monkeypatch):
     with torch.no_grad():
         out = L.last_logits(model, input_ids=ids)
         assert torch.equal(out, model(input_ids=ids, logits_to_keep=1).logits[:, -1]) and not called
+
+
+def test_a_hook_on_the_head_is_honoured(tiny_tok):
+    """A forward hook on the head (benchmarks/decode_banned.py bans tokens this way) sends decoding through the
+    model's own forward, so the hook still applies."""
+    from pkt import testing
+
+    model = testing.tiny_model("qwen2", "student", len(tiny_tok))
+    assert L.plain_head(model)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([3]),
+                                                                                                 float("-inf")))
+    try:
+        assert not L.plain_head(model)
+        ids = torch.randint(0, len(tiny_tok), (2, 5), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.isinf(L.last_logits(model, input_ids=ids)[:, 3]).all()
+    finally:
+        handle.remove()
+    assert L.plain_head(model)

@@ -154,3 +154,21 @@ def test_the_committed_config_builds_the_known_point_as_pkt_postpkt_does(shared_
     cli = finetune_config(None, n_train=256, epochs=1, batch_size=16, micro_batch_size=4, max_length=384, lr=3e-4,
                           seed=0)
     assert Pilot(cfg, None).finetune_cfg(256, 1.0, 3e-4, 0).model_dump() == cli.model_dump()
+
+
+def test_committed_pilot_records_rederive(tmp_path):
+    """Every committed pilot under docs/results/ is records alone plus what `pkt study pilot --report` makes of
+    them: its pilot.md (once a budget has finished) is rebuilt byte for byte from a copy of the records."""
+    from pathlib import Path
+
+    found = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/pilot.json"))
+    assert found, "no committed pilot records"
+    for meta in found:
+        rec = R.load(meta.parent)
+        assert rec["student"]["test"]["n"] == len(rec["student"]["test"]["per_example"]) > 0
+        if (meta.parent / R.REPORT).is_file():
+            copy = tmp_path / meta.parent.name
+            shutil.copytree(meta.parent, copy)
+            (copy / R.REPORT).unlink()
+            R.write_report(copy)
+            assert (copy / R.REPORT).read_bytes() == (meta.parent / R.REPORT).read_bytes(), meta.parent

@@ -23,9 +23,15 @@ HEAD_SLICE = 2048
 
 
 def plain_head(model) -> bool:
+    """Whether the model's logits are exactly its head applied to its decoder's last hidden state, with nothing
+    hooked on the head (a forward hook there, e.g. one that bans tokens, would be bypassed by the slices)."""
+    from torch.nn.modules import module as nn_module
+
     head = model.get_output_embeddings()
+    hooked = bool(head is not None and (head._forward_hooks or head._forward_pre_hooks)
+                  or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
     return (getattr(model.config, "model_type", None) in PLAIN_HEAD and type(head) is torch.nn.Linear
-            and hasattr(model, "get_decoder"))
+            and hasattr(model, "get_decoder") and not hooked)
 
 
 def sliced_head(hidden: torch.Tensor, head: torch.nn.Linear, rows: int | None = None) -> torch.Tensor:
