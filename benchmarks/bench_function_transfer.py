@@ -6,9 +6,9 @@ random rank-16 teacher delta per projection, so no model is loaded. Per variant,
 
 * ``primal``: what function-transfer did before the token space (and still does for many tokens): the float64
   statistics (X_sᵀX_s, X_sᵀE, Y_tᵀY_s, Y_tᵀY_t, means) summed from the activations
-  (:func:`pkt.align.function_transfer.accumulate`, timed as "statistics"), then every Gram factorised in its
-  width, d_ff = 8,960 for the FFN map (:func:`~pkt.align.function_transfer.solve_statistics`, "solve");
-* ``auto``: the token space as ``solve="auto"`` runs it (:func:`~pkt.align.function_transfer.solve_tokens`), each
+  (:func:`pkt.transfer.function_transfer.accumulate`, timed as "statistics"), then every Gram factorised in its
+  width, d_ff = 8,960 for the FFN map (:func:`~pkt.transfer.function_transfer.solve_statistics`, "solve");
+* ``auto``: the token space as ``solve="auto"`` runs it (:func:`~pkt.transfer.function_transfer.solve_tokens`), each
   Gram in the smaller of its primal and dual forms;
 * ``dual``: the token space with every Gram dual.
 
@@ -60,7 +60,7 @@ def synthetic_layer(n: int, seed: int):
     as the models' are; the teacher's rank-16 deltas; the two specs)."""
     import torch
 
-    from pkt.align.function_transfer import GROUP_REP, INPUT_GROUP
+    from pkt.transfer.function_transfer import GROUP_REP, INPUT_GROUP
     from pkt.models.arch import LINEAR_KINDS, ConfigDims
 
     g = torch.Generator().manual_seed(seed)
@@ -80,7 +80,7 @@ def synthetic_layer(n: int, seed: int):
 def child(a) -> dict:
     import torch
 
-    from pkt.align import function_transfer as ft
+    from pkt.transfer import function_transfer as ft
     from pkt.models.arch import LINEAR_KINDS
 
     torch.set_num_threads(a.threads)

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from pkt import methods
-from pkt.align.function_transfer import (TransferConfig, apply_deltas, layer_solve_flops, layer_stat_bytes,
+from pkt.transfer.function_transfer import (TransferConfig, apply_deltas, layer_solve_flops, layer_stat_bytes,
                                          layer_token_bytes, monotone_pairing, output_map, pair_layers,
                                          random_task_vector, rel_norms, ridge_solve, solve_in_tokens, transfer)
-from pkt.align.transfer_solve import TokenRidge, token_map
+from pkt.transfer.transfer_solve import TokenRidge, token_map
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
 from pkt.testing import TINY_BUDGET, save_tiny, tiny_model, tiny_tokenizer
@@ -146,7 +146,7 @@ def test_a_planted_rotation_is_recovered(tok, how):
 def test_the_task_vector_read_from_an_adapter_is_what_merging_it_adds(tok, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from pkt.align.function_transfer import task_vector_from_adapter
+    from pkt.transfer.function_transfer import task_vector_from_adapter
     from pkt.models.arch import PEFT_NAMES
 
     base = tiny_model("qwen2", "teacher", len(tok))
@@ -203,7 +203,7 @@ def test_closed_form_ridge_equals_gradient_descent():
 
 
 def stats_of(yt: torch.Tensor, ys: torch.Tensor) -> dict:
-    """What :func:`pkt.align.function_transfer.collect` sums for one output space, in one go."""
+    """What :func:`pkt.transfer.function_transfer.collect` sums for one output space, in one go."""
     return {"ts": yt.T @ ys, "tt": yt.T @ yt, "mt": yt.sum(0), "ms": ys.sum(0), "ss": float(ys.square().sum()),
             "n": yt.shape[0]}
 

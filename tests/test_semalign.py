@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from pkt import methods
-from pkt.align.function_transfer import apply_deltas
-from pkt.align.semalign import (SemAlignConfig, basis_rows, build_targets, depth_pairing, recomposition, semalign,
+from pkt.transfer.function_transfer import apply_deltas
+from pkt.transfer.semalign import (SemAlignConfig, basis_rows, build_targets, depth_pairing, recomposition, semalign,
                                 teacher_states, vocab_derangement, vocab_matrix)
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec

@@ -36,6 +36,7 @@ from pkt.errors import PktError
 from pkt.io import atomic_dir, write_json
 from pkt.locate import layers as layer_sel
 from pkt.locate import structure
+from pkt.draws import derangement, random_orthonormal  # noqa: F401  (also pkt.postpkt's own names)
 from pkt.models.arch import ArchSpec
 from pkt.peak_memory import peak_rss_bytes
 
@@ -199,26 +200,6 @@ def load_extraction(path: str | Path) -> tuple[dict, dict]:
 CONTROLS = ("random", "shuffled")
 
 
-def derangement(n: int, seed: int) -> list[int]:
-    """A seeded uniform permutation of range(n) with no fixed point (rejection sampling, ~e tries)."""
-    import random
-
-    if n < 2:
-        raise PktError(f"a shuffled-layer control needs at least 2 student layers, the student has {n}")
-    rng = random.Random(seed)
-    while True:
-        perm = list(range(n))
-        rng.shuffle(perm)
-        if all(p != i for i, p in enumerate(perm)):
-            return perm
-
-
-def random_orthonormal(rows: int, r: int, gen: torch.Generator) -> torch.Tensor:
-    """[rows × r] with orthonormal columns, Haar-distributed (QR of a Gaussian with the sign fix)."""
-    q, rr = torch.linalg.qr(torch.randn(rows, r, generator=gen, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(rr))).float()
-
-
 def control_factors(factors: dict, blocks: list[dict], control: str, seed: int = 0) -> tuple[dict, dict]:
     """Seeking's factors turned into a control: (new factors, what was done, for the manifest).
 
@@ -244,7 +225,7 @@ def control_factors(factors: dict, blocks: list[dict], control: str, seed: int =
     layers = sorted({j for j, _ in layered.values()})
     if layers != list(range(len(layers))):
         raise PktError(f"shuffled control: the extraction covers student layers {layers}, not 0..n-1")
-    perm = derangement(len(layers), seed)
+    perm = derangement(len(layers), seed, what="student layers")
     out = {}
     for name, fac in factors.items():
         if name in layered:

@@ -94,6 +94,15 @@ class FinetuneConfig(Settings):
             raise PktError("need 1 <= micro_batch_size <= batch_size")
 
 
+def finetune_config(config: str | None, *, targets: str | None = None, **flags) -> FinetuneConfig:
+    """FinetuneConfig from defaults < the ``finetune`` section of ``config`` < the non-None flags (the settings of
+    ``pkt postpkt`` and ``pkt kd``; ``targets`` comma-separated)."""
+    from pkt.config import load_config
+
+    return load_config(FinetuneConfig, config, section="finetune", targets=targets.split(",") if targets else None,
+                       **flags)
+
+
 @dataclass
 class Heldout:
     """Held-out examples whose answer loss fine-tuning measures at the optimizer steps ``at`` (0 = before any

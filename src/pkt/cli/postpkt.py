@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from pkt.align.finetune import finetune_config  # noqa: F401  (pkt kd builds its settings the same way)
+
 # The fine-tuning flags, shared with `pkt kd` (same LoRA SFT). None = keep the --config/default value.
 R = Annotated[int, typer.Option(help="LoRA rank [16].")]
 Alpha = Annotated[float, typer.Option(help="LoRA alpha [16].")]
@@ -29,15 +31,6 @@ ReportTo = Annotated[str, typer.Option("--report-to", help="Per-step training lo
                                        "trackio | wandb | mlflow | none [tensorboard].")]
 AssistantTurns = Annotated[str, typer.Option(help="Answers of a multi-turn conversation that carry the loss: "
                                              "all | last [all].")]
-
-
-def finetune_config(config: str | None, *, targets: str | None = None, **flags):
-    """FinetuneConfig from defaults < the ``finetune`` section of ``config`` < the non-None flags."""
-    from pkt.align.finetune import FinetuneConfig
-    from pkt.config import load_config
-
-    return load_config(FinetuneConfig, config, section="finetune", targets=targets.split(",") if targets else None,
-                       **flags)
 
 
 def postpkt(

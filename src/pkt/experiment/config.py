@@ -67,7 +67,7 @@ class Budget(Settings):
     gkd_beta: float = Field(0.0, ge=0, le=1)
     gkd_temperature: float = Field(0.9, gt=0)
     gkd_max_new_tokens: int = Field(128, ge=1)
-    # function-transfer and its nulls (docs/methods.md §9.2; the defaults are pkt.align.function_transfer's
+    # function-transfer and its nulls (docs/methods.md §9.2; the defaults are pkt.transfer.function_transfer's
     # TransferConfig's): calibration examples of the extract split (None: extract_samples, Seeking's), the
     # student update's ridge and the output map's (each relative to its Gram's trace per width), the map
     # (ridge least squares | procrustes), the monotone CKA layer pairing (else each student layer's own best

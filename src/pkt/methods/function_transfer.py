@@ -1,5 +1,5 @@
 """``function-transfer``: the teacher's task vector (``teacher-lora``'s adapter, same task and seed) moved into the
-student through what the layers compute, in closed form (:mod:`pkt.align.function_transfer`, docs/methods.md
+student through what the layers compute, in closed form (:mod:`pkt.transfer.function_transfer`, docs/methods.md
 §9.2), merged into the student's weights; no training.
 
 Calibration: the first ``budget.transfer_examples`` examples of the task's extract split (by default
@@ -34,7 +34,7 @@ class FunctionTransfer(Method):
 
     def transfer_cfg(self, budget, seed: int):
         """The transfer's settings: the budget's ``transfer_*`` fields, this method's pairing, the study's seed."""
-        from pkt.align.function_transfer import TransferConfig
+        from pkt.transfer.function_transfer import TransferConfig
 
         return TransferConfig(pairing=self.pairing, seed=seed, ridge=budget.transfer_ridge,
                               output_map=budget.transfer_map, map_ridge=budget.transfer_map_ridge,
@@ -65,7 +65,7 @@ class FunctionTransfer(Method):
         """The build stage's work: load both models in float32, transfer, merge, save, record."""
         import torch
 
-        from pkt.align import function_transfer as ft
+        from pkt.transfer import function_transfer as ft
         from pkt.data.chat import tokenize_example
         from pkt.data.tasks import load_split
         from pkt.evaluate.precision import surviving
@@ -98,7 +98,7 @@ class FunctionTransfer(Method):
 
     def task_vector_of(self, teacher, adapter: Path, seed: int):
         """(the teacher without its adapter, the delta to transfer: the adapter's, or the random null's)."""
-        from pkt.align.function_transfer import random_task_vector, task_vector_from_adapter
+        from pkt.transfer.function_transfer import random_task_vector, task_vector_from_adapter
 
         tv, teacher = task_vector_from_adapter(teacher, adapter)
         return teacher, (random_task_vector(tv, seed) if self.task_vector == "random" else tv)
@@ -107,10 +107,9 @@ class FunctionTransfer(Method):
         """Both models' load, one forward of each on the calibration tokens per pass (plus the pairing's), and
         the statistics' products (when they are kept rather than the tokens' activations) and the solves counted
         at the student's forward rate (2 flops per parameter and token)."""
-        from pkt.align.function_transfer import (layer_passes, layer_solve_flops, layer_stat_bytes,
+        from pkt.transfer.function_transfer import (layer_passes, layer_solve_flops, layer_stat_bytes,
                                                  layer_token_bytes, solve_in_tokens)
         from pkt.data.tasks import load_split
-        from pkt.experiment.plan import tokens_per_second
         from pkt.models.arch import LINEAR_KINDS
 
         c = plan.cfg
@@ -133,7 +132,7 @@ class FunctionTransfer(Method):
             passes = len(layer_passes(list(range(s_spec.num_layers)), per_layer, cfg.max_stat_gib * 2**30))
         forwards = (1 + passes) * (plan.secs("forward", plan.tp, "float32", tokens) +
                                    plan.secs("forward", plan.sp, "float32", tokens))
-        flops_per_s = 2 * plan.sp * tokens_per_second("forward", plan.sp, "float32") if plan.sp else 0
+        flops_per_s = 2 * plan.sp / plan.secs("forward", plan.sp, "float32", 1.0) if plan.sp else 0
         stats = (2 * stat_elems * tokens + solve_flops) / flops_per_s if flops_per_s else 0.0
         seconds = forwards + stats + plan.load(plan.tp, "float32") + plan.load(plan.sp, "float32")
         return Cost(seconds, plan.model_bytes(plan.sp, "float32"),

@@ -1,6 +1,6 @@
 """``function-transfer-random``: function-transfer's procedure with the teacher's task vector replaced, per
 projection, by random singular vectors carrying the teacher delta's own singular values (same rank and Frobenius
-norm, seeded; :func:`pkt.align.function_transfer.random_task_vector`): what a transferred update of that size
+norm, seeded; :func:`pkt.transfer.function_transfer.random_task_vector`): what a transferred update of that size
 does without the teacher's directions."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``function-transfer-shuffled``: function-transfer with the teacher's real task vector sent through the wrong
 layers: the CKA pairing under a seeded derangement of the student layers
-(:func:`pkt.align.function_transfer.shuffled_pairing`): what the layer correspondence adds."""
+(:func:`pkt.transfer.function_transfer.shuffled_pairing`): what the layer correspondence adds."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``semalign``: the student trained layer by layer towards the fine-tuned teacher's layer outputs, recomposed in
-the student's space through the shared vocabulary (:mod:`pkt.align.semalign`, docs/methods.md §9.3; S3).
+the student's space through the shared vocabulary (:mod:`pkt.transfer.semalign`, docs/methods.md §9.3; S3).
 
 The teacher is ``teacher-lora``'s (same task and seed): the base teacher with its adapter merged, so the targets
 carry what the split taught it, and the method is compared with ``function-transfer`` on the same source.
@@ -32,7 +32,7 @@ class SemAlign(Method):
     vocab = "aligned"  # "shuffled": the null, student rows matched to the wrong teacher rows
 
     def align_cfg(self, seed: int):
-        from pkt.align.semalign import SemAlignConfig
+        from pkt.transfer.semalign import SemAlignConfig
 
         return SemAlignConfig(seed=seed, vocab_shuffle=self.vocab == "shuffled")
 
@@ -56,8 +56,8 @@ class SemAlign(Method):
         """The build stage's work: load both models in float32, train the student, save, record."""
         import torch
 
-        from pkt.align import function_transfer as ft
-        from pkt.align.semalign import semalign, tuned_teacher
+        from pkt.transfer import function_transfer as ft
+        from pkt.transfer.semalign import semalign, tuned_teacher
         from pkt.data.chat import tokenize_example
         from pkt.data.tasks import load_split
         from pkt.evaluate.precision import surviving

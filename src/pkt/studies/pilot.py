@@ -6,7 +6,7 @@
 
 Why: a claim that an init beats plain LoRA needs a budget at which plain LoRA itself beats the untuned student.
 For every budget (train examples × epochs) of the grid and every lr, the student gets a LoRA built exactly as
-``pkt postpkt --init lora`` builds it (:func:`pkt.cli.postpkt.finetune_config`, :func:`pkt.postpkt.run_postpkt`),
+``pkt postpkt --init lora`` builds it (:func:`pkt.align.finetune.finetune_config`, :func:`pkt.postpkt.run_postpkt`),
 which is scored on a HELD-OUT set; per budget the lr with the best held-out score is chosen
 (:func:`pkt.studies.pilot_report.select_lr`) and only that build is scored on the TEST subset, paired with the
 untuned student on the same questions. The test set never takes part in the choice.
@@ -32,7 +32,6 @@ record into ``records`` (:mod:`pkt.studies.pilot_report`), from which pilot.md a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -42,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from pkt.config import Settings, read_yaml, validate
 from pkt.errors import PktError
 from pkt.io import write_json
-from pkt.studies import pilot_report as R
+from pkt.studies import pilot_report as R, staged
 from pkt.studies.pilot_heldout import heldout_set
 
 METRICS = {"gsm8k": "accuracy", "mbpp": "pass@1"}
@@ -194,7 +193,7 @@ class Pilot:
     def finetune_cfg(self, n: int, epochs: float, lr: float, seed: int, init: str = "lora"):
         """The FinetuneConfig ``pkt postpkt --init <init>`` builds from the same flags (PiSSA's also from
         ``--config`` with ``pissa_niter``; no other init reads it, so it is not in their keys)."""
-        from pkt.cli.postpkt import finetune_config
+        from pkt.align.finetune import finetune_config
 
         c = self.cfg
         return finetune_config(None, r=c.rank, alpha=c.alpha, dropout=c.dropout, lr=lr, epochs=epochs,
@@ -309,7 +308,7 @@ class Pilot:
         a build whose evaluations are cached is read from its stage.json, not rebuilt)."""
         name, key = self.build_key(n, epochs, lr, seed, init)
         path = self.cache.path(name, key)
-        done = _finished(path) or self.restored.get(path.name)
+        done = staged.finished(path) or self.restored.get(path.name)
         if not needed and done is not None:
             if not self.cache.dry:
                 self.log(f"[cached] {name}: not needed, its evaluations are cached")
@@ -558,43 +557,11 @@ def restorable(records: Path) -> dict[str, dict]:
     return found
 
 
-def _finished(path: Path) -> dict | None:
-    """The result in a finished stage's stage.json, also after its weights were pruned."""
-    import json
-
-    try:
-        data = json.loads((path / "stage.json").read_text(encoding="utf-8"))
-        return data["result"] if isinstance(data, dict) and isinstance(data.get("result"), dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from pkt.io import check_output_dir
     from pkt.studies.pilot_plan import render_plan
 
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("config", type=Path, help="the pilot's YAML settings (configs/pilot-gsm8k.yaml)")
-    ap.add_argument("--out", type=Path, help="work directory: stages and weights (resumed if it exists)")
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--report", action="store_true", help="write pilot.md and pilot.png from the records alone")
-    mode.add_argument("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
-    args = ap.parse_args(argv)
-    cfg, text = load_config(args.config)
-    if args.report:
-        path = R.write_report(cfg.records)
-        print(f"wrote {path} and {path.with_name(R.PLOT)}")
-        return 0
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    if args.dry_run:
-        print(render_plan(Pilot(cfg, args.out, text, log=log, dry=True)))
-        return 0
-    if args.out is None:
-        raise PktError("--out DIR is required to run the pilot (its stages and weights go there)")
-    check_output_dir(args.out, "--out")
-    Pilot(cfg, args.out, text, log=log).run()
-    return 0
-
+    return staged.main(argv, prog, doc=__doc__, example="configs/pilot-gsm8k.yaml", load_config=load_config,
+                       study=Pilot, render_plan=render_plan, report=R, what="stages and weights")
 
 if __name__ == "__main__":
     sys.exit(main())

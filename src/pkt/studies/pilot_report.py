@@ -29,11 +29,11 @@ A config of LoRA alone gives the report it gave before inits existed.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from pkt.errors import PktError
+from pkt.studies.staged import read_record
 from pkt.experiment.rows import ALPHA
 from pkt.experiment.stats import holm, mcnemar_exact, paired_difference
 from pkt.io import write_text
@@ -71,13 +71,7 @@ def inits(settings: dict) -> list[str]:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PktError(f"{path}: not a pilot record ({e})") from None
-    if not isinstance(data, dict):
-        raise PktError(f"{path}: not a pilot record (expected a JSON object)")
-    return data
+    return read_record(path, "pilot")
 
 
 def load(records: str | Path) -> dict:

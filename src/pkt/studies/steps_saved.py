@@ -33,7 +33,6 @@ LaTen's fused student is deleted once its seed is done, its delta file kept.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -46,7 +45,7 @@ from pkt.config import Settings, read_yaml, validate
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
 from pkt.io import write_json
-from pkt.studies import steps_saved_report as R
+from pkt.studies import staged, steps_saved_report as R
 from pkt.studies.pilot import NO_HELDOUT
 from pkt.studies.pilot_heldout import heldout_set
 
@@ -370,30 +369,8 @@ def restorable(records: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from pkt.io import check_output_dir
-
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("config", type=Path, help="the study's YAML settings (configs/steps-saved-gsm8k.yaml)")
-    ap.add_argument("--out", type=Path, help="work directory: stages (resumed if it exists)")
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--report", action="store_true", help="write steps-saved.md and .png from the records alone")
-    mode.add_argument("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
-    args = ap.parse_args(argv)
-    cfg, text = load_config(args.config)
-    if args.report:
-        path = R.write_report(cfg.records)
-        print(f"wrote {path} and {path.with_name(R.PLOT)}")
-        return 0
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    if args.dry_run:
-        print(render_plan(StepsSaved(cfg, args.out, text, log=log, dry=True)))
-        return 0
-    if args.out is None:
-        raise PktError("--out DIR is required to run the study (its stages go there)")
-    check_output_dir(args.out, "--out")
-    StepsSaved(cfg, args.out, text, log=log).run()
-    return 0
-
+    return staged.main(argv, prog, doc=__doc__, example="configs/steps-saved-gsm8k.yaml", load_config=load_config,
+                       study=StepsSaved, render_plan=render_plan, report=R, what="stages")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,12 +25,12 @@ A record whose batches differ from lora's of the same seed is refused: the compa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from pkt.errors import PktError
+from pkt.studies.staged import read_record
 from pkt.experiment.stats import N_BOOT, paired_difference, two_way_counts
 from pkt.io import write_text
 
@@ -50,13 +50,7 @@ def curve_file(arm: str, seed: int) -> str:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PktError(f"{path}: not a steps-saved record ({e})") from None
-    if not isinstance(data, dict):
-        raise PktError(f"{path}: not a steps-saved record (expected a JSON object)")
-    return data
+    return read_record(path, "steps-saved")
 
 
 def load(records: str | Path) -> dict:

@@ -19,7 +19,7 @@ activations is reproduced in closed form (docs/methods.md §9.2):
 
 Every fit is a ridge regression on the n calibration tokens, so it can be solved in the token space: by the
 push-through identity (XᵀX + λI)⁻¹Xᵀ = Xᵀ(XXᵀ + λI)⁻¹ an n × n factorisation replaces a width × width one
-(:mod:`pkt.align.transfer_solve`). With few tokens (a few hundred to several thousand) the activations
+(:mod:`pkt.transfer.transfer_solve`). With few tokens (a few hundred to several thousand) the activations
 themselves are kept (float32) and each Gram is factorised in the smaller form; with many, only float64
 sufficient statistics (X_sᵀX_s, X_sᵀE, Y_tᵀY_t, Y_tᵀY_s and the means), whose size does not grow with the
 tokens, and the primal form (:func:`solve_in_tokens` decides). Either way the student layers are split into
@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pkt.align.transfer_solve import OutputMap, TokenRidge, primal_map, ridge_solve, token_map, use_dual
+from pkt.transfer.transfer_solve import OutputMap, TokenRidge, primal_map, ridge_solve, token_map, use_dual
 from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.models.arch import LINEAR_KINDS, ArchSpec
@@ -103,7 +103,7 @@ def monotone_pairing(score: torch.Tensor) -> list[int]:
 def shuffled_pairing(base: list[int], seed: int, tries: int = 1000) -> tuple[list[int], list[int]]:
     """(pairing, permutation): ``base[perm[l]]`` for a seeded derangement perm of the student layers, the first
     of ``tries`` derangements under which no layer keeps its teacher layer (else the first one drawn)."""
-    from pkt.postpkt import derangement
+    from pkt.draws import derangement
 
     first = None
     for k in range(tries):
@@ -160,7 +160,7 @@ def task_vector_from_adapter(teacher, adapter_dir) -> tuple[TaskVector, object]:
 def random_task_vector(tv: TaskVector, seed: int) -> TaskVector:
     """The null: per projection, random orthonormal singular vectors carrying the teacher delta's own singular
     values (same rank, same Frobenius norm, no teacher direction)."""
-    from pkt.postpkt import random_orthonormal
+    from pkt.draws import random_orthonormal
 
     gen = torch.Generator().manual_seed(seed)
     out: TaskVector = {}
@@ -219,7 +219,7 @@ def layer_stat_bytes(s: ArchSpec, t: ArchSpec, kinds, ridge_map: bool) -> int:
 def layer_solve_flops(s: ArchSpec, t: ArchSpec, kinds, n: int | None = None) -> int:
     """Approximate flops of one student layer's solves: from statistics (``n`` None), a Cholesky factor and
     two triangular solves per width-sized Gram; in the token space (``n`` tokens), each Gram in the smaller
-    of its primal and dual forms (:func:`pkt.align.transfer_solve.use_dual`), with the products around it."""
+    of its primal and dual forms (:func:`pkt.transfer.transfer_solve.use_dual`), with the products around it."""
     total = 0
     maps = {}  # space -> (d_t, d_s): one map per space (gate and up share theirs)
     for k in kinds:
@@ -379,7 +379,7 @@ def solve_statistics(eff: dict, maps: dict, gram: dict, keys, pairing: list[int]
 def solve_tokens(acts: dict, tv: TaskVector, keys, pairing: list[int], cfg: TransferConfig, dual: bool | None,
                  deltas: TaskVector, rows: list) -> None:
     """The pass's updates from its token matrices (:func:`collect_tokens`), each Gram in the primal or the dual
-    form (``dual`` None: the smaller, :func:`pkt.align.transfer_solve.use_dual`), one student layer at a time;
+    form (``dual`` None: the smaller, :func:`pkt.transfer.transfer_solve.use_dual`), one student layer at a time;
     a layer's matrices are dropped once solved, a teacher layer's once no student layer left reads it."""
     layers = sorted({l for l, _ in keys})
     for i, l in enumerate(layers):

@@ -111,7 +111,7 @@ def recomposition(h_t: torch.Tensor, h_s: torch.Tensor, rows: torch.Tensor, how:
     ``perm`` matches teacher row rows[i] with student row rows[perm[i]] (the null). The report's ``logit_fit``
     is the share of ‖H_t‖² that H_s R reproduces (1 − ‖H_s R − H_t‖²/‖H_t‖², lstsq only): how well the
     student's vocabulary can express the teacher's scores at all."""
-    from pkt.align.function_transfer import ridge_lambda, ridge_solve
+    from pkt.transfer.transfer_solve import ridge_lambda, ridge_solve
 
     if h_t.shape[0] != h_s.shape[0]:
         raise PktError(f"semalign: the vocabulary matrices have {h_t.shape[0]} and {h_s.shape[0]} rows; teacher "
@@ -149,7 +149,7 @@ def recomposition(h_t: torch.Tensor, h_s: torch.Tensor, rows: torch.Tensor, how:
 
 def vocab_derangement(n: int, seed: int) -> torch.Tensor:
     """The null's seeded permutation of the ``n`` basis tokens with no token left in place."""
-    from pkt.postpkt import derangement
+    from pkt.draws import derangement
 
     return torch.tensor(derangement(n, seed * 7919 + 17))
 
@@ -167,7 +167,7 @@ def pair_layers(teacher, student, sequences, cfg: SemAlignConfig) -> tuple[list[
     if cfg.pairing == "depth":
         pairing = depth_pairing(n_s, n_t)
         return pairing, {"pairing": "depth", "teacher_layers": pairing}
-    from pkt.align.function_transfer import TransferConfig, layer_cka, pair_layers as cka_pairing
+    from pkt.transfer.function_transfer import TransferConfig, layer_cka, pair_layers as cka_pairing
 
     cka = layer_cka(teacher, student, sequences, cfg.cka_tokens, cfg.seed)
     pairing, info = cka_pairing(cka, TransferConfig(pairing="cka", seed=cfg.seed, cka_tokens=cfg.cka_tokens))
@@ -324,7 +324,7 @@ def semalign(teacher, student, train: list[torch.Tensor], heldout: list[torch.Te
              n_vocab: int | None = None, log=print) -> tuple[dict, dict]:
     """Train ``student``'s layers towards ``teacher``'s recomposed layer outputs on the ``train`` sequences;
     returns (ΔW per (student layer, kind), report) and leaves the student's weights as they were (merge with
-    :func:`pkt.align.function_transfer.apply_deltas`). The report holds the pairing, the recomposition's figures
+    :func:`pkt.transfer.function_transfer.apply_deltas`). The report holds the pairing, the recomposition's figures
     and per trained layer the alignment loss before and after on ``train`` and on ``heldout``."""
     t0 = time.perf_counter()
     if not train:

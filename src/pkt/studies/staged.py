@@ -1,0 +1,64 @@
+"""What the record-backed studies (``pkt study pilot``, ``pkt study steps-saved``) share: their command line
+(run / ``--dry-run`` / ``--report``), reading one of their JSON records, and the result of a finished stage
+directory whose weights may have been pruned. Each study keeps its own stages, records and report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+from pkt.errors import PktError
+
+
+def read_record(path: Path, kind: str) -> dict:
+    """A JSON object record of a ``kind`` study (a one-line error naming the file otherwise)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PktError(f"{path}: not a {kind} record ({e})") from None
+    if not isinstance(data, dict):
+        raise PktError(f"{path}: not a {kind} record (expected a JSON object)")
+    return data
+
+
+def finished(path: Path) -> dict | None:
+    """The result in a finished stage's stage.json, also after its weights were pruned."""
+    try:
+        data = json.loads((path / "stage.json").read_text(encoding="utf-8"))
+        return data["result"] if isinstance(data, dict) and isinstance(data.get("result"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, load_config: Callable,
+         study: Callable, render_plan: Callable, report, what: str) -> int:
+    """``CONFIG --out DIR`` runs or resumes ``study(cfg, out, text, log=, dry=)``; ``--dry-run`` prints its plan;
+    ``--report`` rebuilds the report (``report``: the study's report module, with ``write_report`` and ``PLOT``)
+    from the records alone. ``what`` says what goes to ``--out``."""
+    from pkt.io import check_output_dir
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("config", type=Path, help=f"the study's YAML settings ({example})")
+    ap.add_argument("--out", type=Path, help=f"work directory: {what} (resumed if it exists)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true",
+                      help=f"write {report.REPORT} and {report.PLOT} from the records alone")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
+    args = ap.parse_args(argv)
+    cfg, text = load_config(args.config)
+    if args.report:
+        path = report.write_report(cfg.records)
+        print(f"wrote {path} and {path.with_name(report.PLOT)}")
+        return 0
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.dry_run:
+        print(render_plan(study(cfg, args.out, text, log=log, dry=True)))
+        return 0
+    if args.out is None:
+        raise PktError(f"--out DIR is required to run the study ({what} go there)")
+    check_output_dir(args.out, "--out")
+    study(cfg, args.out, text, log=log).run()
+    return 0
