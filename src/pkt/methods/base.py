@@ -174,3 +174,16 @@ class PostPktArm(Method):
         path, _ = study.run_stage(build_stage(self.name, task, seed), payload, fn,
                                   reads={"models": [c.student], "data": {task: ["train"]}})
         return merged(path), c.eval_dtype
+
+
+def save_with_deltas(student, tok, deltas: dict, out: Path, study) -> tuple[dict, dict]:
+    """Add ``deltas`` to the student's weights, save it (and its tokenizer) to ``out``, and measure what of the
+    change survives the study's evaluation dtype: (the deltas' norms, the survival record). The transfer methods'
+    common end (function-transfer, SemAlign)."""
+    from pkt.evaluate.precision import surviving
+    from pkt.transfer.function_transfer import apply_deltas
+
+    norms = apply_deltas(student, deltas)
+    student.save_pretrained(out)
+    tok.save_pretrained(out)
+    return norms, surviving(str(out), study.cfg.student, study.cfg.eval_dtype)

@@ -18,7 +18,7 @@ import gc
 import time
 from pathlib import Path
 
-from pkt.methods.base import Method
+from pkt.methods.base import Method, save_with_deltas
 from pkt.methods.registry import register
 from pkt.stage import Cost, build as build_stage
 
@@ -68,7 +68,6 @@ class FunctionTransfer(Method):
         from pkt.transfer import function_transfer as ft
         from pkt.data.chat import tokenize_example
         from pkt.data.tasks import load_split
-        from pkt.evaluate.precision import surviving
         from pkt.models.load import assert_same_tokenizer, load_model, load_tokenizer
         from pkt.postpkt import peak_rss_bytes
 
@@ -86,10 +85,7 @@ class FunctionTransfer(Method):
         deltas, info = ft.transfer(teacher, student, tv, sequences, cfg, log=study.echo)
         del teacher, tv
         gc.collect()
-        norms = ft.apply_deltas(student, deltas)
-        student.save_pretrained(d / "model")
-        tok.save_pretrained(d / "model")
-        survival = surviving(str(d / "model"), c.student, c.eval_dtype)
+        norms, survival = save_with_deltas(student, tok, deltas, d / "model", study)
         info["seconds"]["load"] = round(t_load, 1)
         return {"task_vector": self.task_vector, "adapter": str(adapter), "calibration": calib, **info, **norms,
                 "teacher_rel_norm": teacher_norms["rel_norm"],

@@ -18,7 +18,7 @@ import gc
 import time
 from pathlib import Path
 
-from pkt.methods.base import Method
+from pkt.methods.base import Method, save_with_deltas
 from pkt.methods.registry import register
 from pkt.stage import Cost, build as build_stage
 
@@ -56,11 +56,9 @@ class SemAlign(Method):
         """The build stage's work: load both models in float32, train the student, save, record."""
         import torch
 
-        from pkt.transfer import function_transfer as ft
         from pkt.transfer.semalign import semalign, tuned_teacher
         from pkt.data.chat import tokenize_example
         from pkt.data.tasks import load_split
-        from pkt.evaluate.precision import surviving
         from pkt.models.load import assert_same_tokenizer, load_model, load_tokenizer
         from pkt.postpkt import peak_rss_bytes
 
@@ -80,10 +78,7 @@ class SemAlign(Method):
         deltas, info = semalign(teacher, student, train, heldout, cfg, n_vocab=len(tok), log=study.echo)
         del teacher
         gc.collect()
-        norms = ft.apply_deltas(student, deltas)
-        student.save_pretrained(d / "model")
-        tok.save_pretrained(d / "model")
-        survival = surviving(str(d / "model"), c.student, c.eval_dtype)
+        norms, survival = save_with_deltas(student, tok, deltas, d / "model", study)
         info["seconds"]["load"] = round(t_load, 1)
         return {"vocab": self.vocab, "adapter": str(adapter), "inputs": io, **info, **norms,
                 "surviving": survival, "peak_rss_bytes": peak_rss_bytes()}
