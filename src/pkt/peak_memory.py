@@ -5,10 +5,19 @@ stage so far needed, not this one. Linux lets a process reset its own peak (writ
 ``/proc/self/clear_refs`` resets ``VmHWM``, Linux >= 4.0): :func:`reset_peak` does that before a stage, and
 :func:`peak_rss_bytes` then reads the stage's own peak. Where the reset is not possible (another OS, a
 restricted /proc) the peak is the process's so far, and :func:`reset_peak` says so by returning False.
+
+A peak measured that way still counts what earlier stages left behind: glibc's malloc keeps freed blocks of a
+few MiB (most of a model's weight matrices, once its mmap threshold has risen) in its heap instead of returning
+them, so a stage that follows the teacher's would carry gigabytes it never asked for. :func:`release_memory`
+(a garbage collection, then glibc's ``malloc_trim``) hands them back before the reset, so the peak is the
+stage's own and a run's peak is its largest stage's, not the sum of its history.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
@@ -34,3 +43,28 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def rss_bytes() -> int | None:
+    """The current resident set size (None where /proc is not readable)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def release_memory() -> bool:
+    """Collect garbage and return the heap's free memory to the OS (glibc's ``malloc_trim``); False where the C
+    library has no such call (musl, macOS), in which case only the collection ran."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True

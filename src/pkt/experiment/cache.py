@@ -35,7 +35,7 @@ from pkt.errors import PktError
 from pkt.stage import Stage
 from pkt.io import atomic_dir, write_json
 from pkt.machine import describe, kernel_class
-from pkt.peak_memory import peak_rss_bytes, reset_peak
+from pkt.peak_memory import peak_rss_bytes, release_memory, reset_peak, rss_bytes
 
 LOCK_NAME = ".pkt-run.lock"
 PRUNED = "pruned.json"
@@ -153,15 +153,18 @@ class StageCache:
             self.log(f"[redo]   {stage}: its record is unreadable or its outputs were pruned")
         self.log(f"[run]    {stage}")
         t0 = time.perf_counter()
-        # the stage's own peak memory: the process's peak is reset first (where the OS allows; else the record
-        # says the peak is the process's so far)
+        # the stage's own peak memory: what earlier stages freed goes back to the OS, then the process's peak is
+        # reset (where the OS allows; else the record says the peak is the process's so far)
+        release_memory()
         scope = "stage" if reset_peak() else "process"
+        start_rss = rss_bytes()
         with atomic_dir(path) as tmp:
             result = fn(tmp)
             seconds = round(time.perf_counter() - t0, 2)
             peak = peak_rss_bytes()
             record = {"stage": stage, **({"of": of.to_dict()} if of else {}), "key": key_payload, "result": result,
-                      "seconds": seconds, "peak_rss_bytes": peak, "peak_scope": scope, "machine": kernel_class()}
+                      "seconds": seconds, "peak_rss_bytes": peak, "peak_scope": scope,
+                      **({"start_rss_bytes": start_rss} if start_rss is not None else {}), "machine": kernel_class()}
             write_json(tmp / "stage.json", record)
         self.records.append(StageRecord(stage, path.name, seconds, False, of, peak))
         self.log(f"[done]   {stage} in {seconds:.1f} s, peak resident memory {peak / 2**30:.2f} GiB"
