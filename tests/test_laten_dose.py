@@ -105,6 +105,12 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
 
     # the oracle: a grid point is `pkt.laten.apply` of the same checkpoint, saved, reloaded and measured
     stages = out / "stages"
+    key = json.loads((stages / g["stage"] / "stage.json").read_text())["key"]
+    assert key["train"] == g["train_stage"] and key["locate"].startswith("locate-gsm8k-s0-")
+    assert key["steps"] == [1, 2] and key["rates"] == [0.1, 0.5] and key["heldout"]["ids"] == rec["meta"][
+        "heldout"]["ids"]
+    assert sorted(p.name for p in (stages / g["train_stage"] / "train" / "checkpoints").iterdir()) == [
+        "step-0001", "step-0002"]  # the scored steps' checkpoints only
     run_dir = stages / g["train_stage"] / "train"
     measure = _measure(s)
     fused_dir = tmp_path / "applied"

@@ -77,8 +77,9 @@ def train_and_fuse(study, lc, d: Path) -> dict:
 
 
 def hypernet_seconds(plan, task: str, steps: int) -> float:
-    """Estimated seconds of ``steps`` hypernetwork steps on the plan's reference machine: each a teacher forward
-    and a student forward and backward over ``laten_batch`` align examples (:class:`pkt.experiment.plan.PlanContext`)."""
+    """Estimated seconds of ``steps`` hypernetwork steps on the reference machine of ``plan`` (a
+    :class:`pkt.experiment.plan.PlanContext`): each a teacher forward and a student forward and backward over
+    ``laten_batch`` align examples."""
     c = plan.cfg
     per_step = c.budget_for(task).laten_batch * plan.toks.mean(task, "align")
     return steps * (plan.secs("forward", plan.tp, c.teacher_dtype, per_step)

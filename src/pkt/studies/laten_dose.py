@@ -172,7 +172,7 @@ def score_grid(models, run_dir: Path, steps: list[int], pairings: dict, measure,
     {rate: Pairing}. A point records the held-out loss and the size of its Δ (:func:`pkt.inject.delta_stats`)."""
     from pkt.align.hypernet import HyperNet
     from pkt.inject import delta_stats, fused
-    from pkt.laten import ckpt_path
+    from pkt.laten import ckpt_path, translate
     from pkt.locate.pairing import extract
 
     nets = {s: HyperNet.load(ckpt_path(run_dir, s)) for s in steps}
@@ -181,8 +181,6 @@ def score_grid(models, run_dir: Path, steps: list[int], pairings: dict, measure,
         # the teacher's vectors depend on the rate's pairing only: extracted once for every step
         sources, sites = extract(models.teacher, models.t_spec, models.s_spec, pairing, nets[steps[0]].kinds)
         for s in steps:
-            from pkt.laten import translate
-
             deltas = translate(nets[s], sources, sites)
             size = delta_stats(models.student, deltas, models.s_spec)
             with fused(models.student, deltas, models.s_spec):
@@ -375,6 +373,8 @@ class LatenDose:
         name, key = self.train_key(run, seed)
 
         def fn(d: Path) -> dict:
+            import shutil
+
             from pkt.laten import ckpt_path, load_models, train
 
             lc = self.laten_cfg(run, seed)
@@ -384,7 +384,7 @@ class LatenDose:
             if not self.cfg.keep_checkpoints:  # the scored steps' checkpoints are the stage's output
                 for k in range(run.trained + 1):
                     if k not in keep:
-                        ckpt_path(d / "train", k).unlink(missing_ok=True)
+                        shutil.rmtree(ckpt_path(d / "train", k).parent, ignore_errors=True)
                 (d / "train" / "state.pt").unlink(missing_ok=True)
             drop = ("seconds", "locate_seconds", "tokens_per_s")  # timings: not results
             return {"steps": run.trained, "span": run.span, "penalty": run.penalty, "schedule": lc.schedule,

@@ -334,7 +334,7 @@ def render(rec: dict, out: dict) -> str:
     seed_cols = " / ".join(f"s{x}" for x in seeds)
     lines += ["## Held-out loss by step, schedule, rate and penalty", "",
               f"| schedule | λ | step | rate | held-out loss (mean ± SD over seeds) | per seed ({seed_cols}) | "
-              "Δ vs student [95% CI] | seeds below the student | ‖Δ‖/‖W‖ | located weights changed in bf16 |",
+              "Δ vs student [95% CI] | seeds below the student | ‖Δ‖/‖W‖ | Δ surviving bf16 |",
               "|---|---:|---:|---:|---|---|---|---:|---:|---:|",
               f"| student | – | 0 | 0 | {_f(hl and hl['loss_per_example'])} | – | – | – | 0 | 0 |"]
     for r in out["rows"]:
@@ -349,7 +349,7 @@ def render(rec: dict, out: dict) -> str:
         lines.append(f"{head} {r['mean']:.4f} ± {r['sd']:.4f} | {per} | {delta} | {below} | {_sci(r['rel_norm'])} "
                      f"| {_pct(r['bf16_changed'])} |")
     lines += ["", "‖Δ‖/‖W‖: the injection's norm over that of the located rows and columns it lands on (mean over "
-              "seeds); changed in bf16: the share of those weights whose bf16 value W + Δ differs from W's "
+              "seeds); Δ surviving bf16: the share of those weights whose bf16 value W + Δ differs from W's "
               "(`pkt.inject.delta_stats`). Δ vs student: held-out loss minus the student's, paired bootstrap over "
               f"the held-out examples and the seeds ({N_BOOT:,} draws, seed 0).", ""]
     lines += _helps(out, seeds)
@@ -365,7 +365,7 @@ def render(rec: dict, out: dict) -> str:
         r = out["selected"]["row"]
         by = "lowest mean held-out loss" if s["select"] == "loss" else "best mean held-out accuracy"
         lines += ["## The selected point", "",
-                  f"Selected on the held-out set alone ({by}; ties to the smaller dose): **{_name(r)}** (run "
+                  f"Selected on the held-out set alone ({by}; ties to the smaller dose): **{_name(r)}** (point "
                   f"`{point_label(r)}`), held-out loss {r['mean']:.4f} against the student's "
                   f"{_f(hl and hl['loss_per_example'])}"
                   + (f", Δ {_signed(r['delta'][0])} [{_signed(r['delta'][1])}, {_signed(r['delta'][2])}]"
@@ -412,7 +412,8 @@ def _helps(out: dict, seeds: list[int]) -> list[str]:
             f"rows: {where(helps)}.",
             f"* Higher (whole interval above 0): {len(hurts)} of {len(done)} rows: {where(hurts)}.",
             f"* Neither: {len(done) - len(helps) - len(hurts)} rows. Largest decrease: {_name(best)} "
-            f"({_signed(best['delta'][0])}); largest increase: {_name(worst)} ({_signed(worst['delta'][0])}).",
+            f"({_signed(best['delta'][0])}); {'largest increase' if worst['delta'][0] > 0 else 'smallest decrease'}: "
+            f"{_name(worst)} ({_signed(worst['delta'][0])}).",
             f"* Seed to seed: every seed on the same side of the student at {agree} of {len(done)} rows; the SD of "
             f"the held-out loss over seeds is {statistics.median(sds):.4f} at the median row and {spread['sd']:.4f} "
             f"at most ({_name(spread)}).", ""]
