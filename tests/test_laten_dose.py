@@ -200,6 +200,7 @@ def test_selection_reads_held_out_records_only_and_ties_go_to_the_smaller_dose()
                        "rate 0.1 in rates"),
     ({"penalties": [0]}, "needs penalty 1000 in penalties"),
     ({"lr": 1e-3}, "lr: Extra inputs are not permitted"),
+    ({"select": "accuracy", "accuracy": {"best": 0, "paper": False}}, "select 'accuracy' chooses among the accuracy"),
 ])
 def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_cli, setting, needle):
     code, out, err = pkt_cli("study", "laten-dose", _config(tmp_path, "qwen2.5-coder-1.5b-instruct",

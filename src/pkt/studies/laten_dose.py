@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pkt.config import Settings, read_yaml, validate
 from pkt.errors import PktError
@@ -119,6 +119,14 @@ class LatenDoseConfig(Settings):
         if bad:
             raise ValueError(f"{bad[0]} is not one of steps {steps}")
         return sorted(v) if v is not None else None
+
+
+    @model_validator(mode="after")
+    def _accuracy_points(self):
+        if self.select == "accuracy" and not (self.accuracy.best or self.accuracy.paper):
+            raise ValueError("select 'accuracy' chooses among the accuracy points, and accuracy.best 0 with "
+                             "accuracy.paper false measures none")
+        return self
 
 
 def load_config(path: str | Path) -> tuple[LatenDoseConfig, str]:
