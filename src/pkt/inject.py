@@ -9,13 +9,15 @@ everywhere else (the reference adds, it does not replace). Two ways to apply it:
   weights are untouched and the values may carry autograd history, so the LM loss back-propagates into
   the hypernetwork that produced them. No forked modeling file; works with any module named by ArchSpec.
 * :func:`fuse`: add Δ into the weights (in fp32, then cast back) and :func:`save_fused` writes a standard
-  HF checkpoint. The reference stored Δ as a plain attribute and ``save_pretrained`` silently wrote the
+  HF checkpoint (:func:`fused`: fused for the length of a block, the weights restored after it). The
+  reference stored Δ as a plain attribute and ``save_pretrained`` silently wrote the
   unmodified student (docs/methods.md §7.1 item 1); here the saved weights really contain the injection, and
   the deltas themselves are saved next to them (``laten_deltas.safetensors``) for auditing.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -156,6 +158,24 @@ def fuse(model: nn.Module, deltas: Deltas, spec: ArchSpec | None = None) -> None
         else:
             new[:, idx] += val.detach().float().cpu().T
         w.copy_(new.to(device=w.device, dtype=w.dtype))
+
+
+@contextlib.contextmanager
+def fused(model: nn.Module, deltas: Deltas, spec: ArchSpec | None = None):
+    """:func:`fuse` for the duration of a block, then every touched weight back as it was, bit for bit: one
+    loaded student scores many injections in turn (each measured on the fused weights, as a saved checkpoint
+    would be) without re-loading it."""
+    model = unwrap(model)
+    spec = spec or ArchSpec.from_model(model)
+    weights = [spec.linear(model, layer, kind).weight for layer, kind in deltas]
+    saved = [w.detach().clone() for w in weights]
+    try:
+        fuse(model, deltas, spec)
+        yield model
+    finally:
+        with torch.no_grad():
+            for w, old in zip(weights, saved):
+                w.copy_(old)
 
 
 def save_deltas(deltas: Deltas, path: str | Path) -> None:

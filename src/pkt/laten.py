@@ -314,15 +314,14 @@ def select_point(run_dir: str | Path, steps, rates, examples: list[ChatExample],
     missing = [s for s in steps if s not in have]
     if missing:
         raise PktError(f"{run}: no checkpoint for step(s) {missing}; available steps: {sorted(have) or 'none'}")
-    example = random.Random(seed).choice(split_examples(cfg, "train"))
+    example = seed_example(cfg, seed)
     nets = {s: HyperNet.load(ckpt_path(run, s)) for s in steps}
     grid = []
     for rate in rates:
         pairing = locate(m, example, cfg, rate)
         sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, nets[steps[0]].kinds)
         for s in steps:
-            with torch.no_grad():
-                deltas = to_deltas(nets[s].translate(sources), sites)
+            deltas = translate(nets[s], sources, sites)
             loss = align_loss(m, deltas, examples, cfg)
             grid.append({"step": s, "rate": rate, "align_loss": loss})
             log(f"laten select: step {s} rate {rate}: align loss {loss:.4f}")
@@ -331,6 +330,18 @@ def select_point(run_dir: str | Path, steps, rates, examples: list[ChatExample],
 
 
 # ---- apply ----------------------------------------------------------------------------------------
+
+def seed_example(cfg: LatenConfig, seed: int) -> ChatExample:
+    """The example apply locates with: ``random.Random(seed)``'s choice from the train split (the reference
+    inference script's), whatever the step and rate."""
+    return random.Random(seed).choice(split_examples(cfg, "train"))
+
+
+def translate(net: HyperNet, sources: dict, sites) -> Deltas:
+    """The deltas a hypernetwork checkpoint makes of the teacher vectors ``sources`` extracted for ``sites``."""
+    with torch.no_grad():
+        return to_deltas(net.translate(sources), sites)
+
 
 def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path, *, seed: int = 42,
           models: Models | None = None, progress: bool = False, log=print) -> tuple[dict, Deltas]:
@@ -347,13 +358,11 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
     m = models or load_models(cfg, log)
     if m.s_spec.weight_shape("o")[0] != net.meta["d_student"] or m.t_spec.hidden_size != net.meta["d_teacher"]:
         raise PktError("the run's hypernetwork does not match these teacher/student hidden sizes")
-    seeds = split_examples(cfg, "train")
-    example = random.Random(seed).choice(seeds)
+    example = seed_example(cfg, seed)
     t0 = time.perf_counter()
     pairing = locate(m, example, cfg, transfer_rate, progress)
     sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, net.kinds)
-    with torch.no_grad():
-        deltas = to_deltas(net.translate(sources), sites)
+    deltas = translate(net, sources, sites)
     size = delta_stats(m.student, deltas, m.s_spec)  # before fusing: relative to the student's own weights
     manifest = {
         "method": "laten", "teacher": cfg.teacher, "student": cfg.student, "run": str(run), "step": step,

@@ -27,6 +27,9 @@ COMMANDS = {
     "steps-saved": ("steps_saved", "Held-out loss by optimizer step of laten-lora and lora on the same batches, and "
                                    "the steps each takes to reach LoRA's final held-out loss (run, --dry-run, "
                                    "--report)."),
+    "laten-dose": ("laten_dose", "LaTen's dose-response: held-out loss by hypernetwork step, schedule, transfer rate "
+                                 "and penalty; the point chosen on held-out data, tested over seeds (run, --dry-run, "
+                                 "--report)."),
 }
 
 app = typer.Typer(help="Analyses of finished studies, as docs/results.md quotes them (pkt study NAME --help).",

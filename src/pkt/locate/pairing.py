@@ -44,6 +44,20 @@ class Pairing:
                 "attn_per_layer": int(self.attn[0][0].numel()) if self.attn else 0}
 
 
+def save_pairing(pairing: Pairing, path) -> None:
+    """Write a pairing (layer lists and index tensors only: kilobytes) so that a later step translates the same
+    located neurons without attributing both models again."""
+    torch.save({"ffn_layers": list(pairing.ffn_layers), "attn_layers": list(pairing.attn_layers),
+                "ffn": [(t.cpu(), s.cpu()) for t, s in pairing.ffn],
+                "attn": [(t.cpu(), s.cpu()) for t, s in pairing.attn]}, path)
+
+
+def load_pairing(path) -> Pairing:
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return Pairing([int(x) for x in d["ffn_layers"]], [int(x) for x in d["attn_layers"]],
+                   [tuple(x) for x in d["ffn"]], [tuple(x) for x in d["attn"]])
+
+
 def counts(student: ArchSpec, teacher: ArchSpec, rate: float) -> tuple[int, int]:
     """(FFN neurons, attention neurons) per layer: rate × the student's FFN / attention width."""
     n_ffn, n_attn = int(rate * student.intermediate_size), int(rate * student.q_dim)

@@ -32,9 +32,14 @@ def train_steps(cfg, task: str) -> int:
 
 def laten_cfg(study, task: str, seed: int):
     """The hypernetwork's training settings of a study's task and seed."""
+    return laten_settings(study.cfg, task, seed)
+
+
+def laten_settings(c, task: str, seed: int):
+    """The hypernetwork's training settings that ``pkt run`` gives the task and seed of the experiment config
+    ``c`` (:class:`pkt.experiment.config.ExperimentConfig`)."""
     from pkt.laten import LatenConfig
 
-    c = study.cfg
     b = c.budget_for(task)
     return LatenConfig(teacher=c.teacher, student=c.student, task=task, style=c.style,
                        transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
@@ -71,6 +76,16 @@ def train_and_fuse(study, lc, d: Path) -> dict:
             "apply": {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}}
 
 
+def hypernet_seconds(plan, task: str, steps: int) -> float:
+    """Estimated seconds of ``steps`` hypernetwork steps on the reference machine of ``plan`` (a
+    :class:`pkt.experiment.plan.PlanContext`): each a teacher forward and a student forward and backward over
+    ``laten_batch`` align examples."""
+    c = plan.cfg
+    per_step = c.budget_for(task).laten_batch * plan.toks.mean(task, "align")
+    return steps * (plan.secs("forward", plan.tp, c.teacher_dtype, per_step)
+                    + plan.secs("train", plan.sp, c.dtype, per_step))
+
+
 class Laten(Method):
     name = "laten"
     resource = "laten"
@@ -94,9 +109,7 @@ class Laten(Method):
         c = plan.cfg
         b = c.budget_for(task)
         steps = train_steps(c, task)
-        per_step = b.laten_batch * plan.toks.mean(task, "align")
-        seconds = steps * (plan.secs("forward", plan.tp, c.teacher_dtype, per_step)
-                           + plan.secs("train", plan.sp, c.dtype, per_step))
+        seconds = hypernet_seconds(plan, task, steps)
         if b.laten_choice == "select" or b.laten_grid:
             n_sel = steps * len(b.laten_select_rates) * b.laten_select_examples * plan.toks.mean(task, "align")
             seconds += plan.secs("forward", plan.sp, c.dtype, n_sel)

@@ -16,10 +16,13 @@ command                    module                      what it prints
 ``representation-depth``   ``representation_depth``    representation similarity by student depth
 ``pilot``                  ``pilot``                   runs the pilot curve (LoRA by budget); its report
 ``steps-saved``            ``steps_saved``             runs held-out loss curves by step; steps saved
+``laten-dose``             ``laten_dose``              runs LaTen's dose grid; the held-out-chosen point
 =========================  ==========================  ===================================================
 
-``pilot`` and ``steps-saved`` are the ones that compute: each runs (and resumes) a small study of its own and
-reports it from its committed records. ``pilot``: plain LoRA by training budget with the lr chosen on held-out
+``pilot``, ``steps-saved`` and ``laten-dose`` are the ones that compute: each runs (and resumes) a small study of
+its own and reports it from its committed records. ``pilot``: plain LoRA by training budget with the lr chosen on held-out
 data (docs/pilot.md); ``steps-saved``: laten-lora against lora on the same batches, their loss on one held-out
-set at chosen optimizer steps and the steps each takes to reach LoRA's final held-out loss (docs/steps-saved.md).
+set at chosen optimizer steps and the steps each takes to reach LoRA's final held-out loss (docs/steps-saved.md);
+``laten-dose``: LaTen's held-out loss by hypernetwork step, schedule, transfer rate and penalty, the point chosen on
+held-out data and tested against the student over seeds (docs/laten-dose.md).
 """

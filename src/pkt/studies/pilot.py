@@ -182,13 +182,8 @@ class Pilot:
 
     # ---- keys ----
     def eval_cfg(self, which: str):
-        from pkt.evaluate.harness import EvalConfig
-
-        e, c = self.cfg.eval, self.cfg
-        return EvalConfig(limit=e.test_size if which == "test" else None, seed=e.test_seed, style=c.style,
-                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, decoding=e.decoding,
-                          protocol=e.protocol, shots=e.shots, allow_weak_sandbox=e.allow_weak_sandbox,
-                          max_prompt_tokens=max(c.max_length, 1024), progress=c.progress)
+        c = self.cfg
+        return staged.eval_config(c.eval, which, c.style, c.max_length, c.progress)
 
     def finetune_cfg(self, n: int, epochs: float, lr: float, seed: int, init: str = "lora"):
         """The FinetuneConfig ``pkt postpkt --init <init>`` builds from the same flags (PiSSA's also from
@@ -270,12 +265,8 @@ class Pilot:
             seed_everything(ecfg.seed)
             tok, model = load_tokenizer(ref), load_model(ref, dtype=self.cfg.dtype)
             rows = self.heldout.rows if which == "heldout" else None
-            records, metrics = run_task(self.cfg.task, model, tok, ecfg, rows=rows)
-            write_jsonl(d / "predictions.jsonl", records)
-            metric = METRICS[self.cfg.task]
-            res = {"metric": metric, "score": metrics[metric], "n": len(records), "ids": [r["id"] for r in records],
-                   "per_example": [float(r["correct"]) for r in records],
-                   "at_cap": metrics.get("hit_max_new_tokens"), "answer_loss": None}
+            res = {**staged.generation_result(self.cfg.task, METRICS[self.cfg.task], model, tok, ecfg, rows, d),
+                   "answer_loss": None}
             if key["answer_loss"]:
                 loss_records, loss = run_task(f"{self.cfg.task}_loss", model, tok, ecfg, rows=self.heldout.loss)
                 write_jsonl(d / "answer_loss.jsonl", loss_records)

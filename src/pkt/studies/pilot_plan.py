@@ -12,6 +12,16 @@ from __future__ import annotations
 from pkt.studies import pilot_report as R
 
 
+def generation_seconds(e, task: str, questions: int, secs) -> float:
+    """Seconds to answer ``questions`` of ``task`` greedily under the evaluation settings ``e`` (the pilot's
+    ``EvalSettings``), counted at the token cap; ``secs(work, tokens)`` is the model's time for that work."""
+    from pkt.experiment.evaluation import TEST_PROMPT_TOKENS
+
+    if e.decoding == "continuous":  # its measured rate includes the prompts' prefill
+        return secs("generate-continuous", questions * e.max_new_tokens)
+    return secs("forward", questions * TEST_PROMPT_TOKENS[task]) + secs("generate", questions * e.max_new_tokens)
+
+
 class Costs:
     """Seconds of a build or an evaluation on the reference machine, from :mod:`pkt.experiment.plan`'s measured
     rates (training, forward and continuous-decoding tokens/s by model size and dtype)."""
@@ -71,14 +81,8 @@ class Costs:
         return self.n_heldout if which == "heldout" else min(self.cfg.eval.test_size, TEST_SIZES[self.cfg.task])
 
     def evaluate(self, which: str) -> float:
-        from pkt.experiment.evaluation import TEST_PROMPT_TOKENS
-
         e, q = self.cfg.eval, self.questions(which)
-        if e.decoding == "continuous":  # its measured rate includes the prompts' prefill
-            gen = self._secs("generate-continuous", q * e.max_new_tokens)
-        else:
-            gen = self._secs("forward", q * TEST_PROMPT_TOKENS[self.cfg.task]) + \
-                self._secs("generate", q * e.max_new_tokens)
+        gen = generation_seconds(e, self.cfg.task, q, self._secs)
         loss = self._secs("forward", q * self.tokens) if which == "heldout" and self.cfg.heldout.answer_loss else 0
         return gen + loss + self.load * bool(self.params)
 

@@ -1,6 +1,7 @@
-"""What the record-backed studies (``pkt study pilot``, ``pkt study steps-saved``) share: their command line
-(run / ``--dry-run`` / ``--report``), reading one of their JSON records, and the result of a finished stage
-directory whose weights may have been pruned. Each study keeps its own stages, records and report.
+"""What the record-backed studies (``pkt study pilot``, ``pkt study steps-saved``, ``pkt study laten-dose``)
+share: their command line (run / ``--dry-run`` / ``--report``), reading one of their JSON records, the result of
+a finished stage directory whose weights may have been pruned, and how a model is asked the held-out or test
+questions and what its evaluation records. Each study keeps its own stages, records and report.
 """
 
 from __future__ import annotations
@@ -31,6 +32,30 @@ def finished(path: Path) -> dict | None:
         return data["result"] if isinstance(data, dict) and isinstance(data.get("result"), dict) else None
     except (OSError, ValueError):
         return None
+
+
+def eval_config(e, which: str, style: str, max_length: int, progress: bool):
+    """The :class:`pkt.evaluate.harness.EvalConfig` of a study's evaluation settings ``e`` (the pilot's
+    ``EvalSettings``) on the held-out set (every row given) or the test subset (``e.test_size`` of it)."""
+    from pkt.evaluate.harness import EvalConfig
+
+    return EvalConfig(limit=e.test_size if which == "test" else None, seed=e.test_seed, style=style,
+                      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, decoding=e.decoding,
+                      protocol=e.protocol, shots=e.shots, allow_weak_sandbox=e.allow_weak_sandbox,
+                      max_prompt_tokens=max(max_length, 1024), progress=progress)
+
+
+def generation_result(task: str, metric: str, model, tok, ecfg, rows, d: Path) -> dict:
+    """Greedy answers of ``model`` to the task's questions (``rows``: the held-out rows; None: the test subset of
+    ``ecfg``), their predictions written to ``d/predictions.jsonl``; the score and the per-question scores that
+    the reports pair question by question."""
+    from pkt.evaluate.harness import run_task
+    from pkt.io import write_jsonl
+
+    records, metrics = run_task(task, model, tok, ecfg, rows=rows)
+    write_jsonl(d / "predictions.jsonl", records)
+    return {"metric": metric, "score": metrics[metric], "n": len(records), "ids": [r["id"] for r in records],
+            "per_example": [float(r["correct"]) for r in records], "at_cap": metrics.get("hit_max_new_tokens")}
 
 
 def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, load_config: Callable,

@@ -1,0 +1,124 @@
+"""The cost of a laten-dose study before it runs (``pkt study laten-dose CONFIG --dry-run``): its stages, cached or
+not, with their estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured forward,
+training and decoding rates by model size and dtype; generation counted at its token cap, an upper bound).
+
+* a hypernetwork training: ``pkt run``'s LaTen estimate per step (:func:`pkt.methods.laten.hypernet_seconds`:
+  a teacher forward and a student training step over ``laten_batch`` align examples) and both models' loading;
+* a seed's locate stage: both models' attribution of the seed example at every rate, each counted as 1.82 forward
+  passes of it (docs/laten.md, "Attribution cost"), and the loading;
+* a grid: one student forward over the held-out answers per (step, rate), and the loading (the Δ's extraction,
+  translation and fusing are not counted: seconds against the forwards' minutes);
+* an evaluation: the pilot's (:func:`pkt.studies.pilot_plan.generation_seconds`); a LaTen point's also loads the
+  teacher, whose vectors it translates.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+ATTRIBUTION_FORWARDS = 1.82  # one attribution of an example, in forward passes of it (docs/laten.md)
+
+
+class Costs:
+    def __init__(self, study):
+        from pkt.experiment.plan import PlanContext, _Tokens
+        from pkt.experiment.preflight import check_models, meta_facts
+
+        self.study, self.cfg = study, study.cfg
+        teacher, student = check_models(study.ecfg, plan=True)
+        teacher, student = meta_facts(teacher), meta_facts(student)
+        # PlanContext reads the experiment's settings from its study (pkt run's, of the LaTen arm)
+        self.ctx = PlanContext(SimpleNamespace(cfg=study.ecfg, n_train={}), teacher, student,
+                               _Tokens(student.path, student.tokenizer))
+        self.notes = [] if self.ctx.sp and self.ctx.tp else \
+            ["a model's size is unknown until it is prepared: its stages cost 0"]
+        tok = self.ctx.toks.tok
+        self.heldout_tokens = sum((len(tok(e.user + e.assistant, add_special_tokens=False)["input_ids"])
+                                   if tok is not None else len(e.user + e.assistant) / 4) + 12
+                                  for e in study.heldout.loss)
+        self.notes.append(self.disk_note(teacher, student))
+
+    def _load(self, teacher: bool = True) -> float:
+        c, x = self.cfg, self.ctx
+        return x.load(x.sp, c.dtype) + (x.load(x.tp, c.teacher_dtype) if teacher else 0.0)
+
+    def train(self, steps: int) -> float:
+        from pkt.methods.laten import hypernet_seconds
+
+        return hypernet_seconds(self.ctx, self.cfg.task, steps) + self._load()
+
+    def locate(self) -> float:
+        c, x = self.cfg, self.ctx
+        tokens = ATTRIBUTION_FORWARDS * x.toks.mean(c.task, "train") * len(c.rates)
+        return x.secs("forward", x.tp, c.teacher_dtype, tokens) + x.secs("forward", x.sp, c.dtype, tokens) \
+            + self._load()
+
+    def locate_work(self) -> str:
+        return f"attribute the seed example at {len(self.cfg.rates)} rates (teacher and student)"
+
+    def grid(self, steps: int) -> float:
+        c, x = self.cfg, self.ctx
+        return steps * len(c.rates) * x.secs("forward", x.sp, c.dtype, self.heldout_tokens) + self._load()
+
+    def grid_work(self, steps: int) -> str:
+        return (f"{steps} step{'s' * (steps != 1)} x {len(self.cfg.rates)} rates: fuse, held-out loss of "
+                f"{len(self.study.heldout.loss)} answers")
+
+    def heldout_loss(self) -> float:
+        c, x = self.cfg, self.ctx
+        return x.secs("forward", x.sp, c.dtype, self.heldout_tokens) + self._load(teacher=False)
+
+    def loss_work(self) -> str:
+        return f"held-out loss of {len(self.study.heldout.loss)} answers"
+
+    def questions(self, which: str) -> int:
+        from pkt.experiment.evaluation import TEST_SIZES
+
+        c = self.cfg
+        return c.accuracy.size if which == "heldout" else min(c.eval.test_size, TEST_SIZES[c.task])
+
+    def evaluate(self, which: str, student: bool = False) -> float:
+        from pkt.studies.pilot_plan import generation_seconds
+
+        c, x = self.cfg, self.ctx
+        gen = generation_seconds(c.eval, c.task, self.questions(which),
+                                 lambda work, tokens: x.secs(work, x.sp, c.dtype, tokens))
+        return gen + self._load(teacher=not student)
+
+    def eval_work(self, which: str) -> str:
+        return f"{self.questions(which)} {which} questions x <= {self.cfg.eval.max_new_tokens} new tokens"
+
+    def disk_note(self, teacher, student) -> str:
+        if teacher.spec is None or student.spec is None:
+            return "disk: unknown until both models are prepared"
+        h_t, h_s = teacher.spec.hidden_size, student.spec.hidden_size
+        per = 4 * (h_t * h_t + h_s * h_t) * 4  # a translator per module kind: two fp32 layers (pkt.align.hypernet)
+        n = len(self.cfg.seeds) * sum(len(self.study.scored(r)) if not self.cfg.keep_checkpoints
+                                      else r.trained + 1 for r in self.study.runs())
+        return (f"disk: {n} hypernetwork checkpoints of {per / 1e6:.0f} MB ({n * per / 1e9:.1f} GB; each run keeps "
+                f"{'every step' if self.cfg.keep_checkpoints else 'those of its scored steps'}) besides the "
+                "pairings (kilobytes)")
+
+
+def render_plan(study) -> str:
+    """The plan of ``study`` (:meth:`pkt.studies.laten_dose.LatenDose.plan`) as a table, its total and notes."""
+    from pkt.experiment.plan import THROUGHPUT_MACHINE, human
+
+    rows = study.plan()
+    todo = [r for r in rows if not r[1]]
+    w = max([34] + [len(r[0]) for r in rows])
+    lines = [f"{'stage':<{w}} {'status':<7} {'estimate':>9}  work"]
+    lines += [f"{name:<{w}} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
+              for name, cached, s, work in rows]
+
+    def count(prefix: str) -> int:
+        return sum(r[0].startswith(prefix) for r in rows)
+
+    trainings, grids, locates = count("train-"), count("grid-"), count("locate-")
+    evals = len(rows) - trainings - grids - locates
+    by_kind = {k: human(sum(r[2] for r in todo if r[0].startswith(k))) for k in ("train-", "grid-", "locate-")}
+    lines.append(f"plan: {trainings} hypernetwork trainings, {locates} locate stages, {grids} grids and {evals} "
+                 f"evaluations ({len(rows) - len(todo)} stages cached), estimated {human(sum(r[2] for r in todo))} on "
+                 f"the reference machine ({THROUGHPUT_MACHINE}), generation counted at its token cap: trainings "
+                 f"{by_kind['train-']}, grids {by_kind['grid-']}, locating {by_kind['locate-']}")
+    return "\n".join(lines + [f"note: {x}" for x in study.plan_notes])
