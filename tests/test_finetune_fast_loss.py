@@ -131,3 +131,30 @@ def test_grouped_run_equals_the_ungrouped_run(qwen_pair):
         if p.requires_grad:
             torch.testing.assert_close(a[n], p, rtol=REL, atol=REL * p.abs().max().item(), msg=n)
     assert "group_by_length" in FinetuneConfig().model_dump() and "logits" not in FinetuneConfig().model_dump()
+
+
+def test_kept_logits_equal_the_full_logits_at_the_kept_positions(tiny_pair):
+    """GKD's logits at the continuation positions only (the head applied there) equal the slice of the full
+    logits, in value and in the gradients a loss on them sends to the LoRA weights (pkt.align.token_loss)."""
+    from pkt.align.token_loss import kept_logits
+
+    _, student, tok = tiny_pair
+    model = _lora(student, dropout=0.0)
+    model.train()
+    batch = collate([tokenize_example(e, tok, "chat", 128) for e in EXAMPLES[:4]], tok.pad_token_id)
+    keep = batch["labels"][:, 1:] != -100
+    assert 0 < int(keep.sum()) < keep.numel()  # prompts and padding are left out
+
+    def loss_of(logits):  # a loss that uses every logit, so that every row's gradient is compared
+        return (torch.log_softmax(logits.float(), -1) * torch.linspace(-1, 1, logits.shape[-1])).sum()
+
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    ref = full[:, :-1][keep]
+    g_ref = _grads(model, loss_of(ref))
+    got = kept_logits(model, batch, keep)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref.detach(), rtol=REL, atol=1e-6)
+    g_got = _grads(model, loss_of(got))
+    assert g_ref.keys() == g_got.keys() and any("lora_A" in n for n in g_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], rtol=REL, atol=1e-6 * g_ref[n].abs().max().item(), msg=n)

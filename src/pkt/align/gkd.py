@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pkt.align.loop import Step, StepResult
+from pkt.align.token_loss import kept_logits
 from pkt.config import Settings
 from pkt.data.chat import IGNORE, collate, render_prompt, tokenize_example
 from pkt.data.jsonl import ChatExample
@@ -161,14 +162,13 @@ def gkd_step(teacher, tokenizer, gold: list[dict], prompts: list[list[int]], ft,
         for m in range(0, len(feats), ft.micro_batch_size):
             batch = {k: v.to(dev) for k, v in collate(feats[m:m + ft.micro_batch_size],
                                                       tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).logits
-            # only the continuation's positions: the vocabulary-wide softmaxes are the memory here
+            # only the continuation's positions, and the heads applied there only: the vocabulary-wide logits
+            # and softmaxes of the prompt positions were the stage's memory
             keep = batch["labels"][:, 1:] != IGNORE
-            loss = generalized_jsd_loss(s_logits[:, :-1][keep], t_logits[:, :-1][keep].to(s_logits.device),
-                                        None, beta=gcfg.beta) / n_tokens
+            with torch.no_grad():
+                t_logits = kept_logits(teacher, batch, keep)
+            s_logits = kept_logits(model, batch, keep)
+            loss = generalized_jsd_loss(s_logits, t_logits.to(s_logits.device), None, beta=gcfg.beta) / n_tokens
             loss.backward()
             loss_sum += float(loss.detach())
         return StepResult(loss_sum, sum(len(f["input_ids"]) for f in feats),

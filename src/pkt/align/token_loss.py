@@ -104,3 +104,26 @@ def answer_token_loss(model, batch: dict, amp=contextlib.nullcontext(), chunk_by
                     output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
         hidden = out.hidden_states[-1][:, :-1][keep]  # position t predicts token t+1
         return LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels[keep], chunk)
+
+
+def plain_head(model) -> bool:
+    """Whether a model's logits are its head applied to its last hidden states, nothing more (no logit soft-cap
+    or scale in its forward), so that :func:`kept_logits` may apply the head itself."""
+    inner = getattr(model, "module", model)
+    cfg = getattr(inner, "config", None)
+    return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+
+def kept_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The next-token logits at the positions ``keep`` selects (``keep[b, t]``: position t of row b, which
+    predicts token t+1), as ``model(...).logits[:, :-1][keep]``, with the head applied to those rows only.
+
+    Distillation scores a short continuation after a long prompt: the full logits of teacher and student
+    (and their float32 softmaxes) at every prompt position were most of the GKD stage's memory. Falls back
+    to the full logits where the model's forward does more than apply its head (:func:`plain_head`)."""
+    if not plain_head(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return logits[:, :-1][keep]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
+    return output_head(model)(out.hidden_states[-1][:, :-1][keep])
