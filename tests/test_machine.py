@@ -44,6 +44,22 @@ def test_auto_dtype_in_a_config_is_resolved_when_read(monkeypatch):
     assert ExperimentConfig(eval_dtype="bfloat16").eval_dtype == "bfloat16"  # a pinned dtype stays
 
 
+def test_auto_autocast_follows_the_faster_matmul_and_reaches_the_fine_tuning(monkeypatch):
+    from types import SimpleNamespace
+
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.methods.base import finetune_cfg
+
+    monkeypatch.setattr(machine, "fastest_dtype", lambda: ("bfloat16", 2.4))
+    c = ExperimentConfig(autocast="auto")
+    assert c.autocast == "bf16" and c.dtype == "float32"  # bf16 arithmetic over float32 weights
+    assert finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0).autocast == "bf16"
+    monkeypatch.setattr(machine, "fastest_dtype", lambda: ("float32", 0.5))
+    c = ExperimentConfig(autocast="auto")
+    assert c.autocast == "none" and finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0).autocast == "none"
+    assert ExperimentConfig(autocast="bf16").autocast == "bf16"  # a pinned setting stays
+
+
 def test_a_stage_record_says_which_kernels_made_it_and_a_reuse_on_others_says_so(tmp_path):
     logs = []
     cache = StageCache(tmp_path, log=logs.append)

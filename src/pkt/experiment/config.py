@@ -135,6 +135,10 @@ class ExperimentConfig(Settings):
     methods: list[str] = list(ALL_METHODS)
     seeds: list[int] = [0]
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the fine-tuned arms' arithmetic (pkt.align.finetune): "bf16" = forward and backward under bf16 autocast over
+    # the float32 weights, whose update and merged model stay float32; "auto" (for demos) = bf16 where this CPU's bf16
+    # matrix products are faster (pkt.machine), else "none"
+    autocast: Literal["none", "bf16", "auto"] = "none"
     # "auto" (for demos: a study pins its dtypes so that its records compare across machines) is resolved when
     # the config is read, to the dtype whose matrix products run faster on this machine (pkt.machine)
     teacher_dtype: Literal["float32", "bfloat16", "auto"] = "bfloat16"
@@ -205,6 +209,15 @@ class ExperimentConfig(Settings):
         from pkt.machine import fastest_dtype
 
         return fastest_dtype()[0]  # the stage keys and the manifest then carry the dtype actually used
+
+    @field_validator("autocast")
+    @classmethod
+    def _auto_autocast(cls, v):
+        if v != "auto":
+            return v
+        from pkt.machine import fastest_dtype
+
+        return "bf16" if fastest_dtype()[0] == "bfloat16" else "none"  # the stage keys carry what was used
 
     def resources_for(self, kind: str) -> StageResources:
         """The request of one stage kind: ``resources[kind]``, else ``resources.default``, else 1 CPU."""

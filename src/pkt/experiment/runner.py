@@ -335,7 +335,8 @@ class Study:
             "stages": [{k: s[k] for k in ("stage", "key", "seconds", "cached")} for s in est.stages],
         }
         with self.cache.lock():
-            self.log(f"machine: {describe(kernel_class())}; dtypes: training {c.dtype}, teacher {c.teacher_dtype}, "
+            self.log(f"machine: {describe(kernel_class())}; dtypes: training {c.dtype}"
+                     f"{' under bf16 autocast' if c.autocast == 'bf16' else ''}, teacher {c.teacher_dtype}, "
                      f"evaluation {c.eval_dtype}")
             if self.records_dir is not None:  # the stage list first: a record counts once study.json names it
                 R.write_study(self.records_dir, manifest)

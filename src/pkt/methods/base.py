@@ -84,7 +84,7 @@ def finetune_cfg(study, task: str, seed: int):
     return FinetuneConfig(r=b.rank, alpha=b.alpha, dropout=b.dropout, lr=b.lr, epochs=b.epochs,
                           batch_size=b.batch_size, micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
                           n_train=study.n_train[task], seed=seed, style=c.style, dtype=c.dtype,
-                          pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs, report_to=c.report_to)
+                          autocast=c.autocast, pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs, report_to=c.report_to)
 
 
 def data_setting(cfg) -> dict:
