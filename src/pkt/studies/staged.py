@@ -1,7 +1,9 @@
 """What the record-backed studies (``pkt study pilot``, ``pkt study steps-saved``, ``pkt study laten-dose``)
-share: their command line (run / ``--dry-run`` / ``--report``), reading one of their JSON records, the result of
-a finished stage directory whose weights may have been pruned, and how a model is asked the held-out or test
-questions and what its evaluation records. Each study keeps its own stages, records and report.
+share: their command line (run / ``--dry-run`` / ``--report``) and config file, writing their records during a run
+and reading them back (for the report, and to restore finished stages on another machine), the result of a finished
+stage directory whose weights may have been pruned, how a model is asked the held-out or test questions and what
+its evaluation records, and how their reports and plans write numbers, tables and figures (the same bytes wherever
+they are re-derived). Each study keeps its own stages, records and report.
 """
 
 from __future__ import annotations
@@ -87,3 +89,56 @@ def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, lo
     check_output_dir(args.out, "--out")
     study(cfg, args.out, text, log=log).run()
     return 0
+
+
+# ---- the reports: numbers, figures and the files they are written to ------------------------------------------
+def pct(x: float | None) -> str:
+    """A share as a percentage with one decimal ("–" when not measured yet)."""
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def pts(x: float) -> str:
+    """A difference of shares in percentage points, signed, with a true minus sign."""
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def p_value(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (the Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """``fig`` written to ``path`` as a PNG, atomically, and closed. No library version goes into its metadata, so
+    the same records give the same bytes whatever matplotlib re-derives them."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    pyplot().close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def write_report(records: str | Path, report: str, plot_file: str, load: Callable, derive: Callable,
+                 render: Callable, plot: Callable) -> Path:
+    """A study's report ``report`` (``render(rec, out)``) and figure ``plot_file`` (``plot(rec, out, path)``) in the
+    records directory, from its records alone (``rec = load(records)``, ``out = derive(rec)``); the report's path."""
+    from pkt.io import write_text
+
+    root = Path(records)
+    rec = load(root)
+    out = derive(rec)
+    write_text(root / report, render(rec, out))
+    plot(rec, out, root / plot_file)
+    return root / report
