@@ -103,25 +103,15 @@ def paper_point(settings: dict, step: int | None, n_extract: int | None = None) 
     return p
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "laten-dose")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "student", "grids": {(run, seed): record}, "accuracy": {name: record}, "tests": {name: record}}."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a laten-dose records directory, or the study has not started)")
-    grids = {}
-    for p in sorted((root / GRIDS).glob("*.json")):
-        rec = _read(p)
-        if not isinstance(rec.get("result"), dict) or "run" not in rec or "seed" not in rec:
-            raise PktError(f"{p}: not a laten-dose grid record (needs run, seed and result)")
-        grids[(rec["run"], int(rec["seed"]))] = rec
+    root = staged.records_root(records, META, "laten-dose")
+    grids = staged.seeded_records(root / GRIDS, "laten-dose", "grid", "run")
     student = root / STUDENT
-    return {"meta": _read(root / META), "student": _read(student) if student.is_file() else {}, "grids": grids,
-            "accuracy": {p.stem: _read(p) for p in sorted((root / ACCURACY).glob("*.json"))},
-            "tests": {p.stem: _read(p) for p in sorted((root / TESTS).glob("*.json"))}}
+    return {"meta": read_record(root / META, "laten-dose"),
+            "student": read_record(student, "laten-dose") if student.is_file() else {}, "grids": grids,
+            "accuracy": staged.read_records(root / ACCURACY, "laten-dose"),
+            "tests": staged.read_records(root / TESTS, "laten-dose")}
 
 
 # ---- the grid and the choices ---------------------------------------------------------------------------------

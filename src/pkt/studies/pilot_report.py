@@ -70,19 +70,13 @@ def inits(settings: dict) -> list[str]:
     return [LORA] + [i for i in listed if i != LORA]
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "pilot")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "student", "points": {name: record}, "tests": {name: record}} of a records directory."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a pilot records directory, or the pilot has not started)")
+    root = staged.records_root(records, META, "pilot", "the pilot")
     student = root / STUDENT
-    return {"meta": _read(root / META), "student": _read(student) if student.is_file() else {},
-            "points": {p.stem: _read(p) for p in sorted((root / POINTS).glob("*.json"))},
-            "tests": {p.stem: _read(p) for p in sorted((root / TESTS).glob("*.json"))}}
+    return {"meta": read_record(root / META, "pilot"),
+            "student": read_record(student, "pilot") if student.is_file() else {},
+            "points": staged.read_records(root / POINTS, "pilot"), "tests": staged.read_records(root / TESTS, "pilot")}
 
 
 def budgets(settings: dict) -> list[tuple[int, float]]:

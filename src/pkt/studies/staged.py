@@ -27,6 +27,30 @@ def read_record(path: Path, kind: str) -> dict:
     return data
 
 
+def records_root(records: str | Path, meta: str, kind: str, who: str = "the study") -> Path:
+    """The records directory of a ``kind`` study, which its ``meta`` record marks (a one-line error otherwise)."""
+    root = Path(records)
+    if not (root / meta).is_file():
+        raise PktError(f"{root}: no {meta} (not a {kind} records directory, or {who} has not started)")
+    return root
+
+
+def read_records(directory: Path, kind: str) -> dict[str, dict]:
+    """Every record in ``directory`` by file stem, in name order (none while it does not exist)."""
+    return {p.stem: read_record(p, kind) for p in sorted(directory.glob("*.json"))}
+
+
+def seeded_records(directory: Path, kind: str, what: str, name: str) -> dict[tuple[str, int], dict]:
+    """The ``what`` records in ``directory`` (one training's result each) by (record[name], seed)."""
+    found = {}
+    for p in sorted(directory.glob("*.json")):
+        rec = read_record(p, kind)
+        if not isinstance(rec.get("result"), dict) or name not in rec or "seed" not in rec:
+            raise PktError(f"{p}: not a {kind} {what} record (needs {name}, seed and result)")
+        found[(rec[name], int(rec["seed"]))] = rec
+    return found
+
+
 def finished(path: Path) -> dict | None:
     """The result in a finished stage's stage.json, also after its weights were pruned."""
     try:

@@ -49,22 +49,11 @@ def curve_file(arm: str, seed: int) -> str:
     return f"{arm}-s{seed}.json"
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "steps-saved")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "curves": {(arm, seed): record}} of a records directory."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a steps-saved records directory, or the study has not started)")
-    curves = {}
-    for p in sorted((root / CURVES).glob("*.json")):
-        rec = _read(p)
-        if not isinstance(rec.get("result"), dict) or "arm" not in rec or "seed" not in rec:
-            raise PktError(f"{p}: not a steps-saved curve record (needs arm, seed and result)")
-        curves[(rec["arm"], int(rec["seed"]))] = rec
-    return {"meta": _read(root / META), "curves": curves}
+    root = staged.records_root(records, META, "steps-saved")
+    curves = staged.seeded_records(root / CURVES, "steps-saved", "curve", "arm")
+    return {"meta": read_record(root / META, "steps-saved"), "curves": curves}
 
 
 def crossings(curves: np.ndarray, at: np.ndarray, target: np.ndarray) -> np.ndarray:
