@@ -44,12 +44,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
 from pkt.io import write_json
 from pkt.studies import laten_dose_report as R, staged
-from pkt.studies.pilot import METRICS, NO_HELDOUT, EvalSettings
+from pkt.studies.pilot import METRICS, EvalSettings, heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 from pkt.studies.steps_saved import HeldoutSettings
 
@@ -88,21 +88,8 @@ class LatenDoseConfig(Settings):
     # rate), max_length, laten_choice / laten_steps / laten_schedule (pkt run's point); the rest is not read
     budget: Budget = Budget()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in METRICS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
-        return v
-
-    @field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps")
-    @classmethod
-    def _distinct(cls, v: list | None) -> list | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)
+    _distinct = field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps")(staged.distinct)
 
     @field_validator("steps")
     @classmethod
@@ -131,7 +118,7 @@ class LatenDoseConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[LatenDoseConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    return validate(LatenDoseConfig, read_yaml(path), str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(LatenDoseConfig, path)
 
 
 @dataclass(frozen=True)

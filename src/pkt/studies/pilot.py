@@ -38,7 +38,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.io import write_json
 from pkt.studies import pilot_report as R, staged
@@ -50,6 +50,16 @@ TEACHER_INITS = ("seeking", "seeking-random")  # built from the teacher's extrac
 NO_HELDOUT = {"humaneval": "HumanEval has no held-out pool (its 164 problems are the test set); use mbpp",
               "mmlu": "MMLU is scored by a letter, not generated; the pilot covers gsm8k and mbpp"}
 Positive = Annotated[float, Field(gt=0)]
+
+
+def heldout_task(v: str) -> str:
+    """A task setting's validator: a task with a held-out pool (:mod:`pkt.studies.pilot_heldout`), which every
+    study that chooses on held-out data needs."""
+    if v in NO_HELDOUT:
+        raise ValueError(NO_HELDOUT[v])
+    if v not in METRICS:
+        raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
+    return v
 
 
 class EvalSettings(Settings):
@@ -104,21 +114,8 @@ class PilotConfig(Settings):
     eval: EvalSettings = EvalSettings()
     heldout: HeldoutSettings = HeldoutSettings()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in METRICS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
-        return v
-
-    @field_validator("seeds", "train_examples", "lrs", "epochs", "inits")
-    @classmethod
-    def _distinct(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)
+    _distinct = field_validator("seeds", "train_examples", "lrs", "epochs", "inits")(staged.distinct)
 
     @field_validator("inits")
     @classmethod
@@ -145,8 +142,7 @@ class PilotConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[PilotConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    data = read_yaml(path)
-    return validate(PilotConfig, data, str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(PilotConfig, path)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------

@@ -16,6 +16,21 @@ from typing import Callable
 from pkt.errors import PktError
 
 
+def read_config(cls, path: str | Path):
+    """(the validated ``cls`` settings of a study's YAML file, the file's text); a bad one is a one-line PktError
+    naming the file and the setting."""
+    from pkt.config import read_yaml, validate
+
+    return validate(cls, read_yaml(path), str(path)), Path(path).read_text(encoding="utf-8")
+
+
+def distinct(v: list | None) -> list | None:
+    """A list setting's validator: no value twice (a seed or a grid value twice would run a stage twice)."""
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError(f"values repeat in {v}")
+    return v
+
+
 def read_record(path: Path, kind: str) -> dict:
     """A JSON object record of a ``kind`` study (a one-line error naming the file otherwise)."""
     try:

@@ -41,17 +41,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
 from pkt.io import write_json
 from pkt.studies import staged, steps_saved_report as R
-from pkt.studies.pilot import NO_HELDOUT
+from pkt.studies.pilot import heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 
 # arm -> the LoRA init it fine-tunes with (laten-lora: plain LoRA on the LaTen-injected student)
 INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "pissa": "pissa"}
-HELDOUT_TASKS = ("gsm8k", "mbpp")
 
 
 class HeldoutSettings(Settings):
@@ -80,21 +79,8 @@ class StepsSavedConfig(Settings):
     # ...) and LaTen (laten_*), read through the same functions as pkt run's methods
     budget: Budget = Budget()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in HELDOUT_TASKS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(HELDOUT_TASKS)}")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)  # gsm8k or mbpp
+    _distinct = field_validator("seeds")(staged.distinct)
 
     @field_validator("arms")
     @classmethod
@@ -120,7 +106,7 @@ class StepsSavedConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[StepsSavedConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    return validate(StepsSavedConfig, read_yaml(path), str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(StepsSavedConfig, path)
 
 
 class StepsSaved:
