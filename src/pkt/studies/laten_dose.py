@@ -47,7 +47,6 @@ from pydantic import Field, field_validator, model_validator
 from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
-from pkt.io import write_json
 from pkt.studies import laten_dose_report as R, staged
 from pkt.studies.pilot import METRICS, EvalSettings, heldout_task
 from pkt.studies.pilot_heldout import heldout_set
@@ -338,12 +337,7 @@ class LatenDose:
     # ---- stages ----
     def _restored(self, name: str, key: dict) -> dict | None:
         """A stage's result from a committed record of the same key, when it is not cached here."""
-        path = self.cache.path(name, key)
-        if self.cache.is_cached(name, key) or path.name not in self.restored:
-            return None
-        if not self.cache.dry:
-            self.log(f"[restored] {name} from its record in {self.records}")
-        return self.restored[path.name]
+        return staged.restored(self.cache, self.restored, name, key, self.records, self.log)
 
     def locate(self, seed: int) -> Path:
         name, key = self.locate_key(seed)
@@ -516,16 +510,9 @@ class LatenDose:
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models
-        from pkt.io import check_output_dir
 
         check_models(self.ecfg)  # a missing or mismatched model fails here, before any stage
-        check_output_dir(self.records, "records")
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
-
+        record = staged.RecordWriter(self.records)
         c = self.cfg
         with self.cache.lock():
             record(R.META, self.meta())
@@ -561,10 +548,7 @@ class LatenDose:
                 record(f"{R.TESTS}/{R.point_label(chosen)}-s{seed}.json",
                        {"point": R.point_label(chosen), **chosen, "seed": seed, "eval_stage": stage, "test": res})
                 self.log(f"[laten-dose] selected {R.point_label(chosen)} seed {seed}: test {res['score']:.1%}")
-            for sub in (R.GRIDS, R.ACCURACY, R.TESTS):
-                for old in (self.records / sub).glob("*.json"):
-                    if old not in written:  # a record of another grid or settings: not this study's
-                        old.unlink()
+            record.drop_others(R.GRIDS, R.ACCURACY, R.TESTS)  # another grid's or settings': not this study's
             report = R.write_report(self.records)
         self.log(f"[laten-dose] wrote {report} and {report.with_name(R.PLOT)}")
         return report
@@ -633,31 +617,14 @@ def restorable(records: Path) -> dict[str, dict]:
     """Stage results held by the committed records, by stage directory name (its key's hash): each grid and
     evaluation, and the student's. A run on another machine takes these instead of recomputing them; a record
     whose stage key differs (other settings or code) matches no stage."""
-    import json
-
     found: dict[str, dict] = {}
-
-    def take(rec: dict, stage: str, result: str) -> None:
-        if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
-            found[rec[stage]] = {k: v for k, v in rec[result].items() if k not in ("stage", "eval_stage")}
-
     for sub, pairs in ((R.GRIDS, (("stage", "result"), ("train_stage", "train"))),
                        (R.ACCURACY, (("eval_stage", "heldout"),)), (R.TESTS, (("eval_stage", "test"),))):
-        for f in (records / sub).glob("*.json"):
-            try:
-                rec = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # unreadable: recomputed, never trusted
-            for stage, result in pairs if isinstance(rec, dict) else ():
-                take(rec, stage, result)
-    try:
-        student = json.loads((records / R.STUDENT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        student = {}
-    for which, stage in (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")):
-        rec = (student if isinstance(student, dict) else {}).get(which)
-        if isinstance(rec, dict) and isinstance(rec.get(stage), str):
-            found[rec[stage]] = {k: v for k, v in rec.items() if k != stage}
+        for _, rec in staged.json_records(records / sub):
+            for stage, result in pairs:
+                staged.restore(found, rec, stage, result)
+    staged.restore_student(found, records / R.STUDENT,
+                           (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")))
     return found
 
 

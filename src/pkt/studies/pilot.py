@@ -40,7 +40,6 @@ from pydantic import Field, field_validator, model_validator
 
 from pkt.config import Settings
 from pkt.errors import PktError
-from pkt.io import write_json
 from pkt.studies import pilot_report as R, staged
 from pkt.studies.pilot_heldout import heldout_set
 
@@ -242,12 +241,9 @@ class Pilot:
 
     # ---- stages ----
     def _evaluate(self, name: str, key: dict, ref: str, which: str) -> dict | None:
-        stage = self.cache.path(name, key).name
-        if not self.cache.is_cached(name, key) and stage in self.restored:
-            # finished on another machine (same settings, code and data: the stage key is in the name)
-            if not self.cache.dry:
-                self.log(f"[restored] {name} from its record in {self.records}")
-            return self.restored[stage]
+        got = staged.restored(self.cache, self.restored, name, key, self.records, self.log)
+        if got is not None:
+            return got
 
         def fn(d: Path) -> dict:
             import gc
@@ -385,23 +381,17 @@ class Pilot:
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_sandbox, model_facts
-        from pkt.io import check_output_dir
 
         model_facts(self.cfg.student)  # a missing or unusable student fails here, before any stage
         if any(i in TEACHER_INITS for i in self.inits):
             model_facts(self.cfg.teacher)
         if self.cfg.task == "mbpp":
             check_sandbox(["mbpp"], self.cfg.eval.allow_weak_sandbox)
-        check_output_dir(self.records, "records")
+        record = staged.RecordWriter(self.records)
         s = self.cfg.model_dump(mode="json")
         grid = R.budgets(s)
         total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds) * len(self.inits)
         lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
 
         with self.cache.lock():
             record(R.META, self.meta())
@@ -443,9 +433,7 @@ class Pilot:
                             for x in lrs:
                                 self._prune(self.cache.path(*self.build_key(n, e, x, seed, init)))
                 R.write_report(self.records)
-            for old in [*(self.records / R.POINTS).glob("*.json"), *(self.records / R.TESTS).glob("*.json")]:
-                if old not in written:  # a record of another grid or settings: not this pilot's
-                    old.unlink()
+            record.drop_others(R.POINTS, R.TESTS)
             report = R.write_report(self.records)
         self.log(f"[pilot] wrote {report} and {report.with_name(R.PLOT)}")
         return report
@@ -516,31 +504,11 @@ def restorable(records: Path) -> dict[str, dict]:
     """Stage results held by the committed records, by stage directory name (its key's hash): an evaluation's
     result, and a build's (its record, without weights). A pilot resumed on another machine takes these instead
     of recomputing them; a record whose stage key differs (other settings or code) matches no stage."""
-    import json
-
     found: dict[str, dict] = {}
-
-    def take(rec, res_key):
-        if isinstance(rec, dict) and isinstance(rec.get(res_key), dict) and isinstance(rec.get("eval_stage"), str):
-            found[rec["eval_stage"]] = rec[res_key]
-        if isinstance(rec, dict) and isinstance(rec.get("build"), dict) and isinstance(rec.get("build_stage"), str):
-            found[rec["build_stage"]] = rec["build"]
-
-    files = [*(records / R.POINTS).glob("*.json"), *(records / R.TESTS).glob("*.json")]
-    for f in files:
-        try:
-            rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # unreadable: recomputed, never trusted
-        take(rec, "heldout" if f.parent.name == R.POINTS else "test")
-    try:
-        student = json.loads((records / R.STUDENT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        student = {}
-    for which in ("heldout", "test"):
-        rec = (student or {}).get(which)
-        if isinstance(rec, dict) and isinstance(rec.get("eval_stage"), str):
-            found[rec["eval_stage"]] = {k: v for k, v in rec.items() if k != "eval_stage"}
+    for f, rec in staged.json_records(records / R.POINTS, records / R.TESTS):
+        staged.restore(found, rec, "eval_stage", "heldout" if f.parent.name == R.POINTS else "test")
+        staged.restore(found, rec, "build_stage", "build")
+    staged.restore_student(found, records / R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
     return found
 
 

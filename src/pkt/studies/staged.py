@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pkt.errors import PktError
 
@@ -73,6 +73,76 @@ def finished(path: Path) -> dict | None:
         return data["result"] if isinstance(data, dict) and isinstance(data.get("result"), dict) else None
     except (OSError, ValueError):
         return None
+
+
+# ---- a run's records: written as its pieces finish, and read back on another machine --------------------------
+class RecordWriter:
+    """Writes a run's records into ``root`` (``writer(rel, record)``: atomically, as each piece finishes) and at the
+    end deletes the records in its subdirectories that this run did not write: another grid's or settings', which
+    the report must not read as this study's."""
+
+    def __init__(self, root: Path):
+        from pkt.io import check_output_dir
+
+        check_output_dir(root, "records")
+        self.root, self.written = root, set()
+
+    def __call__(self, rel: str, record: dict) -> None:
+        from pkt.io import write_json
+
+        write_json(self.root / rel, record)
+        self.written.add(self.root / rel)
+
+    def drop_others(self, *subdirs: str) -> None:
+        for sub in subdirs:
+            for old in (self.root / sub).glob("*.json"):
+                if old not in self.written:
+                    old.unlink()
+
+
+def json_records(*directories: Path) -> Iterator[tuple[Path, dict]]:
+    """(path, record) of every JSON object record in ``directories``; an unreadable one is left out, so that its
+    stage is recomputed, never trusted."""
+    for d in directories:
+        for f in d.glob("*.json"):
+            try:
+                rec = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict):
+                yield f, rec
+
+
+def restore(found: dict[str, dict], rec: dict, stage: str, result: str) -> None:
+    """Into ``found`` (stage directory name: result): ``rec[result]``, the result of the stage that ``rec[stage]``
+    names, when the record holds both."""
+    if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
+        found[rec[stage]] = rec[result]
+
+
+def restore_student(found: dict[str, dict], path: Path, parts: tuple[tuple[str, str], ...]) -> None:
+    """Into ``found``: the untuned student's results in its record ``path``; each (part, stage) of ``parts`` is a
+    result held as ``record[part]``, whose ``stage`` field names its stage (left out of the result)."""
+    try:
+        student = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        student = {}
+    for part, stage in parts:
+        rec = student.get(part) if isinstance(student, dict) else None
+        if isinstance(rec, dict) and isinstance(rec.get(stage), str):
+            found[rec[stage]] = {k: v for k, v in rec.items() if k != stage}
+
+
+def restored(cache, found: dict[str, dict], name: str, key: dict, records: Path, log) -> dict | None:
+    """The result of stage (``name``, ``key``) held by a committed record (``found``: the study's restorable
+    results) when the stage is not cached here: it finished on another machine with the same settings, code and
+    data (the key's hash is in the stage directory's name)."""
+    path = cache.path(name, key)
+    if cache.is_cached(name, key) or path.name not in found:
+        return None
+    if not cache.dry:
+        log(f"[restored] {name} from its record in {records}")
+    return found[path.name]
 
 
 def eval_config(e, which: str, style: str, max_length: int, progress: bool):

@@ -44,7 +44,6 @@ from pydantic import Field, field_validator
 from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
-from pkt.io import write_json
 from pkt.studies import staged, steps_saved_report as R
 from pkt.studies.pilot import heldout_task
 from pkt.studies.pilot_heldout import heldout_set
@@ -252,16 +251,9 @@ class StepsSaved:
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models
-        from pkt.io import check_output_dir
 
         check_models(self.ecfg)  # a missing or mismatched model fails here, before any stage
-        check_output_dir(self.records, "records")
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
-
+        record = staged.RecordWriter(self.records)
         with self.study.cache.lock():
             record(R.META, self.meta())
             total, done = len(self.cfg.seeds) * len(self.cfg.arms), 0
@@ -275,9 +267,7 @@ class StepsSaved:
                     self.log(f"[steps-saved] {done}/{total} {arm} seed {seed}: held-out loss by step {losses}")
                 self._prune_laten(seed)
                 R.write_report(self.records)
-            for old in (self.records / R.CURVES).glob("*.json"):
-                if old not in written:  # a record of other arms or seeds: not this study's
-                    old.unlink()
+            record.drop_others(R.CURVES)  # a record of other arms or seeds: not this study's
             report = R.write_report(self.records)
         self.log(f"[steps-saved] wrote {report} and {report.with_name(R.PLOT)}")
         return report
@@ -344,13 +334,8 @@ def restorable(records: Path) -> dict[str, dict]:
     """Curve results held by the committed records, by stage directory name (its key's hash). A run on another
     machine takes these instead of recomputing them; a record whose stage key differs matches no stage."""
     found: dict[str, dict] = {}
-    for f in (records / R.CURVES).glob("*.json"):
-        try:
-            rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # unreadable: recomputed, never trusted
-        if isinstance(rec, dict) and isinstance(rec.get("stage"), str) and isinstance(rec.get("result"), dict):
-            found[rec["stage"]] = rec["result"]
+    for _, rec in staged.json_records(records / R.CURVES):
+        staged.restore(found, rec, "stage", "result")
     return found
 
 
