@@ -318,15 +318,9 @@ class LatenDose:
         return staged.eval_config(c.eval, which, c.style, c.budget.max_length, c.progress)
 
     def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
-        from pkt.experiment.fingerprint import data_identity
-
-        ecfg = self.eval_cfg(which).model_dump(mode="json")
-        ecfg.pop("progress")
-        rows = ({"heldout": {k: self.acc_set.info[k] for k in ("source", "ids")},
-                 "data": data_identity(self.cfg.task, ("extract", "align", "train", "test"))}
-                if which == "heldout" else {"data": data_identity(self.cfg.task, ("test",))})
-        return f"{which}-{label}", {"kind": "laten-dose-eval", "set": which, "task": self.cfg.task, "model": model,
-                                    "dtype": self.cfg.dtype, "eval": ecfg, "rows": rows, **self.common}
+        c = self.cfg
+        return staged.eval_key("laten-dose-eval", label, which, self.eval_cfg(which), c.task, self.acc_set.info,
+                               model, c.dtype, self.common)
 
     def point_model(self, p: dict, seed: int) -> dict:
         """What a LaTen point's evaluation reads: its run's checkpoint at the step, the seed's pairing at the rate."""
@@ -495,18 +489,12 @@ class LatenDose:
         return self.cache.path(name, key).name, self._evaluate(name, key, which, (p, seed))
 
     def meta(self) -> dict:
-        from pkt.experiment.evaluation import TEST_SIZES
-
-        e, t = self.cfg.eval, self.cfg.task
         lc = self.laten_cfg(Run(1, 1, 0.0), self.cfg.seeds[0]).model_dump(mode="json")
-        return {"format": 1, "settings": self.settings, "config_yaml": self.config_text, "metric": METRICS[t],
-                "n_extract": self.n_extract, "heldout": self.heldout.info, "accuracy_set": self.acc_set.info,
-                "paper_point": self.paper, "laten": {k: v for k, v in lc.items() if k not in
-                                                     ("max_steps", "schedule", "penalty", "seed")},
-                **self.common,
-                "test": {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
-                         "description": f"{min(e.test_size, TEST_SIZES[t])} of the {TEST_SIZES[t]} {t} test "
-                                        f"questions, seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}}
+        return {"format": 1, "settings": self.settings, "config_yaml": self.config_text,
+                "metric": METRICS[self.cfg.task], "n_extract": self.n_extract, "heldout": self.heldout.info,
+                "accuracy_set": self.acc_set.info, "paper_point": self.paper,
+                "laten": {k: v for k, v in lc.items() if k not in ("max_steps", "schedule", "penalty", "seed")},
+                **self.common, "test": staged.test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models

@@ -227,17 +227,9 @@ class Pilot:
         return f"build-{R.point_name(n, epochs, lr, seed, init)}", key
 
     def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
-        from pkt.experiment.fingerprint import data_identity
-
-        ecfg = self.eval_cfg(which).model_dump(mode="json")
-        ecfg.pop("progress")
-        rows = ({"heldout": {k: self.heldout.info[k] for k in ("source", "ids")},
-                 "data": data_identity(self.cfg.task, ("extract", "align", "train", "test"))}
-                if which == "heldout" else {"data": data_identity(self.cfg.task, ("test",))})
-        return f"{which}-{label}", {"kind": "pilot-eval", "set": which, "task": self.cfg.task, "model": model,
-                                    "dtype": self.cfg.dtype, "eval": ecfg, "rows": rows,
-                                    "answer_loss": which == "heldout" and self.cfg.heldout.answer_loss,
-                                    **self.common}
+        c = self.cfg
+        return staged.eval_key("pilot-eval", label, which, self.eval_cfg(which), c.task, self.heldout.info, model,
+                               c.dtype, self.common, answer_loss=which == "heldout" and c.heldout.answer_loss)
 
     # ---- stages ----
     def _evaluate(self, name: str, key: dict, ref: str, which: str) -> dict | None:
@@ -370,14 +362,9 @@ class Pilot:
         return out
 
     def meta(self) -> dict:
-        e, t = self.cfg.eval, self.cfg.task
-        from pkt.experiment.evaluation import TEST_SIZES
-
         return {"format": 1, "settings": self.cfg.model_dump(mode="json"), "config_yaml": self.config_text,
-                "metric": METRICS[t], "heldout": self.heldout.info, **self.common,
-                "test": {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
-                         "description": f"{min(e.test_size, TEST_SIZES[t])} of the {TEST_SIZES[t]} {t} test "
-                                        f"questions, seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}}
+                "metric": METRICS[self.cfg.task], "heldout": self.heldout.info, **self.common,
+                "test": staged.test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_sandbox, model_facts

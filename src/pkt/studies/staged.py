@@ -156,6 +156,32 @@ def eval_config(e, which: str, style: str, max_length: int, progress: bool):
                       max_prompt_tokens=max(max_length, 1024), progress=progress)
 
 
+def eval_key(kind: str, label: str, which: str, ecfg, task: str, heldout: dict, model: dict, dtype: str,
+             common: dict, **extra) -> tuple[str, dict]:
+    """The stage (name, key) of an evaluation of ``model`` (what identifies it) by ``ecfg`` (:func:`eval_config`;
+    its progress bars are no part of the result) on the held-out questions (``heldout``: the held-out set's record;
+    the data they are kept apart from) or the test subset (the test data)."""
+    from pkt.experiment.fingerprint import data_identity
+
+    settings = ecfg.model_dump(mode="json")
+    settings.pop("progress")
+    rows = ({"heldout": {k: heldout[k] for k in ("source", "ids")},
+             "data": data_identity(task, ("extract", "align", "train", "test"))}
+            if which == "heldout" else {"data": data_identity(task, ("test",))})
+    return f"{which}-{label}", {"kind": kind, "set": which, "task": task, "model": model, "dtype": dtype,
+                                "eval": settings, "rows": rows, **extra, **common}
+
+
+def test_subset(e, task: str) -> dict:
+    """What a study's meta record says of its test subset (``e``: its evaluation settings, the pilot's
+    ``EvalSettings``)."""
+    from pkt.experiment.evaluation import TEST_SIZES
+
+    return {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
+            "description": f"{min(e.test_size, TEST_SIZES[task])} of the {TEST_SIZES[task]} {task} test questions, "
+                           f"seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}
+
+
 def generation_result(task: str, metric: str, model, tok, ecfg, rows, d: Path) -> dict:
     """Greedy answers of ``model`` to the task's questions (``rows``: the held-out rows; None: the test subset of
     ``ecfg``), their predictions written to ``d/predictions.jsonl``; the score and the per-question scores that
