@@ -541,65 +541,6 @@ class LatenDose:
         self.log(f"[laten-dose] wrote {report} and {report.with_name(R.PLOT)}")
         return report
 
-    # ---- the plan (--dry-run) ----
-    def plan(self) -> list[tuple[str, bool, float, str]]:
-        """(stage, cached, estimated seconds, work) of every stage a run computes; nothing runs. The accuracy
-        points and the selected point are named once the records that choose them exist."""
-        from pkt.studies.laten_dose_plan import Costs
-
-        cost = Costs(self)
-        rows = []
-        name, key = self.student_loss_key()
-        rows.append((name, self.student_loss() is not None, cost.heldout_loss(), cost.loss_work()))
-        from pkt.experiment.fingerprint import model_identity
-
-        for which in ("heldout", "test"):
-            name, key = self.eval_key("student", which, model_identity(self.cfg.student))
-            rows.append((name, self._evaluate(name, key, which, None) is not None, cost.evaluate(which, student=True),
-                         cost.eval_work(which)))
-        for seed in self.cfg.seeds:
-            needs: list[bool] = []
-            sub = []
-            for run in self.runs():
-                gstage, gres, _, _ = self.grid(run, seed)
-                tname, tkey = self.train_key(run, seed)
-                tdone = gres is not None or self.cache.is_cached(tname, tkey)
-                needs.append(gres is None)
-                sub += [(tname, tdone, cost.train(run.trained),
-                         f"{run.trained} hypernetwork step{'s' * (run.trained != 1)} of a {run.span}-step cycle, "
-                         f"λ {run.penalty:g}"),
-                        (self.grid_key(run, seed)[0], gres is not None, cost.grid(len(self.scored(run))),
-                         cost.grid_work(len(self.scored(run))))]
-            lname, lkey = self.locate_key(seed)
-            rows.append((lname, self.cache.is_cached(lname, lkey) or not any(needs), cost.locate(),
-                         cost.locate_work()))
-            rows += sub
-        # the records choose the points only when they are this config's (a plan may precede a changed run)
-        rec = R.load(self.records) if (self.records / R.META).is_file() else None
-        rec = rec if rec is not None and rec["meta"]["settings"] == self.settings else None
-        points = R.accuracy_points(rec) if rec is not None and R.grids_complete(rec) else None
-        n_acc = len(points) if points is not None else self.cfg.accuracy.best + int(self.paper is not None)
-        for i in range(n_acc):
-            for seed in self.cfg.seeds:
-                if points is not None:
-                    stage, res = self.point_eval(points[i], seed, "heldout")
-                    rows.append((f"heldout-{R.point_label(points[i])}-s{seed}", res is not None,
-                                 cost.evaluate("heldout"), cost.eval_work("heldout")))
-                else:
-                    rows.append((f"heldout-point{i + 1}-s{seed} (point to be chosen)", False,
-                                 cost.evaluate("heldout"), cost.eval_work("heldout")))
-        chosen = R.select(rec) if rec is not None and points is not None and R.accuracy_complete(rec) else None
-        for seed in self.cfg.seeds:
-            if chosen is not None:
-                stage, res = self.point_eval(chosen, seed, "test")
-                rows.append((f"test-{R.point_label(chosen)}-s{seed}", res is not None, cost.evaluate("test"),
-                             cost.eval_work("test")))
-            else:
-                rows.append((f"test-selected-s{seed} (point to be chosen)", False, cost.evaluate("test"),
-                             cost.eval_work("test")))
-        self.plan_notes = cost.notes
-        return rows
-
 
 def restorable(records: Path) -> dict[str, dict]:
     """Stage results held by the committed records, by stage directory name (its key's hash): each grid and

@@ -277,3 +277,16 @@ def write_report(records: str | Path, report: str, plot_file: str, load: Callabl
     write_text(root / report, render(rec, out))
     plot(rec, out, root / plot_file)
     return root / report
+
+
+# ---- the plans (--dry-run) -------------------------------------------------------------------------------------
+def plan_table(rows: list[tuple[str, bool, float, str]], width: int) -> list[str]:
+    """A plan's rows (stage, cached, estimated seconds, work) as a table under its header; the stage column is
+    ``width`` wide, or as wide as the longest stage name."""
+    from pkt.experiment.plan import human
+
+    w = max([width] + [len(r[0]) for r in rows])
+    lines = [f"{'stage':<{w}} {'status':<7} {'estimate':>9}  work"]
+    lines += [f"{name:<{w}} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
+              for name, cached, s, work in rows]
+    return lines

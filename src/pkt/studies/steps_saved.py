@@ -320,9 +320,7 @@ def render_plan(study: StepsSaved) -> str:
 
     rows, notes = study.plan()
     todo = [r for r in rows if not r[1]]
-    lines = [f"{'stage':<34} {'status':<7} {'estimate':>9}  work"]
-    lines += [f"{name:<34} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
-              for name, cached, s, work in rows]
+    lines = staged.plan_table(rows, 34)
     curves = sum(r[0].startswith(R.CURVE_PREFIX) for r in rows)
     lines.append(f"plan: {curves} curves and {len(rows) - curves} input builds ({len(rows) - len(todo)} stages "
                  f"cached), estimated {human(sum(r[2] for r in todo))} on the reference machine "
