@@ -543,18 +543,11 @@ class LatenDose:
 
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Stage results held by the committed records, by stage directory name (its key's hash): each grid and
-    evaluation, and the student's. A run on another machine takes these instead of recomputing them; a record
-    whose stage key differs (other settings or code) matches no stage."""
-    found: dict[str, dict] = {}
-    for sub, pairs in ((R.GRIDS, (("stage", "result"), ("train_stage", "train"))),
-                       (R.ACCURACY, (("eval_stage", "heldout"),)), (R.TESTS, (("eval_stage", "test"),))):
-        for _, rec in staged.json_records(records / sub):
-            for stage, result in pairs:
-                staged.restore(found, rec, stage, result)
-    staged.restore_student(found, records / R.STUDENT,
-                           (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")))
-    return found
+    """Stage results held by the committed records (:func:`pkt.studies.staged.restorable`): each grid, its
+    training and each evaluation, and the student's, which a run on another machine takes."""
+    return staged.restorable(records, {R.GRIDS: (("stage", "result"), ("train_stage", "train")),
+                                       R.ACCURACY: (("eval_stage", "heldout"),), R.TESTS: (("eval_stage", "test"),)},
+                             R.STUDENT, (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -488,15 +488,11 @@ class Pilot:
 
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Stage results held by the committed records, by stage directory name (its key's hash): an evaluation's
-    result, and a build's (its record, without weights). A pilot resumed on another machine takes these instead
-    of recomputing them; a record whose stage key differs (other settings or code) matches no stage."""
-    found: dict[str, dict] = {}
-    for f, rec in staged.json_records(records / R.POINTS, records / R.TESTS):
-        staged.restore(found, rec, "eval_stage", "heldout" if f.parent.name == R.POINTS else "test")
-        staged.restore(found, rec, "build_stage", "build")
-    staged.restore_student(found, records / R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
-    return found
+    """Stage results held by the committed records (:func:`pkt.studies.staged.restorable`): an evaluation's
+    result, and a build's (its record, without weights), which a pilot resumed on another machine takes."""
+    return staged.restorable(records, {R.POINTS: (("eval_stage", "heldout"), ("build_stage", "build")),
+                                       R.TESTS: (("eval_stage", "test"), ("build_stage", "build"))},
+                             R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from pkt.errors import PktError
 
@@ -100,37 +100,34 @@ class RecordWriter:
                     old.unlink()
 
 
-def json_records(*directories: Path) -> Iterator[tuple[Path, dict]]:
-    """(path, record) of every JSON object record in ``directories``; an unreadable one is left out, so that its
-    stage is recomputed, never trusted."""
-    for d in directories:
-        for f in d.glob("*.json"):
-            try:
-                rec = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(rec, dict):
-                yield f, rec
+def restorable(records: Path, holds: dict[str, tuple[tuple[str, str], ...]], student: str | None = None,
+               parts: tuple[tuple[str, str], ...] = ()) -> dict[str, dict]:
+    """Stage results held by a study's committed records, by stage directory name (its key's hash). ``holds``: per
+    records subdirectory, the (stage field, result field) pairs of its records: ``record[result]`` is the result of
+    the stage that ``record[stage]`` names. ``student``: the untuned student's record, whose each (part, stage field)
+    of ``parts`` is a result held as ``record[part]``, its stage field left out of it. A run on another machine
+    takes these instead of recomputing them; a record whose stage key differs (other settings or code) matches no
+    stage, and an unreadable one is left out (its stage recomputed, never trusted)."""
+    found: dict[str, dict] = {}
+    for sub, pairs in holds.items():
+        for f in (records / sub).glob("*.json"):
+            rec = _json(f)
+            for stage, result in pairs if isinstance(rec, dict) else ():
+                if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
+                    found[rec[stage]] = rec[result]
+    rec = _json(records / student) if student else None
+    for part, stage in parts if isinstance(rec, dict) else ():
+        held = rec.get(part)
+        if isinstance(held, dict) and isinstance(held.get(stage), str):
+            found[held[stage]] = {k: v for k, v in held.items() if k != stage}
+    return found
 
 
-def restore(found: dict[str, dict], rec: dict, stage: str, result: str) -> None:
-    """Into ``found`` (stage directory name: result): ``rec[result]``, the result of the stage that ``rec[stage]``
-    names, when the record holds both."""
-    if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
-        found[rec[stage]] = rec[result]
-
-
-def restore_student(found: dict[str, dict], path: Path, parts: tuple[tuple[str, str], ...]) -> None:
-    """Into ``found``: the untuned student's results in its record ``path``; each (part, stage) of ``parts`` is a
-    result held as ``record[part]``, whose ``stage`` field names its stage (left out of the result)."""
+def _json(path: Path):
     try:
-        student = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        student = {}
-    for part, stage in parts:
-        rec = student.get(part) if isinstance(student, dict) else None
-        if isinstance(rec, dict) and isinstance(rec.get(stage), str):
-            found[rec[stage]] = {k: v for k, v in rec.items() if k != stage}
+        return None
 
 
 def restored(cache, found: dict[str, dict], name: str, key: dict, records: Path, log) -> dict | None:

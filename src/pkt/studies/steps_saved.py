@@ -329,12 +329,9 @@ def render_plan(study: StepsSaved) -> str:
 
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Curve results held by the committed records, by stage directory name (its key's hash). A run on another
-    machine takes these instead of recomputing them; a record whose stage key differs matches no stage."""
-    found: dict[str, dict] = {}
-    for _, rec in staged.json_records(records / R.CURVES):
-        staged.restore(found, rec, "stage", "result")
-    return found
+    """Curve results held by the committed records (:func:`pkt.studies.staged.restorable`), which a run on
+    another machine takes."""
+    return staged.restorable(records, {R.CURVES: (("stage", "result"),)})
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
