@@ -494,7 +494,7 @@ class LatenDose:
                 "metric": METRICS[self.cfg.task], "n_extract": self.n_extract, "heldout": self.heldout.info,
                 "accuracy_set": self.acc_set.info, "paper_point": self.paper,
                 "laten": {k: v for k, v in lc.items() if k not in ("max_steps", "schedule", "penalty", "seed")},
-                **self.common, "test": staged.test_subset(self.cfg.eval, self.cfg.task)}
+                **self.common, "test": staged.describe_test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models

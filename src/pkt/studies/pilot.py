@@ -364,7 +364,7 @@ class Pilot:
     def meta(self) -> dict:
         return {"format": 1, "settings": self.cfg.model_dump(mode="json"), "config_yaml": self.config_text,
                 "metric": METRICS[self.cfg.task], "heldout": self.heldout.info, **self.common,
-                "test": staged.test_subset(self.cfg.eval, self.cfg.task)}
+                "test": staged.describe_test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_sandbox, model_facts

@@ -169,7 +169,7 @@ def eval_key(kind: str, label: str, which: str, ecfg, task: str, heldout: dict, 
                                 "eval": settings, "rows": rows, **extra, **common}
 
 
-def test_subset(e, task: str) -> dict:
+def describe_test_subset(e, task: str) -> dict:
     """What a study's meta record says of its test subset (``e``: its evaluation settings, the pilot's
     ``EvalSettings``)."""
     from pkt.experiment.evaluation import TEST_SIZES
@@ -235,6 +235,7 @@ def pts(x: float) -> str:
 
 
 def p_value(p: float) -> str:
+    """A p-value with three decimals, or in scientific notation below 0.001."""
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
