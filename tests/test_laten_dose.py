@@ -10,10 +10,9 @@ smaller dose; a bad config is one line naming the setting.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import yaml
+from staged_studies import config_file, rederived, saved_pair, tree
 
 from pkt.studies import laten_dose_report as R
 
@@ -30,13 +29,7 @@ def _config(tmp_path, teacher: str, student: str, **over) -> str:
             "accuracy": {"best": 1, "paper": True, "size": 3}, "teacher_dtype": "float32", "progress": False,
             "eval": {"test_size": 3, "max_new_tokens": 4, "batch_size": 4},
             "budget": {**TINY_BUDGET, "laten_lr": 1e-2}, **over}
-    path = tmp_path / f"dose-{len(over)}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def _tree(root) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return config_file(tmp_path / f"dose-{len(over)}.yaml", data)
 
 
 def _measure(student_dir: str):
@@ -53,10 +46,8 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
     from pkt.locate.pairing import load_pairing
     from pkt.models.load import load_model
     from pkt.studies.laten_dose import score_grid
-    from pkt.testing import save_tiny
 
-    teacher, student, tok = qwen_pair
-    t, s = save_tiny(teacher, tok, tmp_path / "teacher"), save_tiny(student, tok, tmp_path / "student")
+    t, s = saved_pair(qwen_pair, tmp_path)
     cfg = _config(tmp_path, t, s)
     out, records = tmp_path / "out", tmp_path / "records"
 
@@ -101,7 +92,7 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
     md = (records / R.REPORT).read_text()
     assert "## Held-out loss by step, schedule, rate and penalty" in md and "## The selected point" in md
     assert "## Where the delta helps and where it hurts" in md and (records / R.PLOT).stat().st_size > 0
-    first = _tree(records)
+    first = tree(records)
 
     # the oracle: a grid point is `pkt.laten.apply` of the same checkpoint, saved, reloaded and measured
     stages = out / "stages"
@@ -136,7 +127,7 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
 
     code, log, err = pkt_cli("study", "laten-dose", cfg, "--out", out)  # resume: no stage work
     assert code == 0, err
-    assert "[run]" not in log and "[redo]" not in log and _tree(records) == first
+    assert "[run]" not in log and "[redo]" not in log and tree(records) == first
     code, plan, _ = pkt_cli("study", "laten-dose", cfg, "--dry-run", "--out", out)
     assert code == 0 and "(point to be chosen)" not in plan and f"test-{R.point_label(chosen)}-s1" in plan
 
@@ -144,16 +135,11 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
     code, log, err = pkt_cli("study", "laten-dose", cfg, "--out", tmp_path / "elsewhere")
     assert code == 0, err
     n_evals = 3 + len(rec["accuracy"]) + len(rec["tests"])
-    assert "[run]" not in log and log.count("[restored]") == 8 + n_evals and _tree(records) == first
+    assert "[run]" not in log and log.count("[restored]") == 8 + n_evals and tree(records) == first
 
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
-    shutil.copytree(records, copy)
-    (copy / R.REPORT).unlink()
-    (copy / R.PLOT).unlink()
-    code, _, err = pkt_cli("study", "laten-dose", _config(tmp_path, "nowhere", "nowhere", records=str(copy)),
-                           "--report")
-    assert code == 0, err
-    assert _tree(copy) == first
+    assert rederived(pkt_cli, "laten-dose", R, records, copy,
+                     _config(tmp_path, "nowhere", "nowhere", records=str(copy))) == first
 
 
 def _rec(losses: dict, select: str = "loss", accuracy: dict | None = None) -> dict:

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-import yaml
+from staged_studies import config_file, rederived, tree
 
 from pkt.studies import pilot_report as R
 from pkt.studies.pilot_heldout import heldout_set, normalise, pkt_gsm_answer
@@ -68,13 +68,7 @@ def _config(tmp_path, student: str, **over) -> str:
             "seeds": [0], "train_examples": [4], "epochs": [1], "lrs": [1e-3, 1e-2], "batch_size": 2,
             "micro_batch_size": 2, "max_length": 160, "rank": 2, "alpha": 2, "progress": False,
             "eval": {"test_size": 3, "max_new_tokens": 4, "batch_size": 4}, "heldout": {"size": 3}, **over}
-    path = tmp_path / f"pilot-{len(over)}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def _tree(root) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return config_file(tmp_path / f"pilot-{len(over)}.yaml", data)
 
 
 def test_tiny_pilot_runs_resumes_and_rederives_its_report(tmp_path, qwen_pair, shared_data, pkt_cli):
@@ -101,27 +95,22 @@ def test_tiny_pilot_runs_resumes_and_rederives_its_report(tmp_path, qwen_pair, s
     assert rec["points"]["n4-e1-lr0.01-s0"]["build"]["update"]["all"] > rec["points"]["n4-e1-lr0.001-s0"]["build"][
         "update"]["all"]
     assert not list((out / "stages").glob("build-*/run/merged/model*.safetensors"))  # pruned after evaluation
-    first = _tree(records)
+    first = tree(records)
 
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)  # resume: every stage cached, nothing rebuilt
     assert code == 0, err
     assert "[run]" not in log and "[redo]" not in log and log.count("not needed, its evaluations are cached") == 3
-    assert _tree(records) == first
+    assert tree(records) == first
     code, plan, _ = pkt_cli("study", "pilot", cfg, "--dry-run", "--out", out)
     assert "(7 stages cached)" in plan and "estimated 0 s" in plan
 
     # another machine: a fresh stage directory, only the committed records: every stage restored, none recomputed
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", tmp_path / "elsewhere")
     assert code == 0, err
-    assert "[run]" not in log and log.count("[restored]") == 5 and _tree(records) == first
+    assert "[run]" not in log and log.count("[restored]") == 5 and tree(records) == first
 
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
-    shutil.copytree(records, copy)
-    (copy / R.REPORT).unlink()
-    (copy / R.PLOT).unlink()
-    code, _, err = pkt_cli("study", "pilot", _config(tmp_path, "nowhere", records=str(copy)), "--report")
-    assert code == 0, err
-    assert _tree(copy) == first
+    assert rederived(pkt_cli, "pilot", R, records, copy, _config(tmp_path, "nowhere", records=str(copy))) == first
     md = (copy / R.REPORT).read_text()
     assert "| 4 | 1 | 0.001 | 0 | 2 |" in md and "McNemar" in md
 

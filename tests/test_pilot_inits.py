@@ -3,11 +3,10 @@ chosen on held-out, Seeking's extraction is one stage shared by every seeking bu
 what reached the model (0 at step 0) while its init's own ‖B₀A₀‖/‖W‖ is large, and a tiny sweep of the four inits
 runs, resumes without stage work, restores from its records and re-derives its report byte for byte."""
 
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from staged_studies import config_file, rederived, saved_pair, tree
 
 from pkt.studies import pilot_report as R
 from pkt.testing import save_tiny
@@ -116,19 +115,12 @@ def _config(tmp_path, student: str, teacher: str | None, **over) -> str:
             "matched_test": True, "progress": False,
             "eval": {"test_size": 3, "max_new_tokens": 4, "batch_size": 4},
             "heldout": {"size": 3, "answer_loss": False}, **over}
-    path = tmp_path / f"sweep-{len(over)}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def _tree(root) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return config_file(tmp_path / f"sweep-{len(over)}.yaml", data)
 
 
 def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_resumes(tmp_path, qwen_pair,
                                                                                         shared_data, pkt_cli,
                                                                                         monkeypatch):
-    teacher, student, tok = qwen_pair
     # A tiny model scores 0 on every held-out question, so every init's selection ties and takes its smaller lr,
     # where each init's update is also closest to LoRA's: the matched-update tests would never run. LoRA's choice
     # is steered to its larger lr (run and report alike), so that every other init's matched lr is not its own
@@ -140,7 +132,8 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
         return (max(lrs) if init == "lora" and lr is not None else lr), means
 
     monkeypatch.setattr(R, "select_lr", steered)
-    cfg = _config(tmp_path, save_tiny(student, tok, tmp_path / "student"), save_tiny(teacher, tok, tmp_path / "t"))
+    t, s = saved_pair(qwen_pair, tmp_path)
+    cfg = _config(tmp_path, s, t)
     out, records = tmp_path / "out", tmp_path / "records"
     inits, lrs, seeds = ["lora", "pissa", "seeking", "seeking-random"], [1e-3, 1e-2], [0, 1]
 
@@ -182,7 +175,7 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
             t = rec["tests"][R.test_name(4, 1.0, seed, init, matched=True)]
             assert t["lr"] == 1e-2 and t["matched"]["target"] == target and t["init"] == init
     assert not list((out / "stages").glob("build-*/run/merged/model*.safetensors"))  # pruned after evaluation
-    first = _tree(records)
+    first = tree(records)
     md = (records / R.REPORT).read_text()
     for heading in ("## Each init's held-out curve over lr", "## The selected lr on the test subset, against the "
                     "student", "## Each init against LoRA, both at their selected lr", "## At matched update size"):
@@ -193,22 +186,18 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
 
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)  # resume: no stage work, not the extraction
     assert code == 0, err
-    assert "[run]" not in log and "[redo]" not in log and _tree(records) == first
+    assert "[run]" not in log and "[redo]" not in log and tree(records) == first
     code, plan, _ = pkt_cli("study", "pilot", cfg, "--dry-run", "--out", out)
     assert "estimated 0 s" in plan
 
     # another machine, the committed records only: nothing recomputed, the teacher never loaded
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", tmp_path / "elsewhere")
     assert code == 0, err
-    assert "[run]" not in log and "teacher loaded" not in log and _tree(records) == first
+    assert "[run]" not in log and "teacher loaded" not in log and tree(records) == first
 
     copy = tmp_path / "copy"  # the records alone, elsewhere: the report re-derived byte for byte
-    shutil.copytree(records, copy)
-    (copy / R.REPORT).unlink()
-    (copy / R.PLOT).unlink()
-    code, _, err = pkt_cli("study", "pilot", _config(tmp_path, "nowhere", "nowhere", records=str(copy)), "--report")
-    assert code == 0, err
-    assert _tree(copy) == first
+    assert rederived(pkt_cli, "pilot", R, records, copy,
+                     _config(tmp_path, "nowhere", "nowhere", records=str(copy))) == first
 
 
 @pytest.mark.parametrize("setting, needle", [
@@ -219,10 +208,9 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
                                             "extraction: name the teacher"),
 ])
 def test_a_bad_inits_setting_is_one_line_naming_it(tmp_path, shared_data, pkt_cli, setting, needle):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"student": "qwen2.5-coder-0.5b-instruct", "records": str(tmp_path / "r"),
-                                    "train_examples": [4], "lrs": [1e-3], **setting}))
-    code, out, err = pkt_cli("study", "pilot", str(path), "--dry-run")
+    path = config_file(tmp_path / "bad.yaml", {"student": "qwen2.5-coder-0.5b-instruct", "records": str(tmp_path / "r"),
+                                               "train_examples": [4], "lrs": [1e-3], **setting})
+    code, out, err = pkt_cli("study", "pilot", path, "--dry-run")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
 

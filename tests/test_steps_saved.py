@@ -13,6 +13,8 @@ import copy
 import pytest
 import torch
 
+from staged_studies import config_file, rederived, saved_pair, tree
+
 from pkt.align.finetune import FinetuneConfig, Heldout, finetune, heldout_probe
 from pkt.align.lora_init import make_lora_model
 from pkt.data.chat import tokenize_example
@@ -118,34 +120,23 @@ def test_a_step_the_run_never_reaches_fails_before_training(qwen_pair):
 
 # ---- the study ---------------------------------------------------------------------------------------------------
 def _config(tmp_path, teacher: str, student: str, **over) -> str:
-    import yaml
-
     from pkt.testing import TINY_BUDGET
 
     data = {"name": "tiny-steps", "teacher": teacher, "student": student, "task": "gsm8k",
             "records": str(tmp_path / "records"), "seeds": [0, 1], "arms": ["lora", "laten-lora"],
             "heldout_at": [0, 1, 2], "heldout": {"size": 3, "batch_size": 3}, "teacher_dtype": "float32",
             "progress": False, "budget": {**TINY_BUDGET, "lr": 1e-2, "dropout": 0.1}, **over}
-    path = tmp_path / f"steps-{len(over)}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def _tree(root) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return config_file(tmp_path / f"steps-{len(over)}.yaml", data)
 
 
 def test_tiny_study_pairs_its_arms_resumes_and_rederives_its_report(tmp_path, qwen_pair, shared_data, pkt_cli):
     import json
-    import shutil
 
     from pkt.models.load import load_model, load_tokenizer
     from pkt.studies import steps_saved_report as R
     from pkt.studies.pilot_heldout import heldout_set
-    from pkt.testing import save_tiny
 
-    teacher, student, tok = qwen_pair
-    t, s = save_tiny(teacher, tok, tmp_path / "teacher"), save_tiny(student, tok, tmp_path / "student")
+    t, s = saved_pair(qwen_pair, tmp_path)
     cfg = _config(tmp_path, t, s)
     out, records = tmp_path / "out", tmp_path / "records"
 
@@ -182,28 +173,23 @@ def test_tiny_study_pairs_its_arms_resumes_and_rederives_its_report(tmp_path, qw
     md = (records / R.REPORT).read_text()
     assert "Recorded: 4 of 4 curves; complete seeds: 0, 1." in md and "| laten-lora |" in md
     assert "## Steps to reach LoRA's final held-out loss" in md and (records / R.PLOT).stat().st_size > 0
-    first = _tree(records)
+    first = tree(records)
 
     code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", out)  # resume: no stage work
     assert code == 0, err
     assert "[run]" not in log and "[redo]" not in log and log.count("[cached] curve-") == 4
-    assert _tree(records) == first
+    assert tree(records) == first
     code, plan, _ = pkt_cli("study", "steps-saved", cfg, "--dry-run", "--out", out)
     assert code == 0 and "plan: 4 curves and 0 input builds (4 stages cached)" in plan
 
     # another machine: a fresh stage directory and only the committed records: every curve restored, nothing built
     code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", tmp_path / "elsewhere")
     assert code == 0, err
-    assert "[run]" not in log and log.count("[restored]") == 4 and _tree(records) == first
+    assert "[run]" not in log and log.count("[restored]") == 4 and tree(records) == first
 
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
-    shutil.copytree(records, copy)
-    (copy / R.REPORT).unlink()
-    (copy / R.PLOT).unlink()
-    code, _, err = pkt_cli("study", "steps-saved", _config(tmp_path, "nowhere", "nowhere", records=str(copy)),
-                           "--report")
-    assert code == 0, err
-    assert _tree(copy) == first
+    assert rederived(pkt_cli, "steps-saved", R, records, copy,
+                     _config(tmp_path, "nowhere", "nowhere", records=str(copy))) == first
 
     # a record whose batches are not lora's is refused: the comparison is paired by construction
     f = copy / R.CURVES / R.curve_file("laten-lora", 0)

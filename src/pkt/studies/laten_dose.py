@@ -44,12 +44,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
-from pkt.io import write_json
 from pkt.studies import laten_dose_report as R, staged
-from pkt.studies.pilot import METRICS, NO_HELDOUT, EvalSettings
+from pkt.studies.pilot import METRICS, EvalSettings, heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 from pkt.studies.steps_saved import HeldoutSettings
 
@@ -88,21 +87,8 @@ class LatenDoseConfig(Settings):
     # rate), max_length, laten_choice / laten_steps / laten_schedule (pkt run's point); the rest is not read
     budget: Budget = Budget()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in METRICS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
-        return v
-
-    @field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps")
-    @classmethod
-    def _distinct(cls, v: list | None) -> list | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)
+    _distinct = field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps")(staged.distinct)
 
     @field_validator("steps")
     @classmethod
@@ -131,7 +117,7 @@ class LatenDoseConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[LatenDoseConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    return validate(LatenDoseConfig, read_yaml(path), str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(LatenDoseConfig, path)
 
 
 @dataclass(frozen=True)
@@ -332,15 +318,9 @@ class LatenDose:
         return staged.eval_config(c.eval, which, c.style, c.budget.max_length, c.progress)
 
     def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
-        from pkt.experiment.fingerprint import data_identity
-
-        ecfg = self.eval_cfg(which).model_dump(mode="json")
-        ecfg.pop("progress")
-        rows = ({"heldout": {k: self.acc_set.info[k] for k in ("source", "ids")},
-                 "data": data_identity(self.cfg.task, ("extract", "align", "train", "test"))}
-                if which == "heldout" else {"data": data_identity(self.cfg.task, ("test",))})
-        return f"{which}-{label}", {"kind": "laten-dose-eval", "set": which, "task": self.cfg.task, "model": model,
-                                    "dtype": self.cfg.dtype, "eval": ecfg, "rows": rows, **self.common}
+        c = self.cfg
+        return staged.eval_key("laten-dose-eval", label, which, self.eval_cfg(which), c.task, self.acc_set.info,
+                               model, c.dtype, self.common)
 
     def point_model(self, p: dict, seed: int) -> dict:
         """What a LaTen point's evaluation reads: its run's checkpoint at the step, the seed's pairing at the rate."""
@@ -351,12 +331,7 @@ class LatenDose:
     # ---- stages ----
     def _restored(self, name: str, key: dict) -> dict | None:
         """A stage's result from a committed record of the same key, when it is not cached here."""
-        path = self.cache.path(name, key)
-        if self.cache.is_cached(name, key) or path.name not in self.restored:
-            return None
-        if not self.cache.dry:
-            self.log(f"[restored] {name} from its record in {self.records}")
-        return self.restored[path.name]
+        return staged.restored(self.cache, self.restored, name, key, self.records, self.log)
 
     def locate(self, seed: int) -> Path:
         name, key = self.locate_key(seed)
@@ -514,31 +489,18 @@ class LatenDose:
         return self.cache.path(name, key).name, self._evaluate(name, key, which, (p, seed))
 
     def meta(self) -> dict:
-        from pkt.experiment.evaluation import TEST_SIZES
-
-        e, t = self.cfg.eval, self.cfg.task
         lc = self.laten_cfg(Run(1, 1, 0.0), self.cfg.seeds[0]).model_dump(mode="json")
-        return {"format": 1, "settings": self.settings, "config_yaml": self.config_text, "metric": METRICS[t],
-                "n_extract": self.n_extract, "heldout": self.heldout.info, "accuracy_set": self.acc_set.info,
-                "paper_point": self.paper, "laten": {k: v for k, v in lc.items() if k not in
-                                                     ("max_steps", "schedule", "penalty", "seed")},
-                **self.common,
-                "test": {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
-                         "description": f"{min(e.test_size, TEST_SIZES[t])} of the {TEST_SIZES[t]} {t} test "
-                                        f"questions, seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}}
+        return {"format": 1, "settings": self.settings, "config_yaml": self.config_text,
+                "metric": METRICS[self.cfg.task], "n_extract": self.n_extract, "heldout": self.heldout.info,
+                "accuracy_set": self.acc_set.info, "paper_point": self.paper,
+                "laten": {k: v for k, v in lc.items() if k not in ("max_steps", "schedule", "penalty", "seed")},
+                **self.common, "test": staged.describe_test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models
-        from pkt.io import check_output_dir
 
         check_models(self.ecfg)  # a missing or mismatched model fails here, before any stage
-        check_output_dir(self.records, "records")
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
-
+        record = staged.RecordWriter(self.records)
         c = self.cfg
         with self.cache.lock():
             record(R.META, self.meta())
@@ -574,104 +536,18 @@ class LatenDose:
                 record(f"{R.TESTS}/{R.point_label(chosen)}-s{seed}.json",
                        {"point": R.point_label(chosen), **chosen, "seed": seed, "eval_stage": stage, "test": res})
                 self.log(f"[laten-dose] selected {R.point_label(chosen)} seed {seed}: test {res['score']:.1%}")
-            for sub in (R.GRIDS, R.ACCURACY, R.TESTS):
-                for old in (self.records / sub).glob("*.json"):
-                    if old not in written:  # a record of another grid or settings: not this study's
-                        old.unlink()
+            record.drop_others(R.GRIDS, R.ACCURACY, R.TESTS)  # another grid's or settings': not this study's
             report = R.write_report(self.records)
         self.log(f"[laten-dose] wrote {report} and {report.with_name(R.PLOT)}")
         return report
 
-    # ---- the plan (--dry-run) ----
-    def plan(self) -> list[tuple[str, bool, float, str]]:
-        """(stage, cached, estimated seconds, work) of every stage a run computes; nothing runs. The accuracy
-        points and the selected point are named once the records that choose them exist."""
-        from pkt.studies.laten_dose_plan import Costs
-
-        cost = Costs(self)
-        rows = []
-        name, key = self.student_loss_key()
-        rows.append((name, self.student_loss() is not None, cost.heldout_loss(), cost.loss_work()))
-        from pkt.experiment.fingerprint import model_identity
-
-        for which in ("heldout", "test"):
-            name, key = self.eval_key("student", which, model_identity(self.cfg.student))
-            rows.append((name, self._evaluate(name, key, which, None) is not None, cost.evaluate(which, student=True),
-                         cost.eval_work(which)))
-        for seed in self.cfg.seeds:
-            needs: list[bool] = []
-            sub = []
-            for run in self.runs():
-                gstage, gres, _, _ = self.grid(run, seed)
-                tname, tkey = self.train_key(run, seed)
-                tdone = gres is not None or self.cache.is_cached(tname, tkey)
-                needs.append(gres is None)
-                sub += [(tname, tdone, cost.train(run.trained),
-                         f"{run.trained} hypernetwork step{'s' * (run.trained != 1)} of a {run.span}-step cycle, "
-                         f"λ {run.penalty:g}"),
-                        (self.grid_key(run, seed)[0], gres is not None, cost.grid(len(self.scored(run))),
-                         cost.grid_work(len(self.scored(run))))]
-            lname, lkey = self.locate_key(seed)
-            rows.append((lname, self.cache.is_cached(lname, lkey) or not any(needs), cost.locate(),
-                         cost.locate_work()))
-            rows += sub
-        # the records choose the points only when they are this config's (a plan may precede a changed run)
-        rec = R.load(self.records) if (self.records / R.META).is_file() else None
-        rec = rec if rec is not None and rec["meta"]["settings"] == self.settings else None
-        points = R.accuracy_points(rec) if rec is not None and R.grids_complete(rec) else None
-        n_acc = len(points) if points is not None else self.cfg.accuracy.best + int(self.paper is not None)
-        for i in range(n_acc):
-            for seed in self.cfg.seeds:
-                if points is not None:
-                    stage, res = self.point_eval(points[i], seed, "heldout")
-                    rows.append((f"heldout-{R.point_label(points[i])}-s{seed}", res is not None,
-                                 cost.evaluate("heldout"), cost.eval_work("heldout")))
-                else:
-                    rows.append((f"heldout-point{i + 1}-s{seed} (point to be chosen)", False,
-                                 cost.evaluate("heldout"), cost.eval_work("heldout")))
-        chosen = R.select(rec) if rec is not None and points is not None and R.accuracy_complete(rec) else None
-        for seed in self.cfg.seeds:
-            if chosen is not None:
-                stage, res = self.point_eval(chosen, seed, "test")
-                rows.append((f"test-{R.point_label(chosen)}-s{seed}", res is not None, cost.evaluate("test"),
-                             cost.eval_work("test")))
-            else:
-                rows.append((f"test-selected-s{seed} (point to be chosen)", False, cost.evaluate("test"),
-                             cost.eval_work("test")))
-        self.plan_notes = cost.notes
-        return rows
-
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Stage results held by the committed records, by stage directory name (its key's hash): each grid and
-    evaluation, and the student's. A run on another machine takes these instead of recomputing them; a record
-    whose stage key differs (other settings or code) matches no stage."""
-    import json
-
-    found: dict[str, dict] = {}
-
-    def take(rec: dict, stage: str, result: str) -> None:
-        if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
-            found[rec[stage]] = {k: v for k, v in rec[result].items() if k not in ("stage", "eval_stage")}
-
-    for sub, pairs in ((R.GRIDS, (("stage", "result"), ("train_stage", "train"))),
-                       (R.ACCURACY, (("eval_stage", "heldout"),)), (R.TESTS, (("eval_stage", "test"),))):
-        for f in (records / sub).glob("*.json"):
-            try:
-                rec = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # unreadable: recomputed, never trusted
-            for stage, result in pairs if isinstance(rec, dict) else ():
-                take(rec, stage, result)
-    try:
-        student = json.loads((records / R.STUDENT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        student = {}
-    for which, stage in (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")):
-        rec = (student if isinstance(student, dict) else {}).get(which)
-        if isinstance(rec, dict) and isinstance(rec.get(stage), str):
-            found[rec[stage]] = {k: v for k, v in rec.items() if k != stage}
-    return found
+    """Stage results held by the committed records (:func:`pkt.studies.staged.restorable`): each grid, its
+    training and each evaluation, and the student's, which a run on another machine takes."""
+    return staged.restorable(records, {R.GRIDS: (("stage", "result"), ("train_stage", "train")),
+                                       R.ACCURACY: (("eval_stage", "heldout"),), R.TESTS: (("eval_stage", "test"),)},
+                             R.STUDENT, (("heldout_loss", "stage"), ("heldout", "eval_stage"), ("test", "eval_stage")))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

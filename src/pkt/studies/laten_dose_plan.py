@@ -1,6 +1,7 @@
-"""The cost of a laten-dose study before it runs (``pkt study laten-dose CONFIG --dry-run``): its stages, cached or
-not, with their estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured forward,
-training and decoding rates by model size and dtype; generation counted at its token cap, an upper bound).
+"""The plan of a laten-dose study before it runs (``pkt study laten-dose CONFIG --dry-run``): every stage a run
+computes, in its order, cached or not (:func:`plan`: from the study's stage keys and records; nothing runs), with
+its estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured forward, training and
+decoding rates by model size and dtype; generation counted at its token cap, an upper bound).
 
 * a hypernetwork training: ``pkt run``'s LaTen estimate per step (:func:`pkt.methods.laten.hypernet_seconds`:
   a teacher forward and a student training step over ``laten_batch`` align examples) and both models' loading;
@@ -15,6 +16,8 @@ training and decoding rates by model size and dtype; generation counted at its t
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+from pkt.studies import laten_dose_report as R, staged
 
 ATTRIBUTION_FORWARDS = 1.82  # one attribution of an example, in forward passes of it (docs/laten.md)
 
@@ -100,16 +103,68 @@ class Costs:
                 "pairings (kilobytes)")
 
 
+def plan(study) -> tuple[list[tuple[str, bool, float, str]], list[str]]:
+    """(stage, cached, estimated seconds, work) of every stage a run of ``study``
+    (:class:`pkt.studies.laten_dose.LatenDose`) computes, in the order it runs them, and the plan's notes; nothing
+    runs. The accuracy points and the selected point are named once the records that choose them exist."""
+    from pkt.experiment.fingerprint import model_identity
+
+    cost = Costs(study)
+    c = study.cfg
+    rows = [(study.student_loss_key()[0], study.student_loss() is not None, cost.heldout_loss(), cost.loss_work())]
+    for which in ("heldout", "test"):
+        name, _ = study.eval_key("student", which, model_identity(c.student))
+        rows.append((name, study.student_eval(which) is not None, cost.evaluate(which, student=True),
+                     cost.eval_work(which)))
+    for seed in c.seeds:
+        needs: list[bool] = []
+        sub = []
+        for run in study.runs():
+            _, gres, _, _ = study.grid(run, seed)
+            tname, tkey = study.train_key(run, seed)
+            tdone = gres is not None or study.cache.is_cached(tname, tkey)
+            needs.append(gres is None)
+            sub += [(tname, tdone, cost.train(run.trained),
+                     f"{run.trained} hypernetwork step{'s' * (run.trained != 1)} of a {run.span}-step cycle, "
+                     f"λ {run.penalty:g}"),
+                    (study.grid_key(run, seed)[0], gres is not None, cost.grid(len(study.scored(run))),
+                     cost.grid_work(len(study.scored(run))))]
+        lname, lkey = study.locate_key(seed)
+        rows.append((lname, study.cache.is_cached(lname, lkey) or not any(needs), cost.locate(), cost.locate_work()))
+        rows += sub
+    # the records choose the points only when they are this config's (a plan may precede a changed run)
+    rec = R.load(study.records) if (study.records / R.META).is_file() else None
+    rec = rec if rec is not None and rec["meta"]["settings"] == study.settings else None
+    points = R.accuracy_points(rec) if rec is not None and R.grids_complete(rec) else None
+    n_acc = len(points) if points is not None else c.accuracy.best + int(study.paper is not None)
+    for i in range(n_acc):
+        for seed in c.seeds:
+            if points is not None:
+                _, res = study.point_eval(points[i], seed, "heldout")
+                rows.append((f"heldout-{R.point_label(points[i])}-s{seed}", res is not None,
+                             cost.evaluate("heldout"), cost.eval_work("heldout")))
+            else:
+                rows.append((f"heldout-point{i + 1}-s{seed} (point to be chosen)", False,
+                             cost.evaluate("heldout"), cost.eval_work("heldout")))
+    chosen = R.select(rec) if rec is not None and points is not None and R.accuracy_complete(rec) else None
+    for seed in c.seeds:
+        if chosen is not None:
+            _, res = study.point_eval(chosen, seed, "test")
+            rows.append((f"test-{R.point_label(chosen)}-s{seed}", res is not None, cost.evaluate("test"),
+                         cost.eval_work("test")))
+        else:
+            rows.append((f"test-selected-s{seed} (point to be chosen)", False, cost.evaluate("test"),
+                         cost.eval_work("test")))
+    return rows, cost.notes
+
+
 def render_plan(study) -> str:
-    """The plan of ``study`` (:meth:`pkt.studies.laten_dose.LatenDose.plan`) as a table, its total and notes."""
+    """The plan of ``study`` (:func:`plan`) as a table, its total and notes."""
     from pkt.experiment.plan import THROUGHPUT_MACHINE, human
 
-    rows = study.plan()
+    rows, notes = plan(study)
     todo = [r for r in rows if not r[1]]
-    w = max([34] + [len(r[0]) for r in rows])
-    lines = [f"{'stage':<{w}} {'status':<7} {'estimate':>9}  work"]
-    lines += [f"{name:<{w}} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
-              for name, cached, s, work in rows]
+    lines = staged.plan_table(rows, 34)
 
     def count(prefix: str) -> int:
         return sum(r[0].startswith(prefix) for r in rows)
@@ -121,4 +176,4 @@ def render_plan(study) -> str:
                  f"evaluations ({len(rows) - len(todo)} stages cached), estimated {human(sum(r[2] for r in todo))} on "
                  f"the reference machine ({THROUGHPUT_MACHINE}), generation counted at its token cap: trainings "
                  f"{by_kind['train-']}, grids {by_kind['grid-']}, locating {by_kind['locate-']}")
-    return "\n".join(lines + [f"note: {x}" for x in study.plan_notes])
+    return "\n".join(lines + [f"note: {x}" for x in notes])

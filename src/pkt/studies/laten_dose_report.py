@@ -36,8 +36,8 @@ from pathlib import Path
 from pkt.errors import PktError
 from pkt.experiment.rows import ALPHA
 from pkt.experiment.stats import N_BOOT, holm, paired_difference
-from pkt.io import write_text
-from pkt.studies.staged import read_record
+from pkt.studies import staged
+from pkt.studies.staged import p_value, pct, pts, read_record
 
 META, STUDENT, GRIDS, ACCURACY, TESTS = "laten-dose.json", "student.json", "grids", "accuracy", "tests"
 REPORT, PLOT = "laten-dose.md", "laten-dose.png"
@@ -103,25 +103,15 @@ def paper_point(settings: dict, step: int | None, n_extract: int | None = None) 
     return p
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "laten-dose")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "student", "grids": {(run, seed): record}, "accuracy": {name: record}, "tests": {name: record}}."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a laten-dose records directory, or the study has not started)")
-    grids = {}
-    for p in sorted((root / GRIDS).glob("*.json")):
-        rec = _read(p)
-        if not isinstance(rec.get("result"), dict) or "run" not in rec or "seed" not in rec:
-            raise PktError(f"{p}: not a laten-dose grid record (needs run, seed and result)")
-        grids[(rec["run"], int(rec["seed"]))] = rec
+    root = staged.records_root(records, META, "laten-dose")
+    grids = staged.seeded_records(root / GRIDS, "laten-dose", "grid", "run")
     student = root / STUDENT
-    return {"meta": _read(root / META), "student": _read(student) if student.is_file() else {}, "grids": grids,
-            "accuracy": {p.stem: _read(p) for p in sorted((root / ACCURACY).glob("*.json"))},
-            "tests": {p.stem: _read(p) for p in sorted((root / TESTS).glob("*.json"))}}
+    return {"meta": read_record(root / META, "laten-dose"),
+            "student": read_record(student, "laten-dose") if student.is_file() else {}, "grids": grids,
+            "accuracy": staged.read_records(root / ACCURACY, "laten-dose"),
+            "tests": staged.read_records(root / TESTS, "laten-dose")}
 
 
 # ---- the grid and the choices ---------------------------------------------------------------------------------
@@ -235,14 +225,14 @@ def derive(rec: dict) -> dict:
         r["delta"] = r["sd"] = r["rel_norm"] = r["bf16_changed"] = r["below"] = None
         if r["mean"] is None:
             continue
-        pts = [r["seeds"][x] for x in seeds]
-        losses = [p["loss_per_example"] for p in pts]
+        per_seed = [r["seeds"][x] for x in seeds]
+        losses = [p["loss_per_example"] for p in per_seed]
         r["sd"] = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        r["rel_norm"] = sum(p["rel_norm"] for p in pts) / len(pts)
-        r["bf16_changed"] = sum(p["bf16_changed"] for p in pts) / len(pts)
+        r["rel_norm"] = sum(p["rel_norm"] for p in per_seed) / len(per_seed)
+        r["bf16_changed"] = sum(p["bf16_changed"] for p in per_seed) / len(per_seed)
         if base is not None:
             ref = _per_example(base)
-            d = paired_difference([_per_example(p) for p in pts], [ref] * len(pts))
+            d = paired_difference([_per_example(p) for p in per_seed], [ref] * len(per_seed))
             r["delta"] = (d.mean, d.low, d.high, d.p)
             r["below"] = sum(x < base["loss_per_example"] for x in losses)
     out = {"rows": grid, "complete": grids_complete(rec), "n_grids": len(rec["grids"]), "accuracy": None,
@@ -285,18 +275,6 @@ def _signed(v: float) -> str:
     return (f"{v:+.4f}" if v == 0 or abs(v) >= 5e-5 else f"{v:+.1e}").replace("-", "−")
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}".replace("-", "−")
-
-
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def _sci(x: float | None) -> str:
     return "–" if x is None else f"{x:.2e}"
 
@@ -329,7 +307,7 @@ def render(rec: dict, out: dict) -> str:
              f"evaluations, {len(rec['tests'])} test evaluations.", ""]
     hl, ha, ht = st.get("heldout_loss"), st.get("heldout"), st.get("test")
     lines += [f"Untuned student: held-out loss {_f(hl and hl['loss_per_example'])}, held-out accuracy "
-              f"{_pct(ha and ha['score'])}, test {_pct(ht and ht['score'])}"
+              f"{pct(ha and ha['score'])}, test {pct(ht and ht['score'])}"
               + (f" ({round(ht['score'] * ht['n'])}/{ht['n']})" if ht else "") + ".", ""]
     seed_cols = " / ".join(f"s{x}" for x in seeds)
     lines += ["## Held-out loss by step, schedule, rate and penalty", "",
@@ -347,7 +325,7 @@ def render(rec: dict, out: dict) -> str:
         delta = "–" if d is None else f"{_signed(d[0])} [{_signed(d[1])}, {_signed(d[2])}]"
         below = "–" if r["below"] is None else f"{r['below']}/{len(seeds)}"
         lines.append(f"{head} {r['mean']:.4f} ± {r['sd']:.4f} | {per} | {delta} | {below} | {_sci(r['rel_norm'])} "
-                     f"| {_pct(r['bf16_changed'])} |")
+                     f"| {pct(r['bf16_changed'])} |")
     lines += ["", "‖Δ‖/‖W‖: the injection's norm over that of the located rows and columns it lands on (mean over "
               "seeds); Δ surviving bf16: the share of those weights whose bf16 value W + Δ differs from W's "
               "(`pkt.inject.delta_stats`). Δ vs student: held-out loss minus the student's, paired bootstrap over "
@@ -358,8 +336,8 @@ def render(rec: dict, out: dict) -> str:
                   f"| point | measured as | held-out loss | held-out accuracy (mean) | per seed ({seed_cols}) | "
                   "student |", "|---|---|---:|---:|---|---:|"]
         for a in out["accuracy"]:
-            lines.append(f"| {_name(a['point'])} | {a['why']} | {_f(a['row']['mean'])} | {_pct(a['mean'])} | "
-                         + " / ".join(_pct(x) for x in a["scores"]) + f" | {_pct(ha and ha['score'])} |")
+            lines.append(f"| {_name(a['point'])} | {a['why']} | {_f(a['row']['mean'])} | {pct(a['mean'])} | "
+                         + " / ".join(pct(x) for x in a["scores"]) + f" | {pct(ha and ha['score'])} |")
         lines.append("")
     if out["selected"] is not None:
         r = out["selected"]["row"]
@@ -378,11 +356,11 @@ def render(rec: dict, out: dict) -> str:
     if c is None:
         lines.append("| – | – | – | – | – | – | – | – | |")
     else:
-        mc = ", ".join(f"{_p(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
-        lines.append(f"| {_name(out['selected']['point'])} | {_pct(c['score'])} | "
-                     + " / ".join(_pct(x) for x in c["scores"])
-                     + f" | {_pct(ht['score'])} | {_pts(c['delta'])} [{_pts(c['low'])}, {_pts(c['high'])}] | "
-                     f"{_p(c['p_boot'])} | {mc} | {', '.join(map(_p, c['holm']))} | "
+        mc = ", ".join(f"{p_value(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
+        lines.append(f"| {_name(out['selected']['point'])} | {pct(c['score'])} | "
+                     + " / ".join(pct(x) for x in c["scores"])
+                     + f" | {pct(ht['score'])} | {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}] | "
+                     f"{p_value(c['p_boot'])} | {mc} | {', '.join(map(p_value, c['holm']))} | "
                      f"{'✓' if c['significant'] else ''} |")
     lines += ["", "Δ in points: the selected point's test score minus the untuned student's on the same questions; "
               "interval: paired bootstrap (questions and seeds resampled); McNemar: exact, per seed, on the "
@@ -422,12 +400,7 @@ def _helps(out: dict, seeds: list[int]) -> list[str]:
 def plot(rec: dict, out: dict, path: Path) -> None:
     """Held-out loss by step: one panel per penalty, one colour per rate, one line style per schedule (seed
     range as error bars), the student as a horizontal line and the selected point starred."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = staged.pyplot()
 
     s = rec["meta"]["settings"]
     lams = [float(x) for x in s["penalties"]]
@@ -462,20 +435,9 @@ def plot(rec: dict, out: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"{s['name']}: held-out loss by step (bars: seed range)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no library version in the bytes
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    staged.save_png(fig, path)
 
 
 def write_report(records: str | Path) -> Path:
     """laten-dose.md and laten-dose.png in the records directory, from its records; returns the .md's path."""
-    root = Path(records)
-    rec = load(root)
-    out = derive(rec)
-    write_text(root / REPORT, render(rec, out))
-    plot(rec, out, root / PLOT)
-    return root / REPORT
+    return staged.write_report(records, REPORT, PLOT, load, derive, render, plot)

@@ -38,9 +38,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
-from pkt.io import write_json
 from pkt.studies import pilot_report as R, staged
 from pkt.studies.pilot_heldout import heldout_set
 
@@ -50,6 +49,16 @@ TEACHER_INITS = ("seeking", "seeking-random")  # built from the teacher's extrac
 NO_HELDOUT = {"humaneval": "HumanEval has no held-out pool (its 164 problems are the test set); use mbpp",
               "mmlu": "MMLU is scored by a letter, not generated; the pilot covers gsm8k and mbpp"}
 Positive = Annotated[float, Field(gt=0)]
+
+
+def heldout_task(v: str) -> str:
+    """A task setting's validator: a task with a held-out pool (:mod:`pkt.studies.pilot_heldout`), which every
+    study that chooses on held-out data needs."""
+    if v in NO_HELDOUT:
+        raise ValueError(NO_HELDOUT[v])
+    if v not in METRICS:
+        raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
+    return v
 
 
 class EvalSettings(Settings):
@@ -104,21 +113,8 @@ class PilotConfig(Settings):
     eval: EvalSettings = EvalSettings()
     heldout: HeldoutSettings = HeldoutSettings()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in METRICS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(METRICS)}")
-        return v
-
-    @field_validator("seeds", "train_examples", "lrs", "epochs", "inits")
-    @classmethod
-    def _distinct(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)
+    _distinct = field_validator("seeds", "train_examples", "lrs", "epochs", "inits")(staged.distinct)
 
     @field_validator("inits")
     @classmethod
@@ -145,8 +141,7 @@ class PilotConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[PilotConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    data = read_yaml(path)
-    return validate(PilotConfig, data, str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(PilotConfig, path)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -232,26 +227,15 @@ class Pilot:
         return f"build-{R.point_name(n, epochs, lr, seed, init)}", key
 
     def eval_key(self, label: str, which: str, model: dict) -> tuple[str, dict]:
-        from pkt.experiment.fingerprint import data_identity
-
-        ecfg = self.eval_cfg(which).model_dump(mode="json")
-        ecfg.pop("progress")
-        rows = ({"heldout": {k: self.heldout.info[k] for k in ("source", "ids")},
-                 "data": data_identity(self.cfg.task, ("extract", "align", "train", "test"))}
-                if which == "heldout" else {"data": data_identity(self.cfg.task, ("test",))})
-        return f"{which}-{label}", {"kind": "pilot-eval", "set": which, "task": self.cfg.task, "model": model,
-                                    "dtype": self.cfg.dtype, "eval": ecfg, "rows": rows,
-                                    "answer_loss": which == "heldout" and self.cfg.heldout.answer_loss,
-                                    **self.common}
+        c = self.cfg
+        return staged.eval_key("pilot-eval", label, which, self.eval_cfg(which), c.task, self.heldout.info, model,
+                               c.dtype, self.common, answer_loss=which == "heldout" and c.heldout.answer_loss)
 
     # ---- stages ----
     def _evaluate(self, name: str, key: dict, ref: str, which: str) -> dict | None:
-        stage = self.cache.path(name, key).name
-        if not self.cache.is_cached(name, key) and stage in self.restored:
-            # finished on another machine (same settings, code and data: the stage key is in the name)
-            if not self.cache.dry:
-                self.log(f"[restored] {name} from its record in {self.records}")
-            return self.restored[stage]
+        got = staged.restored(self.cache, self.restored, name, key, self.records, self.log)
+        if got is not None:
+            return got
 
         def fn(d: Path) -> dict:
             import gc
@@ -378,34 +362,23 @@ class Pilot:
         return out
 
     def meta(self) -> dict:
-        e, t = self.cfg.eval, self.cfg.task
-        from pkt.experiment.evaluation import TEST_SIZES
-
         return {"format": 1, "settings": self.cfg.model_dump(mode="json"), "config_yaml": self.config_text,
-                "metric": METRICS[t], "heldout": self.heldout.info, **self.common,
-                "test": {"size": e.test_size, "seed": e.test_seed, "protocol": f"{e.shots}-shot {e.protocol} protocol",
-                         "description": f"{min(e.test_size, TEST_SIZES[t])} of the {TEST_SIZES[t]} {t} test "
-                                        f"questions, seed {e.test_seed}; greedy, {e.max_new_tokens} new tokens"}}
+                "metric": METRICS[self.cfg.task], "heldout": self.heldout.info, **self.common,
+                "test": staged.describe_test_subset(self.cfg.eval, self.cfg.task)}
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_sandbox, model_facts
-        from pkt.io import check_output_dir
 
         model_facts(self.cfg.student)  # a missing or unusable student fails here, before any stage
         if any(i in TEACHER_INITS for i in self.inits):
             model_facts(self.cfg.teacher)
         if self.cfg.task == "mbpp":
             check_sandbox(["mbpp"], self.cfg.eval.allow_weak_sandbox)
-        check_output_dir(self.records, "records")
+        record = staged.RecordWriter(self.records)
         s = self.cfg.model_dump(mode="json")
         grid = R.budgets(s)
         total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds) * len(self.inits)
         lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
 
         with self.cache.lock():
             record(R.META, self.meta())
@@ -447,9 +420,7 @@ class Pilot:
                             for x in lrs:
                                 self._prune(self.cache.path(*self.build_key(n, e, x, seed, init)))
                 R.write_report(self.records)
-            for old in [*(self.records / R.POINTS).glob("*.json"), *(self.records / R.TESTS).glob("*.json")]:
-                if old not in written:  # a record of another grid or settings: not this pilot's
-                    old.unlink()
+            record.drop_others(R.POINTS, R.TESTS)
             report = R.write_report(self.records)
         self.log(f"[pilot] wrote {report} and {report.with_name(R.PLOT)}")
         return report
@@ -517,35 +488,11 @@ class Pilot:
 
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Stage results held by the committed records, by stage directory name (its key's hash): an evaluation's
-    result, and a build's (its record, without weights). A pilot resumed on another machine takes these instead
-    of recomputing them; a record whose stage key differs (other settings or code) matches no stage."""
-    import json
-
-    found: dict[str, dict] = {}
-
-    def take(rec, res_key):
-        if isinstance(rec, dict) and isinstance(rec.get(res_key), dict) and isinstance(rec.get("eval_stage"), str):
-            found[rec["eval_stage"]] = rec[res_key]
-        if isinstance(rec, dict) and isinstance(rec.get("build"), dict) and isinstance(rec.get("build_stage"), str):
-            found[rec["build_stage"]] = rec["build"]
-
-    files = [*(records / R.POINTS).glob("*.json"), *(records / R.TESTS).glob("*.json")]
-    for f in files:
-        try:
-            rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # unreadable: recomputed, never trusted
-        take(rec, "heldout" if f.parent.name == R.POINTS else "test")
-    try:
-        student = json.loads((records / R.STUDENT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        student = {}
-    for which in ("heldout", "test"):
-        rec = (student or {}).get(which)
-        if isinstance(rec, dict) and isinstance(rec.get("eval_stage"), str):
-            found[rec["eval_stage"]] = {k: v for k, v in rec.items() if k != "eval_stage"}
-    return found
+    """Stage results held by the committed records (:func:`pkt.studies.staged.restorable`): an evaluation's
+    result, and a build's (its record, without weights), which a pilot resumed on another machine takes."""
+    return staged.restorable(records, {R.POINTS: (("eval_stage", "heldout"), ("build_stage", "build")),
+                                       R.TESTS: (("eval_stage", "test"), ("build_stage", "build"))},
+                             R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

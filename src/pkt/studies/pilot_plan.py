@@ -9,7 +9,7 @@ rate; seconds for a 0.5B student).
 
 from __future__ import annotations
 
-from pkt.studies import pilot_report as R
+from pkt.studies import pilot_report as R, staged
 
 
 def generation_seconds(e, task: str, questions: int, secs) -> float:
@@ -107,10 +107,7 @@ def render_plan(pilot) -> str:
     rows = pilot.plan()
     todo = [r for r in rows if not r[1]]
     seconds = sum(r[2] for r in todo)
-    w = max([44] + [len(r[0]) for r in rows])  # the stage column: an init's names are longer than LoRA's
-    lines = [f"{'stage':<{w}} {'status':<7} {'estimate':>9}  work"]
-    lines += [f"{name:<{w}} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
-              for name, cached, s, work in rows]
+    lines = staged.plan_table(rows, 44)  # the stage column: an init's names are longer than LoRA's
     builds = sum(r[0].startswith("build-") for r in rows)
     extractions = sum(r[0].startswith("extract-") for r in rows)
     evals = len(rows) - builds - extractions

@@ -33,10 +33,10 @@ import math
 from pathlib import Path
 
 from pkt.errors import PktError
-from pkt.studies.staged import read_record
+from pkt.studies import staged
+from pkt.studies.staged import p_value, pct, pts, read_record
 from pkt.experiment.rows import ALPHA
 from pkt.experiment.stats import holm, mcnemar_exact, paired_difference
-from pkt.io import write_text
 
 META, STUDENT, POINTS, TESTS = "pilot.json", "student.json", "points", "tests"
 REPORT, PLOT = "pilot.md", "pilot.png"
@@ -70,19 +70,13 @@ def inits(settings: dict) -> list[str]:
     return [LORA] + [i for i in listed if i != LORA]
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "pilot")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "student", "points": {name: record}, "tests": {name: record}} of a records directory."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a pilot records directory, or the pilot has not started)")
+    root = staged.records_root(records, META, "pilot", "the pilot")
     student = root / STUDENT
-    return {"meta": _read(root / META), "student": _read(student) if student.is_file() else {},
-            "points": {p.stem: _read(p) for p in sorted((root / POINTS).glob("*.json"))},
-            "tests": {p.stem: _read(p) for p in sorted((root / TESTS).glob("*.json"))}}
+    return {"meta": read_record(root / META, "pilot"),
+            "student": read_record(student, "pilot") if student.is_file() else {},
+            "points": staged.read_records(root / POINTS, "pilot"), "tests": staged.read_records(root / TESTS, "pilot")}
 
 
 def budgets(settings: dict) -> list[tuple[int, float]]:
@@ -209,18 +203,6 @@ def derive(rec: dict) -> dict:
     return {"rows": rows, "selected": selected, "n_comparisons": len(stated)}
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}".replace("-", "−")
-
-
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def render(rec: dict, out: dict) -> str:
     """pilot.md: LoRA's report when LoRA is the only init (as before inits existed), else the per-init one."""
     return (render_lora if inits(rec["meta"]["settings"]) == [LORA] else render_inits)(rec, out)
@@ -241,9 +223,9 @@ def render_lora(rec: dict, out: dict) -> str:
              "", f"Recorded: {n_points} of {len(out['rows'])} grid points, {n_tests} of {len(out['selected'])} "
              "test evaluations.", ""]
     sh, stt = st.get("heldout"), st.get("test")
-    lines += [f"Untuned student: held-out {_pct(sh and sh['score'])}"
+    lines += [f"Untuned student: held-out {pct(sh and sh['score'])}"
               + (f" (answer loss {sh['answer_loss']:.3f})" if sh and sh.get("answer_loss") is not None else "")
-              + f", test {_pct(stt and stt['score'])}"
+              + f", test {pct(stt and stt['score'])}"
               + (f" ({round(stt['score'] * stt['n'])}/{stt['n']})" if stt else "") + ".", ""]
     lines += ["## Held-out grid", "",
               "| train examples | epochs | lr | seed | steps | final train loss | held-out | held-out answer loss "
@@ -256,7 +238,7 @@ def render_lora(rec: dict, out: dict) -> str:
         b, ho = p["build"], p["heldout"]
         loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
         lines.append(f"| {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} | {b['steps']} | "
-                     f"{b['final_loss']:.3f} | {_pct(ho['score'])} | {loss} | {100 * b['update']['all']:.3f}% | "
+                     f"{b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | {100 * b['update']['all']:.3f}% | "
                      f"{'✓' if r['selected'] else ''} |")
     lines += ["", "## The selected lr on the test subset", "",
               "| train examples | epochs | selected lr | held-out | test | student | Δ [95% CI] | bootstrap p "
@@ -265,13 +247,13 @@ def render_lora(rec: dict, out: dict) -> str:
     for b in out["selected"]:
         c = b["cmp"]
         lr = "–" if b["lr"] is None else f"{b['lr']:g}"
-        head = f"| {b['n']} | {b['epochs']:g} | {lr} | {_pct(b['heldout'])} |"
+        head = f"| {b['n']} | {b['epochs']:g} | {lr} | {pct(b['heldout'])} |"
         if c is None:
             lines.append(head + " – | – | – | – | – | – | |")
             continue
-        mc = ", ".join(f"{_p(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
-        lines.append(f"{head} {_pct(c['score'])} | {_pct(stt['score'])} | {_pts(c['delta'])} [{_pts(c['low'])}, "
-                     f"{_pts(c['high'])}] | {_p(c['p_boot'])} | {mc} | {', '.join(map(_p, c['holm']))} | "
+        mc = ", ".join(f"{p_value(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
+        lines.append(f"{head} {pct(c['score'])} | {pct(stt['score'])} | {pts(c['delta'])} [{pts(c['low'])}, "
+                     f"{pts(c['high'])}] | {p_value(c['p_boot'])} | {mc} | {', '.join(map(p_value, c['holm']))} | "
                      f"{'✓' if c['significant'] else ''} |")
     sig = [b for b in out["selected"] if b["cmp"] and b["cmp"]["significant"]]
     first = min(sig, key=lambda b: (b["n"] * b["epochs"], b["n"]), default=None)
@@ -290,9 +272,9 @@ def render_lora(rec: dict, out: dict) -> str:
 
 def _cmp_cells(c: dict) -> str:
     """Δ [95% CI] | bootstrap p | McNemar p (discordant counts) per seed | Holm p per seed"""
-    mc = ", ".join(f"{_p(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
-    return (f"{_pts(c['delta'])} [{_pts(c['low'])}, {_pts(c['high'])}] | {_p(c['p_boot'])} | {mc} | "
-            f"{', '.join(map(_p, c['holm']))}")
+    mc = ", ".join(f"{p_value(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
+    return (f"{pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}] | {p_value(c['p_boot'])} | {mc} | "
+            f"{', '.join(map(p_value, c['holm']))}")
 
 
 def _direction(c: dict) -> str:
@@ -330,9 +312,9 @@ def render_inits(rec: dict, out: dict) -> str:
              + (f", {len(matched_tested)} matched-update test evaluations" if s.get("matched_test") else "") + ".",
              ""]
     sh, stt = st.get("heldout"), st.get("test")
-    lines += [f"Untuned student: held-out {_pct(sh and sh['score'])}"
+    lines += [f"Untuned student: held-out {pct(sh and sh['score'])}"
               + (f" (answer loss {sh['answer_loss']:.3f})" if sh and sh.get("answer_loss") is not None else "")
-              + f", test {_pct(stt and stt['score'])}"
+              + f", test {pct(stt and stt['score'])}"
               + (f" ({round(stt['score'] * stt['n'])}/{stt['n']})" if stt else "") + ".", ""]
 
     lines += ["## Held-out grid", "",
@@ -348,7 +330,7 @@ def render_inits(rec: dict, out: dict) -> str:
         b, ho = p["build"], p["heldout"]
         loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
         start = (b.get("init_update") or {}).get("all", 0.0)  # LoRA starts at B₀ = 0
-        lines.append(f"{head} {b['steps']} | {b['final_loss']:.3f} | {_pct(ho['score'])} | {loss} | "
+        lines.append(f"{head} {b['steps']} | {b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | "
                      f"{_upd(b['update']['all'])} | {_upd(start)} | {'✓' if r['selected'] else ''} |")
 
     lines += ["", "## Each init's held-out curve over lr", "",
@@ -356,7 +338,7 @@ def render_inits(rec: dict, out: dict) -> str:
               "| init | train examples | epochs | " + " | ".join(f"lr {x:g}" for x in lrs) + " | selected lr |",
               "|---|---:|---:|" + "---:|" * len(lrs) + "---:|"]
     for b in out["selected"]:
-        cells = [f"{_pct(b['means'][x])} ({_upd(b['updates'].get(x))}){' ✓' if b['lr'] == x else ''}"
+        cells = [f"{pct(b['means'][x])} ({_upd(b['updates'].get(x))}){' ✓' if b['lr'] == x else ''}"
                  if x in b["means"] else "–" for x in lrs]
         lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | " + " | ".join(cells) +
                      f" | {'–' if b['lr'] is None else format(b['lr'], 'g')} |")
@@ -368,9 +350,9 @@ def render_inits(rec: dict, out: dict) -> str:
     for b in out["selected"]:
         c = b["cmp"]
         lr = "–" if b["lr"] is None else f"{b['lr']:g}"
-        head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} | {_pct(b['heldout'])} |"
+        head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} | {pct(b['heldout'])} |"
         lines.append(head + (" – | – | – | – | – | – | |" if c is None else
-                             f" {_pct(c['score'])} | {_pct(stt['score'])} | {_cmp_cells(c)} | "
+                             f" {pct(c['score'])} | {pct(stt['score'])} | {_cmp_cells(c)} | "
                              f"{'✓' if c['significant'] else ''} |"))
 
     lora_of = {(b["n"], b["epochs"]): b for b in out["selected"] if b["init"] == LORA}
@@ -385,7 +367,7 @@ def render_inits(rec: dict, out: dict) -> str:
         lr = " / ".join("–" if x is None else f"{x:g}" for x in (b["lr"], lo["lr"]))
         head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
         lines.append(head + (" – | – | – | – | – | |" if c is None else
-                             f" {_pct(c['score'])} / {_pct(lo['cmp']['score'])} | {_cmp_cells(c)} | "
+                             f" {pct(c['score'])} / {pct(lo['cmp']['score'])} | {_cmp_cells(c)} | "
                              f"{_direction(c)} |"))
 
     lines += ["", "## At matched update size", "",
@@ -404,13 +386,13 @@ def render_inits(rec: dict, out: dict) -> str:
             holm_p = "–"
         elif m["cmp"] is not None:
             c = m["cmp"]
-            test = f"{_pts(c['delta'])} [{_pts(c['low'])}, {_pts(c['high'])}]"
-            holm_p = ", ".join(map(_p, c["holm"]))
+            test = f"{pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}]"
+            holm_p = ", ".join(map(p_value, c["holm"]))
         else:
             test, holm_p = "–", "–"
         lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | {_upd(m['target'])} | "
                      f"{'–' if m['lr'] is None else format(m['lr'], 'g')} | {_upd(m['update'])} | "
-                     f"{_pct(m['heldout'])} / {_pct(m['lora_heldout'])} | {test} | {holm_p} |")
+                     f"{pct(m['heldout'])} / {pct(m['lora_heldout'])} | {test} | {holm_p} |")
 
     lines += ["", f"Δ in points: the test score of the first build minus the second's (the student's, or LoRA's "
                   f"selected build of the same budget and seed) on the same questions; interval: paired bootstrap "
@@ -428,21 +410,10 @@ def render_inits(rec: dict, out: dict) -> str:
 def plot(rec: dict, out: dict, path: Path) -> None:
     """pilot.png: LoRA's curve by budget when LoRA is the only init, else each init's held-out score by lr and by
     update size (:func:`figure_lora`, :func:`figure_inits`)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = staged.pyplot()
 
     fig = (figure_lora if inits(rec["meta"]["settings"]) == [LORA] else figure_inits)(plt, rec, out)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no library version in the bytes
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    staged.save_png(fig, path)
 
 
 def figure_lora(plt, rec: dict, out: dict):
@@ -529,9 +500,4 @@ def figure_inits(plt, rec: dict, out: dict):
 
 def write_report(records: str | Path) -> Path:
     """pilot.md and pilot.png in the records directory, from its records; returns pilot.md's path."""
-    root = Path(records)
-    rec = load(root)
-    out = derive(rec)
-    write_text(root / REPORT, render(rec, out))
-    plot(rec, out, root / PLOT)
-    return root / REPORT
+    return staged.write_report(records, REPORT, PLOT, load, derive, render, plot)

@@ -41,17 +41,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pkt.config import Settings, read_yaml, validate
+from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
-from pkt.io import write_json
 from pkt.studies import staged, steps_saved_report as R
-from pkt.studies.pilot import NO_HELDOUT
+from pkt.studies.pilot import heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 
 # arm -> the LoRA init it fine-tunes with (laten-lora: plain LoRA on the LaTen-injected student)
 INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "pissa": "pissa"}
-HELDOUT_TASKS = ("gsm8k", "mbpp")
 
 
 class HeldoutSettings(Settings):
@@ -80,21 +78,8 @@ class StepsSavedConfig(Settings):
     # ...) and LaTen (laten_*), read through the same functions as pkt run's methods
     budget: Budget = Budget()
 
-    @field_validator("task")
-    @classmethod
-    def _has_heldout(cls, v: str) -> str:
-        if v in NO_HELDOUT:
-            raise ValueError(NO_HELDOUT[v])
-        if v not in HELDOUT_TASKS:
-            raise ValueError(f"unknown task {v!r}; expected one of {', '.join(HELDOUT_TASKS)}")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"values repeat in {v}")
-        return v
+    _has_heldout = field_validator("task")(heldout_task)  # gsm8k or mbpp
+    _distinct = field_validator("seeds")(staged.distinct)
 
     @field_validator("arms")
     @classmethod
@@ -120,7 +105,7 @@ class StepsSavedConfig(Settings):
 
 def load_config(path: str | Path) -> tuple[StepsSavedConfig, str]:
     """The validated config and its text; a bad one is a one-line PktError naming the file and the setting."""
-    return validate(StepsSavedConfig, read_yaml(path), str(path)), Path(path).read_text(encoding="utf-8")
+    return staged.read_config(StepsSavedConfig, path)
 
 
 class StepsSaved:
@@ -266,16 +251,9 @@ class StepsSaved:
 
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models
-        from pkt.io import check_output_dir
 
         check_models(self.ecfg)  # a missing or mismatched model fails here, before any stage
-        check_output_dir(self.records, "records")
-        written: set[Path] = set()
-
-        def record(rel: str, obj: dict) -> None:
-            write_json(self.records / rel, obj)
-            written.add(self.records / rel)
-
+        record = staged.RecordWriter(self.records)
         with self.study.cache.lock():
             record(R.META, self.meta())
             total, done = len(self.cfg.seeds) * len(self.cfg.arms), 0
@@ -289,9 +267,7 @@ class StepsSaved:
                     self.log(f"[steps-saved] {done}/{total} {arm} seed {seed}: held-out loss by step {losses}")
                 self._prune_laten(seed)
                 R.write_report(self.records)
-            for old in (self.records / R.CURVES).glob("*.json"):
-                if old not in written:  # a record of other arms or seeds: not this study's
-                    old.unlink()
+            record.drop_others(R.CURVES)  # a record of other arms or seeds: not this study's
             report = R.write_report(self.records)
         self.log(f"[steps-saved] wrote {report} and {report.with_name(R.PLOT)}")
         return report
@@ -344,9 +320,7 @@ def render_plan(study: StepsSaved) -> str:
 
     rows, notes = study.plan()
     todo = [r for r in rows if not r[1]]
-    lines = [f"{'stage':<34} {'status':<7} {'estimate':>9}  work"]
-    lines += [f"{name:<34} {'cached' if cached else 'run':<7} {human(0 if cached else s):>9}  {work}"
-              for name, cached, s, work in rows]
+    lines = staged.plan_table(rows, 34)
     curves = sum(r[0].startswith(R.CURVE_PREFIX) for r in rows)
     lines.append(f"plan: {curves} curves and {len(rows) - curves} input builds ({len(rows) - len(todo)} stages "
                  f"cached), estimated {human(sum(r[2] for r in todo))} on the reference machine "
@@ -355,17 +329,9 @@ def render_plan(study: StepsSaved) -> str:
 
 
 def restorable(records: Path) -> dict[str, dict]:
-    """Curve results held by the committed records, by stage directory name (its key's hash). A run on another
-    machine takes these instead of recomputing them; a record whose stage key differs matches no stage."""
-    found: dict[str, dict] = {}
-    for f in (records / R.CURVES).glob("*.json"):
-        try:
-            rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # unreadable: recomputed, never trusted
-        if isinstance(rec, dict) and isinstance(rec.get("stage"), str) and isinstance(rec.get("result"), dict):
-            found[rec["stage"]] = rec["result"]
-    return found
+    """Curve results held by the committed records (:func:`pkt.studies.staged.restorable`), which a run on
+    another machine takes."""
+    return staged.restorable(records, {R.CURVES: (("stage", "result"),)})
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

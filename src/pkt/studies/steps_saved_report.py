@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from pkt.errors import PktError
-from pkt.studies.staged import read_record
+from pkt.studies import staged
+from pkt.studies.staged import p_value, read_record
 from pkt.experiment.stats import N_BOOT, paired_difference, two_way_counts
-from pkt.io import write_text
 
 META, CURVES = "steps-saved.json", "curves"
 REPORT, PLOT = "steps-saved.md", "steps-saved.png"
@@ -49,22 +49,11 @@ def curve_file(arm: str, seed: int) -> str:
     return f"{arm}-s{seed}.json"
 
 
-def _read(path: Path) -> dict:
-    return read_record(path, "steps-saved")
-
-
 def load(records: str | Path) -> dict:
     """{"meta", "curves": {(arm, seed): record}} of a records directory."""
-    root = Path(records)
-    if not (root / META).is_file():
-        raise PktError(f"{root}: no {META} (not a steps-saved records directory, or the study has not started)")
-    curves = {}
-    for p in sorted((root / CURVES).glob("*.json")):
-        rec = _read(p)
-        if not isinstance(rec.get("result"), dict) or "arm" not in rec or "seed" not in rec:
-            raise PktError(f"{p}: not a steps-saved curve record (needs arm, seed and result)")
-        curves[(rec["arm"], int(rec["seed"]))] = rec
-    return {"meta": _read(root / META), "curves": curves}
+    root = staged.records_root(records, META, "steps-saved")
+    curves = staged.seeded_records(root / CURVES, "steps-saved", "curve", "arm")
+    return {"meta": read_record(root / META, "steps-saved"), "curves": curves}
 
 
 def crossings(curves: np.ndarray, at: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -173,10 +162,6 @@ def _steps(v: float) -> str:
     return f"{v:.2f}".replace("-", "−")
 
 
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def render(rec: dict, out: dict) -> str:
     meta = rec["meta"]
     s, h, b = meta["settings"], meta["heldout"], meta["settings"]["budget"]
@@ -208,7 +193,7 @@ def render(rec: dict, out: dict) -> str:
         cells = [_loss(row["arms"][a]) for a in arms]
         for a in others:
             m, lo, hi, p = row["delta"][a]
-            cells += [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]", _p(p)]
+            cells += [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]", p_value(p)]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     lines += ["", "## Steps to reach LoRA's final held-out loss", "",
               f"Target: lora's mean held-out loss at step {at[-1]}, {out['target']:.4f}.", "",
@@ -239,12 +224,7 @@ def render(rec: dict, out: dict) -> str:
 
 def plot(rec: dict, out: dict, path: Path) -> None:
     """Each arm's mean held-out loss by step with its 95% band, and the target (lora's final loss)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = staged.pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if out["seeds"]:
@@ -259,20 +239,9 @@ def plot(rec: dict, out: dict, path: Path) -> None:
     ax.set_title(f"{rec['meta']['settings']['name']}: held-out loss by step (95% CI)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no library version in the bytes
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    staged.save_png(fig, path)
 
 
 def write_report(records: str | Path) -> Path:
     """steps-saved.md and steps-saved.png in the records directory, from its records; returns the .md's path."""
-    root = Path(records)
-    rec = load(root)
-    out = derive(rec)
-    write_text(root / REPORT, render(rec, out))
-    plot(rec, out, root / PLOT)
-    return root / REPORT
+    return staged.write_report(records, REPORT, PLOT, load, derive, render, plot)
