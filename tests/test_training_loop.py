@@ -202,8 +202,16 @@ def test_gkd_on_the_shared_loop_is_the_old_loop(qwen_pair):
     assert len(new) == 4
     # the coin gave both kinds of answers, so sampling and the gold path are both compared
     assert 0 < sum(r["on_policy"] for r in old) < len(EXAMPLES) * 2
-    _same(new, old, ["step", "epoch", "loss", "lr", "grad_norm", "on_policy", "tokens"])
+    # the loop applies both heads at the continuation rows only (pkt.align.token_loss.kept_logits) where the old
+    # one sliced the full logits: the same sums from a GEMM of another shape, so equal to float rounding, not bit
+    # for bit (a wrong row, shift or scale moves the loss by percents)
+    _same(new, old, ["step", "epoch", "lr", "on_policy", "tokens"])
+    for a, b in zip(new, old):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert list(new[0]) == ["step", "epoch", "loss", "lr", "grad_norm", "on_policy", "tokens", "tokens_per_s",
                             "seconds"]
     a, b = _lora_state(new_model), _lora_state(old_model)
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6 * b[n].abs().max().item(), msg=n)
+    assert any(not torch.equal(a[n], _lora_state(_lora(student))[n]) for n in a)  # it trained
