@@ -25,15 +25,21 @@ _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size since the last successful :func:`reset_peak` (else since the process began)."""
+def _status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (``VmHWM``, ``VmRSS``: KiB there) in bytes; None where unreadable."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last successful :func:`reset_peak` (else since the process began)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def reset_peak() -> bool:
@@ -47,13 +53,7 @@ def reset_peak() -> bool:
 
 def rss_bytes() -> int | None:
     """The current resident set size (None where /proc is not readable)."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_bytes("VmRSS")
 
 
 def release_memory() -> bool:
