@@ -225,7 +225,12 @@ def test_the_lr_sweep_config_is_the_decisive_studys_sweep(shared_data):
     assert cfg.inits == ["lora", "pissa", "seeking", "seeking-random"] and cfg.teacher
     assert (cfg.lrs, cfg.seeds, len(R.budgets(cfg.model_dump(mode="json")))) == ([3e-5, 1e-4, 3e-4, 1e-3], [0], 1)
     assert (cfg.heldout.size, cfg.eval.test_size, cfg.matched_test) == (150, 300, False)
-    assert "placeholder" in text.lower()
+    # the budget is the committed pilot's smallest significant one (its selected build beats the student on test)
+    assert (cfg.train_examples, cfg.epochs) == ([64], [1])
+    pilot = ROOT / "docs" / "results" / "pilot-gsm8k"
+    test = R.load(pilot)["tests"]["n64-e1-s0"]
+    assert (test["train_examples"], test["epochs"], test["lr"]) == (64, 1, 3e-4)
+    assert "significantly raises the student's test score: 64 examples × 1 epoch" in (pilot / R.REPORT).read_text()
     plan = render_plan(Pilot(cfg, None, text, log=lambda m: None, dry=True))
-    assert "plan: 16 builds, 1 extraction and 22 evaluations (0 stages cached), estimated 12.1 h" in plan
-    assert "16 builds, 1 extraction and 22 evaluations, 12.1 h" in text
+    assert "plan: 16 builds, 1 extraction and 22 evaluations (0 stages cached), estimated 8.7 h" in plan
+    assert "16 builds, 1 extraction and 22 evaluations, 8.7 h" in text
