@@ -12,9 +12,9 @@ from pkt.experiment.cache import StageCache
 
 def test_kernel_class_names_the_cpu_capability_and_amx():
     k = machine.kernel_class()
-    assert set(k) == {"arch", "torch", "cpu_capability", "amx_bf16", "avx512_bf16", "gpu"}
+    assert set(k) == {"arch", "cpu", "torch", "cpu_capability", "amx_bf16", "avx512_bf16", "gpu"}
     line = machine.describe(k)
-    assert k["cpu_capability"] in line and ("AMX bf16" in line) == k["amx_bf16"]
+    assert k["cpu_capability"] in line and ("AMX bf16" in line) == k["amx_bf16"] and (k["cpu"] or "") in line
     assert machine.describe({**k, "amx_bf16": not k["amx_bf16"]}) != line
 
 
@@ -120,3 +120,23 @@ def test_memory_an_earlier_stage_freed_into_the_heap_is_not_charged_to_the_next(
     after = rss_bytes()
     assert held - after > 300 * 2**20, (held, after)  # most of the ~400 MiB of holes went back to the OS
     assert len(kept) == 100
+
+
+def test_a_record_from_another_cpu_model_says_so_and_one_from_before_cpu_was_recorded_does_not(tmp_path):
+    """Two VMs of one kind (AVX-512, no AMX) differ in their bf16 kernels (P4, P6): the record names the CPU, and a
+    reuse on another CPU model says so; a record made before the CPU was recorded is not taken for another one."""
+    here = machine.kernel_class()
+    assert "cpu" in here and machine.same_class(here, dict(here))
+    assert not machine.same_class(here, {**here, "cpu": f"not {here['cpu']}"})
+    assert machine.same_class(here, {k: v for k, v in here.items() if k != "cpu"})
+    logs = []
+    cache = StageCache(tmp_path, log=logs.append)
+    with cache.lock():
+        path, _ = cache.run("s", {"a": 1}, lambda d: {"x": 1})
+    rec = json.loads((path / "stage.json").read_text())
+    for other, noted in (({k: v for k, v in rec["machine"].items() if k != "cpu"}, False),
+                         ({**rec["machine"], "cpu": "Another CPU"}, True)):
+        (path / "stage.json").write_text(json.dumps({**rec, "machine": other}))
+        with cache.lock():
+            cache.run("s", {"a": 1}, lambda d: {"x": 2})
+        assert ("computed on" in logs[-1]) is noted and (not noted or "Another CPU" in logs[-1])

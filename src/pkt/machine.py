@@ -8,7 +8,9 @@ records silently.
 
 ``auto`` as a dtype (a demo's setting; a study pins its dtype) is resolved once per process by timing a bfloat16
 and a float32 matrix product side by side (:func:`fastest_dtype`): bfloat16 where it is clearly faster (AMX, a
-GPU), float32 elsewhere (AVX-512 without AMX runs bfloat16 products at ~0.5x float32: P6).
+GPU, and some AVX-512 CPUs without AMX), float32 elsewhere. Machines of one kind differ here: without AMX a 2-core
+Xeon VM ran bfloat16 products at ~0.5x float32 (P6), a 2-core AMD EPYC VM at ~2x (P4); the record's ``cpu``
+names which.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ import torch
 BF16_MARGIN = 1.2
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,19 +49,27 @@ def _cpu_flags() -> set[str]:
 
 @functools.lru_cache(maxsize=1)
 def kernel_class() -> dict:
-    """The facts that decide which kernels torch runs here: architecture, torch's CPU capability, AMX and
-    AVX-512 bf16 support, the GPU if one is used."""
+    """The facts that decide which kernels torch runs here: architecture, the CPU's model name, torch's CPU
+    capability, AMX and AVX-512 bf16 support, the GPU if one is used."""
     flags = _cpu_flags()
-    return {"arch": platform.machine(), "torch": torch.__version__,
+    return {"arch": platform.machine(), "cpu": _cpu_model(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def describe(k: dict) -> str:
-    """One line: ``x86_64 AVX512, AMX bf16`` / ``x86_64 AVX512, no AMX``."""
+    """One line: ``x86_64 AVX512, AMX bf16`` / ``x86_64 AVX512, no AMX (AMD EPYC)``."""
     gpu = f", GPU {k['gpu']}" if k.get("gpu") else ""
-    return f"{k.get('arch')} {k.get('cpu_capability')}, {'AMX bf16' if k.get('amx_bf16') else 'no AMX'}{gpu}"
+    cpu = f" ({k['cpu']})" if k.get("cpu") else ""
+    return f"{k.get('arch')} {k.get('cpu_capability')}, {'AMX bf16' if k.get('amx_bf16') else 'no AMX'}{cpu}{gpu}"
+
+
+def same_class(a: dict, b: dict) -> bool:
+    """Whether two kernel classes agree on every fact that both record (a record made before a fact was recorded
+    is not taken for another machine for lacking it)."""
+    keys = ("arch", "cpu", "cpu_capability", "amx_bf16", "gpu")
+    return all(a[k] == b[k] for k in keys if k in a and k in b)
 
 
 def _matmul_seconds(dtype: torch.dtype, n: int, repeats: int) -> float:

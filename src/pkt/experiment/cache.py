@@ -34,7 +34,7 @@ from typing import Callable
 from pkt.errors import PktError
 from pkt.stage import Stage
 from pkt.io import atomic_dir, write_json
-from pkt.machine import describe, kernel_class
+from pkt.machine import describe, kernel_class, same_class
 from pkt.peak_memory import peak_rss_bytes, release_memory, reset_peak, rss_bytes
 
 LOCK_NAME = ".pkt-run.lock"
@@ -144,7 +144,7 @@ class StageCache:
             other = data.get("machine")
             # a record made by other kernels (AMX bf16 vs AVX-512, another torch) may differ in its last digits
             note = (f"; computed on {describe(other)}, this machine is {describe(kernel_class())}"
-                    if isinstance(other, dict) and describe(other) != describe(kernel_class()) else "")
+                    if isinstance(other, dict) and not same_class(other, kernel_class()) else "")
             self.log(f"[cached] {stage} ({path.name}{note})")
             return path, data["result"]
         if self._lock_fd is None and not self.worker:
