@@ -114,10 +114,7 @@ def prepare(name: str, force: bool = False, log=print) -> Path:
     shutil.rmtree(final, ignore_errors=True)  # an older, incomplete entry
     for stale in HALF.values():  # half entries of an older preparation
         shutil.rmtree(cache_dir(f"{name}@{stale}"), ignore_errors=True)
-    os.replace(tmp, final)
-    # the bf16 entry every bf16 load reads (the default study loads the teacher in bf16): made here, once, so
-    # that no stage pays its float32-file load (10.3 GiB for the 1.5B teacher)
-    half_copy(final, cache_dir(f"{name}@bfloat16"), torch.bfloat16, log=log)
+    os.replace(tmp, final)  # its bf16 entry: `pkt models prepare` makes it, else the first bf16 load
     if gguf.parent == pkt_home() / "gguf":
         gguf.unlink(missing_ok=True)  # reassemblable from the packages; the cache is what we load
     log(f"prepared {name} in {time.perf_counter() - t0:.0f} s -> {final}")
