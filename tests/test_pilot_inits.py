@@ -200,12 +200,57 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
                      _config(tmp_path, "nowhere", "nowhere", records=str(copy))) == first
 
 
+def test_select_seeds_sweeps_the_lrs_on_one_seed_and_tests_the_selected_lr_on_every_seed(tmp_path, qwen_pair,
+                                                                                         shared_data, pkt_cli):
+    """With `select_seeds: [0]` the lr grid is built and evaluated on held-out for seed 0 only; seed 1 builds each
+    init's selected lr alone and scores it on the test subset, so that three seeds cost one sweep and two builds.
+    The comparisons pair every seed; the report states each seed's test score and ‖ΔW‖/‖W‖."""
+    t, s = saved_pair(qwen_pair, tmp_path)
+    cfg = _config(tmp_path, s, t, inits=["lora", "seeking"], select_seeds=[0], matched_test=False)
+    out, records = tmp_path / "out", tmp_path / "records"
+    lrs = [1e-3, 1e-2]
+
+    code, plan, err = pkt_cli("study", "pilot", cfg, "--dry-run")
+    assert code == 0, err
+    # 2 inits x 2 lrs on seed 0, and one build per init for seed 1; 4 held-out, 4 tests, 2 of the student
+    assert "plan: 6 builds, 1 extraction and 10 evaluations (0 stages cached)" in plan, plan
+    assert "build-seeking-n4-e1-s1 (lr to be chosen)" in plan and "heldout-n4-e1-lr0.001-s1" not in plan
+
+    code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)
+    assert code == 0, err
+    assert log.count("[run]    extract-gsm8k") == 1
+    rec = R.load(records)
+    assert sorted(rec["points"]) == sorted(R.point_name(4, 1.0, x, 0, i) for x in lrs for i in ("lora", "seeking"))
+    for init in ("lora", "seeking"):
+        lr, _ = R.select_lr(rec["points"], 4, 1.0, lrs, [0], init)
+        t0, t1 = (rec["tests"][R.test_name(4, 1.0, seed, init)] for seed in (0, 1))
+        assert t0["lr"] == t1["lr"] == lr and t0["build_stage"] != t1["build_stage"]
+        assert t1["update"]["all"] > 0 and t0["update"] == rec["points"][R.point_name(4, 1.0, lr, 0, init)][
+            "build"]["update"]
+    md = (records / R.REPORT).read_text()
+    assert "seeds 0, 1 (the lr grid is built and selected on seed 0;" in md
+    assert "## The selected builds seed by seed" in md and "| seeking | 4 | 1 | 0.001 | 1 |" in md
+    assert "across all 3 comparisons stated above" in md  # 2 inits against the student, seeking against LoRA
+    assert "Recorded: 4 of 4 grid points" in md
+    first = tree(records)
+
+    code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)  # resume: no stage work
+    assert code == 0, err
+    assert "[run]" not in log and tree(records) == first
+    copy = tmp_path / "copy"
+    assert rederived(pkt_cli, "pilot", R, records, copy,
+                     _config(tmp_path, "nowhere", "nowhere", records=str(copy), inits=["lora", "seeking"],
+                             select_seeds=[0], matched_test=False)) == first
+
+
 @pytest.mark.parametrize("setting, needle", [
     ({"inits": ["pissa"]}, "inits: Value error, lora must be one of the inits"),
     ({"inits": ["lora", "dora"]}, "inits.1: Input should be 'lora', 'pissa', 'seeking' or 'seeking-random'"),
     ({"inits": ["lora", "lora"]}, "inits: Value error, values repeat"),
     ({"inits": ["lora", "seeking-random"]}, "teacher: Value error, init seeking-random starts from the teacher's "
                                             "extraction: name the teacher"),
+    ({"seeds": [0, 1], "select_seeds": [2]}, "Value error, select_seeds: seed 2 is not one of the seeds [0, 1]"),
+    ({"select_seeds": []}, "select_seeds: List should have at least 1 item"),
 ])
 def test_a_bad_inits_setting_is_one_line_naming_it(tmp_path, shared_data, pkt_cli, setting, needle):
     path = config_file(tmp_path / "bad.yaml", {"student": "qwen2.5-coder-0.5b-instruct", "records": str(tmp_path / "r"),
@@ -215,16 +260,17 @@ def test_a_bad_inits_setting_is_one_line_naming_it(tmp_path, shared_data, pkt_cl
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
 
 
-def test_the_lr_sweep_config_is_the_decisive_studys_sweep(shared_data):
-    """configs/lr-sweep-gsm8k.yaml: the four inits at lr 3e-5 ... 1e-3, one budget, seed 0, held-out 150, test 300,
-    and the plan its header quotes."""
+def test_the_decisive_config_sweeps_on_seed_0_and_tests_three_seeds(shared_data):
+    """configs/decisive-gsm8k.yaml: the four inits at lr 3e-5 ... 1e-3 on seed 0, the selected lr on seeds 0-2, one
+    budget, held-out 150, test 300, and the plan its header quotes."""
     from pkt.studies.pilot import Pilot, load_config
     from pkt.studies.pilot_plan import render_plan
 
-    cfg, text = load_config(ROOT / "configs" / "lr-sweep-gsm8k.yaml")
+    cfg, text = load_config(ROOT / "configs" / "decisive-gsm8k.yaml")
     assert cfg.inits == ["lora", "pissa", "seeking", "seeking-random"] and cfg.teacher
-    assert (cfg.lrs, cfg.seeds, len(R.budgets(cfg.model_dump(mode="json")))) == ([3e-5, 1e-4, 3e-4, 1e-3], [0], 1)
-    assert (cfg.heldout.size, cfg.eval.test_size, cfg.matched_test) == (150, 300, False)
+    assert (cfg.lrs, cfg.seeds, cfg.select_seeds) == ([3e-5, 1e-4, 3e-4, 1e-3], [0, 1, 2], [0])
+    assert len(R.budgets(cfg.model_dump(mode="json"))) == 1
+    assert (cfg.heldout.size, cfg.eval.test_size, cfg.matched_test, cfg.dtype) == (150, 300, False, "float32")
     # the budget is the committed pilot's smallest significant one (its selected build beats the student on test)
     assert (cfg.train_examples, cfg.epochs) == ([64], [1])
     pilot = ROOT / "docs" / "results" / "pilot-gsm8k"
@@ -232,5 +278,5 @@ def test_the_lr_sweep_config_is_the_decisive_studys_sweep(shared_data):
     assert (test["train_examples"], test["epochs"], test["lr"]) == (64, 1, 3e-4)
     assert "significantly raises the student's test score: 64 examples × 1 epoch" in (pilot / R.REPORT).read_text()
     plan = render_plan(Pilot(cfg, None, text, log=lambda m: None, dry=True))
-    assert "plan: 16 builds, 1 extraction and 22 evaluations (0 stages cached), estimated 8.7 h" in plan
-    assert "16 builds, 1 extraction and 22 evaluations, 8.7 h" in text
+    assert "plan: 24 builds, 1 extraction and 30 evaluations (0 stages cached), estimated 13.0 h" in plan
+    assert "24 builds, 1 extraction and 30 evaluations, 13.0 h" in text

@@ -96,6 +96,9 @@ class PilotConfig(Settings):
     matched_test: bool = False
     records: str  # the directory the records (and pilot.md) go to, committed as they finish
     seeds: list[int] = Field([0], min_length=1)
+    # the seeds the lr grid is built and selected on (default: every seed); the other seeds build only each init's
+    # selected lr and score it on the test subset, so that seeds add test evidence without multiplying the sweep
+    select_seeds: list[int] | None = Field(None, min_length=1)
     train_examples: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     epochs: list[Positive] = Field([1.0], min_length=1)
     extra_budgets: list[tuple[Annotated[int, Field(ge=1)], Positive]] = []  # (examples, epochs) beyond the grid
@@ -114,7 +117,12 @@ class PilotConfig(Settings):
     heldout: HeldoutSettings = HeldoutSettings()
 
     _has_heldout = field_validator("task")(heldout_task)
-    _distinct = field_validator("seeds", "train_examples", "lrs", "epochs", "inits")(staged.distinct)
+    _distinct = field_validator("seeds", "select_seeds", "train_examples", "lrs", "epochs", "inits")(staged.distinct)
+
+    @property
+    def sweep_seeds(self) -> list[int]:
+        """The seeds whose every lr is built and evaluated on the held-out set (``select_seeds`` or all)."""
+        return list(self.select_seeds or self.seeds)
 
     @field_validator("inits")
     @classmethod
@@ -136,6 +144,9 @@ class PilotConfig(Settings):
     def _micro_batch(self):
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} exceeds batch_size {self.batch_size}")
+        extra = [x for x in self.select_seeds or [] if x not in self.seeds]
+        if extra:
+            raise ValueError(f"select_seeds: seed {extra[0]} is not one of the seeds {self.seeds}")
         return self
 
 
@@ -348,7 +359,8 @@ class Pilot:
         return {"budget": R.budget_name(n, epochs), "init": init, "train_examples": n, "epochs": epochs,
                 "seed": seed, "lr": lr, "heldout_means": {f"{k:g}": v for k, v in sorted(means.items())},
                 **({"matched": matched} if matched else {}), "build_stage": path.name,
-                "eval_stage": self.cache.path(ename, ekey).name, "test": res}
+                "eval_stage": self.cache.path(ename, ekey).name, "test": res,
+                **({"update": build["update"]} if self.cfg.select_seeds and "update" in build else {})}
 
     def student(self) -> dict:
         from pkt.experiment.fingerprint import model_identity
@@ -377,8 +389,8 @@ class Pilot:
         record = staged.RecordWriter(self.records)
         s = self.cfg.model_dump(mode="json")
         grid = R.budgets(s)
-        total = len(grid) * len(self.cfg.lrs) * len(self.cfg.seeds) * len(self.inits)
-        lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
+        lrs, seeds, sweep = list(self.cfg.lrs), list(self.cfg.seeds), self.cfg.sweep_seeds
+        total = len(grid) * len(lrs) * len(sweep) * len(self.inits)
 
         with self.cache.lock():
             record(R.META, self.meta())
@@ -390,7 +402,7 @@ class Pilot:
                 points: dict = {}  # every init's, by point name (the names carry the init)
                 target = None  # ‖ΔW‖/‖W‖ of LoRA's selected build, which comes first
                 for init in self.inits:
-                    for seed in seeds:
+                    for seed in sweep:
                         for lr in lrs:
                             p = self.point(init, n, e, lr, seed)
                             points[p["point"]] = p
@@ -398,7 +410,7 @@ class Pilot:
                             done += 1
                             self.log(f"[pilot] point {done}/{total} {p['point']}: held-out "
                                      f"{p['heldout']['score']:.1%}, ‖ΔW‖/‖W‖ {p['build']['update']['all']:.3%}")
-                    lr, means = R.select_lr(points, n, e, lrs, seeds, init)
+                    lr, means = R.select_lr(points, n, e, lrs, sweep, init)
                     who = "" if init == R.LORA else f"{init} "
                     for seed in seeds:
                         t = self.test(init, n, e, lr, seed, means)
@@ -406,10 +418,10 @@ class Pilot:
                         self.log(f"[pilot] {who}budget {t['budget']} seed {seed}: lr {lr:g} selected on held-out, "
                                  f"test {t['test']['score']:.1%}")
                     if init == R.LORA:
-                        target = R.mean_updates(points, n, e, lrs, seeds)[lr]
+                        target = R.mean_updates(points, n, e, lrs, sweep)[lr]
                     elif self.cfg.matched_test:
-                        m = R.matched_lr(points, n, e, lrs, seeds, init, target)
-                        ups = R.mean_updates(points, n, e, lrs, seeds, init)
+                        m = R.matched_lr(points, n, e, lrs, sweep, init, target)
+                        ups = R.mean_updates(points, n, e, lrs, sweep, init)
                         for seed in seeds if m != lr else []:
                             t = self.test(init, n, e, m, seed, means, matched={"target": target, "update": ups[m]})
                             record(f"{R.TESTS}/{R.test_name(n, e, seed, init, matched=True)}.json", t)
@@ -438,13 +450,13 @@ class Pilot:
         for which in ("heldout", "test"):
             name, key = self.eval_key("student", which, model_identity(self.cfg.student))
             rows.append((name, self.cache.is_cached(name, key), cost.evaluate(which), cost.work(which)))
-        lrs, seeds = list(self.cfg.lrs), list(self.cfg.seeds)
+        lrs, seeds, sweep = list(self.cfg.lrs), list(self.cfg.seeds), self.cfg.sweep_seeds
         teacher_builds = []  # whether each seeking build is done: the extraction runs only for one that is not
         for n, e in R.budgets(self.cfg.model_dump(mode="json")):
             points: dict = {}
             target = None
             for init in self.inits:
-                for seed in seeds:
+                for seed in sweep:
                     for lr in lrs:
                         bname, bkey = self.build_key(n, e, lr, seed, init)
                         p = self.point(init, n, e, lr, seed)
@@ -458,16 +470,26 @@ class Pilot:
                                   f"lr {lr:g}"),
                                  (f"heldout-{R.point_name(n, e, lr, seed, init)}", p is not None,
                                   cost.evaluate("heldout"), cost.work("heldout"))]
-                lr, means = R.select_lr(points, n, e, lrs, seeds, init)
+                lr, means = R.select_lr(points, n, e, lrs, sweep, init)
                 for seed in seeds:
                     t = self.test(init, n, e, lr, seed, means) if lr is not None else None
+                    if seed not in sweep:  # its build is not a grid point: it is made for the test alone
+                        bname = f"build-{R.point_name(n, e, lr, seed, init)}" if lr is not None else \
+                            f"build-{R.test_name(n, e, seed, init)} (lr to be chosen)"
+                        built = t is not None or (lr is not None and self.cache.is_cached(
+                            *self.build_key(n, e, lr, seed, init)))
+                        if init in TEACHER_INITS:
+                            teacher_builds.append(built)
+                        rows.append((bname, built, cost.build(n, e, init),
+                                     f"{'' if init == R.LORA else init + ': '}fine-tune {n} examples x {e:g} epochs, "
+                                     "the selected lr"))
                     name = f"test-{R.point_name(n, e, lr, seed, init)}" if lr is not None else \
                         f"test-{R.test_name(n, e, seed, init)} (lr to be chosen)"
                     rows.append((name, t is not None, cost.evaluate("test"), cost.work("test")))
                 if init == R.LORA:
-                    target = R.mean_updates(points, n, e, lrs, seeds).get(lr)
+                    target = R.mean_updates(points, n, e, lrs, sweep).get(lr)
                 elif self.cfg.matched_test:
-                    m = R.matched_lr(points, n, e, lrs, seeds, init, target)
+                    m = R.matched_lr(points, n, e, lrs, sweep, init, target)
                     for seed in seeds if m is None or m != lr else []:
                         t = self.test(init, n, e, m, seed, means) if m is not None else None
                         name = f"test-{R.point_name(n, e, m, seed, init)}" if m is not None else \

@@ -146,6 +146,12 @@ def compare(student_test: dict, tests: list[dict], base: list[dict] | None = Non
     return {"score": score, "delta": d.mean, "low": d.low, "high": d.high, "p_boot": d.p, "mcnemar": discord}
 
 
+def sweep_seeds(s: dict) -> list[int]:
+    """The seeds whose every lr has a held-out record (the settings' ``select_seeds``, else every seed); the
+    other seeds have a test record of each init's selected lr only."""
+    return list(s.get("select_seeds") or s["seeds"])
+
+
 def _tests(rec: dict, n: int, e: float, seeds: list[int], init: str, lr: float | None, matched: bool = False) \
         -> list[dict | None]:
     """The test records of one init and budget, each checked against the lr the held-out records give."""
@@ -161,20 +167,20 @@ def _tests(rec: dict, n: int, e: float, seeds: list[int], init: str, lr: float |
 def derive(rec: dict) -> dict:
     """Every number the report states, from the records ``rec`` (:func:`load`)."""
     s = rec["meta"]["settings"]
-    lrs, seeds = [float(x) for x in s["lrs"]], list(s["seeds"])
+    lrs, seeds, sweep = [float(x) for x in s["lrs"]], list(s["seeds"]), sweep_seeds(s)
     rows, selected = [], []
     for n, e in budgets(s):
         lora = None
         for init in inits(s):
-            lr, means = select_lr(rec["points"], n, e, lrs, seeds, init)
+            lr, means = select_lr(rec["points"], n, e, lrs, sweep, init)
             for x in lrs:
-                for seed in seeds:
+                for seed in sweep:
                     p = rec["points"].get(point_name(n, e, x, seed, init))
                     rows.append({"init": init, "n": n, "epochs": e, "lr": x, "seed": seed, "point": p,
                                  "selected": lr == x})
             tests = _tests(rec, n, e, seeds, init, lr)
             done = lr is not None and all(tests) and "test" in rec["student"]
-            ups = mean_updates(rec["points"], n, e, lrs, seeds, init)
+            ups = mean_updates(rec["points"], n, e, lrs, sweep, init)
             b = {"init": init, "n": n, "epochs": e, "lr": lr, "heldout": means.get(lr) if lr is not None else None,
                  "means": means, "updates": ups, "tests": tests if done else None,
                  "cmp": compare(rec["student"]["test"], tests) if done else None}
@@ -184,7 +190,7 @@ def derive(rec: dict) -> dict:
                 b["vs_lora"] = (compare(None, tests, [t["test"] for t in lora["tests"]], "LoRA's")
                                 if done and lora["tests"] else None)
                 target = lora["updates"].get(lora["lr"]) if lora["lr"] is not None else None
-                m = matched_lr(rec["points"], n, e, lrs, seeds, init, target)
+                m = matched_lr(rec["points"], n, e, lrs, sweep, init, target)
                 mt = _tests(rec, n, e, seeds, init, m, matched=True) if m != lr else [None]
                 b["matched"] = {"lr": m, "target": target, "update": ups.get(m), "heldout": means.get(m),
                                 "lora_heldout": lora["heldout"], "same": m is not None and m == lr,
@@ -203,6 +209,27 @@ def derive(rec: dict) -> dict:
     return {"rows": rows, "selected": selected, "n_comparisons": len(stated)}
 
 
+def _seeds_text(s: dict) -> str:
+    seeds = ", ".join(map(str, s["seeds"]))
+    if not s.get("select_seeds"):
+        return seeds
+    return (f"{seeds} (the lr grid is built and selected on seed {', '.join(map(str, s['select_seeds']))}; "
+            "the other seeds build each init's selected lr alone, for the test subset)")
+
+
+def _per_seed(rec: dict, out: dict) -> list[str]:
+    """Each selected build's test score and ‖ΔW‖/‖W‖ seed by seed: the spread that the seeds' mean hides."""
+    lines = ["", "## The selected builds seed by seed", "",
+             "| init | train examples | epochs | lr | seed | test | ‖ΔW‖/‖W‖ |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for b in out["selected"]:
+        for t in b["tests"] or []:
+            p = rec["points"].get(point_name(b["n"], b["epochs"], b["lr"], t["seed"], b["init"]))
+            up = (p["build"]["update"] if p else t.get("update") or {}).get("all")
+            lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | {b['lr']:g} | {t['seed']} | "
+                         f"{pct(t['test']['score'])} | {_upd(up)} |")
+    return lines
+
+
 def render(rec: dict, out: dict) -> str:
     """pilot.md: LoRA's report when LoRA is the only init (as before inits existed), else the per-init one."""
     return (render_lora if inits(rec["meta"]["settings"]) == [LORA] else render_inits)(rec, out)
@@ -218,7 +245,7 @@ def render_lora(rec: dict, out: dict) -> str:
              f"Plain LoRA of `{s['student']}` on {s['task']} ({metric}, {t['protocol']}), trained on the first N "
              f"examples of the PKT train split; batch {s['batch_size']} (micro-batch {s['micro_batch_size']}), "
              f"max length {s['max_length']}, rank {s['rank']}, α {s['alpha']:g}, {s['dtype']}, seeds "
-             f"{', '.join(map(str, s['seeds']))}. For each budget the lr is chosen on the held-out set only "
+             f"{_seeds_text(s)}. For each budget the lr is chosen on the held-out set only "
              f"({h['description']}); the chosen build alone is evaluated on the test subset ({t['description']}).",
              "", f"Recorded: {n_points} of {len(out['rows'])} grid points, {n_tests} of {len(out['selected'])} "
              "test evaluations.", ""]
@@ -304,7 +331,7 @@ def render_inits(rec: dict, out: dict) -> str:
              f"{', '.join(names)} of `{s['student']}` on {s['task']} ({metric}, {t['protocol']}), each built as "
              f"({built}), trained on the first N examples of the PKT train split; batch {s['batch_size']} "
              f"(micro-batch {s['micro_batch_size']}), max length {s['max_length']}, rank {s['rank']}, "
-             f"α {s['alpha']:g}, {s['dtype']}, seeds {', '.join(map(str, s['seeds']))}.{teacher} For each init and "
+             f"α {s['alpha']:g}, {s['dtype']}, seeds {_seeds_text(s)}.{teacher} For each init and "
              f"budget the lr is chosen on the held-out set only ({h['description']}); each init's chosen build alone "
              f"is evaluated on the test subset ({t['description']}).",
              "", f"Recorded: {n_points} of {len(out['rows'])} grid points, {len(tested)} of {len(out['selected'])} "
@@ -354,6 +381,9 @@ def render_inits(rec: dict, out: dict) -> str:
         lines.append(head + (" – | – | – | – | – | – | |" if c is None else
                              f" {pct(c['score'])} | {pct(stt['score'])} | {_cmp_cells(c)} | "
                              f"{'✓' if c['significant'] else ''} |"))
+
+    if s.get("select_seeds"):
+        lines += _per_seed(rec, out)
 
     lora_of = {(b["n"], b["epochs"]): b for b in out["selected"] if b["init"] == LORA}
     lines += ["", "## Each init against LoRA, both at their selected lr", "",
