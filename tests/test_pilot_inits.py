@@ -280,3 +280,23 @@ def test_the_decisive_config_sweeps_on_seed_0_and_tests_three_seeds(shared_data)
     plan = render_plan(Pilot(cfg, None, text, log=lambda m: None, dry=True))
     assert "plan: 24 builds, 1 extraction and 30 evaluations (0 stages cached), estimated 13.0 h" in plan
     assert "24 builds, 1 extraction and 30 evaluations, 13.0 h" in text
+
+
+def test_the_function_transfer_config_pairs_with_the_decisive_study(shared_data):
+    """configs/decisive-function-gsm8k.yaml evaluates every seed exactly as the decisive study's test evaluations
+    (the same 300 questions, prompts, decoding and dtype), and trains at its budget, so their rows pair."""
+    from pkt.config import load_config as load
+    from pkt.experiment.config import ExperimentConfig
+    from pkt.experiment.evaluation import eval_cfg
+    from pkt.studies.pilot import Pilot, load_config
+
+    cfg, text = load_config(ROOT / "configs" / "decisive-gsm8k.yaml")
+    decisive = Pilot(cfg, None, text, log=lambda m: None, dry=True).eval_cfg("test").model_dump()
+    fn = load(ExperimentConfig, ROOT / "configs" / "decisive-function-gsm8k.yaml")
+    for seed in fn.seeds:
+        assert eval_cfg(fn, seed, "gsm8k").model_dump() == decisive
+    b = fn.budget_for("gsm8k")
+    assert (b.train_examples, b.epochs, b.batch_size, b.max_length, b.rank, b.alpha, fn.dtype, fn.eval_dtype) == \
+        (cfg.train_examples[0], cfg.epochs[0], cfg.batch_size, cfg.max_length, cfg.rank, cfg.alpha, cfg.dtype,
+         "float32")
+    assert b.lr in cfg.lrs and "lora" in fn.methods and "student" in fn.methods

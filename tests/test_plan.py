@@ -17,7 +17,8 @@ from pkt.experiment.runner import Study
 from pkt.testing import save_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml", "cpu-study.yaml", "cpu-study-dropout0.yaml"]
+STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml", "cpu-study.yaml", "cpu-study-dropout0.yaml",
+           "decisive-function-gsm8k.yaml"]
 
 
 def expected_stages(cfg: ExperimentConfig) -> int:
