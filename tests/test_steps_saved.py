@@ -234,8 +234,9 @@ def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_
 
 
 def test_the_committed_config_is_the_study_budget(shared_data):
-    """configs/steps-saved-gsm8k.yaml: the embedded pair, gsm8k, seeds 0-2, 32 examples at batch 4 and lr 3e-4 (8
-    steps, measured at 0, 1, 2, 4, 8), each arm fine-tuned with the settings pkt run gives it."""
+    """configs/steps-saved-gsm8k.yaml: the embedded pair, gsm8k, seeds 0-2, at the decisive study's budget: 64
+    examples at batch 16 and lr 3e-4 (LoRA's selected lr there; 4 steps, measured after each), each arm fine-tuned
+    with the settings pkt run gives it."""
     from pathlib import Path
 
     from pkt.studies.steps_saved import StepsSaved, load_config
@@ -245,7 +246,11 @@ def test_the_committed_config_is_the_study_budget(shared_data):
     study = StepsSaved(cfg, None, text, log=lambda m: None, dry=True)
     assert (cfg.student, cfg.teacher, cfg.task, cfg.seeds) == ("qwen2.5-coder-0.5b-instruct",
                                                                "qwen2.5-coder-1.5b-instruct", "gsm8k", [0, 1, 2])
-    assert study.total == 8 and cfg.heldout_at == [0, 1, 2, 4, 8] and cfg.arms == ["lora", "laten-lora"]
+    assert study.total == 4 and cfg.heldout_at == [0, 1, 2, 3, 4] and cfg.arms == ["lora", "laten-lora"]
     ft = study.finetune_cfg("laten-lora", 2)
-    assert (ft.n_train, ft.batch_size, ft.lr, ft.epochs, ft.seed) == (32, 4, 3e-4, 1, 2)
+    assert (ft.n_train, ft.batch_size, ft.lr, ft.epochs, ft.seed) == (64, 16, 3e-4, 1, 2)
+    from pkt.studies import pilot_report as R
+
+    pilot = R.load(Path(__file__).parents[1] / "docs" / "results" / "pilot-gsm8k")["tests"]["n64-e1-s0"]
+    assert (pilot["train_examples"], pilot["epochs"], pilot["lr"]) == (ft.n_train, ft.epochs, ft.lr)
     assert ft == study.finetune_cfg("lora", 2)  # the arms differ only in the student they start from
