@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# P11's gate (docs/benchmarks.md): the evaluation decoding of the study's setting before P11 (continuous engine,
+# 32 rows, the vocabulary head in one product) against 64 and 128 rows with the sliced head, on the full HumanEval
+# (164) and 150 GSM8K questions 0-shot and 8-shot, the student in float32, <= 256 new tokens; one process per task,
+# the engines one after another on one loaded model. Run on quiet cores: nothing else on the machine.
+#   bash benchmarks/p11_gate.sh OUT_DIR
+set -euo pipefail
+out=${1:?usage: bash benchmarks/p11_gate.sh OUT_DIR}
+mkdir -p "$out"
+py=${PYTHON:-.venv/bin/python}
+engines=continuous-whole-head@32,continuous@64,continuous@128
+for spec in humaneval:164 gsm8k:150 gsm8k-8shot:150; do
+  task=${spec%%:*}; n=${spec##*:}
+  "$py" -m benchmarks.bench_decoding --task "$task" --prompts "$n" --max-new-tokens 256 --engines "$engines" \
+    --out "$out/p11-$task.json" > "$out/p11-$task.log"
+  grep -v '"texts"' "$out/p11-$task.log"  # one line per engine: seconds, tokens, tok/s, answers equal to the first
+done
+grep -H . /proc/loadavg
