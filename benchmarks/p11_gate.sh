@@ -3,13 +3,16 @@
 # 32 rows, the vocabulary head in one product) against 64 and 128 rows with the sliced head, on the full HumanEval
 # (164) and 150 GSM8K questions 0-shot and 8-shot, the student in float32, <= 256 new tokens; one process per task,
 # the engines one after another on one loaded model. Run on quiet cores: nothing else on the machine.
-#   bash benchmarks/p11_gate.sh OUT_DIR
+#   PKT_DATA_DIR=../shared/data bash benchmarks/p11_gate.sh OUT_DIR        (TASKS="gsm8k:150" for one task)
 set -euo pipefail
 out=${1:?usage: bash benchmarks/p11_gate.sh OUT_DIR}
+# GSM8K's questions come from PKT_DATA_DIR (offline): without it the GSM8K runs would fail after HumanEval's
+: "${PKT_DATA_DIR:?set PKT_DATA_DIR to the data directory (docs/data.md) before the gate}"
+tasks=${TASKS:-humaneval:164 gsm8k:150 gsm8k-8shot:150}
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 engines=continuous-whole-head@32,continuous@64,continuous@128
-for spec in humaneval:164 gsm8k:150 gsm8k-8shot:150; do
+for spec in $tasks; do
   task=${spec%%:*}; n=${spec##*:}
   "$py" -m benchmarks.bench_decoding --task "$task" --prompts "$n" --max-new-tokens 256 --engines "$engines" \
     --out "$out/p11-$task.json" > "$out/p11-$task.log"
