@@ -121,8 +121,8 @@ class PilotConfig(Settings):
 
     @property
     def sweep_seeds(self) -> list[int]:
-        """The seeds whose every lr is built and evaluated on the held-out set (``select_seeds`` or all)."""
-        return list(self.select_seeds or self.seeds)
+        """The seeds whose every lr is built and evaluated on the held-out set (the report's rule)."""
+        return R.sweep_seeds({"seeds": self.seeds, "select_seeds": self.select_seeds})
 
     @field_validator("inits")
     @classmethod

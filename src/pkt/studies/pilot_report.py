@@ -222,9 +222,8 @@ def _per_seed(rec: dict, out: dict) -> list[str]:
     lines = ["", "## The selected builds seed by seed", "",
              "| init | train examples | epochs | lr | seed | test | ‖ΔW‖/‖W‖ |", "|---|---:|---:|---:|---:|---:|---:|"]
     for b in out["selected"]:
-        for t in b["tests"] or []:
-            p = rec["points"].get(point_name(b["n"], b["epochs"], b["lr"], t["seed"], b["init"]))
-            up = (p["build"]["update"] if p else t.get("update") or {}).get("all")
+        for t in b["tests"] or []:  # with select_seeds every test record carries its build's update
+            up = (t.get("update") or {}).get("all")
             lines.append(f"| {b['init']} | {b['n']} | {b['epochs']:g} | {b['lr']:g} | {t['seed']} | "
                          f"{pct(t['test']['score'])} | {_upd(up)} |")
     return lines
