@@ -11,9 +11,14 @@
   ``--batch-size`` concurrent sequences. It has no stop strings, so its outputs run to the end token and are
   truncated at the stops afterwards (the same text, more tokens decoded).
 
-``--engines`` takes ENGINE[@ROWS] (e.g. ``continuous-whole-head@32,continuous@32,continuous@64``), where
-``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product (the engine
-before P11's sliced head). The texts are kept in ``--out`` so that differing answers can be scored.
+``--engines`` takes ENGINE[@ROWS][:DTYPE] (e.g. ``continuous-whole-head@32,continuous@64,continuous@64:bfloat16``),
+where ``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product (the engine
+before P11's sliced head) and DTYPE the weights' dtype (default ``--dtype``; each dtype's model is loaded once).
+Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
+extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
+answers and verdicts that differ from the first engine's, and for each differing answer the token at which the
+two greedy paths part (the cause: the same dtype should part nowhere; another dtype rounds the logits
+differently). The texts are kept in ``--out``.
 
 Prompts are the task's own (HumanEval: the Qwen2.5-Coder protocol; GSM8K: the pkt protocol; gsm8k-cot:
 lm-eval's 8-shot chain of thought, whose exemplars the continuous engine prefills once), with the task's stops.
@@ -35,24 +40,48 @@ from unittest.mock import patch
 import torch
 
 
-def task_prompts(task: str, tok, n: int) -> tuple[list[str], list[str]]:
+def task_prompts(task: str, tok, n: int) -> tuple[list[str], list[str], list[dict]]:
+    """(prompts, stop strings, rows) of the task's first ``n`` questions in pkt's order (seed 0)."""
     from pkt.evaluate.tasks.common import select
 
     if task == "humaneval":
         from pkt.evaluate.tasks import humaneval as he
 
         rows = select(he.load_rows(), n, 0)
-        return [he.qwen_prompt(r["prompt"]) for r in rows], he.EVALPLUS_STOP
+        return [he.qwen_prompt(r["prompt"]) for r in rows], he.EVALPLUS_STOP, rows
     from pkt.data.tasks import gsm8k_test
     from pkt.evaluate.tasks import gsm8k
     from pkt.evaluate.tasks.common import prompt_text
 
     rows = select(gsm8k_test(), n, 0)
     if task == "gsm8k-cot":
-        return [gsm8k.lmeval_prompt(r["question"]) for r in rows], gsm8k.LMEVAL_STOP
+        return [gsm8k.lmeval_prompt(r["question"]) for r in rows], gsm8k.LMEVAL_STOP, rows
     shots = 8 if task == "gsm8k-8shot" else 0  # the study's 8-shot protocol (pkt eval --shots 8), or 0-shot
     return [prompt_text(gsm8k.user_turn(r["question"], shots, 0), tok, "chat", gsm8k.ASSISTANT_PREFIX)
-            for r in rows], gsm8k.STOP
+            for r in rows], gsm8k.STOP, rows
+
+
+def verdicts(task: str, rows: list[dict], texts: list[str]) -> list[bool]:
+    """Each answer's verdict as the task's evaluation reaches it (pkt.evaluate.tasks)."""
+    if task == "humaneval":
+        from pkt.evaluate import sandbox
+        from pkt.evaluate.tasks import humaneval as he
+
+        programs = [he.solution_program(r, he.qwen_solution(t, r["entry_point"])) for r, t in zip(rows, texts)]
+        return [r.passed for r in sandbox.run_programs(programs, sandbox.SandboxConfig(), progress=False)]
+    from pkt.evaluate.tasks import gsm8k
+
+    gold = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    if task == "gsm8k-cot":
+        return [gsm8k.lmeval_exact_match(gsm8k.regex_extract(gsm8k.STRICT_RE, t, 0), g)
+                for t, g in zip(texts, gold)]
+    return [gsm8k.is_correct(gsm8k.extract_answer(t), g) for t, g in zip(texts, gold)]
+
+
+def parting_token(tok, a: str, b: str) -> int:
+    """Index of the first token at which two answers' tokenisations differ (where greedy paths part)."""
+    x, y = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
+    return next((k for k, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
 
 
 def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str], int]:
@@ -93,20 +122,31 @@ def main() -> None:
     args = ap.parse_args()
 
     from pkt.evaluate.generate import GenStats, generate
+    from pkt.machine import kernel_class
     from pkt.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype).eval()
-    prompts, stop = task_prompts(args.task, tok, args.prompts)
-    generate(model, tok, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)  # first-call overheads
+    prompts, stop, rows = task_prompts(args.task, tok, args.prompts)
+    models: dict = {}
+
+    def model_in(dtype: str):
+        if dtype not in models:  # one copy per dtype, loaded (and warmed up) once
+            models[dtype] = load_model(args.model, dtype=dtype).eval()
+            generate(models[dtype], tok, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)
+        return models[dtype]
+
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-           **{k: v for k, v in vars(args).items() if k not in ("engines", "out")}, "engines": {}}
-    ref = None
+           "kernels": kernel_class(), **{k: v for k, v in vars(args).items() if k not in ("engines", "out")},
+           "engines": {}}
+    ref = ref_ok = None
     for spec in args.engines.split(","):
-        # ENGINE[@ROWS]: rows decoded at once (default --batch-size); "continuous-whole-head" is the continuous
-        # engine with the vocabulary projection in one product, as before pkt.evaluate.logits sliced it
-        engine, _, rows = spec.partition("@")
-        batch = int(rows) if rows else args.batch_size
+        # ENGINE[@ROWS][:DTYPE]: rows decoded at once (default --batch-size), the weights' dtype (default
+        # --dtype); "continuous-whole-head" is the continuous engine with the vocabulary projection in one
+        # product, as before pkt.evaluate.logits sliced it
+        head, _, dtype = spec.partition(":")
+        engine, _, nrows = head.partition("@")
+        batch = int(nrows) if nrows else args.batch_size
+        model = model_in(dtype or args.dtype)
         t0 = time.perf_counter()
         if engine == "hf-paged":
             with torch.no_grad():
@@ -120,13 +160,20 @@ def main() -> None:
                                                 engine="continuous" if whole else engine)]
             tokens = st.new_tokens
         secs = time.perf_counter() - t0
-        ref = texts if ref is None else ref
-        res["engines"][spec] = {"seconds": round(secs, 1), "new_tokens": tokens,
-                                "tokens_per_s": round(tokens / secs, 2),
-                                "same_as_first": sum(a == b for a, b in zip(ref, texts)),
-                                "differ_from_first": [i for i, (a, b) in enumerate(zip(ref, texts)) if a != b],
-                                "texts": texts}
-        print(json.dumps({spec: {k: v for k, v in res["engines"][spec].items() if k != "texts"}}), flush=True)
+        ok = verdicts(args.task, rows, texts)  # after the clock: scoring is not decoding
+        ref, ref_ok = (texts, ok) if ref is None else (ref, ref_ok)
+        differ = [i for i, (a, b) in enumerate(zip(ref, texts)) if a != b]
+        res["engines"][spec] = {
+            "seconds": round(secs, 1), "new_tokens": tokens, "tokens_per_s": round(tokens / secs, 2),
+            "dtype": dtype or args.dtype, "rows": batch, "correct": sum(ok),
+            "same_as_first": len(texts) - len(differ), "differ_from_first": differ,
+            # where each differing answer's greedy path leaves the first engine's (token index)
+            "parts_at_token": {i: parting_token(tok, ref[i], texts[i]) for i in differ},
+            "same_verdict_as_first": sum(a == b for a, b in zip(ref_ok, ok)),
+            "verdict_differs": {i: {"first": ref_ok[i], "this": ok[i]} for i in range(len(ok)) if ok[i] != ref_ok[i]},
+            "verdicts": ok, "texts": texts}
+        print(json.dumps({spec: {k: v for k, v in res["engines"][spec].items() if k not in ("texts", "verdicts")}}),
+              flush=True)
         if args.out:
             args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
