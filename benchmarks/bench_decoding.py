@@ -12,8 +12,9 @@
   truncated at the stops afterwards (the same text, more tokens decoded).
 
 ``--engines`` takes ENGINE[@ROWS][:DTYPE] (e.g. ``continuous-whole-head@32,continuous@64,continuous@64:bfloat16``),
-where ``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product (the engine
-before P11's sliced head) and DTYPE the weights' dtype (default ``--dtype``; each dtype's model is loaded once).
+where ``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product and its cache
+grown by concatenation (the engine before P11), ``continuous-concat`` the engine with its cache grown by
+concatenation instead of in buffers with room (P11's last change), and DTYPE the weights' dtype (default ``--dtype``; each dtype's model is loaded once).
 Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
 extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
 answers and verdicts that differ from the first engine's, and for each differing answer the token at which the
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    from transformers.cache_utils import DynamicLayer
+
     from pkt.evaluate.generate import GenStats, generate
     from pkt.machine import kernel_class
     from pkt.models.load import load_model, load_tokenizer
@@ -154,10 +157,12 @@ def main() -> None:
         else:
             st = GenStats()
             whole = engine == "continuous-whole-head"
-            with patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext():
+            concat = engine in ("continuous-concat", "continuous-whole-head")  # the cache grown by concatenation, as before P11's buffers
+            with patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext(), \
+                    patch("pkt.evaluate.kv_cache._growing_layer", return_value=DynamicLayer) if concat else nullcontext():
                 texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
                                                 batch_size=batch, progress=False, stats=st,
-                                                engine="continuous" if whole else engine)]
+                                                engine="continuous" if whole or concat else engine)]
             tokens = st.new_tokens
         secs = time.perf_counter() - t0
         ok = verdicts(args.task, rows, texts)  # after the clock: scoring is not decoding

@@ -196,3 +196,40 @@ def test_response_nll_chunks_rows_under_its_logits_budget(qwen_pair, monkeypatch
     assert [n for _, n in chunked] == [n for _, n in whole]
     for (a, _), (b, _) in zip(chunked, whole):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+
+
+def test_growing_cache_layer_equals_concatenation():
+    """The continuous engine's cache layer writes each step into a buffer with room instead of concatenating:
+    the keys/values it returns equal DynamicLayer's at every step, across reallocations (room used up, or the
+    tensors replaced from outside as rows join and leave)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from pkt.evaluate import kv_cache as G
+
+    g = torch.Generator().manual_seed(0)
+    plain, grow = DynamicLayer(), G._growing_layer()()
+    first = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    plain.update(*first)
+    grow.update(*first)
+    for step in range(2 * G._ROOM + 3):
+        if step == G._ROOM // 2:  # rows leave: the engine replaces the tensors with a copy of some rows
+            for layer in (plain, grow):
+                layer.keys, layer.values = layer.keys[[0, 2], :, 1:], layer.values[[0, 2], :, 1:]
+        k = torch.randn(plain.keys.shape[0], 2, 1, 4, generator=g)
+        v = torch.randn(plain.keys.shape[0], 2, 1, 4, generator=g)
+        want, got = plain.update(k, v), grow.update(k, v)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert grow._buf[0].shape[-2] > grow.keys.shape[-2]  # it writes into room, not a fresh tensor each step
+
+
+def test_continuous_batching_equals_padded_when_the_cache_buffers_regrow(tiny_tok, monkeypatch):
+    """With 2 columns of room the buffers are reallocated every other step while rows join and leave: the answers
+    stay the padded path's."""
+    from pkt import testing
+    from pkt.evaluate import kv_cache as G
+
+    monkeypatch.setattr(G, "_ROOM", 2)
+    model = testing.tiny_model("qwen2", "student", len(tiny_tok))
+    padded = generate(model, tiny_tok, PROMPTS, max_new_tokens=16, batch_size=2, progress=False)
+    assert generate(model, tiny_tok, PROMPTS, max_new_tokens=16, batch_size=2, progress=False,
+                    engine="continuous") == padded
