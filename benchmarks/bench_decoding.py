@@ -14,7 +14,8 @@
 ``--engines`` takes ENGINE[@ROWS][:DTYPE] (e.g. ``continuous-whole-head@32,continuous@64,continuous@64:bfloat16``),
 where ``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product and its cache
 grown by concatenation (the engine before P11), ``continuous-concat`` the engine with its cache grown by
-concatenation instead of in buffers with room (P11's last change), and DTYPE the weights' dtype (default ``--dtype``; each dtype's model is loaded once).
+concatenation instead of in buffers with room (P11's last change), and DTYPE the weights' dtype (default
+``--dtype``; each dtype's model is loaded once).
 Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
 extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
 answers and verdicts that differ from the first engine's, and for each differing answer the token at which the
@@ -65,11 +66,14 @@ def task_prompts(task: str, tok, n: int) -> tuple[list[str], list[str], list[dic
 def verdicts(task: str, rows: list[dict], texts: list[str]) -> list[bool]:
     """Each answer's verdict as the task's evaluation reaches it (pkt.evaluate.tasks)."""
     if task == "humaneval":
-        from pkt.evaluate import sandbox
+        from pkt.evaluate.harness import EvalConfig
         from pkt.evaluate.tasks import humaneval as he
+        from pkt.evaluate.tasks.code import execute
 
         programs = [he.solution_program(r, he.qwen_solution(t, r["entry_point"])) for r, t in zip(rows, texts)]
-        return [r.passed for r in sandbox.run_programs(programs, sandbox.SandboxConfig(), progress=False)]
+        # the evaluation's own sandbox limits, and its refusal to run code without full isolation
+        results, _ = execute(programs, EvalConfig(progress=False), "humaneval exec")
+        return [r.passed for r in results]
     from pkt.evaluate.tasks import gsm8k
 
     gold = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
@@ -157,9 +161,12 @@ def main() -> None:
         else:
             st = GenStats()
             whole = engine == "continuous-whole-head"
-            concat = engine in ("continuous-concat", "continuous-whole-head")  # the cache grown by concatenation, as before P11's buffers
-            with patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext(), \
-                    patch("pkt.evaluate.kv_cache._growing_layer", return_value=DynamicLayer) if concat else nullcontext():
+            # the cache grown by concatenation, as before the engine's buffers with room
+            concat = engine in ("continuous-concat", "continuous-whole-head")
+            sliced = patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext()
+            grown = (patch("pkt.evaluate.kv_cache._growing_layer", return_value=DynamicLayer) if concat
+                     else nullcontext())
+            with sliced, grown:
                 texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
                                                 batch_size=batch, progress=False, stats=st,
                                                 engine="continuous" if whole or concat else engine)]
@@ -175,7 +182,8 @@ def main() -> None:
             # where each differing answer's greedy path leaves the first engine's (token index)
             "parts_at_token": {i: parting_token(tok, ref[i], texts[i]) for i in differ},
             "same_verdict_as_first": sum(a == b for a, b in zip(ref_ok, ok)),
-            "verdict_differs": {i: {"first": ref_ok[i], "this": ok[i]} for i in range(len(ok)) if ok[i] != ref_ok[i]},
+            "verdict_differs": {i: {"first": ref_ok[i], "this": ok[i]}
+                                for i in range(len(ok)) if ok[i] != ref_ok[i]},
             "verdicts": ok, "texts": texts}
         print(json.dumps({spec: {k: v for k, v in res["engines"][spec].items() if k not in ("texts", "verdicts")}}),
               flush=True)

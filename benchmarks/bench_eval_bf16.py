@@ -80,18 +80,18 @@ def main() -> None:
     # the change each evaluation sees: the built model minus the student in the same dtype, and which questions
     # it turns, against the float32 record's
     v = {**rec, **res["variants"]}
-    want = [b - a for a, b in zip(rec["student-fp32 (record)"]["per_example"], rec["merged-fp32 (record)"]["per_example"])]
+    fp32_student, fp32_build = (rec[k]["per_example"] for k in ("student-fp32 (record)", "merged-fp32 (record)"))
+    want = [b - a for a, b in zip(fp32_student, fp32_build)]
     summary = {}
-    for model, base in (("merged-fp32 (record)", "student-fp32 (record)"), ("merged-bf16", "student-bf16"),
-                        ("merged-fp32", "student-fp32 (record)")):
-        if model in v and base in v:
-            turn = [b - a for a, b in zip(v[base]["per_example"], v[model]["per_example"])]
-            summary[f"{model} - {base}"] = {
-                "score": round(v[model]["score"] - v[base]["score"], 4),
-                "answer_loss": round(v[model]["answer_loss"] - v[base]["answer_loss"], 4),
+    for arm, base in (("merged-fp32 (record)", "student-fp32 (record)"), ("merged-bf16", "student-bf16"),
+                      ("merged-fp32", "student-fp32 (record)")):
+        if arm in v and base in v:
+            turn = [b - a for a, b in zip(v[base]["per_example"], v[arm]["per_example"])]
+            summary[f"{arm} - {base}"] = {
+                "score": round(v[arm]["score"] - v[base]["score"], 4),
+                "answer_loss": round(v[arm]["answer_loss"] - v[base]["answer_loss"], 4),
                 "questions_turned_as_in_fp32": sum(a == b for a, b in zip(turn, want)),
-                "same_verdicts_as_fp32_model": sum(a == b for a, b in zip(v[model]["per_example"],
-                                                                         rec["merged-fp32 (record)"]["per_example"]))}
+                "same_verdicts_as_fp32_model": sum(a == b for a, b in zip(v[arm]["per_example"], fp32_build))}
     res["change"] = summary
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

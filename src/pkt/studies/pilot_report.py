@@ -217,7 +217,7 @@ def _seeds_text(s: dict) -> str:
             "the other seeds build each init's selected lr alone, for the test subset)")
 
 
-def _per_seed(rec: dict, out: dict) -> list[str]:
+def _per_seed(out: dict) -> list[str]:
     """Each selected build's test score and ‖ΔW‖/‖W‖ seed by seed: the spread that the seeds' mean hides."""
     lines = ["", "## The selected builds seed by seed", "",
              "| init | train examples | epochs | lr | seed | test | ‖ΔW‖/‖W‖ |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -382,7 +382,7 @@ def render_inits(rec: dict, out: dict) -> str:
                              f"{'✓' if c['significant'] else ''} |"))
 
     if s.get("select_seeds"):
-        lines += _per_seed(rec, out)
+        lines += _per_seed(out)
 
     lora_of = {(b["n"], b["epochs"]): b for b in out["selected"] if b["init"] == LORA}
     lines += ["", "## Each init against LoRA, both at their selected lr", "",
