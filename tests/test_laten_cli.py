@@ -336,7 +336,7 @@ def test_pkt_run_trains_the_papers_step_or_the_selection_grid(shared_data, tmp_p
     schedule spans the steps trained."""
     from pkt.experiment.config import ExperimentConfig
     from pkt.experiment.runner import Study
-    from pkt.methods.laten import laten_cfg, train_and_fuse
+    from pkt.methods.laten import laten_cfg
 
     def cfg(**budget):
         return ExperimentConfig(tasks=["gsm8k", "mmlu"], budget={"loss_examples": 2, "train_examples": 4, **budget})
