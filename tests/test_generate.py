@@ -239,3 +239,17 @@ def test_continuous_batching_equals_padded_when_the_cache_buffers_regrow(tiny_to
     padded = generate(model, tiny_tok, PROMPTS, max_new_tokens=16, batch_size=2, progress=False)
     assert generate(model, tiny_tok, PROMPTS, max_new_tokens=16, batch_size=2, progress=False,
                     engine="continuous") == padded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_equal_argmax_on_ties_and_nan(dtype):
+    """The decoding step's max(-1) indices are argmax's: first maximum on ties, NaN taken as the maximum."""
+    from pkt.evaluate.logits import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 4, (64, 5000), generator=g).to(dtype)  # every row has many tied maxima
+    nan = torch.randn(8, 300, generator=g).to(dtype)
+    nan[::2, 17] = float("nan")
+    nan[1, 5] = nan[1, 200] = float("inf")
+    for x in (ties, nan, torch.randn(3, 151936, generator=g).to(dtype)):
+        assert torch.equal(greedy_tokens(x), x.argmax(-1))

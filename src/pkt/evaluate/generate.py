@@ -23,7 +23,7 @@ import torch
 
 from pkt.evaluate.kv_cache import (_Rows, _prefill, _prefill_prefix, _prefix_groups, _shared_prefix,
                                    _supports_refill, left_padded)
-from pkt.evaluate.logits import last_logits
+from pkt.evaluate.logits import greedy_tokens, last_logits
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
             logits, cache, mask = _prefill(model, [ids[i][shared:] for i in new], prefix, shared, pad, device)
             if not _supports_refill(cache):
                 return None
-            first = logits.argmax(-1)
+            first = greedy_tokens(logits)
             for i, t in zip(new, first.tolist()):
                 gen[i] = [t]
             rows.add(cache, mask, new, mask.sum(-1), first)
@@ -182,7 +182,7 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
             logits = last_logits(model, input_ids=rows.last[:, None], attention_mask=rows.mask,
                                  position_ids=rows.pos[:, None], past_key_values=rows.cache)
-            rows.last = logits.argmax(-1)
+            rows.last = greedy_tokens(logits)
             rows.pos = rows.pos + 1
             for i, t in zip(rows.ids, rows.last.tolist()):
                 gen[i].append(t)

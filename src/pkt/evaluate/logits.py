@@ -46,6 +46,13 @@ def sliced_head(hidden: torch.Tensor, head: torch.nn.Linear, rows: int | None = 
     return out
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``: the same indices (the first maximum on ties, NaN counted as the maximum; tested),
+    through ``max(-1)``, whose CPU kernel is ~3x faster than ``argmax``'s for bfloat16 rows of the vocabulary
+    (40 vs 13 ms for 64 x 151,936 on the 2-core CPU; argmax was 6% of a bf16 decoding step)."""
+    return logits.max(-1).indices
+
+
 def last_logits(model, **inputs) -> torch.Tensor:
     """Logits at the last position of ``model(**inputs)`` ([batch, vocab]); a cache passed in ``inputs`` is
     updated as by the model's own forward."""
