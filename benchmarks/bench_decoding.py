@@ -158,6 +158,7 @@ def main() -> None:
         if engine == "hf-paged":
             with torch.no_grad():
                 texts, tokens = hf_paged(model, tok, prompts, stop, args.max_new_tokens, batch)
+            breakdown = {}
         else:
             st = GenStats()
             whole = engine == "continuous-whole-head"
@@ -174,13 +175,17 @@ def main() -> None:
                                                 batch_size=batch, progress=False, stats=st,
                                                 engine="continuous" if whole or concat else engine)]
             tokens = st.new_tokens
+            # where the time went: prefills (tokens, seconds) and decoding steps (mean rows decoded per step)
+            breakdown = {"prefill_tokens": st.prefill_tokens, "prefill_seconds": round(st.prefill_seconds, 1),
+                         "decode_steps": st.decode_steps,
+                         "mean_rows": round(st.row_steps / st.decode_steps, 1) if st.decode_steps else None}
         secs = time.perf_counter() - t0
         ok = verdicts(args.task, rows, texts)  # after the clock: scoring is not decoding
         ref, ref_ok = (texts, ok) if ref is None else (ref, ref_ok)
         differ = [i for i, (a, b) in enumerate(zip(ref, texts)) if a != b]
         res["engines"][spec] = {
             "seconds": round(secs, 1), "new_tokens": tokens, "tokens_per_s": round(tokens / secs, 2),
-            "dtype": dtype or args.dtype, "rows": batch, "correct": sum(ok),
+            "dtype": dtype or args.dtype, "rows": batch, **breakdown, "correct": sum(ok),
             "same_as_first": len(texts) - len(differ), "differ_from_first": differ,
             # where each differing answer's greedy path leaves the first engine's (token index)
             "parts_at_token": {i: parting_token(tok, ref[i], texts[i]) for i in differ},

@@ -75,6 +75,10 @@ def test_continuous_batching_equals_padded(kind, tiny_tok):
         if eos is not None:
             assert b.new_tokens < 12 * len(PROMPTS)
         assert a.new_tokens == b.new_tokens and b.sequences == len(PROMPTS) and b.prompts == len(PROMPTS)
+        # the breakdown: each prompt prefilled once; every token after a row's first came from a decoding step
+        assert b.prefill_tokens == sum(len(tiny_tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS)
+        assert b.row_steps == b.new_tokens - len(PROMPTS) and 0 < b.decode_steps <= b.row_steps <= 2 * b.decode_steps
+        assert 0 < b.prefill_seconds < b.seconds
     torch.testing.assert_close(model(**enc).logits, before)
     with pytest.raises(ValueError, match="engine"):
         generate(model, tiny_tok, PROMPTS[:1], engine="vllm", progress=False)
@@ -98,6 +102,11 @@ def test_continuous_batching_shares_a_common_prefix(tiny_tok):
         cont = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=batch, progress=False,
                         engine="continuous")
         assert cont == padded
+        st = GenStats()
+        generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=batch, progress=False, stats=st,
+                 engine="continuous")
+        shared = G._shared_prefix(ids)  # prefilled once, then each prompt's own tokens
+        assert st.prefill_tokens == shared + sum(len(i) - shared for i in ids)
 
 
 def test_grouped_scoring_equals_padded(qwen_pair):

@@ -32,6 +32,12 @@ class GenStats:
     sequences: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    # the continuous engine's breakdown (benchmarks read it; records keep to_dict's fields): seconds spent in
+    # prefills, decoding steps taken and the rows they decoded (row_steps / decode_steps = mean occupancy)
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    row_steps: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -151,7 +157,10 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
     shared = _shared_prefix(ids)
     prefix = None
     if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row
+        t_fill = time.perf_counter()
         prefix = _prefill_prefix(model, ids[0][:shared], device)
+        stats.prefill_seconds += time.perf_counter() - t_fill
+        stats.prefill_tokens += shared
         if prefix is None:
             return None
     todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
@@ -171,6 +180,7 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
         free = batch_size - len(rows)
         if todo and (free >= min(refill_at, len(todo)) or not len(rows)):
             new = [todo.pop() for _ in range(min(free, len(todo)))]
+            t_fill = time.perf_counter()
             logits, cache, mask = _prefill(model, [ids[i][shared:] for i in new], prefix, shared, pad, device)
             if not _supports_refill(cache):
                 return None
@@ -178,7 +188,11 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
             for i, t in zip(new, first.tolist()):
                 gen[i] = [t]
             rows.add(cache, mask, new, mask.sum(-1), first)
+            stats.prefill_seconds += time.perf_counter() - t_fill
+            stats.prefill_tokens += sum(len(ids[i]) - shared for i in new)
         else:
+            stats.decode_steps += 1
+            stats.row_steps += len(rows)
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
             logits = last_logits(model, input_ids=rows.last[:, None], attention_mask=rows.mask,
                                  position_ids=rows.pos[:, None], past_key_values=rows.cache)
