@@ -26,6 +26,11 @@ from pkt.evaluate.kv_cache import (_Rows, _prefill, _prefill_prefix, _prefix_gro
 from pkt.evaluate.logits import greedy_tokens, last_logits
 
 
+# the continuous engine refills its free rows once this fraction of them is free: prefills then come in groups
+# (fuller matrix products, fewer merges of new rows into the cache)
+REFILL_AT = 0.25
+
+
 @dataclass
 class GenStats:
     prompts: int = 0
@@ -168,7 +173,7 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
     out: dict[int, list[int]] = {}
     rows = _Rows()
     gen: dict[int, list[int]] = {}
-    refill_at = max(1, batch_size // 4)
+    refill_at = max(1, int(batch_size * REFILL_AT))
 
     def finished(i: int) -> bool:
         toks = gen[i]
