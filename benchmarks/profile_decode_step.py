@@ -20,7 +20,7 @@ def main() -> None:
 
     from benchmarks.bench_decoding import task_prompts
     from pkt.evaluate.kv_cache import _prefill, _Rows
-    from pkt.evaluate.logits import last_logits
+    from pkt.evaluate.logits import greedy_tokens, last_logits
     from pkt.models.load import load_model, load_tokenizer
 
     ap = argparse.ArgumentParser()
@@ -44,13 +44,13 @@ def main() -> None:
     with torch.no_grad():
         logits, cache, mask = _prefill(model, ids, None, 0, tok.pad_token_id, "cpu")
         rows = _Rows()
-        rows.add(cache, mask, list(range(len(ids))), mask.sum(-1), logits.argmax(-1))
+        rows.add(cache, mask, list(range(len(ids))), mask.sum(-1), greedy_tokens(logits))
 
         def step():  # the engine's decoding step (pkt.evaluate.generate._generate_refill), no row leaving
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
             out = last_logits(model, input_ids=rows.last[:, None], attention_mask=rows.mask,
                               position_ids=rows.pos[:, None], past_key_values=rows.cache)
-            rows.last, rows.pos = out.argmax(-1), rows.pos + 1
+            rows.last, rows.pos = greedy_tokens(out), rows.pos + 1
 
         for _ in range(args.warm):
             step()
