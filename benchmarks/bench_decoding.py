@@ -176,9 +176,10 @@ def main() -> None:
                                                 engine="continuous" if whole or concat else engine)]
             tokens = st.new_tokens
             # where the time went: prefills (tokens, seconds) and decoding steps (mean rows decoded per step)
+            # (only the continuous engine counts them; padded batches go through model.generate)
             breakdown = {"prefill_tokens": st.prefill_tokens, "prefill_seconds": round(st.prefill_seconds, 1),
                          "decode_steps": st.decode_steps,
-                         "mean_rows": round(st.row_steps / st.decode_steps, 1) if st.decode_steps else None}
+                         "mean_rows": round(st.row_steps / st.decode_steps, 1)} if st.decode_steps else {}
         secs = time.perf_counter() - t0
         ok = verdicts(args.task, rows, texts)  # after the clock: scoring is not decoding
         ref, ref_ok = (texts, ok) if ref is None else (ref, ref_ok)
