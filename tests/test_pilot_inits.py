@@ -40,12 +40,12 @@ def test_a_lora_only_config_keeps_its_stage_names_and_keys(shared_data):
     niter = Pilot(cfg.model_copy(update={"pissa_niter": 4}), None, text, log=lambda m: None, dry=True)
     assert niter.build_key(256, 1.0, 3e-4, 0) == pilot.build_key(256, 1.0, 3e-4, 0)
     assert niter.build_key(256, 1.0, 3e-4, 0, "pissa")[1]["finetune"]["pissa_niter"] == 4
-    # the plan: the same 18 builds and 26 evaluations under the names they had, no extraction
+    # the plan (the trimmed grid: 4 budgets x 2 lrs): every stage under the name it had, no extraction
     plan = render_plan(pilot)
-    assert "plan: 18 builds and 26 evaluations (0 stages cached)" in plan and "extract" not in plan
+    assert "plan: 8 builds and 14 evaluations (0 stages cached)" in plan and "extract" not in plan
     names = [r[0] for r in pilot.plan()]
     assert names[:2] == ["heldout-student", "test-student"]
-    assert "build-n1000-e3-lr0.001-s0" in names and "heldout-n64-e1-lr0.0001-s0" in names
+    assert "build-n1000-e1-lr0.001-s0" in names and "heldout-n64-e1-lr0.0003-s0" in names
     assert all(not x.startswith(("build-pissa", "build-seeking", "extract")) for x in names)
 
 
