@@ -262,3 +262,32 @@ def test_greedy_tokens_equal_argmax_on_ties_and_nan(dtype):
     nan[1, 5] = nan[1, 200] = float("inf")
     for x in (ties, nan, torch.randn(3, 151936, generator=g).to(dtype)):
         assert torch.equal(greedy_tokens(x), x.argmax(-1))
+
+
+def test_length_chunks():
+    from pkt.evaluate.generate import _length_chunks
+
+    assert _length_chunks([7, 3, 5, 1], [400, 310, 290, 60], 0.75) == [[7, 3], [5], [1]]
+    assert _length_chunks([7, 3, 5, 1], [400, 310, 290, 60], 0.0) == [[7, 3, 5, 1]]
+    assert _length_chunks([], [], 0.75) == []
+
+
+def test_continuous_prefill_in_length_chunks_equals_padded(tiny_tok, monkeypatch):
+    """Prompts of very different lengths joining at once are prefilled in chunks of similar length, each merged
+    into the running batch; the answers are still the padded path's, and one prefill per refill gives them too."""
+    from pkt import testing
+    from pkt.evaluate import generate as G
+
+    prompts = [" ".join(["word"] * k) + p for k, p in zip((60, 45, 30, 18, 9, 2, 0), PROMPTS * 2)]
+    model = testing.tiny_model("qwen2", "student", len(tiny_tok))
+    padded = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=4, progress=False)
+    calls = []
+    real = G._prefill
+    monkeypatch.setattr(G, "_prefill", lambda m, suffixes, *a: calls.append(len(suffixes)) or real(m, suffixes, *a))
+    for ratio in (0.75, 0.0):
+        monkeypatch.setattr(G, "PREFILL_CHUNK", ratio)
+        calls.clear()
+        cont = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=len(prompts), progress=False,
+                        engine="continuous")
+        assert cont == padded
+        assert (len(calls) > 1) == (ratio > 0) and sum(calls) == len(prompts)
