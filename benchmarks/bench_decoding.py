@@ -13,8 +13,10 @@
 
 ``--engines`` takes ENGINE[@ROWS][:DTYPE] (e.g. ``continuous-whole-head@32,continuous@64,continuous@64:bfloat16``),
 where ``continuous-whole-head`` is the continuous engine with the vocabulary projection as one product, its cache
-grown by concatenation and its tokens taken by argmax (the engine before P11), ``continuous-concat`` the engine
-with its cache grown by concatenation instead of in buffers with room (P11's last change), and DTYPE the weights' dtype (default
+grown by concatenation, its tokens taken by argmax and the prompts joining together prefilled in one padded batch
+(the engine before P11), ``continuous-concat`` the engine with its cache grown by concatenation instead of in
+buffers with room, ``continuous-unchunked`` the engine with the joining prompts prefilled in one padded batch
+instead of chunks of similar length, and DTYPE the weights' dtype (default
 ``--dtype``; each dtype's model is loaded once).
 Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
 extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
@@ -165,15 +167,18 @@ def main() -> None:
             # the cache grown by concatenation, as before the engine's buffers with room
             concat = engine in ("continuous-concat", "continuous-whole-head")
             sliced = patch("pkt.evaluate.logits.plain_head", return_value=False) if whole else nullcontext()
-            # and its greedy step took argmax (pkt.evaluate.logits.greedy_tokens: the same indices, faster)
+            # and its greedy step took argmax (pkt.evaluate.logits.greedy_tokens: the same indices, faster), and it
+            # prefilled the prompts joining together in one padded batch (PREFILL_CHUNK 0)
             argmax = (patch("pkt.evaluate.generate.greedy_tokens", new=lambda logits: logits.argmax(-1)) if whole
                       else nullcontext())
+            unchunked = (patch("pkt.evaluate.generate.PREFILL_CHUNK", 0.0)
+                         if engine in ("continuous-whole-head", "continuous-unchunked") else nullcontext())
             grown = (patch("pkt.evaluate.kv_cache._growing_layer", return_value=DynamicLayer) if concat
                      else nullcontext())
-            with sliced, grown, argmax:
+            with sliced, grown, argmax, unchunked:
                 texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
                                                 batch_size=batch, progress=False, stats=st,
-                                                engine="continuous" if whole or concat else engine)]
+                                                engine="continuous" if engine.startswith("continuous") else engine)]
             tokens = st.new_tokens
             # where the time went: prefills (tokens, seconds) and decoding steps (mean rows decoded per step)
             # (only the continuous engine counts them; padded batches go through model.generate)
