@@ -116,6 +116,9 @@ def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str],
     return texts, useful
 
 
+ENGINES = ("padded", "continuous", "continuous-whole-head", "continuous-concat", "continuous-unchunked", "hf-paged")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -154,6 +157,8 @@ def main() -> None:
         # product, as before pkt.evaluate.logits sliced it
         head, _, dtype = spec.partition(":")
         engine, _, nrows = head.partition("@")
+        if engine not in ENGINES:  # a misspelt variant must not run silently as the plain engine
+            raise SystemExit(f"--engines: unknown engine {engine!r} in {spec!r}; known: {', '.join(ENGINES)}")
         batch = int(nrows) if nrows else args.batch_size
         model = model_in(dtype or args.dtype)
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@
 
 The student decodes the task's prompts (greedy, <= 256 new tokens, ``--rows`` at once) once per refill threshold
 (``pkt.evaluate.generate.REFILL_AT``: free rows are refilled once this fraction of them is free), one process, one
-loaded model, the thresholds one after another. Prints per threshold: wall seconds, useful new tokens and tok/s,
+loaded model, the thresholds one after another; ``--prefill-chunk 0`` prefills joining prompts unchunked. Prints per threshold: wall seconds, useful new tokens and tok/s,
 seconds and tokens in prefills, decoding steps, mean rows per step, and how many texts equal the first threshold's.
 """
 
@@ -30,11 +30,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--fractions", default="0.25,0.0625")
+    ap.add_argument("--prefill-chunk", type=float, default=None,
+                    help="pkt.evaluate.generate.PREFILL_CHUNK for every run (0: the joining prompts prefilled in one "
+                         "padded batch, as before the chunked prefill); default: the engine's")
     args = ap.parse_args()
 
     tok = load_tokenizer(args.model)
     prompts, stop, _ = task_prompts(args.task, tok, args.prompts)
     model = load_model(args.model, dtype=getattr(torch, args.dtype)).eval()
+    if args.prefill_chunk is not None:
+        G.PREFILL_CHUNK = args.prefill_chunk
     G.generate(model, tok, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)  # warm-up
     first = None
     for frac in (float(f) for f in args.fractions.split(",")):

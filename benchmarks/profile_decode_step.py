@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--concat", action="store_true",
                     help="grow the KV cache by concatenation, as the engine did before its buffers with room")
+    ap.add_argument("--argmax", action="store_true",
+                    help="take the greedy token by argmax, as the engine did before greedy_tokens")
     args = ap.parse_args()
+    pick = (lambda logits: logits.argmax(-1)) if args.argmax else greedy_tokens
     if args.concat:
         from transformers.cache_utils import DynamicLayer
 
@@ -44,13 +47,13 @@ def main() -> None:
     with torch.no_grad():
         logits, cache, mask = _prefill(model, ids, None, 0, tok.pad_token_id, "cpu")
         rows = _Rows()
-        rows.add(cache, mask, list(range(len(ids))), mask.sum(-1), greedy_tokens(logits))
+        rows.add(cache, mask, list(range(len(ids))), mask.sum(-1), pick(logits))
 
         def step():  # the engine's decoding step (pkt.evaluate.generate._generate_refill), no row leaving
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
             out = last_logits(model, input_ids=rows.last[:, None], attention_mask=rows.mask,
                               position_ids=rows.pos[:, None], past_key_values=rows.cache)
-            rows.last, rows.pos = greedy_tokens(out), rows.pos + 1
+            rows.last, rows.pos = pick(out), rows.pos + 1
 
         for _ in range(args.warm):
             step()

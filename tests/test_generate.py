@@ -284,10 +284,15 @@ def test_continuous_prefill_in_length_chunks_equals_padded(tiny_tok, monkeypatch
     calls = []
     real = G._prefill
     monkeypatch.setattr(G, "_prefill", lambda m, suffixes, *a: calls.append(len(suffixes)) or real(m, suffixes, *a))
-    for ratio in (0.75, 0.0):
-        monkeypatch.setattr(G, "PREFILL_CHUNK", ratio)
-        calls.clear()
-        cont = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=len(prompts), progress=False,
-                        engine="continuous")
-        assert cont == padded
-        assert (len(calls) > 1) == (ratio > 0) and sum(calls) == len(prompts)
+    # every prompt joining at once, and 4 rows refilled while others decode (chunks merged into a running batch)
+    for batch in (len(prompts), 4):
+        count = {}
+        for ratio in (0.75, 0.0):
+            monkeypatch.setattr(G, "PREFILL_CHUNK", ratio)
+            calls.clear()
+            cont = generate(model, tiny_tok, prompts, max_new_tokens=10, batch_size=batch, progress=False,
+                            engine="continuous")
+            assert cont == padded
+            assert sum(calls) == len(prompts)
+            count[ratio] = len(calls)
+        assert count[0.75] > count[0.0] and (batch > 4 or count[0.0] > 1)

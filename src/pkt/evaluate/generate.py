@@ -182,10 +182,10 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
     if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row
         t_fill = time.perf_counter()
         prefix = _prefill_prefix(model, ids[0][:shared], device)
+        if prefix is None:  # the padded path takes over and counts nothing of this
+            return None
         stats.prefill_seconds += time.perf_counter() - t_fill
         stats.prefill_tokens += shared
-        if prefix is None:
-            return None
     todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
     tail = max((len(s) for s in stop), default=0) + 1  # tokens are >= 1 character: covers any stop just ended
     out: dict[int, list[int]] = {}
