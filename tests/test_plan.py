@@ -114,3 +114,64 @@ def test_disk_counts_one_checkpoint_unless_kept(tmp_path, qwen_pair, shared_data
     # 3 built methods x 2 seeds = 6 merged students; pruning keeps one at a time
     assert kept.disk_bytes - pruned.disk_bytes == 5 * ckpt
     assert [s["stage"] for s in kept.stages] == [s["stage"] for s in pruned.stages]
+
+
+def test_answer_tokens_take_the_cap_for_loops_and_the_mean_for_the_rest():
+    from pkt.experiment.plan import ANSWER_LENGTHS, answer_tokens
+
+    looping, others = ANSWER_LENGTHS[("gsm8k", False)]
+    assert answer_tokens("gsm8k", 256) == pytest.approx(looping * 256 + (1 - looping) * others)
+    assert answer_tokens("gsm8k", 10) == 10  # a cap below every answer's length: each takes the cap
+    caps = [8, 32, 64, 128, 256, 512, 2048]
+    expected = [answer_tokens("humaneval", c) for c in caps]
+    assert all(a < b for a, b in zip(expected, expected[1:])) and all(e <= c for e, c in zip(expected, caps))
+    assert answer_tokens("gsm8k", 256, fewshot=True) != answer_tokens("gsm8k", 256)
+    assert answer_tokens("no-such-task", 300) == 300  # not measured: counted at the cap
+
+
+def test_is_fewshot_follows_the_protocol_unless_shots_are_set():
+    from pkt.experiment.plan import is_fewshot
+
+    assert not is_fewshot("gsm8k", "pkt", None) and is_fewshot("gsm8k", "standard", None)
+    assert is_fewshot("gsm8k", "pkt", 4) and not is_fewshot("gsm8k", "standard", 0)
+    assert not is_fewshot("humaneval", "standard", None)
+
+
+def test_continuous_generation_scales_with_the_rows_and_padded_waits_for_the_cap():
+    from pkt.experiment.plan import CONTINUOUS_ROWS, answer_tokens, continuous_rows_factor, generation_seconds
+
+    rate = {"generate-continuous": 100.0, "forward": 1000.0, "generate": 10.0}
+
+    def secs(work, tokens):
+        return tokens / rate[work]
+
+    assert continuous_rows_factor(CONTINUOUS_ROWS) == 1 and continuous_rows_factor(4 * CONTINUOUS_ROWS) == 1
+    factors = [continuous_rows_factor(r) for r in (1, 2, 8, 32, 64)]
+    assert all(a < b for a, b in zip(factors, factors[1:])) and 0 < factors[0]
+    full = generation_seconds(secs, "gsm8k", 300, 256, decoding="continuous", batch=64, fewshot=False,
+                              prompt_tokens=120)
+    assert full == pytest.approx(300 * answer_tokens("gsm8k", 256) / 100.0)
+    # fewer questions than rows decode at fewer rows, so more slowly per token
+    few = generation_seconds(secs, "gsm8k", 8, 256, decoding="continuous", batch=64, fewshot=False, prompt_tokens=120)
+    assert few == pytest.approx(8 * answer_tokens("gsm8k", 256) / 100.0 / continuous_rows_factor(8))
+    padded = generation_seconds(secs, "gsm8k", 300, 256, decoding="padded", batch=64, fewshot=False,
+                                prompt_tokens=120)
+    assert padded == pytest.approx(300 * 120 / 1000.0 + 300 * 256 / 10.0)
+
+
+def test_the_gsm8k_answer_lengths_agree_with_the_decisive_study_records():
+    """The share of GSM8K answers that run to the cap, in ANSWER_LENGTHS, against the at_cap counts of every
+    evaluation the decisive study has committed (the student's and its builds', held-out and test, 256-token cap)."""
+    import json
+
+    from pkt.experiment.plan import ANSWER_LENGTHS
+
+    root = CONFIGS.parent / "docs" / "results" / "decisive-gsm8k"
+    results = list(json.loads((root / "student.json").read_text()).values())
+    for path in sorted((root / "points").glob("*.json")) + sorted((root / "tests").glob("*.json")):
+        rec = json.loads(path.read_text())
+        results += [rec[k] for k in ("heldout", "test") if isinstance(rec.get(k), dict)]
+    results = [r for r in results if "at_cap" in r]
+    assert len(results) >= 6
+    share = sum(r["at_cap"] for r in results) / sum(r["n"] for r in results)
+    assert share == pytest.approx(ANSWER_LENGTHS[("gsm8k", False)][0], abs=0.03)

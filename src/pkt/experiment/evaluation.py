@@ -103,9 +103,11 @@ def evaluate_once(study, method: str, ref: str, dtype: str, task: str, seed: int
 
 
 def estimate(plan, method: str, task: str) -> Cost:
-    """An evaluation's cost: prompts and answers (generation at its token cap), the answer-loss examples and
+    """An evaluation's cost: prompts and answers (:func:`pkt.experiment.plan.generation_seconds`), the answer-loss examples and
     the model's load, for a model of the size the method declares. A built model is counted in eval_dtype (a
     lower bound: it may fall back to float32)."""
+    from pkt.experiment.plan import generation_seconds, is_fewshot
+
     c = plan.cfg
     m = get(method)
     b = c.budget_for(task)
@@ -113,11 +115,13 @@ def estimate(plan, method: str, task: str) -> Cost:
     params = plan.tp if m.sized_as == "teacher" else plan.sp
     dt = m.eval_dtype or c.eval_dtype
     gen = 0 if task == "mmlu" else b.eval_max_new_tokens
-    if gen and b.eval_decoding == "continuous":  # its measured rate includes the prompts' prefill
-        answer = plan.secs("generate-continuous", params, dt, n * gen)
-    else:
-        answer = plan.secs("forward", params, dt, n * TEST_PROMPT_TOKENS[task]) + plan.secs("generate", params, dt,
-                                                                                          n * gen)
+    if gen:
+        answer = generation_seconds(lambda work, tokens: plan.secs(work, params, dt, tokens), task, n, gen,
+                                    decoding=b.eval_decoding, batch=b.eval_batch_size,
+                                    fewshot=is_fewshot(task, b.eval_protocol, b.eval_shots),
+                                    prompt_tokens=TEST_PROMPT_TOKENS[task])
+    else:  # MMLU: one forward pass of each prompt
+        answer = plan.secs("forward", params, dt, n * TEST_PROMPT_TOKENS[task])
     seconds = (answer
                + plan.secs("forward", params, dt, b.loss_examples * plan.toks.mean(task, "train"))
                + plan.load(params, dt))

@@ -7,8 +7,9 @@ exactly the stages a run would run. Each stage's cost comes from what computes i
 :class:`PlanContext`. Its time is its work in tokens divided by a throughput
 measured on this project's reference machine, :data:`THROUGHPUT` (tokens/s by work kind, dtype and model
 size; interpolated log-log between the measured sizes, ∝ 1/size beyond them); the numbers are for that
-machine (a 2-core CPU) and say nothing about a GPU. Generation is counted at its token cap (an upper
-bound: answers that end early cost less). Token counts of the PKT splits are measured with the
+machine (a 2-core CPU) and say nothing about a GPU. Continuous generation is counted at the answers' expected
+lengths (the measured share that runs to the cap, and the others' mean length: :func:`answer_tokens`), padded
+generation at its token cap (each batch waits for its longest answer). Token counts of the PKT splits are measured with the
 student's tokenizer when it is available (characters / 4 otherwise).
 
 Disk: each fine-tuned or injected model writes a full copy of the student (in its dtype), plus
@@ -32,12 +33,62 @@ THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
     "forward": {"float32": [[630167424, 101.4], [1777088000, 60.2]], "bfloat16": [[630167424, 102.1], [1777088000, 29.9]]},
     "train": {"float32": [[630167424, 42.1], [1777088000, 17.3]], "bfloat16": [[630167424, 36.2], [1777088000, 12.2]]},
     "generate": {"float32": [[630167424, 6.9], [1777088000, 6.0]], "bfloat16": [[630167424, 26.5], [1777088000, 10.9]]},
-    # evaluation under budget.eval_decoding "continuous": useful new tokens/s with the prompts' prefill included,
-    # at batch 32 on real HumanEval prompts (`benchmarks/bench_decoding.py`, docs/benchmarks.md P9)
-    "generate-continuous": {"float32": [[630167424, 46.6]]},
+    # evaluation under eval decoding "continuous": useful new tokens/s with the prompts' prefill included, at
+    # CONTINUOUS_ROWS rows on 150 GSM8K and the 164 HumanEval prompts (`benchmarks/p11_gate.sh`, docs/benchmarks.md
+    # P11: 58.4 / 58.3 in float32, 136.6 / 138.1 in bfloat16; 2-core AMD EPYC VM without AMX, quiet cores)
+    "generate-continuous": {"float32": [[630167424, 58.3]], "bfloat16": [[630167424, 137.0]]},
 }
+CONTINUOUS_ROWS = 64
+# A decoding step costs about a + c·rows (P11, bf16 at 64 rows: a = 0.066 s, c = 0.0043 s), so with fewer rows the
+# rate falls as rows / (rows + a/c); more rows than measured are counted at the measured rate (P11: 128 rows gave
+# 1.04x in bf16 and 0.90x in fp32).
+STEP_FIXED_ROWS = 0.066 / 0.0043
+# The embedded 0.5B student's greedy answers at a 256-token cap, in its tokens (`benchmarks/answer_lengths.py`,
+# docs/benchmarks.md P5): the share that runs to the cap (loops, unfinished code) and the mean length of the others,
+# by (task, few-shot prompt). GSM8K's pools the student's and nine fine-tuned builds' evaluations of the decisive
+# study (its records' at_cap agree: tests/test_plan.py); the builds answered within ~10 tokens of the student.
+ANSWER_LENGTHS = {("gsm8k", False): (0.23, 66.5), ("gsm8k", True): (0.02, 86.0), ("humaneval", False): (0.26, 166.0),
+                  ("mbpp", False): (0.02, 84.7)}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_SECONDS_PER_GB = 2.0  # reading a prepared safetensors checkpoint (page cache cold)
+
+
+def answer_tokens(task: str, cap: int, fewshot: bool = False) -> float:
+    """Expected new tokens of one greedy answer to ``task`` at a cap of ``cap`` tokens: the answers that run to the
+    cap take it whole, the others their mean length (:data:`ANSWER_LENGTHS`); a task not measured, the cap."""
+    if (task, fewshot) not in ANSWER_LENGTHS:
+        return float(cap)
+    looping, others = ANSWER_LENGTHS[(task, fewshot)]
+    return looping * cap + (1 - looping) * min(others, cap)
+
+
+def is_fewshot(task: str, protocol: str, shots: int | None) -> bool:
+    """Whether ``task``'s prompts carry worked examples under ``protocol`` and ``shots`` (None: the protocol's
+    default, 8 for GSM8K's lm-eval chain of thought, 0 otherwise)."""
+    if shots is not None:
+        return shots > 0
+    from pkt.evaluate.tasks.common import parse_protocol
+
+    return task == "gsm8k" and parse_protocol(protocol).get(task) == "lm-eval-cot"
+
+
+def continuous_rows_factor(rows: int) -> float:
+    """The continuous engine's rate at ``rows`` rows relative to its rate at :data:`CONTINUOUS_ROWS`."""
+    r = max(1, min(rows, CONTINUOUS_ROWS))
+    k = STEP_FIXED_ROWS
+    return (r / (r + k)) / (CONTINUOUS_ROWS / (CONTINUOUS_ROWS + k))
+
+
+def generation_seconds(secs, task: str, questions: int, cap: int, *, decoding: str, batch: int,
+                       fewshot: bool, prompt_tokens: float) -> float:
+    """Seconds to answer ``questions`` of ``task`` greedily at ``cap`` new tokens; ``secs(work, tokens)`` is the
+    model's time for that work at its size and dtype. Continuous decoding: the answers' expected tokens
+    (:func:`answer_tokens`) at the engine's measured rate (prefill included), scaled to the rows it decodes at
+    once. Padded decoding: every batch waits for its longest answer, so the prompts' prefill and the cap."""
+    if decoding == "continuous":
+        rows = min(batch, questions)
+        return secs("generate-continuous", questions * answer_tokens(task, cap, fewshot)) / continuous_rows_factor(rows)
+    return secs("forward", questions * prompt_tokens) + secs("generate", questions * cap)
 
 
 def tokens_per_second(work: str, params: int, dtype: str) -> float:
@@ -207,7 +258,8 @@ def estimate(study, teacher, student) -> Estimate:
                            "bytes": nbytes, "work": cost.work})
         est.of[rec.stage] = rec.of
         if cost.checkpoint and not rec.cached:
-            ckpt = plan.model_bytes(plan.sp, c.dtype)
+            # (at most what the stage writes: a model of unknown size is estimated at 0 bytes)
+            ckpt = min(plan.model_bytes(plan.sp, c.dtype), nbytes)
             checkpoint_bytes.append(ckpt)
             other_bytes += nbytes - ckpt
         else:

@@ -1,7 +1,7 @@
 """The plan of a laten-dose study before it runs (``pkt study laten-dose CONFIG --dry-run``): every stage a run
 computes, in its order, cached or not (:func:`plan`: from the study's stage keys and records; nothing runs), with
 its estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured forward, training and
-decoding rates by model size and dtype; generation counted at its token cap, an upper bound).
+decoding rates by model size and dtype; continuous generation counted at the answers' expected lengths).
 
 * a hypernetwork training: ``pkt run``'s LaTen estimate per step (:func:`pkt.methods.laten.hypernet_seconds`:
   a teacher forward and a student training step over ``laten_batch`` align examples) and both models' loading;
@@ -174,6 +174,6 @@ def render_plan(study) -> str:
     by_kind = {k: human(sum(r[2] for r in todo if r[0].startswith(k))) for k in ("train-", "grid-", "locate-")}
     lines.append(f"plan: {trainings} hypernetwork trainings, {locates} locate stages, {grids} grids and {evals} "
                  f"evaluations ({len(rows) - len(todo)} stages cached), estimated {human(sum(r[2] for r in todo))} on "
-                 f"the reference machine ({THROUGHPUT_MACHINE}), generation counted at its token cap: trainings "
+                 f"the reference machine ({THROUGHPUT_MACHINE}), generation at the answers' expected lengths: trainings "
                  f"{by_kind['train-']}, grids {by_kind['grid-']}, locating {by_kind['locate-']}")
     return "\n".join(lines + [f"note: {x}" for x in notes])

@@ -1,7 +1,7 @@
 """The cost of a pilot before it runs (``pkt study pilot CONFIG --dry-run``): its stages, cached or not, with their
 estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured training, forward and
-continuous-decoding rates by model size and dtype; generation counted at its token cap, an upper bound) and the disk
-its merged students take at once. Seeking's extraction costs the teacher's sensitivity pass (training rate of the
+continuous-decoding rates by model size and dtype; continuous generation counted at the answers' expected lengths)
+and the disk its merged students take at once. Seeking's extraction costs the teacher's sensitivity pass (training rate of the
 teacher's size, on the extract split's examples) and its load; a PiSSA or Seeking build adds reading the merged
 build and the student once more (its ‖ΔW‖/‖W‖); PiSSA's SVD of every adapted matrix is not counted (no measured
 rate; seconds for a 0.5B student).
@@ -14,12 +14,13 @@ from pkt.studies import pilot_report as R, staged
 
 def generation_seconds(e, task: str, questions: int, secs) -> float:
     """Seconds to answer ``questions`` of ``task`` greedily under the evaluation settings ``e`` (the pilot's
-    ``EvalSettings``), counted at the token cap; ``secs(work, tokens)`` is the model's time for that work."""
+    ``EvalSettings``; :func:`pkt.experiment.plan.generation_seconds`); ``secs(work, tokens)`` is the model's time
+    for that work."""
     from pkt.experiment.evaluation import TEST_PROMPT_TOKENS
+    from pkt.experiment.plan import generation_seconds as seconds, is_fewshot
 
-    if e.decoding == "continuous":  # its measured rate includes the prompts' prefill
-        return secs("generate-continuous", questions * e.max_new_tokens)
-    return secs("forward", questions * TEST_PROMPT_TOKENS[task]) + secs("generate", questions * e.max_new_tokens)
+    return seconds(secs, task, questions, e.max_new_tokens, decoding=e.decoding, batch=e.batch_size,
+                   fewshot=is_fewshot(task, e.protocol, e.shots), prompt_tokens=TEST_PROMPT_TOKENS[task])
 
 
 class Costs:
@@ -114,5 +115,5 @@ def render_plan(pilot) -> str:
     lines.append(f"plan: {builds} builds{', 1 extraction' if extractions else ''} and {evals} evaluations "
                  f"({len(rows) - len(todo)} stages "
                  f"cached), estimated {human(seconds)} on the reference machine ({THROUGHPUT_MACHINE}), "
-                 "generation counted at its token cap")
+                 "continuous generation counted at the answers' expected lengths")
     return "\n".join(lines + [f"note: {x}" for x in pilot.plan_notes])
