@@ -16,7 +16,8 @@ where ``continuous-whole-head`` is the continuous engine with the vocabulary pro
 grown by concatenation, its tokens taken by argmax and the prompts joining together prefilled in one padded batch
 (the engine before P11), ``continuous-concat`` the engine with its cache grown by concatenation instead of in
 buffers with room, ``continuous-unchunked`` the engine with the joining prompts prefilled in one padded batch
-instead of chunks of similar length, and DTYPE the weights' dtype (default
+instead of chunks of similar length, ``continuous-copied`` the engine with a long shared prefix (few-shot
+exemplars) copied into every row instead of attended as one copy (as the engine before P11 did too), and DTYPE the weights' dtype (default
 ``--dtype``; each dtype's model is loaded once).
 Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
 extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
@@ -116,7 +117,8 @@ def hf_paged(model, tok, prompts, stop, max_new, batch_size) -> tuple[list[str],
     return texts, useful
 
 
-ENGINES = ("padded", "continuous", "continuous-whole-head", "continuous-concat", "continuous-unchunked", "hf-paged")
+ENGINES = ("padded", "continuous", "continuous-whole-head", "continuous-concat", "continuous-unchunked",
+           "continuous-copied", "hf-paged")
 
 
 def main() -> None:
@@ -180,7 +182,10 @@ def main() -> None:
                          if engine in ("continuous-whole-head", "continuous-unchunked") else nullcontext())
             grown = (patch("pkt.evaluate.kv_cache._growing_layer", return_value=DynamicLayer) if concat
                      else nullcontext())
-            with sliced, grown, argmax, unchunked:
+            # a long shared prefix copied into every row's cache, as before pkt.evaluate.prefix_attention
+            copied = (patch("pkt.evaluate.generate.SEPARATE_PREFIX", float("inf"))
+                      if engine in ("continuous-whole-head", "continuous-copied") else nullcontext())
+            with sliced, grown, argmax, unchunked, copied:
                 texts = [o[0] for o in generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
                                                 batch_size=batch, progress=False, stats=st,
                                                 engine="continuous" if engine.startswith("continuous") else engine)]

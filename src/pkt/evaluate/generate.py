@@ -10,12 +10,14 @@
   next prompts join (their prefill cache left-padded to the batch's), so the batch no longer waits for its
   longest answer. Built on transformers' DynamicCache and the model's own forward; transformers' paged
   ``generate_batch`` gives the same answers but was slower than padded batches on the reference CPU
-  (docs/benchmarks.md P9). Sampling always uses the padded path, whose per-batch seeds make samples
+  (docs/benchmarks.md P9). A long prefix every prompt shares (few-shot exemplars) is prefilled once and attended
+  as one copy (:mod:`pkt.evaluate.prefix_attention`). Sampling always uses the padded path, whose per-batch seeds make samples
   reproducible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ import torch
 from pkt.evaluate.kv_cache import (_Rows, _prefill, _prefill_prefix, _prefix_groups, _shared_prefix,
                                    _supports_refill, left_padded)
 from pkt.evaluate.logits import greedy_tokens, last_logits
+from pkt.evaluate.prefix_attention import attending
 
 
 # the continuous engine refills its free rows once this fraction of them is free: prefills then come in groups
@@ -33,6 +36,10 @@ REFILL_AT = 0.25
 # than this fraction of the chunk's longest, so no row pads more than (1 - PREFILL_CHUNK) of its width. One padded
 # prefill of the first 64 HumanEval prompts (47-400 tokens) computed 1.9x its real tokens. 0: one prefill per refill.
 PREFILL_CHUNK = 0.75
+# a prompt prefix every prompt shares is attended as one copy (pkt.evaluate.prefix_attention) from this many tokens
+# on (few-shot exemplars): below it, copied into every row, as the chat templates' system turns (31 tokens here)
+# are, so that zero-shot evaluations keep SDPA's kernel and its exact numbers
+SEPARATE_PREFIX = 256
 
 
 @dataclass
@@ -174,18 +181,31 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
                      batch_size: int, eos: list[int], pad: int, stats: GenStats, bar) -> list[list[str]] | None:
     """Greedy continuations with ``batch_size`` sequences decoded at once; a finished sequence's slot is given
     to the next prompt (longest prompts first) once a quarter of the slots are free, so that prefills come in
-    groups. A prefix every prompt shares (few-shot exemplars) is prefilled once. Returns None when the model's
-    cache is not a plain dynamic one (sliding windows): use the padded path then."""
+    groups. A prefix every prompt shares is prefilled once; from ``SEPARATE_PREFIX`` tokens on (few-shot
+    exemplars) the rows attend to that one copy, shorter ones are copied into each row. Returns None when the
+    model's cache is not a plain dynamic one (sliding windows): use the padded path then."""
     device = next(model.parameters()).device
     shared = _shared_prefix(ids)
     prefix = None
-    if shared:  # e.g. few-shot exemplars: their cache is computed once and copied into every new row
+    if shared:  # e.g. few-shot exemplars: their cache is computed once
         t_fill = time.perf_counter()
         prefix = _prefill_prefix(model, ids[0][:shared], device)
         if prefix is None:  # the padded path takes over and counts nothing of this
             return None
         stats.prefill_seconds += time.perf_counter() - t_fill
         stats.prefill_tokens += shared
+    # a long prefix stays one copy that every row attends to; a short one (a chat template's system turn) is copied
+    # into each row, where SDPA's kernel attends to it
+    separate = shared >= SEPARATE_PREFIX
+    with attending(model, prefix) if separate else contextlib.nullcontext():
+        return _decode_rows(model, tokenizer, ids, prefix, shared, separate, max_new_tokens=max_new_tokens,
+                            stop=stop, batch_size=batch_size, eos=eos, pad=pad, stats=stats, bar=bar)
+
+
+def _decode_rows(model, tokenizer, ids, prefix, shared: int, separate: bool, *, max_new_tokens: int, stop,
+                 batch_size: int, eos, pad: int, stats: GenStats, bar) -> list[list[str]] | None:
+    """The continuous engine's loop (:func:`_generate_refill`) behind a prefilled shared ``prefix`` (or None)."""
+    device = next(model.parameters()).device
     todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
     tail = max((len(s) for s in stop), default=0) + 1  # tokens are >= 1 character: covers any stop just ended
     out: dict[int, list[int]] = {}
@@ -205,13 +225,14 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
             new = [todo.pop() for _ in range(min(free, len(todo)))]
             t_fill = time.perf_counter()
             for chunk in _length_chunks(new, [len(ids[i]) - shared for i in new], PREFILL_CHUNK):
-                logits, cache, mask = _prefill(model, [ids[i][shared:] for i in chunk], prefix, shared, pad, device)
+                logits, cache, mask = _prefill(model, [ids[i][shared:] for i in chunk], prefix, shared, pad, device,
+                                               separate)
                 if not _supports_refill(cache):
                     return None
                 first = greedy_tokens(logits)
                 for i, t in zip(chunk, first.tolist()):
                     gen[i] = [t]
-                rows.add(cache, mask, chunk, mask.sum(-1), first)
+                rows.add(cache, mask, chunk, mask.sum(-1) + (shared if separate else 0), first)
             stats.prefill_seconds += time.perf_counter() - t_fill
             stats.prefill_tokens += sum(len(ids[i]) - shared for i in new)
         else:

@@ -161,9 +161,12 @@ def _prefill_prefix(model, tokens: list[int], device):
     return cache if _supports_refill(cache) else None
 
 
-def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, device):
+def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, device, separate: bool = False):
     """Last-position logits of the prompts ``prefix + suffix``, with the cache and attention mask to go on from.
-    The suffixes' left padding sits between prefix and suffix: masked, and the positions skip it."""
+    The suffixes' left padding sits between prefix and suffix: masked, and the positions skip it. ``separate``:
+    the prefix stays one copy that the rows attend to (:mod:`pkt.evaluate.prefix_attention`; go on decoding
+    inside its ``attending`` block), and cache and mask hold the suffixes' columns only; otherwise the prefix's
+    cache is copied into each row."""
     import copy
 
     from transformers import DynamicCache
@@ -171,7 +174,7 @@ def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, de
     batch = left_padded(suffixes, pad, device)
     mask = batch["attention_mask"]
     position = shared + (mask.cumsum(-1) - 1).clamp_min(0)
-    if prefix is None:
+    if prefix is None or separate:
         cache = DynamicCache(config=model.config)
     else:
         cache = copy.deepcopy(prefix)
