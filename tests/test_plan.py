@@ -130,7 +130,7 @@ def test_answer_tokens_take_the_cap_for_loops_and_the_mean_for_the_rest():
 
 
 def test_is_fewshot_follows_the_protocol_unless_shots_are_set():
-    from pkt.experiment.plan import is_fewshot
+    from pkt.evaluate.tasks.common import is_fewshot
 
     assert not is_fewshot("gsm8k", "pkt", None) and is_fewshot("gsm8k", "standard", None)
     assert is_fewshot("gsm8k", "pkt", 4) and not is_fewshot("gsm8k", "standard", 0)

@@ -106,7 +106,7 @@ def estimate(plan, method: str, task: str) -> Cost:
     """An evaluation's cost: prompts and answers (:func:`pkt.experiment.plan.generation_seconds`), the answer-loss examples and
     the model's load, for a model of the size the method declares. A built model is counted in eval_dtype (a
     lower bound: it may fall back to float32)."""
-    from pkt.experiment.plan import generation_seconds, is_fewshot
+    from pkt.evaluate.tasks.common import is_fewshot
 
     c = plan.cfg
     m = get(method)
@@ -116,10 +116,9 @@ def estimate(plan, method: str, task: str) -> Cost:
     dt = m.eval_dtype or c.eval_dtype
     gen = 0 if task == "mmlu" else b.eval_max_new_tokens
     if gen:
-        answer = generation_seconds(lambda work, tokens: plan.secs(work, params, dt, tokens), task, n, gen,
-                                    decoding=b.eval_decoding, batch=b.eval_batch_size,
-                                    fewshot=is_fewshot(task, b.eval_protocol, b.eval_shots),
-                                    prompt_tokens=TEST_PROMPT_TOKENS[task])
+        answer = plan.generation(params, dt, task, n, gen, decoding=b.eval_decoding, batch=b.eval_batch_size,
+                                 fewshot=is_fewshot(task, b.eval_protocol, b.eval_shots),
+                                 prompt_tokens=TEST_PROMPT_TOKENS[task])
     else:  # MMLU: one forward pass of each prompt
         answer = plan.secs("forward", params, dt, n * TEST_PROMPT_TOKENS[task])
     seconds = (answer

@@ -62,16 +62,6 @@ def answer_tokens(task: str, cap: int, fewshot: bool = False) -> float:
     return looping * cap + (1 - looping) * min(others, cap)
 
 
-def is_fewshot(task: str, protocol: str, shots: int | None) -> bool:
-    """Whether ``task``'s prompts carry worked examples under ``protocol`` and ``shots`` (None: the protocol's
-    default, 8 for GSM8K's lm-eval chain of thought, 0 otherwise)."""
-    if shots is not None:
-        return shots > 0
-    from pkt.evaluate.tasks.common import parse_protocol
-
-    return task == "gsm8k" and parse_protocol(protocol).get(task) == "lm-eval-cot"
-
-
 def continuous_rows_factor(rows: int) -> float:
     """The continuous engine's rate at ``rows`` rows relative to its rate at :data:`CONTINUOUS_ROWS`."""
     r = max(1, min(rows, CONTINUOUS_ROWS))
@@ -207,6 +197,11 @@ class PlanContext:
         # decoding is counted at the batch-8 rate whatever the batch: at batch 32 the 0.5B measured 37.4 (bf16)
         # and 15.2 (fp32) tok/s, no faster, though on a loaded machine (docs/benchmarks.md P5)
         return tokens / tokens_per_second(work, params, dtype)
+
+    def generation(self, params: int, dtype: str, task: str, questions: int, cap: int, **how) -> float:
+        """:func:`generation_seconds` for a model of ``params`` parameters in ``dtype``."""
+        return generation_seconds(lambda work, tokens: self.secs(work, params, dtype, tokens), task, questions, cap,
+                                  **how)
 
     def load(self, params: int, dtype: str) -> float:
         return params * DTYPE_BYTES.get(dtype, 4) / 1e9 * LOAD_SECONDS_PER_GB

@@ -17,7 +17,8 @@ def generation_seconds(e, task: str, questions: int, secs) -> float:
     ``EvalSettings``; :func:`pkt.experiment.plan.generation_seconds`); ``secs(work, tokens)`` is the model's time
     for that work."""
     from pkt.experiment.evaluation import TEST_PROMPT_TOKENS
-    from pkt.experiment.plan import generation_seconds as seconds, is_fewshot
+    from pkt.evaluate.tasks.common import is_fewshot
+    from pkt.experiment.plan import generation_seconds as seconds
 
     return seconds(secs, task, questions, e.max_new_tokens, decoding=e.decoding, batch=e.batch_size,
                    fewshot=is_fewshot(task, e.protocol, e.shots), prompt_tokens=TEST_PROMPT_TOKENS[task])

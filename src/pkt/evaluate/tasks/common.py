@@ -68,6 +68,14 @@ PROTOCOLS: dict[str, dict[str, dict]] = {
 STANDARD = {"gsm8k": "lm-eval-cot", "mmlu": "lm-eval", "humaneval": "qwen-coder", "mbpp": "qwen-coder"}
 
 
+def is_fewshot(task: str, protocol: str, shots: int | None) -> bool:
+    """Whether ``task``'s prompts carry worked examples under ``protocol`` (a :func:`parse_protocol` spec) and
+    ``shots`` (None: the protocol's default, 8 for GSM8K's lm-eval chain of thought, 0 otherwise)."""
+    if shots is not None:
+        return shots > 0
+    return task == "gsm8k" and parse_protocol(protocol).get(task) == "lm-eval-cot"
+
+
 def parse_protocol(spec: str) -> dict[str, str]:
     """``pkt`` | ``standard`` | comma list mixing a default with ``task=name`` overrides -> {task: name}.
 
