@@ -195,8 +195,9 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
         stats.prefill_seconds += time.perf_counter() - t_fill
         stats.prefill_tokens += shared
     # a long prefix stays one copy that every row attends to; a short one (a chat template's system turn) is copied
-    # into each row, where SDPA's kernel attends to it
-    separate = shared >= SEPARATE_PREFIX
+    # into each row, where SDPA's kernel attends to it, and so is any prefix on an accelerator (the one-copy
+    # attention runs torch's CPU flash kernel)
+    separate = shared >= SEPARATE_PREFIX and device.type == "cpu"
     with attending(model, prefix) if separate else contextlib.nullcontext():
         return _decode_rows(model, tokenizer, ids, prefix, shared, separate, max_new_tokens=max_new_tokens,
                             stop=stop, batch_size=batch_size, eos=eos, pad=pad, stats=stats, bar=bar)

@@ -14,7 +14,8 @@ function; its sums are taken in another order (and in bf16 each part's output is
 results differ from SDPA's in the last bits (tests/test_prefix_attention.py compares the two on tiny models).
 
 The function is registered with transformers' ``AttentionInterface`` (masks as SDPA's) under :data:`NAME`;
-:func:`attending` switches a model to it, with its prefix, for the span of a ``with`` block.
+:func:`attending` switches a model to it, with its prefix, for the span of a ``with`` block. CPU only (the
+engine copies the prefix into each row on an accelerator, as before).
 """
 
 from __future__ import annotations
