@@ -17,8 +17,8 @@ grown by concatenation, its tokens taken by argmax and the prompts joining toget
 (the engine before P11), ``continuous-concat`` the engine with its cache grown by concatenation instead of in
 buffers with room, ``continuous-unchunked`` the engine with the joining prompts prefilled in one padded batch
 instead of chunks of similar length, ``continuous-copied`` the engine with a long shared prefix (few-shot
-exemplars) copied into every row instead of attended as one copy (as the engine before P11 did too), and DTYPE the weights' dtype (default
-``--dtype``; each dtype's model is loaded once).
+exemplars) copied into every row instead of attended as one copy (as the engine before P11 did too), and DTYPE
+the weights' dtype (default ``--dtype``; each dtype's model is loaded once).
 Every answer is scored as the task scores it (HumanEval: the EvalPlus-style program in pkt's sandbox; GSM8K: the
 extracted number against the gold answer), so the gate compares *verdicts*, not only texts: for each engine, the
 answers and verdicts that differ from the first engine's, and for each differing answer the token at which the

@@ -11,8 +11,8 @@
   longest answer. Built on transformers' DynamicCache and the model's own forward; transformers' paged
   ``generate_batch`` gives the same answers but was slower than padded batches on the reference CPU
   (docs/benchmarks.md P9). A long prefix every prompt shares (few-shot exemplars) is prefilled once and attended
-  as one copy (:mod:`pkt.evaluate.prefix_attention`). Sampling always uses the padded path, whose per-batch seeds make samples
-  reproducible.
+  as one copy (:mod:`pkt.evaluate.prefix_attention`). Sampling always uses the padded path, whose per-batch
+  seeds make samples reproducible.
 """
 
 from __future__ import annotations

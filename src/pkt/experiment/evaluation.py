@@ -103,9 +103,9 @@ def evaluate_once(study, method: str, ref: str, dtype: str, task: str, seed: int
 
 
 def estimate(plan, method: str, task: str) -> Cost:
-    """An evaluation's cost: prompts and answers (:func:`pkt.experiment.plan.generation_seconds`), the answer-loss examples and
-    the model's load, for a model of the size the method declares. A built model is counted in eval_dtype (a
-    lower bound: it may fall back to float32)."""
+    """An evaluation's cost: prompts and answers (:func:`pkt.experiment.plan.generation_seconds`), the
+    answer-loss examples and the model's load, for a model of the size the method declares. A built model is
+    counted in eval_dtype (a lower bound: it may fall back to float32)."""
     from pkt.evaluate.tasks.common import is_fewshot
 
     c = plan.cfg

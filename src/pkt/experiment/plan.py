@@ -9,8 +9,8 @@ measured on this project's reference machine, :data:`THROUGHPUT` (tokens/s by wo
 size; interpolated log-log between the measured sizes, ∝ 1/size beyond them); the numbers are for that
 machine (a 2-core CPU) and say nothing about a GPU. Continuous generation is counted at the answers' expected
 lengths (the measured share that runs to the cap, and the others' mean length: :func:`answer_tokens`), padded
-generation at its token cap (each batch waits for its longest answer). Token counts of the PKT splits are measured with the
-student's tokenizer when it is available (characters / 4 otherwise).
+generation at its token cap (each batch waits for its longest answer). Token counts of the PKT splits are
+measured with the student's tokenizer when it is available (characters / 4 otherwise).
 
 Disk: each fine-tuned or injected model writes a full copy of the student (in its dtype), plus
 adapters, LaTen's hypernetwork checkpoints, Seeking's factors and not-yet-prepared embedded models.

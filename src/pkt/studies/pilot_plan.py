@@ -1,10 +1,10 @@
 """The cost of a pilot before it runs (``pkt study pilot CONFIG --dry-run``): its stages, cached or not, with their
 estimated time on the reference machine of :mod:`pkt.experiment.plan` (its measured training, forward and
-continuous-decoding rates by model size and dtype; continuous generation counted at the answers' expected lengths)
-and the disk its merged students take at once. Seeking's extraction costs the teacher's sensitivity pass (training rate of the
-teacher's size, on the extract split's examples) and its load; a PiSSA or Seeking build adds reading the merged
-build and the student once more (its ‖ΔW‖/‖W‖); PiSSA's SVD of every adapted matrix is not counted (no measured
-rate; seconds for a 0.5B student).
+continuous-decoding rates by model size and dtype; continuous generation counted at the answers' expected
+lengths) and the disk its merged students take at once. Seeking's extraction costs the teacher's sensitivity pass
+(training rate of the teacher's size, on the extract split's examples) and its load; a PiSSA or Seeking build
+adds reading the merged build and the student once more (its ‖ΔW‖/‖W‖); PiSSA's SVD of every adapted matrix is
+not counted (no measured rate; seconds for a 0.5B student).
 """
 
 from __future__ import annotations
