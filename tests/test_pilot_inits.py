@@ -283,8 +283,8 @@ def test_the_decisive_config_sweeps_on_seed_0_and_tests_three_seeds(shared_data)
 
     pilot = Pilot(cfg, None, text, log=lambda m: None, dry=True)
     assert re.search(r"plan: 24 builds, 1 extraction and 30 evaluations \(\d+ stages cached\)", render_plan(pilot))
-    assert human(sum(r[2] for r in pilot.plan())) == "6.5 h"
-    assert "24 builds, 1 extraction and 30 evaluations, 6.5 h" in text
+    assert human(sum(r[2] for r in pilot.plan())) == "6.7 h"
+    assert "24 builds, 1 extraction and 30 evaluations, 6.7 h" in text
 
 
 def test_the_function_transfer_config_pairs_with_the_decisive_study(shared_data):

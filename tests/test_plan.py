@@ -174,4 +174,4 @@ def test_the_gsm8k_answer_lengths_agree_with_the_decisive_study_records():
     results = [r for r in results if "at_cap" in r]
     assert len(results) >= 6
     share = sum(r["at_cap"] for r in results) / sum(r["n"] for r in results)
-    assert share == pytest.approx(ANSWER_LENGTHS[("gsm8k", False)][0], abs=0.03)
+    assert share == pytest.approx(ANSWER_LENGTHS[("gsm8k", False)][0], abs=0.05)
