@@ -45,7 +45,7 @@ CONTINUOUS_ROWS = 64
 STEP_FIXED_ROWS = 0.066 / 0.0043
 # The embedded 0.5B student's greedy answers at a 256-token cap, in its tokens (`benchmarks/answer_lengths.py`,
 # docs/benchmarks.md P5): the share that runs to the cap (loops, unfinished code) and the mean length of the others,
-# by (task, few-shot prompt). GSM8K's pools the decisive study's evaluations, the student's and eleven builds'
+# by (task, few-shot prompt). GSM8K's pools the decisive study's 13 evaluations, the student's 2 and its builds' 11
 # (its records' at_cap agree: tests/test_plan.py), a collapsed one included: PiSSA at lr 1e-3 ran every answer to
 # the cap, as an lr sweep's worst point may.
 ANSWER_LENGTHS = {("gsm8k", False): (0.28, 64.3), ("gsm8k", True): (0.02, 86.0), ("humaneval", False): (0.26, 166.0),
