@@ -140,7 +140,7 @@ def test_is_fewshot_follows_the_protocol_unless_shots_are_set():
 def test_continuous_generation_scales_with_the_rows_and_padded_waits_for_the_cap():
     from pkt.experiment.plan import CONTINUOUS_ROWS, answer_tokens, continuous_rows_factor, generation_seconds
 
-    rate = {"generate-continuous": 100.0, "forward": 1000.0, "generate": 10.0}
+    rate = {"generate-continuous": 100.0, "generate-continuous-fewshot": 80.0, "forward": 1000.0, "generate": 10.0}
 
     def secs(work, tokens):
         return tokens / rate[work]
@@ -154,6 +154,9 @@ def test_continuous_generation_scales_with_the_rows_and_padded_waits_for_the_cap
     # fewer questions than rows decode at fewer rows, so more slowly per token
     few = generation_seconds(secs, "gsm8k", 8, 256, decoding="continuous", batch=64, fewshot=False, prompt_tokens=120)
     assert few == pytest.approx(8 * answer_tokens("gsm8k", 256) / 100.0 / continuous_rows_factor(8))
+    fewshot = generation_seconds(secs, "gsm8k", 300, 256, decoding="continuous", batch=64, fewshot=True,
+                                 prompt_tokens=120)
+    assert fewshot == pytest.approx(300 * answer_tokens("gsm8k", 256, fewshot=True) / 80.0)
     padded = generation_seconds(secs, "gsm8k", 300, 256, decoding="padded", batch=64, fewshot=False,
                                 prompt_tokens=120)
     assert padded == pytest.approx(300 * 120 / 1000.0 + 300 * 256 / 10.0)

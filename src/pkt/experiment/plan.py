@@ -37,6 +37,9 @@ THROUGHPUT: dict[str, dict[str, list[list[float]]]] = {
     # CONTINUOUS_ROWS rows on 150 GSM8K and the 164 HumanEval prompts (`benchmarks/p11_gate.sh`, docs/benchmarks.md
     # P11: 58.4 / 58.3 in float32, 136.6 / 138.1 in bfloat16; 2-core AMD EPYC VM without AMX, quiet cores)
     "generate-continuous": {"float32": [[630167424, 58.3]], "bfloat16": [[630167424, 137.0]]},
+    # the same behind few-shot exemplars (8-shot GSM8K, 738 shared tokens attended as one copy; P11): each step
+    # also attends to the exemplars
+    "generate-continuous-fewshot": {"float32": [[630167424, 52.3]], "bfloat16": [[630167424, 110.5]]},
 }
 CONTINUOUS_ROWS = 64
 # A decoding step costs about a + c·rows (P11, bf16 at 64 rows: a = 0.066 s, c = 0.0043 s), so with fewer rows the
@@ -74,11 +77,12 @@ def generation_seconds(secs, task: str, questions: int, cap: int, *, decoding: s
                        fewshot: bool, prompt_tokens: float) -> float:
     """Seconds to answer ``questions`` of ``task`` greedily at ``cap`` new tokens; ``secs(work, tokens)`` is the
     model's time for that work at its size and dtype. Continuous decoding: the answers' expected tokens
-    (:func:`answer_tokens`) at the engine's measured rate (prefill included), scaled to the rows it decodes at
-    once. Padded decoding: every batch waits for its longest answer, so the prompts' prefill and the cap."""
+    (:func:`answer_tokens`) at the engine's measured rate (prefill included; behind few-shot exemplars, its rate
+    there), scaled to the rows it decodes at once. Padded decoding: every batch waits for its longest answer, so the prompts' prefill and the cap."""
     if decoding == "continuous":
         rows = min(batch, questions)
-        return secs("generate-continuous", questions * answer_tokens(task, cap, fewshot)) / continuous_rows_factor(rows)
+        work = "generate-continuous-fewshot" if fewshot else "generate-continuous"
+        return secs(work, questions * answer_tokens(task, cap, fewshot)) / continuous_rows_factor(rows)
     return secs("forward", questions * prompt_tokens) + secs("generate", questions * cap)
 
 
