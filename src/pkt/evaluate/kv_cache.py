@@ -164,9 +164,9 @@ def _prefill_prefix(model, tokens: list[int], device):
 def _prefill(model, suffixes: list[list[int]], prefix, shared: int, pad: int, device, separate: bool = False):
     """Last-position logits of the prompts ``prefix + suffix``, with the cache and attention mask to go on from.
     The suffixes' left padding sits between prefix and suffix: masked, and the positions skip it. ``separate``:
-    the prefix stays one copy that the rows attend to (:mod:`pkt.evaluate.prefix_attention`; go on decoding
-    inside its ``attending`` block), and cache and mask hold the suffixes' columns only; otherwise the prefix's
-    cache is copied into each row."""
+    the prefix stays one copy that the rows attend to (:mod:`pkt.evaluate.prefix_attention`: call this and go
+    on decoding inside its ``attending`` block), and cache and mask hold the suffixes' columns only; otherwise the
+    prefix's cache is copied into each row."""
     import copy
 
     from transformers import DynamicCache
