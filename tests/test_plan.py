@@ -178,3 +178,10 @@ def test_the_gsm8k_answer_lengths_agree_with_the_decisive_study_records():
     assert len(results) >= 6
     share = sum(r["at_cap"] for r in results) / sum(r["n"] for r in results)
     assert share == pytest.approx(ANSWER_LENGTHS[("gsm8k", False)][0], abs=0.05)
+
+
+def test_answer_lengths_counts_answers_within_two_tokens_of_the_cap_as_capped():
+    from benchmarks.answer_lengths import summary
+
+    n, share, mean = summary([10, 254, 256, 20, 253], 256)
+    assert (n, share, mean) == (5, 0.4, pytest.approx((10 + 20 + 253) / 3))
