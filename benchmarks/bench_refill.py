@@ -5,8 +5,9 @@
 
 The student decodes the task's prompts (greedy, <= 256 new tokens, ``--rows`` at once) once per refill threshold
 (``pkt.evaluate.generate.REFILL_AT``: free rows are refilled once this fraction of them is free), one process, one
-loaded model, the thresholds one after another; ``--prefill-chunk 0`` prefills joining prompts unchunked. Prints per threshold: wall seconds, useful new tokens and tok/s,
-seconds and tokens in prefills, decoding steps, mean rows per step, and how many texts equal the first threshold's.
+loaded model, the thresholds one after another; ``--prefill-chunk 0`` prefills joining prompts unchunked. Prints
+per threshold: wall seconds, useful new tokens and tok/s, seconds and tokens in prefills, decoding steps, mean rows
+per step, and how many texts equal the first threshold's.
 """
 
 from __future__ import annotations

@@ -199,14 +199,13 @@ def _generate_refill(model, tokenizer, ids: list[list[int]], *, max_new_tokens: 
     # attention runs torch's CPU flash kernel)
     separate = shared >= SEPARATE_PREFIX and device.type == "cpu"
     with attending(model, prefix) if separate else contextlib.nullcontext():
-        return _decode_rows(model, tokenizer, ids, prefix, shared, separate, max_new_tokens=max_new_tokens,
+        return _decode_rows(model, tokenizer, ids, prefix, shared, separate, device, max_new_tokens=max_new_tokens,
                             stop=stop, batch_size=batch_size, eos=eos, pad=pad, stats=stats, bar=bar)
 
 
-def _decode_rows(model, tokenizer, ids, prefix, shared: int, separate: bool, *, max_new_tokens: int, stop,
+def _decode_rows(model, tokenizer, ids, prefix, shared: int, separate: bool, device, *, max_new_tokens: int, stop,
                  batch_size: int, eos, pad: int, stats: GenStats, bar) -> list[list[str]] | None:
     """The continuous engine's loop (:func:`_generate_refill`) behind a prefilled shared ``prefix`` (or None)."""
-    device = next(model.parameters()).device
     todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]  # pop() from the end: longest first
     tail = max((len(s) for s in stop), default=0) + 1  # tokens are >= 1 character: covers any stop just ended
     out: dict[int, list[int]] = {}

@@ -12,6 +12,8 @@ and the log-sum-exp of its scores, from which the two outputs are weighed into o
 flash-decoding merges the blocks of a long cache). That is attention over the concatenated keys, the same
 function; its sums are taken in another order (and in bf16 each part's output is rounded before the merge), so
 results differ from SDPA's in the last bits (tests/test_prefix_attention.py compares the two on tiny models).
+The kernel is torch's internal ``aten::_scaled_dot_product_flash_attention_for_cpu``, the one SDPA calls on CPU:
+no public function returns the log-sum-exp the merge needs (torch 2.13 pinned; a torch without it fails the tests).
 
 The function is registered with transformers' ``AttentionInterface`` (masks as SDPA's) under :data:`NAME`;
 :func:`attending` switches a model to it, with its prefix, for the span of a ``with`` block. CPU only (the

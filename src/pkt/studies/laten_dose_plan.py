@@ -175,6 +175,5 @@ def render_plan(study) -> str:
     lines.append(f"plan: {trainings} hypernetwork trainings, {locates} locate stages, {grids} grids and {evals} "
                  f"evaluations ({len(rows) - len(todo)} stages cached), estimated {human(sum(r[2] for r in todo))} on "
                  f"the reference machine ({THROUGHPUT_MACHINE}), generation at the answers' expected lengths: "
-                 f"trainings "
-                 f"{by_kind['train-']}, grids {by_kind['grid-']}, locating {by_kind['locate-']}")
+                 f"trainings {by_kind['train-']}, grids {by_kind['grid-']}, locating {by_kind['locate-']}")
     return "\n".join(lines + [f"note: {x}" for x in notes])
