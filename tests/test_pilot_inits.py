@@ -238,6 +238,15 @@ def test_select_seeds_sweeps_the_lrs_on_one_seed_and_tests_the_selected_lr_on_ev
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)  # resume: no stage work
     assert code == 0, err
     assert "[run]" not in log and tree(records) == first
+    # another machine, the committed records only: seed 1's builds (no grid point records them) are restored from
+    # their test records too, not retrained; the plan counts every stage as done
+    code, plan, err = pkt_cli("study", "pilot", cfg, "--dry-run", "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    assert "(17 stages cached), estimated 0 s" in plan, plan
+    code, log, err = pkt_cli("study", "pilot", cfg, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    assert "[run]" not in log and "teacher loaded" not in log and tree(records) == first
+    assert "[cached] build-seeking-n4-e1-lr0.001-s1: not needed" in log, log
     copy = tmp_path / "copy"
     assert rederived(pkt_cli, "pilot", R, records, copy,
                      _config(tmp_path, "nowhere", "nowhere", records=str(copy), inits=["lora", "seeking"],

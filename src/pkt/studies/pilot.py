@@ -449,7 +449,7 @@ class Pilot:
         rows = []
         for which in ("heldout", "test"):
             name, key = self.eval_key("student", which, model_identity(self.cfg.student))
-            rows.append((name, self.cache.is_cached(name, key), cost.evaluate(which), cost.work(which)))
+            rows.append((name, self._have(name, key), cost.evaluate(which), cost.work(which)))
         lrs, seeds, sweep = list(self.cfg.lrs), list(self.cfg.seeds), self.cfg.sweep_seeds
         teacher_builds = []  # whether each seeking build is done: the extraction runs only for one that is not
         for n, e in R.budgets(self.cfg.model_dump(mode="json")):
@@ -511,10 +511,17 @@ class Pilot:
 
 def restorable(records: Path) -> dict[str, dict]:
     """Stage results held by the committed records (:func:`pkt.studies.staged.restorable`): an evaluation's
-    result, and a build's (its record, without weights), which a pilot resumed on another machine takes."""
-    return staged.restorable(records, {R.POINTS: (("eval_stage", "heldout"), ("build_stage", "build")),
-                                       R.TESTS: (("eval_stage", "test"), ("build_stage", "build"))},
-                             R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
+    result, and a build's (its record, without weights), which a pilot resumed on another machine takes. A test's
+    own build (a seed outside ``select_seeds``) is held by its test record as the update that reached the model,
+    all that a resumed test reads of it: without it that build would be retrained although its test is done."""
+    found = staged.restorable(records, {R.POINTS: (("eval_stage", "heldout"), ("build_stage", "build")),
+                                        R.TESTS: (("eval_stage", "test"),)},
+                              R.STUDENT, (("heldout", "eval_stage"), ("test", "eval_stage")))
+    for f in sorted((records / R.TESTS).glob("*.json")):
+        rec = staged.read_json(f)
+        if isinstance(rec, dict) and isinstance(rec.get("build_stage"), str) and isinstance(rec.get("update"), dict):
+            found.setdefault(rec["build_stage"], {"update": rec["update"]})
+    return found
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

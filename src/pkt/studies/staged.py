@@ -111,11 +111,11 @@ def restorable(records: Path, holds: dict[str, tuple[tuple[str, str], ...]], stu
     found: dict[str, dict] = {}
     for sub, pairs in holds.items():
         for f in (records / sub).glob("*.json"):
-            rec = _json(f)
+            rec = read_json(f)
             for stage, result in pairs if isinstance(rec, dict) else ():
                 if isinstance(rec.get(stage), str) and isinstance(rec.get(result), dict):
                     found[rec[stage]] = rec[result]
-    rec = _json(records / student) if student else None
+    rec = read_json(records / student) if student else None
     for part, stage in parts if isinstance(rec, dict) else ():
         held = rec.get(part)
         if isinstance(held, dict) and isinstance(held.get(stage), str):
@@ -123,7 +123,8 @@ def restorable(records: Path, holds: dict[str, tuple[tuple[str, str], ...]], stu
     return found
 
 
-def _json(path: Path):
+def read_json(path: Path):
+    """A record's JSON, or None where it is missing or unreadable (its stage is then recomputed, never trusted)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
