@@ -207,7 +207,9 @@ def test_select_seeds_sweeps_the_lrs_on_one_seed_and_tests_the_selected_lr_on_ev
     init's selected lr alone and scores it on the test subset, so that three seeds cost one sweep and two builds.
     The comparisons pair every seed; the report states each seed's test score and ‖ΔW‖/‖W‖."""
     t, s = saved_pair(qwen_pair, tmp_path)
-    cfg = _config(tmp_path, s, t, inits=["lora", "seeking"], select_seeds=[0], matched_test=False)
+    # extract_samples above the extract split's 20 rows: the extraction takes them all, and the report says so
+    cfg = _config(tmp_path, s, t, inits=["lora", "seeking"], select_seeds=[0], matched_test=False,
+                  extract_samples=50)
     out, records = tmp_path / "out", tmp_path / "records"
     lrs = [1e-3, 1e-2]
 
@@ -230,6 +232,7 @@ def test_select_seeds_sweeps_the_lrs_on_one_seed_and_tests_the_selected_lr_on_ev
             "build"]["update"]
     md = (records / R.REPORT).read_text()
     assert "seeds 0, 1 (the lr grid is built and selected on seed 0;" in md
+    assert "(20 examples of the extract split)" in md
     assert "## The selected builds seed by seed" in md and "| seeking | 4 | 1 | 0.001 | 1 |" in md
     assert "across all 3 comparisons stated above" in md  # 2 inits against the student, seeking against LoRA
     assert "Recorded: 4 of 4 grid points" in md
@@ -250,7 +253,7 @@ def test_select_seeds_sweeps_the_lrs_on_one_seed_and_tests_the_selected_lr_on_ev
     copy = tmp_path / "copy"
     assert rederived(pkt_cli, "pilot", R, records, copy,
                      _config(tmp_path, "nowhere", "nowhere", records=str(copy), inits=["lora", "seeking"],
-                             select_seeds=[0], matched_test=False)) == first
+                             select_seeds=[0], matched_test=False, extract_samples=50)) == first
 
 
 @pytest.mark.parametrize("setting, needle", [

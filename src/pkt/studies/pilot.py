@@ -285,7 +285,8 @@ class Pilot:
                 return {"teacher_layers": m["teacher_layers"], "n_samples": m["n_samples"], "seconds": m["seconds"]}
 
             path, res = self.cache.run(name, key, fn)
-            self._factors = (path / "factors", {"stage": path.name, "teacher_layers": res["teacher_layers"]})
+            self._factors = (path / "factors", {"stage": path.name, "teacher_layers": res["teacher_layers"],
+                                                "n_samples": res["n_samples"]})
         return self._factors
 
     def _build(self, init: str, n: int, epochs: float, lr: float, seed: int, needed: bool) \

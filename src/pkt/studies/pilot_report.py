@@ -323,7 +323,12 @@ def render_inits(rec: dict, out: dict) -> str:
     tested = [b for b in out["selected"] if b["cmp"] is not None]
     matched_tested = [b for b in out["selected"] if (b.get("matched") or {}).get("cmp")]
     built = "; ".join(f"{i}: `pkt postpkt {INIT_CLI[i]}`" for i in names)
-    teacher = (f" Seeking's factors come from `{s['teacher']}` ({s['extract_samples']} examples of the extract "
+    # the extraction takes extract_samples examples or the whole split if it is smaller; records made before the
+    # build kept the count say only the bound
+    used = {p["build"]["extraction"].get("n_samples") for p in rec["points"].values()
+            if isinstance(p.get("build", {}).get("extraction"), dict)} - {None}
+    n_extract = f"{used.pop()}" if len(used) == 1 else f"up to {s['extract_samples']}"
+    teacher = (f" Seeking's factors come from `{s['teacher']}` ({n_extract} examples of the extract "
                "split), extracted once and shared by every Seeking and seeking-random build."
                if any(i.startswith("seeking") for i in names) else "")
     lines = [f"# Pilot: {s['name']}", "",
