@@ -225,12 +225,35 @@ def test_crossings_interpolate_between_measured_steps():
     ({"heldout_at": [0, 1]}, "heldout_at ends at step 1, but the run has 2 optimizer steps"),
     ({"heldout_at": [0, 1, 4]}, "heldout_at ends at step 4, but the run has 2 optimizer steps"),
     ({"lr": 1e-3}, "lr: Extra inputs are not permitted"),
+    ({"arm_lrs": {"seeking": 1e-4}}, "Value error, arm_lrs: 'seeking' is not one of the arms ['lora', 'laten-lora']"),
+    ({"arm_lrs": {"lora": 0}}, "arm_lrs.lora: Input should be greater than 0"),
 ])
 def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_cli, setting, needle):
     code, out, err = pkt_cli("study", "steps-saved", _config(tmp_path, "qwen2.5-coder-1.5b-instruct",
                                                              "qwen2.5-coder-0.5b-instruct", **setting), "--dry-run")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
+
+
+def test_an_arm_trains_at_its_own_lr_where_the_config_gives_one(tmp_path, shared_data):
+    """`arm_lrs` changes that arm's lr alone (and so its stage key), nothing else of its fine-tuning; the report
+    states it beside the budget's lr."""
+    from pkt.studies import steps_saved_report as R
+    from pkt.studies.steps_saved import StepsSaved, load_config
+
+    teacher, student = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+    plain = StepsSaved(load_config(_config(tmp_path, teacher, student))[0], None, log=lambda m: None, dry=True)
+    cfg, text = load_config(_config(tmp_path, teacher, student, arm_lrs={"laten-lora": 5e-3}))
+    own = StepsSaved(cfg, None, text, log=lambda m: None, dry=True)
+    a, b = own.finetune_cfg("laten-lora", 1), plain.finetune_cfg("laten-lora", 1)
+    assert (a.lr, b.lr) == (5e-3, 1e-2) and a == b.model_copy(update={"lr": 5e-3})
+    assert own.finetune_cfg("lora", 1) == plain.finetune_cfg("lora", 1)
+    assert own.key("laten-lora", 1, {})[1] != plain.key("laten-lora", 1, {})[1]
+    assert own.key("lora", 1, {})[1] == plain.key("lora", 1, {})[1]
+    meta = {"settings": cfg.model_dump(mode="json"), "heldout": {"description": "3 questions"}, "n_train": 4,
+            "steps": 2}
+    head = R.render({"meta": meta}, {"arms": cfg.arms, "at": [0, 1, 2], "recorded": 0, "expected": 4, "seeds": []})
+    assert "(2 optimizer steps), lr 0.01 (laten-lora: 0.005), rank" in head, head
 
 
 def test_the_committed_config_is_the_study_budget(shared_data):

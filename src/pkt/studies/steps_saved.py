@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
 from pkt.config import Settings
 from pkt.errors import PktError
@@ -66,6 +66,10 @@ class StepsSavedConfig(Settings):
     records: str  # the directory the records and the report go to, committed as they finish
     seeds: list[int] = Field([0], min_length=1)
     arms: list[str] = ["lora", "laten-lora"]
+    # an arm's own lr (e.g. the lr the decisive study selected for its init on held-out questions); the other arms
+    # train at budget.lr. A non-zero init moves the student further per step than LoRA at the same lr, so an init
+    # compared at LoRA's lr is compared at another step size
+    arm_lrs: dict[str, PositiveFloat] = {}
     # optimizer steps at which the held-out loss is measured: 0 (before any update) first, the run's last step last
     heldout_at: list[int] = [0, 1, 2, 4, 8]
     heldout: HeldoutSettings = HeldoutSettings()
@@ -92,6 +96,13 @@ class StepsSavedConfig(Settings):
         if "lora" not in v:
             raise ValueError("'lora' must be among the arms: steps are counted against its final held-out loss")
         return v
+
+    @model_validator(mode="after")
+    def _arm_lrs(self):
+        bad = [a for a in self.arm_lrs if a not in self.arms]
+        if bad:
+            raise ValueError(f"arm_lrs: {bad[0]!r} is not one of the arms {self.arms}")
+        return self
 
     @field_validator("heldout_at")
     @classmethod
@@ -172,6 +183,8 @@ class StepsSaved:
         from pkt.methods.base import finetune_cfg, seeking_targets
 
         ft = finetune_cfg(self.study, self.cfg.task, seed)  # the seed of the LoRA init, data order and dropout
+        if arm in self.cfg.arm_lrs:
+            ft = ft.model_copy(update={"lr": self.cfg.arm_lrs[arm]})
         return ft.model_copy(update={"targets": seeking_targets(self.study, self.cfg.task)}) if arm == "seeking" else ft
 
     def heldout_spec(self):

@@ -170,10 +170,12 @@ def render(rec: dict, out: dict) -> str:
     if "laten-lora" in arms:
         lat = (f" laten-lora fine-tunes LaTen's injected student (`pkt run`'s laten build: {b['laten_choice']} step, "
                f"rate {b['laten_rate']:g}, {b['laten_batch']} examples per hypernetwork step) with the same LoRA.")
+    own = s.get("arm_lrs") or {}  # records made before arms could have their own lr have none
+    lr = f"lr {b['lr']:g}" + (f" ({', '.join(f'{a}: {x:g}' for a, x in own.items())})" if own else "")
     lines = [f"# Steps saved: {s['name']}", "",
              f"Arms {', '.join(arms)}: LoRA fine-tuning of `{s['student']}` on the first {meta['n_train']} examples "
              f"of the PKT {s['task']} train split, {b['epochs']:g} epoch{'s' * (b['epochs'] != 1)} at batch "
-             f"{b['batch_size']} ({meta['steps']} optimizer steps), lr {b['lr']:g}, rank {b['rank']}, α "
+             f"{b['batch_size']} ({meta['steps']} optimizer steps), {lr}, rank {b['rank']}, α "
              f"{b['alpha']:g}, {s['dtype']}; seeds {', '.join(map(str, s['seeds']))}.{lat} Every arm of a seed "
              "uses that seed for its LoRA init, data order and dropout, and trains on the same examples in the same "
              "steps (checked on the records' batches).", "",
