@@ -269,7 +269,8 @@ def test_the_committed_config_is_the_study_budget(shared_data):
     study = StepsSaved(cfg, None, text, log=lambda m: None, dry=True)
     assert (cfg.student, cfg.teacher, cfg.task, cfg.seeds) == ("qwen2.5-coder-0.5b-instruct",
                                                                "qwen2.5-coder-1.5b-instruct", "gsm8k", [0, 1, 2])
-    assert study.total == 4 and cfg.heldout_at == [0, 1, 2, 3, 4] and cfg.arms == ["lora", "laten-lora"]
+    assert study.total == 4 and cfg.heldout_at == [0, 1, 2, 3, 4]
+    assert cfg.arms == ["lora", "laten-lora", "seeking"] and cfg.arm_lrs == {"seeking": 1e-4}
     ft = study.finetune_cfg("laten-lora", 2)
     assert (ft.n_train, ft.batch_size, ft.lr, ft.epochs, ft.seed) == (64, 16, 3e-4, 1, 2)
     from pkt.studies import pilot_report as R
@@ -277,3 +278,7 @@ def test_the_committed_config_is_the_study_budget(shared_data):
     pilot = R.load(Path(__file__).parents[1] / "docs" / "results" / "pilot-gsm8k")["tests"]["n64-e1-s0"]
     assert (pilot["train_examples"], pilot["epochs"], pilot["lr"]) == (ft.n_train, ft.epochs, ft.lr)
     assert ft == study.finetune_cfg("lora", 2)  # the arms differ only in the student they start from
+    # Seeking trains at the lr the decisive study selected for it on held-out questions
+    decisive = R.load(Path(__file__).parents[1] / "docs" / "results" / "decisive-gsm8k")["points"]
+    assert R.select_lr(decisive, 64, 1.0, [3e-5, 1e-4, 3e-4, 1e-3], [0], "seeking")[0] == 1e-4
+    assert study.finetune_cfg("seeking", 2).lr == 1e-4
