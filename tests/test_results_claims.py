@@ -1,6 +1,7 @@
 """Numbers docs/results.md states about the committed CPU study that no report column holds, recomputed from its
 records (``pytest -s tests/test_results_claims.py`` prints them): the variance components the statistics' coverage
-test is calibrated to, and the correlation of answer loss with accuracy across the fine-tuned arm-seeds."""
+test is calibrated to, and the correlation of answer loss with accuracy across the fine-tuned arm-seeds; and the
+decisive study's tables in docs/results.md, checked cell by cell against its records."""
 
 from __future__ import annotations
 
@@ -62,3 +63,49 @@ def test_answer_loss_goes_with_lower_accuracy_on_gsm8k():
         print(f"{task}: {len(rows)} arm-seeds, r = {r[task].statistic:+.2f}, p = {r[task].pvalue:.2g}")
     assert round(r["gsm8k"].statistic, 2) == 0.65 and r["gsm8k"].pvalue < 0.001
     assert round(r["humaneval"].statistic, 2) == 0.13 and r["humaneval"].pvalue > 0.4
+
+
+DECISIVE = STUDY.parents[1] / "decisive-gsm8k"
+DOC = STUDY.parents[2] / "results.md"
+INIT_NAMES = {"LoRA": "lora", "PiSSA": "pissa", "Seeking": "seeking", "seeking-random": "seeking-random"}
+
+
+def _table_after(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after ``heading`` (header and rule rows left out)."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("|"))
+    rows = []
+    for x in lines[start + 2:]:
+        if not x.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in x.strip("|").split("|")])
+    return rows
+
+
+def test_the_decisive_studys_tables_in_results_md_are_its_records():
+    """Every held-out cell (score and ‖ΔW‖/‖W‖), every selected lr and every test score docs/results.md states for
+    the decisive study is its committed records' (a cell of a stage not yet recorded is not a number)."""
+    from pkt.studies import pilot_report as R
+
+    rec = R.load(DECISIVE)
+    text = DOC.read_text(encoding="utf-8")
+    lrs = [3e-5, 1e-4, 3e-4, 1e-3]
+    held = _table_after(text, "**Held-out accuracy by lr**")
+    assert [r[0] for r in held] == [n for n, i in INIT_NAMES.items() if i in {p["init"] for p in rec["points"].values()}]
+    for name, *cells, selected in held:
+        init = INIT_NAMES[name]
+        for lr, cell in zip(lrs, cells):
+            p = rec["points"].get(R.point_name(64, 1.0, lr, 0, init))
+            if p is None:
+                assert "%" not in cell, (name, lr, cell)
+                continue
+            assert cell.replace("**", "") == f"{p['heldout']['score']:.1%} ({p['build']['update']['all']:.3%})"
+        lr, _ = R.select_lr(rec["points"], 64, 1.0, lrs, [0], init)
+        assert selected == (f"{lr:.0e}".replace("e-0", "e-") if lr is not None else "–"), (name, selected)
+    tests = _table_after(text, "**On the test questions**")
+    for name, lr, *seeds in (r[:5] for r in tests):
+        init = INIT_NAMES[name]
+        for seed, cell in enumerate(seeds):
+            t = rec["tests"].get(R.test_name(64, 1.0, seed, init))
+            assert (cell == f"{t['test']['score']:.1%}" and lr == f"{t['lr']:.0e}".replace("e-0", "e-")) if t \
+                else "%" not in cell, (name, seed, cell)
