@@ -299,6 +299,29 @@ def test_the_decisive_config_sweeps_on_seed_0_and_tests_three_seeds(shared_data)
     assert "24 builds, 1 extraction and 30 evaluations, 6.7 h" in text
 
 
+def test_the_full_test_set_config_is_the_decisive_study_scored_on_all_1319_questions(shared_data):
+    """configs/decisive-gsm8k-full.yaml: the decisive study's LoRA, Seeking and seeking-random on the whole test set.
+    Every other setting is the decisive study's, so that its builds and held-out evaluations have the same stage
+    keys (restored from the decisive study's records, not rerun) and only the test evaluations' keys differ."""
+    from pkt.experiment.fingerprint import model_identity
+    from pkt.studies.pilot import Pilot, load_config
+
+    full, ftext = load_config(ROOT / "configs" / "decisive-gsm8k-full.yaml")
+    dec, dtext = load_config(ROOT / "configs" / "decisive-gsm8k.yaml")
+    a, b = full.model_dump(), dec.model_dump()
+    assert a["eval"].pop("test_size") == 1319 and b["eval"].pop("test_size") == 300
+    assert a.pop("inits") == ["lora", "seeking", "seeking-random"] and b.pop("inits")[1] == "pissa"
+    assert (a.pop("name"), a.pop("records")) == ("decisive-gsm8k-full", "docs/results/decisive-gsm8k-full")
+    del b["name"], b["records"]
+    assert a == b
+    pf, pd = (Pilot(c, None, t, log=lambda m: None, dry=True) for c, t in ((full, ftext), (dec, dtext)))
+    for init in ("lora", "seeking", "seeking-random"):
+        assert pf.build_key(64, 1.0, 1e-4, 2, init) == pd.build_key(64, 1.0, 1e-4, 2, init)
+    label = "student", model_identity(full.student)
+    assert pf.eval_key(label[0], "heldout", label[1]) == pd.eval_key(label[0], "heldout", label[1])
+    assert pf.eval_key(label[0], "test", label[1]) != pd.eval_key(label[0], "test", label[1])
+
+
 def test_the_function_transfer_config_pairs_with_the_decisive_study(shared_data):
     """configs/decisive-function-gsm8k.yaml evaluates every seed exactly as the decisive study's test evaluations
     (the same 300 questions, prompts, decoding and dtype), and trains at its budget, so their rows pair."""
