@@ -181,8 +181,16 @@ def test_a_tiny_sweep_of_four_inits_selects_per_init_shares_the_extraction_and_r
     for heading in ("## Each init's held-out curve over lr", "## The selected lr on the test subset, against the "
                     "student", "## Each init against LoRA, both at their selected lr", "## At matched update size"):
         assert heading in md
-    # Holm over every comparison stated: 4 inits against the student, 3 against LoRA selected and 3 matched
-    assert "across all 10 comparisons stated above" in md and "3 matched-update test evaluations" in md
+    # Holm over every comparison stated: 4 inits against the student, 3 against LoRA selected, 3 matched and Seeking
+    # against its control, seeking-random (Seeking's builds minus the control's, paired seed by seed)
+    assert "across all 11 comparisons stated above" in md and "3 matched-update test evaluations" in md
+    assert "## Seeking against its controls, both at their selected lr" in md
+    ctl = R.derive(rec)["selected"]
+    sk, rnd = (next(b for b in ctl if b["init"] == i) for i in ("seeking", "seeking-random"))
+    seeking_mean = sum(t["test"]["score"] for t in sk["tests"]) / 2
+    random_mean = sum(t["test"]["score"] for t in rnd["tests"]) / 2
+    assert rnd["vs_seeking"]["delta"] == pytest.approx(seeking_mean - random_mean)
+    assert "vs_seeking" not in sk and "vs_seeking" not in next(b for b in ctl if b["init"] == "pissa")
     assert "| pissa | 4 | 1 | 0.001 | 0 | 2 |" in md
 
     code, log, err = pkt_cli("study", "pilot", cfg, "--out", out)  # resume: no stage work, not the extraction

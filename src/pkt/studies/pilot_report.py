@@ -197,8 +197,17 @@ def derive(rec: dict) -> dict:
                                 "cmp": compare(None, mt, [t["test"] for t in lora["tests"]], "LoRA's")
                                 if m is not None and m != lr and all(mt) and lora["tests"] else None}
             selected.append(b)
+        # Seeking against its controls (the same procedure on other blocks of the teacher): whether the blocks
+        # Seeking chose matter, paired seed by seed on the same questions
+        budget = {b["init"]: b for b in selected if (b["n"], b["epochs"]) == (n, e)}
+        seeking = budget.get("seeking")
+        for init, b in budget.items():
+            if seeking is not None and init.startswith("seeking-"):
+                b["vs_seeking"] = (compare(None, seeking["tests"], [t["test"] for t in b["tests"]], f"{init}'s")
+                                   if seeking["tests"] and b["tests"] else None)
     # Holm across every comparison the report states (per seed: each seed's McNemar is its own test)
-    stated = [c for b in selected for c in (b["cmp"], b.get("vs_lora"), (b.get("matched") or {}).get("cmp")) if c]
+    stated = [c for b in selected for c in (b["cmp"], b.get("vs_lora"), (b.get("matched") or {}).get("cmp"),
+                                            b.get("vs_seeking")) if c]
     for i in range(len(seeds)):
         adj = holm([c["mcnemar"][i][2] for c in stated])
         for c, p in zip(stated, adj):
@@ -404,6 +413,23 @@ def render_inits(rec: dict, out: dict) -> str:
                              f" {pct(c['score'])} / {pct(lo['cmp']['score'])} | {_cmp_cells(c)} | "
                              f"{_direction(c)} |"))
 
+    controls = [b for b in out["selected"] if "vs_seeking" in b]
+    if controls:
+        seeking_of = {(b["n"], b["epochs"]): b for b in out["selected"] if b["init"] == "seeking"}
+        lines += ["", "## Seeking against its controls, both at their selected lr", "",
+                  "Seeking's build minus the control's (the same procedure on other blocks of the teacher's layers), "
+                  "seed by seed on the same questions: whether the blocks Seeking selects matter.", "",
+                  "| control | train examples | epochs | lr (Seeking / control) | test (Seeking / control) | Δ [95% CI] "
+                  "| bootstrap p | McNemar p (only Seeking / only control) | Holm p | differs |",
+                  "|---|---:|---:|---|---|---|---:|---|---|:---:|"]
+        for b in controls:
+            sk, c = seeking_of[b["n"], b["epochs"]], b["vs_seeking"]
+            lr = " / ".join("–" if x is None else f"{x:g}" for x in (sk["lr"], b["lr"]))
+            head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
+            lines.append(head + (" – | – | – | – | – | |" if c is None else
+                                 f" {pct(sk['cmp']['score'])} / {pct(b['cmp']['score'])} | {_cmp_cells(c)} | "
+                                 f"{_direction(c)} |"))
+
     lines += ["", "## At matched update size", "",
               "For each init, the lr whose ‖ΔW‖/‖W‖ (mean over the seeds) is closest, by ratio, to that of LoRA's "
               "selected build: the inits compared at the same size of the change that reached the model. "
@@ -428,8 +454,9 @@ def render_inits(rec: dict, out: dict) -> str:
                      f"{'–' if m['lr'] is None else format(m['lr'], 'g')} | {_upd(m['update'])} | "
                      f"{pct(m['heldout'])} / {pct(m['lora_heldout'])} | {test} | {holm_p} |")
 
-    lines += ["", f"Δ in points: the test score of the first build minus the second's (the student's, or LoRA's "
-                  f"selected build of the same budget and seed) on the same questions; interval: paired bootstrap "
+    lines += ["", f"Δ in points: the test score of the first build minus the second's (the student's, LoRA's "
+                  f"selected build of the same budget and seed{', or the control' + chr(39) + 's' if controls else ''}"
+                  f") on the same questions; interval: paired bootstrap "
                   f"(questions and seeds resampled); McNemar: exact, per seed, on the discordant questions; Holm: "
                   f"across all {out['n_comparisons']} comparisons stated above, per seed; significant: Δ > 0 and every "
                   f"seed's Holm p ≤ {ALPHA:g}; differs: every seed's Holm p ≤ {ALPHA:g}, in the direction named. "
