@@ -316,6 +316,15 @@ def _direction(c: dict) -> str:
     return ("higher" if c["delta"] > 0 else "lower") if c["differs"] else ""
 
 
+def _pair_row(b: dict, lrs: tuple, c: dict | None, second_score: float | None) -> str:
+    """A row of a table of paired comparisons (init against LoRA, Seeking against a control): ``b``'s budget, the two
+    builds' lrs and test scores (``c["score"]`` is the first's), the difference and its tests."""
+    lr = " / ".join("–" if x is None else f"{x:g}" for x in lrs)
+    head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
+    return head + (" – | – | – | – | – | |" if c is None else
+                   f" {pct(c['score'])} / {pct(second_score)} | {_cmp_cells(c)} | {_direction(c)} |")
+
+
 def _upd(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.3f}%"
 
@@ -407,11 +416,7 @@ def render_inits(rec: dict, out: dict) -> str:
         if b["init"] == LORA:
             continue
         lo, c = lora_of[b["n"], b["epochs"]], b["vs_lora"]
-        lr = " / ".join("–" if x is None else f"{x:g}" for x in (b["lr"], lo["lr"]))
-        head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
-        lines.append(head + (" – | – | – | – | – | |" if c is None else
-                             f" {pct(c['score'])} / {pct(lo['cmp']['score'])} | {_cmp_cells(c)} | "
-                             f"{_direction(c)} |"))
+        lines.append(_pair_row(b, (b["lr"], lo["lr"]), c, lo["cmp"]["score"] if c else None))
 
     controls = [b for b in out["selected"] if "vs_seeking" in b]
     if controls:
@@ -424,11 +429,7 @@ def render_inits(rec: dict, out: dict) -> str:
                   "|---|---:|---:|---|---|---|---:|---|---|:---:|"]
         for b in controls:
             sk, c = seeking_of[b["n"], b["epochs"]], b["vs_seeking"]
-            lr = " / ".join("–" if x is None else f"{x:g}" for x in (sk["lr"], b["lr"]))
-            head = f"| {b['init']} | {b['n']} | {b['epochs']:g} | {lr} |"
-            lines.append(head + (" – | – | – | – | – | |" if c is None else
-                                 f" {pct(sk['cmp']['score'])} / {pct(b['cmp']['score'])} | {_cmp_cells(c)} | "
-                                 f"{_direction(c)} |"))
+            lines.append(_pair_row(b, (sk["lr"], b["lr"]), c, b["cmp"]["score"] if c else None))
 
     lines += ["", "## At matched update size", "",
               "For each init, the lr whose ‖ΔW‖/‖W‖ (mean over the seeds) is closest, by ratio, to that of LoRA's "
