@@ -78,7 +78,7 @@ def _table_after(text: str, heading: str) -> list[list[str]]:
     for x in lines[start + 2:]:
         if not x.startswith("|"):
             break
-        rows.append([c.strip().strip("*") for c in x.strip("|").split("|")])
+        rows.append([c.strip() for c in x.strip("|").split("|")])
     return rows
 
 
@@ -86,6 +86,7 @@ def test_the_decisive_studys_tables_in_results_md_are_its_records():
     """Every held-out cell (score and ‖ΔW‖/‖W‖), every selected lr and every test score docs/results.md states for
     the decisive study is its committed records' (a cell of a stage not yet recorded is not a number)."""
     from pkt.studies import pilot_report as R
+    from pkt.studies.staged import pts
 
     rec = R.load(DECISIVE)
     text = DOC.read_text(encoding="utf-8")
@@ -103,9 +104,19 @@ def test_the_decisive_studys_tables_in_results_md_are_its_records():
         lr, _ = R.select_lr(rec["points"], 64, 1.0, lrs, [0], init)
         assert selected == (f"{lr:.0e}".replace("e-0", "e-") if lr is not None else "–"), (name, selected)
     tests = _table_after(text, "**On the test questions**")
-    for name, lr, *seeds in (r[:5] for r in tests):
+    selected = {b["init"]: b for b in R.derive(rec)["selected"]}
+    for name, lr, *seeds, vs_student, vs_lora in tests:
         init = INIT_NAMES[name]
         for seed, cell in enumerate(seeds):
             t = rec["tests"].get(R.test_name(64, 1.0, seed, init))
             assert (cell == f"{t['test']['score']:.1%}" and lr == f"{t['lr']:.0e}".replace("e-0", "e-")) if t \
                 else "%" not in cell, (name, seed, cell)
+        # the differences as the report computes them (questions resampled once for all seeds), its ✓ its verdict
+        b = selected[init]
+        for cell, c in ((vs_student, b["cmp"]), (vs_lora, b.get("vs_lora"))):
+            if c is None:
+                assert cell == "–", (name, cell)
+                continue
+            assert cell.replace("**", "").removesuffix(" ✓") == f"{pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}]"
+            assert cell.endswith("✓") == c["significant"], (name, cell)
+            assert cell.startswith("**") == (c["low"] > 0 or c["high"] < 0), (name, cell)
