@@ -145,6 +145,29 @@ def test_the_committed_config_builds_the_known_point_as_pkt_postpkt_does(shared_
     assert Pilot(cfg, None).finetune_cfg(256, 1.0, 3e-4, 0).model_dump() == cli.model_dump()
 
 
+def test_the_committed_code_pilot_holds_out_the_whole_validation_split_and_trains_untruncated(shared_data):
+    """configs/pilot-mbpp.yaml selects on all 90 MBPP validation problems (ids 511-600), tests on the whole test
+    split, and its max length cuts none of the 300 PKT train examples (else the top budget would train on cut code)."""
+    from pathlib import Path
+
+    from pkt.data.tasks import load_split
+    from pkt.studies.pilot import Pilot, load_config
+
+    cfg, _ = load_config(Path(__file__).parents[1] / "configs" / "pilot-mbpp.yaml")
+    p = Pilot(cfg, None, dry=True)
+    assert (cfg.task, cfg.eval.shots, cfg.eval.protocol, cfg.eval.test_size) == ("mbpp", 0, "pkt", 500)
+    assert sorted(p.heldout.info["ids"]) == list(range(511, 601))
+    assert max(R.budgets(cfg.model_dump(mode="json")))[0] == len(load_split("mbpp", "train")) == 300
+    from pkt.data.chat import tokenize_example
+    from pkt.models.load import is_prepared, load_tokenizer
+
+    assert is_prepared(cfg.student), f"{cfg.student} is not prepared: run scripts/setup.sh"
+    tok = load_tokenizer(cfg.student)
+    # the training path's own tokenisation, uncut (its truncation would hide the length it is checked for)
+    longest = max(len(tokenize_example(e, tok, cfg.style, 10**6)["input_ids"]) for e in load_split("mbpp", "train"))
+    assert longest <= cfg.max_length, longest
+
+
 def test_committed_pilot_records_rederive(tmp_path):
     """Every committed pilot under docs/results/ is records alone plus what `pkt study pilot --report` makes of
     them: its pilot.md (once a budget has finished) is rebuilt byte for byte from a copy of the records."""
