@@ -247,3 +247,18 @@ def test_first_answer_column_only_where_records_have_it(tmp_path):
     assert "first answer" not in (tmp_path / "without" / "results.md").read_text()
     assert "first_answer" not in (tmp_path / "without" / "results.csv").read_text()
     assert all("first_answer" not in r for r in aggregate(old))
+
+
+def test_the_report_names_the_methods_at_their_own_lr(tmp_path):
+    """A study with ``method_lrs`` says under its table which methods trained at their own lr and at which; one
+    without says nothing of it (so the committed reports stay as they are)."""
+    per = [1.0, 0.0, 0.0, 1.0]
+    records = [{"method": m, "task": "gsm8k", "seed": 0, "metric": "accuracy", "score": 0.5, "n": 4,
+                "per_example": per, "answer_loss": 1.0, "dtype": "float32"} for m in ("student", "lora", "seqkd")]
+    cfg = {"budget": {"lr": 3e-4}, "method_lrs": {"seqkd": 1e-4}}
+    write_report(tmp_path / "own", records, {"name": "t", "config": cfg})
+    write_report(tmp_path / "plain", records, {"name": "t", "config": {**cfg, "method_lrs": {}}})
+    own = (tmp_path / "own" / "results.md").read_text()
+    assert "Learning rates: seqkd 0.0001 (each its own, `method_lrs`); every other fine-tuned method at the " \
+           "budget's 0.0003" in own
+    assert "Learning rates" not in (tmp_path / "plain" / "results.md").read_text()

@@ -53,10 +53,11 @@ def test_auto_autocast_follows_the_faster_matmul_and_reaches_the_fine_tuning(mon
     monkeypatch.setattr(machine, "fastest_dtype", lambda: ("bfloat16", 2.4))
     c = ExperimentConfig(autocast="auto")
     assert c.autocast == "bf16" and c.dtype == "float32"  # bf16 arithmetic over float32 weights
-    assert finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0).autocast == "bf16"
+    assert finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0, "lora").autocast == "bf16"
     monkeypatch.setattr(machine, "fastest_dtype", lambda: ("float32", 0.5))
     c = ExperimentConfig(autocast="auto")
-    assert c.autocast == "none" and finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0).autocast == "none"
+    assert c.autocast == "none"
+    assert finetune_cfg(SimpleNamespace(cfg=c, n_train={"gsm8k": 4}), "gsm8k", 0, "lora").autocast == "none"
     assert ExperimentConfig(autocast="bf16").autocast == "bf16"  # a pinned setting stays
 
 

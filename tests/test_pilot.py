@@ -112,7 +112,17 @@ def test_tiny_pilot_runs_resumes_and_rederives_its_report(tmp_path, qwen_pair, s
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
     assert rederived(pkt_cli, "pilot", R, records, copy, _config(tmp_path, "nowhere", records=str(copy))) == first
     md = (copy / R.REPORT).read_text()
-    assert "| 4 | 1 | 0.001 | 0 | 2 |" in md and "McNemar" in md
+    assert "| 4 | 1 | 0.001 | 0 | 2 |" in md and "McNemar" in md and "outside the config's grid" not in md
+
+    # the grid trimmed to the selected lr after the fact: the other lr's record is still shown, apart, never selected
+    other = next(x for x in (1e-3, 1e-2) if x != test["lr"])
+    meta = json.loads((copy / R.META).read_text())
+    meta["settings"]["lrs"] = [test["lr"]]
+    (copy / R.META).write_text(json.dumps(meta))
+    R.write_report(copy)
+    md = (copy / R.REPORT).read_text()
+    apart = md.split("outside the config's grid")[1].split("## ")[0]
+    assert f"| lora | 4 | 1 | {other:g} | 0 | 2 |" in apart and f"| {test['lr']:g} |" not in apart
 
 
 @pytest.mark.parametrize("setting, needle", [

@@ -18,7 +18,7 @@ from pkt.testing import save_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STUDIES = ["default.yaml", "full.yaml", "paper-llama2.yaml", "cpu-study.yaml", "cpu-study-dropout0.yaml",
-           "decisive-function-gsm8k.yaml"]
+           "decisive-function-gsm8k.yaml", "decisive-arms-gsm8k.yaml"]
 
 
 def expected_stages(cfg: ExperimentConfig) -> int:
@@ -185,3 +185,34 @@ def test_answer_lengths_counts_answers_within_two_tokens_of_the_cap_as_capped():
 
     n, share, mean = summary([10, 254, 256, 20, 253], 256)
     assert (n, share, mean) == (5, 0.4, pytest.approx((10 + 20 + 253) / 3))
+
+
+def test_method_lrs_change_only_their_methods_stages(tmp_path, qwen_pair, shared_data):
+    """``method_lrs`` gives one fine-tuned arm its own lr: its build (and the evaluation of that build) get new
+    keys, with the lr in the fine-tuning settings; every other stage keeps its key. A method that fine-tunes
+    nothing, or one the study does not run, is refused naming the setting."""
+    from types import SimpleNamespace
+
+    from pkt.errors import PktError
+    from pkt.methods.base import finetune_cfg
+
+    teacher, student, tok = qwen_pair
+    base = {"name": "lrs", "teacher": save_tiny(teacher, tok, tmp_path / "t"),
+            "student": save_tiny(student, tok, tmp_path / "s"), "methods": ["student", "lora", "seqkd"],
+            "seeds": [0], "analysis": False, "per_task": {"gsm8k": {"lr": 2e-4}},
+            "budget": {"train_examples": 4, "loss_examples": 3, "eval_limit": 2, "rank": 2}}
+    plain = validate(ExperimentConfig, base)
+    own = validate(ExperimentConfig, {**base, "method_lrs": {"seqkd": 1e-4}})
+    keys = [{s.stage: s.key for s in Study(c, tmp_path / "o", log=lambda s: None).plan_stages()} for c in (plain, own)]
+    assert keys[0].keys() == keys[1].keys()
+    changed = sorted(k for k in keys[0] if keys[0][k] != keys[1][k])
+    assert changed and all("seqkd" in k for k in changed), changed
+    assert changed == ["eval-seqkd-gsm8k-s0", "seqkd-gsm8k-s0"]  # its build and its evaluation
+    study = SimpleNamespace(cfg=own, n_train={"gsm8k": 4})
+    assert finetune_cfg(study, "gsm8k", 0, "seqkd").lr == 1e-4
+    assert finetune_cfg(study, "gsm8k", 0, "lora").lr == 2e-4  # the task's budget, not method_lrs
+    for lrs, needle in [({"student": 1e-4}, "student: fine-tunes nothing"),
+                        ({"pissa": 1e-4}, "pissa: not among the study's methods"),
+                        ({"lora": 0}, "method_lrs.lora: Input should be greater than 0")]:
+        with pytest.raises(PktError, match=needle):
+            validate(ExperimentConfig, {**base, "method_lrs": lrs})

@@ -152,6 +152,9 @@ class ExperimentConfig(Settings):
     # per-task changes to the budget (the paper's epochs / lr / train size / seed samples differ by task);
     # a task's budget is `budget` updated by `per_task[task]`, validated like `budget`
     per_task: dict[str, dict] = {}
+    # a learning rate per fine-tuned method, in place of the budget's (and per_task's) lr for that method: each
+    # init at the rate selected for it on held-out data (`pkt study pilot`), e.g. {seeking-shuffled: 1.0e-4}
+    method_lrs: dict[str, Annotated[float, Field(gt=0)]] = {}
     # merged / fused model weights are deleted once evaluated (the stage is rebuilt if ever needed again);
     # true keeps them (each is a full copy of the student)
     keep_checkpoints: bool = False
@@ -223,6 +226,10 @@ class ExperimentConfig(Settings):
         """The request of one stage kind: ``resources[kind]``, else ``resources.default``, else 1 CPU."""
         return self.resources.get(kind) or self.resources.get("default") or StageResources()
 
+    def lr_for(self, task: str, method: str) -> float:
+        """The learning rate ``method`` fine-tunes at on ``task``: ``method_lrs[method]``, else the task's budget's."""
+        return self.method_lrs.get(method, self.budget_for(task).lr)
+
     def budget_for(self, task: str) -> Budget:
         """The budget of one task: ``budget`` updated by ``per_task[task]``."""
         extra = self.per_task.get(task)
@@ -252,6 +259,18 @@ class ExperimentConfig(Settings):
             except ValidationError as e:
                 err = e.errors()[0]
                 raise ValueError(f"{task}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+        return v
+
+    @field_validator("method_lrs")
+    @classmethod
+    def _fine_tuned(cls, v, info):
+        from pkt.methods import REGISTRY
+
+        for m in v:
+            if m not in (info.data.get("methods") or []):
+                raise ValueError(f"{m}: not among the study's methods")
+            if not REGISTRY[m].finetunes:
+                raise ValueError(f"{m}: fine-tunes nothing, so it has no learning rate")
         return v
 
     @field_validator("methods", mode="before")

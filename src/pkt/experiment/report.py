@@ -69,6 +69,18 @@ def _lora_cell(r: dict) -> str:
     return f"{r['delta_lora']:+.3f} [{r['delta_lora_low']:+.3f}, {r['delta_lora_high']:+.3f}]"
 
 
+def lr_note(manifest: dict) -> str:
+    """A line naming the methods that fine-tuned at their own lr (the config's ``method_lrs``), or nothing."""
+    cfg = manifest.get("config") or {}
+    own = cfg.get("method_lrs") or {}
+    if not own:
+        return ""
+    base = (cfg.get("budget") or {}).get("lr")
+    each = ", ".join(f"{m} {lr:g}" for m, lr in own.items())
+    return (f"\nLearning rates: {each} (each its own, `method_lrs`); every other fine-tuned method at the budget's "
+            f"{base:g} (or its task's, `per_task`).\n")
+
+
 def progress_note(progress: dict | None) -> str:
     """The mark on a study still running (committed records are exported stage by stage): its rows hold only the
     seeds finished so far, and a std over fewer seeds than planned is not the study's."""
@@ -178,7 +190,7 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     w.writeheader()
     w.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
-    table = markdown_table(rows) + (f"\n{stats_note(family)}" if family else "")
+    table = markdown_table(rows) + (f"\n{stats_note(family)}" if family else "") + lr_note(manifest)
     inj = injection_table(records)
     inj = f"\n## Injected delta (LaTen)\n\n{inj}" if inj else ""
     grid = laten_grid_table(records)

@@ -40,6 +40,8 @@ class Method:
     reads: tuple[str, ...] = ()
     # keys of its build stage's result that each of its evaluation rows carries as "injection"
     injection: tuple[str, ...] = ()
+    # its build fine-tunes with :func:`finetune_cfg`, so the config's ``method_lrs`` may give it its own lr
+    finetunes: bool = False
 
     def build(self, study, task: str, seed: int, inputs: dict) -> tuple[str, str]:
         """(model reference, dtype) of the method's model for ``task`` and ``seed``. ``inputs`` maps each
@@ -75,13 +77,14 @@ class SharedStage:
 
 
 # ---- pieces the methods compose ------------------------------------------------------------------------
-def finetune_cfg(study, task: str, seed: int):
-    """The LoRA fine-tuning settings of a study's task and seed (every fine-tuned and distilled arm)."""
+def finetune_cfg(study, task: str, seed: int, method: str):
+    """The LoRA fine-tuning settings of a study's task and seed for one fine-tuned or distilled arm (its lr may be
+    its own: the config's ``method_lrs``)."""
     from pkt.align.finetune import FinetuneConfig
 
     c = study.cfg
     b = c.budget_for(task)
-    return FinetuneConfig(r=b.rank, alpha=b.alpha, dropout=b.dropout, lr=b.lr, epochs=b.epochs,
+    return FinetuneConfig(r=b.rank, alpha=b.alpha, dropout=b.dropout, lr=c.lr_for(task, method), epochs=b.epochs,
                           batch_size=b.batch_size, micro_batch_size=min(4, b.batch_size), max_length=b.max_length,
                           n_train=study.n_train[task], seed=seed, style=c.style, dtype=c.dtype,
                           autocast=c.autocast, pissa_niter=b.pissa_niter, train_on_inputs=b.train_on_inputs, report_to=c.report_to)
@@ -151,12 +154,13 @@ class PostPktArm(Method):
 
     init: str = "lora"
     control: str | None = None
+    finetunes = True
 
     def build(self, study, task, seed, inputs):
         from pkt.postpkt import run_postpkt
 
         c = study.cfg
-        ft = finetune_cfg(study, task, seed)
+        ft = finetune_cfg(study, task, seed, self.name)
         factors = inputs["extract"] if "extract" in self.reads else None
         if self.init == "seeking":
             ft = ft.model_copy(update={"targets": seeking_targets(study, task)})

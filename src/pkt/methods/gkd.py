@@ -10,6 +10,7 @@ from pkt.methods.base import Method, finetune_cfg, merged, summary
 
 class GKD(Method):
     name = "gkd"
+    finetunes = True
     resource = "gkd"
 
     def build(self, study, task, seed, inputs):
@@ -17,7 +18,7 @@ class GKD(Method):
 
         c = study.cfg
         b = c.budget_for(task)
-        ft = finetune_cfg(study, task, seed)
+        ft = finetune_cfg(study, task, seed, self.name)
         gc = GKDConfig(lmbda=b.gkd_lmbda, beta=b.gkd_beta, temperature=b.gkd_temperature,
                        max_new_tokens=b.gkd_max_new_tokens, teacher_dtype=c.teacher_dtype)
         payload = {"method": "gkd", "task": task, "teacher": c.teacher, "student": c.student,

@@ -14,6 +14,7 @@ from pkt.methods.base import Method, data_setting, finetune_cfg, merged, seeking
 class LatenLoRA(Method):
     name = "laten-lora"
     reads = ("laten",)
+    finetunes = True
 
     def build(self, study, task, seed, inputs):
         from pkt.postpkt import run_postpkt
@@ -21,7 +22,7 @@ class LatenLoRA(Method):
         c = study.cfg
         laten_ref, _ = study.build("laten", task, seed, inputs)
         deltas = Path(laten_ref) / "laten_deltas.safetensors"
-        ft = finetune_cfg(study, task, seed)
+        ft = finetune_cfg(study, task, seed, self.name)
         payload = {"method": self.name, "task": task, "student": c.student, "finetune": ft.model_dump(),
                    "base_deltas": str(deltas), **data_setting(c)}
         path, _ = study.run_stage(build_stage(self.name, task, seed), payload, lambda d: summary(run_postpkt(

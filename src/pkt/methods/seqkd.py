@@ -13,10 +13,11 @@ from pkt.methods.base import Method, finetune_cfg, merged, summary
 class SeqKD(Method):
     name = "seqkd"
     reads = ("kd-data",)
+    finetunes = True
 
     def build(self, study, task, seed, inputs):
         c = study.cfg
-        ft = finetune_cfg(study, task, seed)
+        ft = finetune_cfg(study, task, seed, self.name)
         kd_file = inputs["kd-data"]
         payload = {"method": "seqkd", "task": task, "student": c.student, "finetune": ft.model_dump(),
                    "data": str(kd_file)}

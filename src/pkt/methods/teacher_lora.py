@@ -15,13 +15,14 @@ from pkt.stage import Cost, build as build_stage  # noqa: F401  (Cost: estimate'
 
 class TeacherLoRA(Method):
     name = "teacher-lora"
+    finetunes = True
     sized_as = "teacher"
 
     def build(self, study, task, seed, inputs):
         from pkt.postpkt import run_postpkt
 
         c = study.cfg
-        ft = finetune_cfg(study, task, seed)
+        ft = finetune_cfg(study, task, seed, self.name)
         payload = {"method": self.name, "task": task, "teacher": c.teacher, "finetune": ft.model_dump(),
                    **data_setting(c)}
 

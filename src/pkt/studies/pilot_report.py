@@ -215,7 +215,31 @@ def derive(rec: dict) -> dict:
     for c in stated:
         c["significant"] = c["delta"] > 0 and all(p <= ALPHA for p in c["holm"])
         c["differs"] = all(p <= ALPHA for p in c["holm"])
-    return {"rows": rows, "selected": selected, "n_comparisons": len(stated)}
+    on_grid = {id(r["point"]) for r in rows if r["point"] is not None}
+    # records of points the config's grid no longer holds (a grid trimmed while it ran): shown, never selected from
+    off_grid = sorted((p for p in rec["points"].values() if id(p) not in on_grid),
+                      key=lambda p: (p.get("init", LORA), p["train_examples"], float(p["epochs"]), float(p["lr"]),
+                                     p["seed"]))
+    return {"rows": rows, "selected": selected, "n_comparisons": len(stated), "off_grid": off_grid}
+
+
+def _off_grid(out: dict) -> list[str]:
+    """The held-out records outside the config's grid, or nothing when every record is on it."""
+    if not out.get("off_grid"):
+        return []
+    lines = ["", "Recorded outside the config's grid (points of an earlier version of it, whose records stay valid: a "
+             "point's key holds its own budget and lr); shown for completeness, not selected from:", "",
+             "| init | train examples | epochs | lr | seed | steps | final train loss | held-out | held-out answer loss "
+             "| ‖ΔW‖/‖W‖ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in out["off_grid"]:
+        b, ho = p.get("build") or {}, p.get("heldout") or {}
+        loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
+        up = (b.get("update") or {}).get("all")
+        lines.append(f"| {p.get('init', LORA)} | {p['train_examples']} | {float(p['epochs']):g} | {float(p['lr']):g} | "
+                     f"{p['seed']} | {b.get('steps', '–')} | "
+                     f"{'–' if b.get('final_loss') is None else format(b['final_loss'], '.3f')} | "
+                     f"{pct(ho.get('score'))} | {loss} | {_upd(up)} |")
+    return lines
 
 
 def _seeds_text(s: dict) -> str:
@@ -275,6 +299,7 @@ def render_lora(rec: dict, out: dict) -> str:
         lines.append(f"| {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} | {b['steps']} | "
                      f"{b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | {100 * b['update']['all']:.3f}% | "
                      f"{'✓' if r['selected'] else ''} |")
+    lines += _off_grid(out)
     lines += ["", "## The selected lr on the test subset", "",
               "| train examples | epochs | selected lr | held-out | test | student | Δ [95% CI] | bootstrap p "
               "| McNemar p (only LoRA / only student) | Holm p | significant |",
@@ -382,6 +407,7 @@ def render_inits(rec: dict, out: dict) -> str:
         lines.append(f"{head} {b['steps']} | {b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | "
                      f"{_upd(b['update']['all'])} | {_upd(start)} | {'✓' if r['selected'] else ''} |")
 
+    lines += _off_grid(out)
     lines += ["", "## Each init's held-out curve over lr", "",
               "Held-out score (‖ΔW‖/‖W‖ of the build), means over the seeds; ✓ the selected lr.", "",
               "| init | train examples | epochs | " + " | ".join(f"lr {x:g}" for x in lrs) + " | selected lr |",

@@ -182,7 +182,7 @@ class StepsSaved:
     def finetune_cfg(self, arm: str, seed: int):
         from pkt.methods.base import finetune_cfg, seeking_targets
 
-        ft = finetune_cfg(self.study, self.cfg.task, seed)  # the seed of the LoRA init, data order and dropout
+        ft = finetune_cfg(self.study, self.cfg.task, seed, arm)  # the seed of the LoRA init, data order and dropout
         if arm in self.cfg.arm_lrs:
             ft = ft.model_copy(update={"lr": self.cfg.arm_lrs[arm]})
         return ft.model_copy(update={"targets": seeking_targets(self.study, self.cfg.task)}) if arm == "seeking" else ft
