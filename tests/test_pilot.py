@@ -163,8 +163,12 @@ def test_the_committed_code_pilot_holds_out_the_whole_validation_split_and_train
     from pkt.data.tasks import load_split
     from pkt.studies.pilot import Pilot, load_config
 
-    cfg, _ = load_config(Path(__file__).parents[1] / "configs" / "pilot-mbpp.yaml")
-    p = Pilot(cfg, None, dry=True)
+    from pkt.experiment.plan import human
+
+    cfg, text = load_config(Path(__file__).parents[1] / "configs" / "pilot-mbpp.yaml")
+    p = Pilot(cfg, None, text, log=lambda m: None, dry=True)
+    # the plan its header quotes (no record restores any of it yet)
+    assert human(sum(r[2] for r in p.plan())) == "4.6 h" and "9 builds and 14 evaluations, 4.6 h" in text
     assert (cfg.task, cfg.eval.shots, cfg.eval.protocol, cfg.eval.test_size) == ("mbpp", 0, "pkt", 500)
     assert sorted(p.heldout.info["ids"]) == list(range(511, 601))
     assert max(R.budgets(cfg.model_dump(mode="json")))[0] == len(load_split("mbpp", "train")) == 300
