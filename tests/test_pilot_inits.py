@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from staged_studies import config_file, rederived, saved_pair, tree
 
+from pkt.errors import PktError
 from pkt.studies import pilot_report as R
 from pkt.testing import save_tiny
 
@@ -40,12 +41,14 @@ def test_a_lora_only_config_keeps_its_stage_names_and_keys(shared_data):
     niter = Pilot(cfg.model_copy(update={"pissa_niter": 4}), None, text, log=lambda m: None, dry=True)
     assert niter.build_key(256, 1.0, 3e-4, 0) == pilot.build_key(256, 1.0, 3e-4, 0)
     assert niter.build_key(256, 1.0, 3e-4, 0, "pissa")[1]["finetune"]["pissa_niter"] == 4
-    # the plan (the trimmed grid: 4 budgets x 2 lrs): every stage under the name it had, no extraction
+    # the plan (the trimmed grid: 4 budgets x 2 lrs, and 64 x 3 epochs): every stage under the name it had, no
+    # extraction
     plan = render_plan(pilot)
-    assert "plan: 8 builds and 14 evaluations (0 stages cached)" in plan and "extract" not in plan
+    assert "plan: 10 builds and 17 evaluations (0 stages cached)" in plan and "extract" not in plan
     names = [r[0] for r in pilot.plan()]
     assert names[:2] == ["heldout-student", "test-student"]
     assert "build-n1000-e1-lr0.001-s0" in names and "heldout-n64-e1-lr0.0003-s0" in names
+    assert "build-n64-e3-lr0.001-s0" in names
     assert all(not x.startswith(("build-pissa", "build-seeking", "extract")) for x in names)
 
 
@@ -348,3 +351,21 @@ def test_the_function_transfer_config_pairs_with_the_decisive_study(shared_data)
         (cfg.train_examples[0], cfg.epochs[0], cfg.batch_size, cfg.max_length, cfg.rank, cfg.alpha, cfg.dtype,
          "float32")
     assert b.lr in cfg.lrs and "lora" in fn.methods and "student" in fn.methods
+
+
+def test_question_churn_counts_discordant_questions_same_seed_and_seed_to_seed():
+    """The churn table's counts, against a hand count: two inits at the same seed, and each init across seeds."""
+    def t(per, ids=(1, 2, 3, 4)):
+        return {"test": {"per_example": per, "ids": list(ids)}}
+
+    a = [t([1, 0, 0, 1]), t([1, 1, 0, 1])]  # seed 0, seed 1
+    b = [t([0, 0, 0, 1]), t([1, 1, 1, 0])]
+    sel = [{"init": "lora", "n": 64, "epochs": 1.0, "tests": a}, {"init": "seeking", "n": 64, "epochs": 1.0, "tests": b}]
+    (c,) = R.question_churn(sel, [0, 1])
+    assert (c["a"], c["b"]) == ("lora", "seeking")
+    assert c["same_seed"] == [1, 2] and c["a_seeds"] == [1] and c["b_seeds"] == [4]
+    assert R.question_churn(sel, [0]) == []  # one seed: no seed-to-seed noise to read it against
+    untested = [sel[0], {**sel[1], "tests": None}]
+    assert R.question_churn(untested, [0, 1]) == []
+    with pytest.raises(PktError, match="different questions"):
+        R.question_churn([sel[0], {**sel[1], "tests": [t([0] * 4, ids=(5, 6, 7, 8)), b[1]]}], [0, 1])

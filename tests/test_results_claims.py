@@ -120,3 +120,23 @@ def test_the_decisive_studys_tables_in_results_md_are_its_records():
             assert cell.replace("**", "").removesuffix(" ✓") == f"{pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}]"
             assert cell.endswith("✓") == c["significant"], (name, cell)
             assert cell.startswith("**") == (c["low"] > 0 or c["high"] < 0), (name, cell)
+
+
+def test_the_decisive_studys_question_churn_in_results_md_is_its_records():
+    """The counts of questions that change verdict, as docs/results.md states them, are the report's derivation."""
+    from pkt.studies import pilot_report as R
+
+    churn = {(c["a"], c["b"]): c for c in R.derive(R.load(DECISIVE))["churn"]}
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+
+    def mean(v):
+        return f"{sum(v) / len(v):.1f}"
+
+    sk = churn["seeking", "seeking-random"]
+    assert (f"Seeking and seeking-random differ on {mean(sk['same_seed'])} of the 300 questions "
+            f"({', '.join(map(str, sk['same_seed']))})") in text
+    assert f"Seeking differs from itself between two seeds on {mean(sk['a_seeds'])}" in text
+    lo = churn["lora", "seeking"]
+    assert (f"Seeking and LoRA differ on {mean(lo['same_seed'])} at the same seed against LoRA's {mean(lo['a_seeds'])} "
+            f"and Seeking's {mean(lo['b_seeds'])} seed to seed") in text
+    assert f"PiSSA and LoRA on {mean(churn['lora', 'pissa']['same_seed'])}" in text

@@ -29,6 +29,7 @@ A config of LoRA alone gives the report it gave before inits existed.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -215,12 +216,61 @@ def derive(rec: dict) -> dict:
     for c in stated:
         c["significant"] = c["delta"] > 0 and all(p <= ALPHA for p in c["holm"])
         c["differs"] = all(p <= ALPHA for p in c["holm"])
+    churn = question_churn(selected, seeds)
     on_grid = {id(r["point"]) for r in rows if r["point"] is not None}
     # records of points the config's grid no longer holds (a grid trimmed while it ran): shown, never selected from
     off_grid = sorted((p for p in rec["points"].values() if id(p) not in on_grid),
                       key=lambda p: (p.get("init", LORA), p["train_examples"], float(p["epochs"]), float(p["lr"]),
                                      p["seed"]))
-    return {"rows": rows, "selected": selected, "n_comparisons": len(stated), "off_grid": off_grid}
+    return {"rows": rows, "selected": selected, "n_comparisons": len(stated), "off_grid": off_grid, "churn": churn}
+
+
+def _discordant(a: dict, b: dict) -> int:
+    """Questions one test record gets right and the other wrong (the same questions, in the same order)."""
+    x, y = a["test"]["per_example"], b["test"]["per_example"]
+    if a["test"]["ids"] != b["test"]["ids"]:
+        raise PktError("test records on different questions cannot be paired")
+    return sum(bool(u) != bool(v) for u, v in zip(x, y))
+
+
+def question_churn(selected: list[dict], seeds: list[int]) -> list[dict]:
+    """How many test questions change verdict between two selected builds of one budget: two inits at the same seed
+    (the same data order, dropout and LoRA seed; only the init differs), against one init's own seed-to-seed change
+    (the noise a seed alone makes). Needs every selected build tested on ≥ 2 seeds; else nothing."""
+    if len(seeds) < 2:
+        return []
+    out = []
+    for (n, e) in dict.fromkeys((b["n"], b["epochs"]) for b in selected):
+        done = {b["init"]: b["tests"] for b in selected if (b["n"], b["epochs"]) == (n, e) and b["tests"]}
+        if len(done) < 2:
+            continue
+        names = list(done)
+        own = {i: [_discordant(done[i][a], done[i][b]) for a, b in itertools.combinations(range(len(seeds)), 2)]
+               for i in names}
+        for a, b in itertools.combinations(names, 2):
+            same = [_discordant(x, y) for x, y in zip(done[a], done[b])]
+            out.append({"n": n, "epochs": e, "a": a, "b": b, "same_seed": same, "a_seeds": own[a],
+                        "b_seeds": own[b]})
+    return out
+
+
+def _churn_lines(out: dict) -> list[str]:
+    if not out.get("churn"):
+        return []
+    lines = ["", "## Which questions change", "",
+             "Test questions whose verdict differs between two selected builds of the same budget: two inits at the "
+             "same seed (the same examples in the same order, the same dropout and LoRA seed; only the init differs), "
+             "beside each init's own change from one seed to another (what a seed alone moves). A pair of inits "
+             "whose same-seed count is no larger than their seed-to-seed counts changes which questions are solved "
+             "no more than reseeding does.", "",
+             "| first | second | train examples | epochs | same seed (per seed) | first, seed to seed | second, seed to "
+             "seed |", "|---|---|---:|---:|---|---|---|"]
+    for c in out["churn"]:
+        def cell(v):
+            return f"{sum(v) / len(v):.1f} ({', '.join(map(str, v))})"
+        lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['epochs']:g} | {cell(c['same_seed'])} | "
+                     f"{cell(c['a_seeds'])} | {cell(c['b_seeds'])} |")
+    return lines
 
 
 def _off_grid(out: dict) -> list[str]:
@@ -457,6 +507,7 @@ def render_inits(rec: dict, out: dict) -> str:
             sk, c = seeking_of[b["n"], b["epochs"]], b["vs_seeking"]
             lines.append(_pair_row(b, (sk["lr"], b["lr"]), c, b["cmp"]["score"] if c else None))
 
+    lines += _churn_lines(out)
     lines += ["", "## At matched update size", "",
               "For each init, the lr whose ‖ΔW‖/‖W‖ (mean over the seeds) is closest, by ratio, to that of LoRA's "
               "selected build: the inits compared at the same size of the change that reached the model. "
