@@ -556,23 +556,28 @@ def plot(rec: dict, out: dict, path: Path) -> None:
 
 
 def figure_lora(plt, rec: dict, out: dict):
-    """Held-out score per lr and the selected builds' test score (with the interval of Δ) by train examples; one
-    line style per epochs value."""
+    """Two panels by train examples, one line style per epochs value: the held-out score per lr with the selected
+    builds' test score (and the interval of Δ), and the held-out answer loss per lr."""
     s = rec["meta"]["settings"]
     epochs = sorted({r["epochs"] for r in out["rows"]})
     styles, markers = ["-", "--", "-.", ":"], ["s", "D", "^", "v"]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(11.0, 4.0))
     for i, e in enumerate(epochs):
         for j, lr in enumerate(float(x) for x in s["lrs"]):
-            by_n: dict[int, list[float]] = {}
+            by_n: dict[int, list[dict]] = {}
             for r in out["rows"]:
                 if r["epochs"] == e and r["lr"] == lr and r["point"]:
-                    by_n.setdefault(r["n"], []).append(r["point"]["heldout"]["score"])
+                    by_n.setdefault(r["n"], []).append(r["point"]["heldout"])
             if by_n:
                 ns = sorted(by_n)
-                ax.plot(ns, [100 * sum(by_n[n]) / len(by_n[n]) for n in ns], linestyle=styles[i % 4], marker="o",
-                        color=colours[j % len(colours)], alpha=0.6, label=f"held-out, lr {lr:g}, {e:g} ep")
+                style = {"linestyle": styles[i % 4], "marker": "o", "color": colours[j % len(colours)], "alpha": 0.6,
+                         "label": f"held-out, lr {lr:g}, {e:g} ep"}
+                ax.plot(ns, [100 * sum(h["score"] for h in by_n[n]) / len(by_n[n]) for n in ns], **style)
+                losses = [(n, [h["answer_loss"] for h in by_n[n]]) for n in ns]
+                losses = [(n, sum(v) / len(v)) for n, v in losses if all(x is not None for x in v)]
+                if losses:
+                    loss_ax.plot(*zip(*losses), **style)
         done = [b for b in out["selected"] if b["cmp"] and b["epochs"] == e]
         if done:
             ax.errorbar([b["n"] for b in done], [100 * b["cmp"]["score"] for b in done], capsize=3,
@@ -592,6 +597,16 @@ def figure_lora(plt, rec: dict, out: dict):
     ax.set_ylabel(f"{rec['meta'].get('metric', 'score')} (%)")
     ax.set_title(f"{s['name']}: LoRA of the student by budget")
     ax.legend(fontsize=6)
+    held = rec["student"].get("heldout") or {}
+    if held.get("answer_loss") is not None:
+        loss_ax.axhline(held["answer_loss"], color="grey", linestyle=":", linewidth=1, label="student, held-out")
+    loss_ax.set_xscale("log")
+    loss_ax.set_xticks(ticks, [str(n) for n in ticks])
+    loss_ax.minorticks_off()
+    loss_ax.set_xlabel("training examples")
+    loss_ax.set_ylabel("held-out answer loss (nats / token)")
+    loss_ax.set_title("held-out answer loss (the training answers' format)")
+    loss_ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
