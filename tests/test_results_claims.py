@@ -66,6 +66,7 @@ def test_answer_loss_goes_with_lower_accuracy_on_gsm8k():
 
 
 DECISIVE = STUDY.parents[1] / "decisive-gsm8k"
+PILOT = STUDY.parents[1] / "pilot-gsm8k"
 DOC = STUDY.parents[2] / "results.md"
 INIT_NAMES = {"LoRA": "lora", "PiSSA": "pissa", "Seeking": "seeking", "seeking-random": "seeking-random"}
 
@@ -140,3 +141,19 @@ def test_the_decisive_studys_question_churn_in_results_md_is_its_records():
     assert (f"Seeking and LoRA differ on {mean(lo['same_seed'])} at the same seed against LoRA's {mean(lo['a_seeds'])} "
             f"and Seeking's {mean(lo['b_seeds'])} seed to seed") in text
     assert f"PiSSA and LoRA on {mean(churn['lora', 'pissa']['same_seed'])}" in text
+
+
+def test_the_pilot_curve_figures_in_results_md_are_its_records():
+    """Each pilot budget's Δ over the student that docs/results.md quotes is the pilot report's derivation."""
+    from pkt.studies import pilot_report as R
+    from pkt.studies.staged import pts
+
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+    done = {(b["n"], b["epochs"]): b["cmp"] for b in R.derive(R.load(PILOT))["selected"] if b["cmp"]}
+    assert (64, 1.0) in done
+    c = done[64, 1.0]
+    assert f"(pilot-gsm8k: {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}])" in text
+    for n in (128, 256):
+        if (n, 1.0) in done:
+            c = done[n, 1.0]
+            assert f"{n} examples {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}]" in text, n
