@@ -261,4 +261,6 @@ def test_the_report_names_the_methods_at_their_own_lr(tmp_path):
     own = (tmp_path / "own" / "results.md").read_text()
     assert "Learning rates: seqkd 0.0001 (each its own, `method_lrs`); every other fine-tuned method at the " \
            "budget's 0.0003" in own
+    assert "Learning rates: seqkd 0.0001" in (tmp_path / "own" / "report.html").read_text()
     assert "Learning rates" not in (tmp_path / "plain" / "results.md").read_text()
+    assert "Learning rates" not in (tmp_path / "plain" / "report.html").read_text()

@@ -235,8 +235,9 @@ def _discordant(a: dict, b: dict) -> int:
 
 def question_churn(selected: list[dict], seeds: list[int]) -> list[dict]:
     """How many test questions change verdict between two selected builds of one budget: two inits at the same seed
-    (the same data order, dropout and LoRA seed; only the init differs), against one init's own seed-to-seed change
-    (the noise a seed alone makes). Needs every selected build tested on ≥ 2 seeds; else nothing."""
+    (the same examples in the same order and the same seed; the init differs, and with it its selected lr and its
+    default dropout), against one init's own seed-to-seed change (the noise a seed alone makes). Needs both builds
+    tested on every seed (≥ 2); else nothing."""
     if len(seeds) < 2:
         return []
     out = []
@@ -259,8 +260,9 @@ def _churn_lines(out: dict) -> list[str]:
         return []
     lines = ["", "## Which questions change", "",
              "Test questions whose verdict differs between two selected builds of the same budget: two inits at the "
-             "same seed (the same examples in the same order, the same dropout and LoRA seed; only the init differs), "
-             "beside each init's own change from one seed to another (what a seed alone moves). A pair of inits "
+             "same seed (the same examples in the same order and the same seed; the init differs, with its selected "
+             "lr and default dropout), beside each init's own change from one seed to another (what a seed alone "
+             "moves). A pair of inits "
              "whose same-seed count is no larger than their seed-to-seed counts changes which questions are solved "
              "no more than reseeding does.", "",
              "| first | second | train examples | epochs | same seed (per seed) | first, seed to seed | second, seed to "
@@ -273,6 +275,13 @@ def _churn_lines(out: dict) -> list[str]:
     return lines
 
 
+def _point_cells(p: dict) -> str:
+    """steps | final train loss | held-out | held-out answer loss | ‖ΔW‖/‖W‖ of a held-out point's record."""
+    b, ho = p["build"], p["heldout"]
+    loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
+    return f"{b['steps']} | {b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | {_upd(b['update']['all'])}"
+
+
 def _off_grid(out: dict) -> list[str]:
     """The held-out records outside the config's grid, or nothing when every record is on it."""
     if not out.get("off_grid"):
@@ -282,13 +291,8 @@ def _off_grid(out: dict) -> list[str]:
              "| init | train examples | epochs | lr | seed | steps | final train loss | held-out | held-out answer loss "
              "| ‖ΔW‖/‖W‖ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in out["off_grid"]:
-        b, ho = p.get("build") or {}, p.get("heldout") or {}
-        loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
-        up = (b.get("update") or {}).get("all")
         lines.append(f"| {p.get('init', LORA)} | {p['train_examples']} | {float(p['epochs']):g} | {float(p['lr']):g} | "
-                     f"{p['seed']} | {b.get('steps', '–')} | "
-                     f"{'–' if b.get('final_loss') is None else format(b['final_loss'], '.3f')} | "
-                     f"{pct(ho.get('score'))} | {loss} | {_upd(up)} |")
+                     f"{p['seed']} | {_point_cells(p)} |")
     return lines
 
 
@@ -344,10 +348,7 @@ def render_lora(rec: dict, out: dict) -> str:
         if p is None:
             lines.append(f"| {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} | – | – | – | – | – | |")
             continue
-        b, ho = p["build"], p["heldout"]
-        loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
-        lines.append(f"| {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} | {b['steps']} | "
-                     f"{b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | {100 * b['update']['all']:.3f}% | "
+        lines.append(f"| {r['n']} | {r['epochs']:g} | {r['lr']:g} | {r['seed']} | {_point_cells(p)} | "
                      f"{'✓' if r['selected'] else ''} |")
     lines += _off_grid(out)
     lines += ["", "## The selected lr on the test subset", "",
@@ -451,11 +452,8 @@ def render_inits(rec: dict, out: dict) -> str:
         if p is None:
             lines.append(head + " – | – | – | – | – | – | |")
             continue
-        b, ho = p["build"], p["heldout"]
-        loss = "–" if ho.get("answer_loss") is None else f"{ho['answer_loss']:.3f}"
-        start = (b.get("init_update") or {}).get("all", 0.0)  # LoRA starts at B₀ = 0
-        lines.append(f"{head} {b['steps']} | {b['final_loss']:.3f} | {pct(ho['score'])} | {loss} | "
-                     f"{_upd(b['update']['all'])} | {_upd(start)} | {'✓' if r['selected'] else ''} |")
+        start = (p["build"].get("init_update") or {}).get("all", 0.0)  # LoRA starts at B₀ = 0
+        lines.append(f"{head} {_point_cells(p)} | {_upd(start)} | {'✓' if r['selected'] else ''} |")
 
     lines += _off_grid(out)
     lines += ["", "## Each init's held-out curve over lr", "",
