@@ -216,3 +216,9 @@ def test_method_lrs_change_only_their_methods_stages(tmp_path, qwen_pair, shared
                         ({"lora": 0}, "method_lrs.lora: Input should be greater than 0")]:
         with pytest.raises(PktError, match=needle):
             validate(ExperimentConfig, {**base, "method_lrs": lrs})
+    # a bad `methods` list is the one error: method_lrs does not add a second, misleading one about membership
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        ExperimentConfig.model_validate({**base, "methods": ["student", "lorra"], "method_lrs": {"lora": 1e-4}})
+    assert [e["loc"] for e in err.value.errors()] == [("methods",)], err.value.errors()

@@ -266,10 +266,12 @@ class ExperimentConfig(Settings):
     def _fine_tuned(cls, v, info):
         from pkt.methods import REGISTRY
 
+        methods = info.data.get("methods")
         for m in v:
-            if m not in (info.data.get("methods") or []):
+            # when `methods` itself failed validation its own error says so; a second one here would mislead
+            if methods is not None and m not in methods:
                 raise ValueError(f"{m}: not among the study's methods")
-            if not REGISTRY[m].finetunes:
+            if m in REGISTRY and not REGISTRY[m].finetunes:
                 raise ValueError(f"{m}: fine-tunes nothing, so it has no learning rate")
         return v
 
