@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from pkt.io import write_text
 from pkt.studies import pilot as P
 from pkt.studies import pilot_report as R
 
@@ -32,8 +33,9 @@ def main(config: str, out: str) -> int:
         if (path / "stage.json").exists():
             continue
         path.mkdir(parents=True, exist_ok=True)
-        (path / "stage.json").write_text(json.dumps({"stage": name, "seconds": 0.0, "result": {"update": rec["update"]},
-                                                     "restored_from": str(f)}), encoding="utf-8")
+        # written atomically, like every stage record: a half-written stage.json would read as a finished stage
+        write_text(path / "stage.json", json.dumps({"stage": name, "seconds": 0.0, "result": {"update": rec["update"]},
+                                                    "restored_from": str(f)}))
         print(f"restored {path.name} from {f}")
     return 0
 
