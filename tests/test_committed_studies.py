@@ -1,0 +1,36 @@
+"""The committed records of the staged studies `steps-saved` and `laten-dose` (docs/results/*/): each report is
+rebuilt byte for byte from a copy of its records alone, as `pkt study <study> CONFIG --report` does (the pilot's
+committed records have the same test in tests/test_pilot.py, `pkt run`'s in tests/test_records.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pkt.studies import laten_dose_report, steps_saved_report
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+# one case per committed records directory, found when the tests are collected
+COMMITTED = [(report, meta.parent) for report in (steps_saved_report, laten_dose_report)
+             for meta in sorted(RESULTS.glob(f"*/{report.META}"))]
+
+
+@pytest.mark.parametrize("report, d", COMMITTED, ids=[d.name for _, d in COMMITTED])
+def test_committed_records_rederive(tmp_path, report, d):
+    assert (d / report.REPORT).is_file(), f"{d}: records committed without their report"
+    copy = tmp_path / d.name
+    shutil.copytree(d, copy)
+    (copy / report.REPORT).unlink()
+    (copy / report.PLOT).unlink()
+    report.write_report(copy)
+    assert (copy / report.REPORT).read_bytes() == (d / report.REPORT).read_bytes(), d
+    assert (copy / report.PLOT).is_file()
+
+
+def test_the_steps_saved_records_are_committed():
+    """The GSM8K steps-saved study's records are in the repository and among the cases above."""
+    assert (steps_saved_report, RESULTS / "steps-saved-gsm8k") in COMMITTED
