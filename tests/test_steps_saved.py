@@ -235,6 +235,37 @@ def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_
     assert err.count("\n") == 1 and err.startswith("pkt: error: ") and needle in err, err
 
 
+def test_seekings_controls_start_where_seeking_does_and_train_from_their_own_factors(tmp_path, qwen_pair,
+                                                                                      shared_data, pkt_cli):
+    """seeking-random and seeking-shuffled are arms too: built from the same extraction as seeking and turned into
+    pkt run's control of that name (seeded with the fine-tuning seed); each is output-preserving at step 0 (the
+    student's held-out loss, as seeking's) and trains from other factors than seeking's, on the same batches."""
+    import json
+    from pathlib import Path
+
+    from pkt.studies import steps_saved_report as R
+
+    t, s = saved_pair(qwen_pair, tmp_path)
+    arms = ["lora", "seeking", "seeking-random", "seeking-shuffled"]
+    cfg = _config(tmp_path, t, s, seeds=[0], arms=arms)
+    out = tmp_path / "out"
+    code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", out)
+    assert code == 0, err
+    curves = {a: R.load(tmp_path / "records")["curves"][(a, 0)]["result"] for a in arms}
+    step0 = [x[0] for x in curves["lora"]["heldout"][0]["per_example"]]
+    for arm in arms[1:]:
+        assert curves[arm]["batches"] == curves["lora"]["batches"]
+        assert [x[0] for x in curves[arm]["heldout"][0]["per_example"]] == pytest.approx(step0, rel=1e-5), arm
+    extraction = next((out / "stages").glob("extract-gsm8k-*"))  # one, shared by seeking and its controls
+    for arm, control in (("seeking-random", "random"), ("seeking-shuffled", "shuffled")):
+        assert curves[arm]["heldout"][-1]["loss"] != curves["seeking"]["heldout"][-1]["loss"], arm
+        stage = next((out / "stages").glob(f"curve-{arm}-gsm8k-s0-*"))
+        assert json.loads((stage / "run" / "summary.json").read_text())["control"] == control
+        made = json.loads((stage / f"run.{control}-factors" / "manifest.json").read_text())
+        assert (made["control"], made["seed"]) == (control, 0)
+        assert Path(made["source_extraction"]) == extraction / "factors"
+
+
 def test_an_arm_trains_at_its_own_lr_where_the_config_gives_one(tmp_path, shared_data):
     """`arm_lrs` changes that arm's lr alone (and so its stage key), nothing else of its fine-tuning; the report
     states it beside the budget's lr."""
@@ -282,3 +313,28 @@ def test_the_committed_config_is_the_study_budget(shared_data):
     decisive = R.load(Path(__file__).parents[1] / "docs" / "results" / "decisive-gsm8k")["points"]
     assert R.select_lr(decisive, 64, 1.0, [3e-5, 1e-4, 3e-4, 1e-3], [0], "seeking")[0] == 1e-4
     assert study.finetune_cfg("seeking", 2).lr == 1e-4
+
+
+def test_the_committed_controls_config_is_the_study_with_other_arms(shared_data):
+    """configs/steps-saved-controls-gsm8k.yaml: steps-saved-gsm8k's study (the same lora, budget, seeds and held-out
+    questions) with seeking-random and PiSSA, each at the lr the decisive study selected for it on held-out."""
+    from pathlib import Path
+
+    from pkt.studies import pilot_report as R
+    from pkt.studies.steps_saved import StepsSaved, load_config
+
+    root = Path(__file__).parents[1] / "configs"
+    studies = [StepsSaved(load_config(root / f)[0], None, log=lambda m: None, dry=True)
+               for f in ("steps-saved-gsm8k.yaml", "steps-saved-controls-gsm8k.yaml")]
+    main, controls = studies
+    assert controls.cfg.arms == ["lora", "seeking-random", "pissa"]
+    assert controls.cfg.seeds == main.cfg.seeds and controls.cfg.heldout == main.cfg.heldout
+    assert controls.heldout.info["ids"] == main.heldout.info["ids"]
+    for seed in main.cfg.seeds:
+        assert controls.finetune_cfg("lora", seed) == main.finetune_cfg("lora", seed)
+        # seeking-random fine-tunes exactly as seeking does, from other factors
+        assert controls.finetune_cfg("seeking-random", seed) == main.finetune_cfg("seeking", seed)
+    decisive = R.load(Path(__file__).parents[1] / "docs" / "results" / "decisive-gsm8k")["points"]
+    for init in ("pissa", "seeking-random"):
+        assert R.select_lr(decisive, 64, 1.0, [3e-5, 1e-4, 3e-4, 1e-3], [0], init)[0] == \
+            controls.finetune_cfg(init, 0).lr == 1e-4, init

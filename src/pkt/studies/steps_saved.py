@@ -11,7 +11,8 @@ arm's loss is measured on ONE fixed held-out set at chosen optimizer steps (``he
 by the training loop's probe (:class:`pkt.align.loop.Probe`, which changes no training bit), so the curves differ
 only by the model.
 
-Per seed, every arm of ``arms`` (default lora and laten-lora; also seeking or pissa) is fine-tuned exactly as
+Per seed, every arm of ``arms`` (default lora and laten-lora; also seeking, its controls seeking-random and
+seeking-shuffled, or pissa) is fine-tuned exactly as
 ``pkt run`` builds it (:func:`pkt.methods.base.finetune_cfg`, :func:`pkt.postpkt.run_postpkt`; laten-lora's LaTen
 student is ``pkt run``'s ``laten`` build, :mod:`pkt.methods.laten`), with the same seed for the LoRA init, the
 data order and the dropout masks: the arms of a seed train on the same examples in the same steps and
@@ -49,7 +50,11 @@ from pkt.studies.pilot import heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 
 # arm -> the LoRA init it fine-tunes with (laten-lora: plain LoRA on the LaTen-injected student)
-INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "pissa": "pissa"}
+INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "seeking-random": "seeking",
+         "seeking-shuffled": "seeking", "pissa": "pissa"}
+# Seeking's controls (pkt.postpkt.control_factors, seeded with the fine-tuning seed as pkt run's arms of these
+# names are): whether a curve below LoRA's comes from the teacher's blocks or from a large init of their spectrum
+CONTROLS = {"seeking-random": "random", "seeking-shuffled": "shuffled"}
 
 
 class HeldoutSettings(Settings):
@@ -175,7 +180,7 @@ class StepsSaved:
         if arm == "laten-lora":
             ref, _ = self.study.build("laten", self.cfg.task, seed, {})
             return {"laten": ref}
-        if arm == "seeking":
+        if INITS[arm] == "seeking":  # Seeking and its controls start from the task's one extraction
             return {"factors": str(self.study.shared_stage("extract", self.cfg.task))}
         return {}
 
@@ -185,7 +190,9 @@ class StepsSaved:
         ft = finetune_cfg(self.study, self.cfg.task, seed, arm)  # the seed of the LoRA init, data order and dropout
         if arm in self.cfg.arm_lrs:
             ft = ft.model_copy(update={"lr": self.cfg.arm_lrs[arm]})
-        return ft.model_copy(update={"targets": seeking_targets(self.study, self.cfg.task)}) if arm == "seeking" else ft
+        if INITS[arm] != "seeking":
+            return ft
+        return ft.model_copy(update={"targets": seeking_targets(self.study, self.cfg.task)})
 
     def heldout_spec(self):
         from pkt.align.finetune import Heldout
@@ -200,6 +207,7 @@ class StepsSaved:
 
         c, h = self.cfg, self.heldout_spec()
         payload = {"kind": "steps-saved-curve", "arm": arm, "init": INITS[arm], "task": c.task, "student": c.student,
+                   **({"control": CONTROLS[arm]} if arm in CONTROLS else {}),
                    "finetune": self.finetune_cfg(arm, seed).model_dump(), **inputs,
                    "heldout": {"source": self.heldout.info["source"], "ids": self.heldout.info["ids"],
                                "examples": stable_hash([[e.user, e.assistant] for e in h.examples]),
@@ -232,10 +240,10 @@ class StepsSaved:
         c = self.cfg
         seed_everything(seed)  # the LoRA A init draws from the global RNG: the same draws for every arm of a seed
         deltas = Path(inputs["laten"]) / "laten_deltas.safetensors" if "laten" in inputs else None
-        summary = run_postpkt(c.teacher if arm == "seeking" else None, c.student, c.task, INITS[arm], d / "run",
+        summary = run_postpkt(c.teacher if INITS[arm] == "seeking" else None, c.student, c.task, INITS[arm], d / "run",
                               self.finetune_cfg(arm, seed), seeking_cfg(self.study, c.task),
                               factors_dir=inputs.get("factors"), progress=c.progress, log=self.study.echo,
-                              base_deltas=deltas, heldout=self.heldout_spec())
+                              base_deltas=deltas, heldout=self.heldout_spec(), control=CONTROLS.get(arm))
         probe = json.loads((d / "run" / "heldout.json").read_text(encoding="utf-8"))
         train = [json.loads(x) for x in (d / "run" / "train_log.jsonl").read_text(encoding="utf-8").splitlines() if x]
         if not c.keep_checkpoints:  # the curve is the result; a merged student is a full copy of the model
