@@ -1,7 +1,7 @@
 """Numbers docs/results.md states about the committed CPU study that no report column holds, recomputed from its
 records (``pytest -s tests/test_results_claims.py`` prints them): the variance components the statistics' coverage
 test is calibrated to, and the correlation of answer loss with accuracy across the fine-tuned arm-seeds; and the
-decisive study's tables in docs/results.md, checked cell by cell against its records."""
+decisive study's tables in docs/results.md, checked cell by cell against its records, and the steps-saved figures."""
 
 from __future__ import annotations
 
@@ -157,3 +157,33 @@ def test_the_pilot_curve_figures_in_results_md_are_its_records():
         if (n, 1.0) in done:
             c = done[n, 1.0]
             assert f"{n} examples {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}]" in text, n
+
+
+def test_the_steps_saved_figures_in_results_md_are_its_records():
+    """Questions 2 and 4's steps-saved figures (held-out loss differences, steps to LoRA's final loss, steps saved)
+    are the steps-saved report's derivation from its committed records."""
+    from pkt.studies import steps_saved_report as R
+
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+    d = R.derive(R.load(DOC.parent / "results" / "steps-saved-gsm8k"))
+    assert d["seeds"] == [0, 1, 2] and d["examples"] == 80
+    delta = {a: [row["delta"][a] for row in d["table"]] for a in ("laten-lora", "seeking")}
+    lora = [row["arms"]["lora"][0] for row in d["table"]]
+
+    def ci(x):  # a lowering of the loss, stated as a positive number with its interval
+        return f"{-x[0]:.4f} [{-x[2]:.4f}, {-x[1]:.4f}]"
+
+    lat, seek = delta["laten-lora"], delta["seeking"]
+    assert f"held-out loss by {ci(lat[0])} before any step (LoRA's start: {lora[0]:.4f})" in text
+    assert f"({-lat[1][0]:.4f}, {-lat[2][0]:.4f}, {-lat[3][0]:.4f}) to {ci(lat[4])} after the 4th" in text
+    assert f"LoRA's loss falls by {lora[0] - lora[4]:.3f}" in text
+    s = d["summary"]
+    assert f"final held-out loss after {s['laten-lora']['steps']:.2f} steps" in text
+    assert f"**{s['laten-lora']['saved']:.2f} [{s['laten-lora']['saved_ci'][0]:.2f}, " \
+           f"{s['laten-lora']['saved_ci'][1]:.2f}] steps saved** of 4" in text
+    assert abs(seek[0][0]) < 1e-6  # Seeking's init preserves the student's output
+    assert f"by {-seek[1][0]:.4f} after it and {ci(seek[4])} after the 4th" in text
+    assert f"final loss after {s['seeking']['steps']:.2f} steps (**{s['seeking']['saved']:.2f} " \
+           f"[{s['seeking']['saved_ci'][0]:.2f}, {s['seeking']['saved_ci'][1]:.2f}] saved**)" in text
+    # question 2: the injection's effect on held-out loss, relative to the student's
+    assert f"by {ci(lat[0])}, {-lat[0][0] / lora[0]:.1%} of the student's {lora[0]:.4f}" in text
