@@ -219,8 +219,10 @@ def test_committed_results_reproduce(tmp_path, pkt_cli):
     # a results directory without its records could not be checked: every one must have them (the records of
     # `pkt study pilot`, pilot.json, are checked by tests/test_pilot.py; steps-saved's and laten-dose's by
     # tests/test_committed_studies.py)
-    others = sorted(p.parent for name in ("pilot.json", "steps-saved.json", "laten-dose.json")
-                    for p in RESULTS.glob(f"*/{name}"))
+    from pkt.studies import laten_dose_report, pilot_report, steps_saved_report
+
+    others = sorted(p.parent for report in (pilot_report, steps_saved_report, laten_dose_report)
+                    for p in RESULTS.glob(f"*/{report.META}"))
     assert RESULTS.is_dir() and sorted(p for p in RESULTS.iterdir() if p.is_dir()) == sorted(studies + others)
     assert studies, "docs/results/ holds no committed study"
     for d in studies:

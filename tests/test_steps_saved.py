@@ -301,6 +301,11 @@ def test_the_committed_config_is_the_study_budget(shared_data):
     assert (cfg.student, cfg.teacher, cfg.task, cfg.seeds) == ("qwen2.5-coder-0.5b-instruct",
                                                                "qwen2.5-coder-1.5b-instruct", "gsm8k", [0, 1, 2])
     assert study.total == 4 and cfg.heldout_at == [0, 1, 2, 3, 4]
+    from pkt.studies.pilot_heldout import heldout_set
+
+    # its 80 held-out questions are among the pilot's 150 (the config's header says so)
+    assert len(study.heldout.info["ids"]) == 80
+    assert set(study.heldout.info["ids"]) <= set(heldout_set("gsm8k", 150, 0).info["ids"])
     assert cfg.arms == ["lora", "laten-lora", "seeking"] and cfg.arm_lrs == {"seeking": 1e-4}
     ft = study.finetune_cfg("laten-lora", 2)
     assert (ft.n_train, ft.batch_size, ft.lr, ft.epochs, ft.seed) == (64, 16, 3e-4, 1, 2)

@@ -254,6 +254,7 @@ def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: s
         for s in manifest.get("stages", [])
     )
     cfg = html.escape(manifest.get("config_yaml", ""))
+    lrs = lr_note(manifest).strip()
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pkt report: {html.escape(str(manifest.get('name', '')))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
@@ -268,7 +269,7 @@ finished {html.escape(str(manifest.get('finished', '')))}</p>
 <h2>Results</h2>
 <table id="results"><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{''.join(body)}</table>
 <p>Scores are means ± std over seeds; Δ is the paired difference to the vanilla student (or to LoRA);
-answer loss is the mean teacher-forced NLL of gold responses (lower is better). {html.escape(stats_note(family)) if family else ""}{html.escape(" " + lr_note(manifest).strip()) if lr_note(manifest) else ""}</p>
+answer loss is the mean teacher-forced NLL of gold responses (lower is better). {html.escape(stats_note(family)) if family else ""}{html.escape(" " + lrs) if lrs else ""}</p>
 <h2>Figures</h2>{''.join(imgs)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>status</th></tr>{stages}</table>
 <h2>Configuration</h2><pre>{cfg}</pre>

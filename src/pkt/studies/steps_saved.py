@@ -52,9 +52,15 @@ from pkt.studies.pilot_heldout import heldout_set
 # arm -> the LoRA init it fine-tunes with (laten-lora: plain LoRA on the LaTen-injected student)
 INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "seeking-random": "seeking",
          "seeking-shuffled": "seeking", "pissa": "pissa"}
-# Seeking's controls (pkt.postpkt.control_factors, seeded with the fine-tuning seed as pkt run's arms of these
-# names are): whether a curve below LoRA's comes from the teacher's blocks or from a large init of their spectrum
-CONTROLS = {"seeking-random": "random", "seeking-shuffled": "shuffled"}
+
+
+def control_of(arm: str) -> str | None:
+    """The control Seeking's factors are turned into for ``arm`` (pkt.postpkt.control_factors, seeded with the
+    fine-tuning seed), as pkt run's method of that name declares it: whether a curve below LoRA's comes from the
+    teacher's blocks or from a large init of their spectrum. None for every other arm."""
+    from pkt.methods import REGISTRY
+
+    return getattr(REGISTRY[arm], "control", None)
 
 
 class HeldoutSettings(Settings):
@@ -207,7 +213,7 @@ class StepsSaved:
 
         c, h = self.cfg, self.heldout_spec()
         payload = {"kind": "steps-saved-curve", "arm": arm, "init": INITS[arm], "task": c.task, "student": c.student,
-                   **({"control": CONTROLS[arm]} if arm in CONTROLS else {}),
+                   **({"control": control_of(arm)} if control_of(arm) else {}),
                    "finetune": self.finetune_cfg(arm, seed).model_dump(), **inputs,
                    "heldout": {"source": self.heldout.info["source"], "ids": self.heldout.info["ids"],
                                "examples": stable_hash([[e.user, e.assistant] for e in h.examples]),
@@ -243,7 +249,7 @@ class StepsSaved:
         summary = run_postpkt(c.teacher if INITS[arm] == "seeking" else None, c.student, c.task, INITS[arm], d / "run",
                               self.finetune_cfg(arm, seed), seeking_cfg(self.study, c.task),
                               factors_dir=inputs.get("factors"), progress=c.progress, log=self.study.echo,
-                              base_deltas=deltas, heldout=self.heldout_spec(), control=CONTROLS.get(arm))
+                              base_deltas=deltas, heldout=self.heldout_spec(), control=control_of(arm))
         probe = json.loads((d / "run" / "heldout.json").read_text(encoding="utf-8"))
         train = [json.loads(x) for x in (d / "run" / "train_log.jsonl").read_text(encoding="utf-8").splitlines() if x]
         if not c.keep_checkpoints:  # the curve is the result; a merged student is a full copy of the model
