@@ -216,6 +216,37 @@ def test_crossings_interpolate_between_measured_steps():
     assert got.tolist() == [8.0, 2.0, np.inf, 0.0, pytest.approx(6.0)]
 
 
+
+def test_every_stated_comparison_with_lora_is_in_one_holm_family(tmp_path):
+    """The steps-saved report corrects its comparisons with lora together: each step's difference and each arm's
+    steps saved (whose p comes from the same replicates as its interval), Holm over all of them."""
+    import numpy as np
+
+    from pkt.experiment.stats import holm
+    from pkt.studies import steps_saved_report as R
+
+    # two seeds, 6 held-out examples, steps 0-2: "close" is lora's curve nudged by noise around 0 (no real
+    # difference), "far" is lora's curve lowered by a constant (a sure one)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 2.0, size=(2, 3, 6)) * np.array([1.0, 0.8, 0.6])[None, :, None]
+    arms = {"lora": base, "close": base + rng.normal(0, 0.02, size=base.shape), "far": base - 0.3}
+    rec = {"meta": {"settings": {"arms": list(arms), "seeds": [0, 1], "heldout_at": [0, 1, 2]},
+                    "heldout": {"ids": list(range(6))}}, "curves": {}}
+    for a, v in arms.items():
+        for seed in (0, 1):
+            heldout = [{"step": k, "per_example": [[float(x) * 10, 10] for x in v[seed, k]]} for k in range(3)]
+            rec["curves"][(a, seed)] = {"result": {"heldout": heldout, "batches": [[0], [1]], "train_loss": [1, 1]}}
+    d = R.derive(rec)
+    raw = [row["delta"][a][3] for row in d["table"] for a in ("close", "far")]
+    raw += [d["summary"][a]["p"] for a in ("close", "far")]
+    stated = [row["delta"][a][4] for row in d["table"] for a in ("close", "far")]
+    stated += [d["summary"][a]["holm"] for a in ("close", "far")]
+    assert len(raw) == 8 and stated == holm(raw)
+    assert d["summary"]["far"]["holm"] < 0.05 < d["summary"]["close"]["holm"]
+    assert all(row["delta"]["far"][4] < 0.05 for row in d["table"])
+    # the p of the steps saved is its replicates' two-sided bootstrap p (never below 2 / (draws + 1))
+    assert d["summary"]["far"]["p"] == pytest.approx(2 / (R.N_BOOT + 1))
+
 @pytest.mark.parametrize("setting, needle", [
     ({"arms": ["laten-lora"]}, "arms: Value error, 'lora' must be among the arms"),
     ({"arms": ["lora", "laten"]}, "arms: Value error, unknown arm 'laten'"),

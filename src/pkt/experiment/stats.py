@@ -95,10 +95,16 @@ def paired_difference(method: list[list[float]], base: list[list[float]], n_boot
     point = float(np.mean([d.mean() for d in diffs]))
     stats = _draws(diffs, n_boot, np.random.default_rng(seed))
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    # ties at exactly 0 count in both tails: a difference that is 0 in every draw gets p = 1
-    tail = min(int((stats <= 0).sum()), int((stats >= 0).sum()))
-    p = min(1.0, 2 * (tail + 1) / (n_boot + 1))
-    return Difference(point, float(lo), float(hi), p)
+    return Difference(point, float(lo), float(hi), bootstrap_p(stats))
+
+
+def bootstrap_p(draws: np.ndarray) -> float:
+    """The two-sided bootstrap p of "the statistic is 0" from its replicates: twice the smaller share of draws on
+    either side of 0 (with the +1 that keeps it above 0 for a finite number of draws). Ties at exactly 0 count in
+    both tails: a statistic that is 0 in every draw gets p = 1."""
+    draws = np.asarray(draws, dtype=float)
+    tail = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+    return min(1.0, 2 * (tail + 1) / (len(draws) + 1))
 
 
 def paired_bootstrap(method: list[list[float]], base: list[list[float]], n_boot: int = N_BOOT, seed: int = 0,

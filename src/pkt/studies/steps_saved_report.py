@@ -18,7 +18,9 @@ What it states, over the seeds whose every arm is recorded:
   0 when the arm starts at or below it. Its interval comes from the same bootstrap draws
   (:func:`pkt.experiment.stats.two_way_counts`): in each replicate the target and every arm's crossing are
   recomputed from the resampled curves; a replicate whose curve never reaches the target counts as infinitely
-  many steps. "Saved" is lora's steps minus the arm's, per replicate.
+  many steps. "Saved" is lora's steps minus the arm's, per replicate, with its bootstrap p;
+* Holm's adjusted p beside every raw one, over one family: every comparison with lora the report states (each
+  step's difference and each arm's steps saved).
 
 A record whose batches differ from lora's of the same seed is refused: the comparison is paired by construction.
 """
@@ -32,7 +34,7 @@ import numpy as np
 from pkt.errors import PktError
 from pkt.studies import staged
 from pkt.studies.staged import p_value, read_record
-from pkt.experiment.stats import N_BOOT, paired_difference, two_way_counts
+from pkt.experiment.stats import N_BOOT, bootstrap_p, holm, paired_difference, two_way_counts
 
 META, CURVES = "steps-saved.json", "curves"
 REPORT, PLOT = "steps-saved.md", "steps-saved.png"
@@ -138,6 +140,17 @@ def derive(rec: dict) -> dict:
         saved = reach["lora"] - reach[a]
         summary[a] = {"steps": point[a], "steps_ci": _interval(reach[a]), "saved": point["lora"] - point[a],
                       "saved_ci": _interval(saved), "reached": float(np.isfinite(reach[a]).mean())}
+        if a != "lora":
+            summary[a]["p"] = bootstrap_p(saved)
+    # one family for every comparison with lora the report states (each step's difference and the steps saved):
+    # Holm's adjusted p beside each raw one
+    deltas = [(row["delta"], a) for row in table for a in row["delta"]]
+    saves = [summary[a] for a in arms if a != "lora"]
+    adjusted = holm([d[a][3] for d, a in deltas] + [x["p"] for x in saves])
+    for (d, a), q in zip(deltas, adjusted):
+        d[a] = (*d[a], q)  # (mean, low, high, p, Holm)
+    for x, q in zip(saves, adjusted[len(deltas):]):
+        x["holm"] = q
     train = {a: [float(np.mean([rec["curves"][(a, seed)]["result"]["train_loss"][t] for seed in complete]))
                  for t in range(len(rec["curves"][(a, complete[0])]["result"]["train_loss"]))] for a in arms}
     out.update(table=table, target=float(target), summary=summary, train=train, examples=int(scored.sum()),
@@ -187,24 +200,26 @@ def render(rec: dict, out: dict) -> str:
     if not out["seeds"]:
         return "\n".join(lines)
     others = [a for a in arms if a != "lora"]
+    n_family = len(others) * (len(out["table"]) + 1)
     lines += ["## Held-out loss by optimizer step", "",
               "| step | " + " | ".join(f"{a} [95% CI]" for a in arms)
-              + "".join(f" | {a} − lora [95% CI] | p" for a in others) + " |",
-              "|---:|" + "---|" * len(arms) + "---|---:|" * len(others)]
+              + "".join(f" | {a} − lora [95% CI] | p | Holm" for a in others) + " |",
+              "|---:|" + "---|" * len(arms) + "---|---:|---:|" * len(others)]
     for row in out["table"]:
         cells = [_loss(row["arms"][a]) for a in arms]
         for a in others:
-            m, lo, hi, p = row["delta"][a]
-            cells += [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]", p_value(p)]
+            m, lo, hi, p, q = row["delta"][a]
+            cells += [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]", p_value(p), p_value(q)]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     lines += ["", "## Steps to reach LoRA's final held-out loss", "",
               f"Target: lora's mean held-out loss at step {at[-1]}, {out['target']:.4f}.", "",
-              "| arm | steps [95% CI] | steps saved vs lora [95% CI] | replicates reaching it |",
-              "|---|---|---|---:|"]
+              "| arm | steps [95% CI] | steps saved vs lora [95% CI] | p | Holm | replicates reaching it |",
+              "|---|---|---|---:|---:|---:|"]
     for a in arms:
         x = out["summary"][a]
-        saved = "–" if a == "lora" else (f"{_steps(x['saved'])} [{_steps(x['saved_ci'][0])}, "
-                                         f"{_steps(x['saved_ci'][1])}]")
+        saved = "– | – | –" if a == "lora" else (f"{_steps(x['saved'])} [{_steps(x['saved_ci'][0])}, "
+                                                 f"{_steps(x['saved_ci'][1])}] | {p_value(x['p'])} | "
+                                                 f"{p_value(x['holm'])}")
         lines.append(f"| {a} | {_steps(x['steps'])} [{_steps(x['steps_ci'][0])}, {_steps(x['steps_ci'][1])}] | "
                      f"{saved} | {100 * x['reached']:.1f}% |")
     lines += ["", "Steps: the first measured step whose mean held-out loss is at or below the target, linearly "
@@ -213,7 +228,10 @@ def render(rec: dict, out: dict) -> str:
               "or below it. Intervals: two-way bootstrap, the held-out examples resampled once for every arm and "
               f"seed and the seeds independently ({N_BOOT:,} draws, seed 0, `pkt.experiment.stats`); in each "
               "replicate the target and the crossings are recomputed; a replicate that never reaches the target "
-              "counts as infinitely many steps. p: the bootstrap's two-sided p of the difference.", "",
+              "counts as infinitely many steps. p: the bootstrap's two-sided p of the difference (of the steps "
+              f"saved: of lora's steps minus the arm's); Holm: Holm's adjusted p over the {n_family} comparisons with lora "
+              "these two tables state (every step's difference and every arm's steps saved), the family-wise "
+              "verdict at 5% is Holm ≤ 0.05.", "",
               "## Training loss by step (mean over seeds)", "",
               "Each step's loss on its own minibatch, the same minibatch for every arm: the noisy measure the "
               "held-out loss replaces.", "",
