@@ -217,26 +217,39 @@ def test_crossings_interpolate_between_measured_steps():
 
 
 
-def test_every_stated_comparison_with_lora_is_in_one_holm_family(tmp_path):
-    """The steps-saved report corrects its comparisons with lora together: each step's difference and each arm's
-    steps saved (whose p comes from the same replicates as its interval), Holm over all of them."""
+def synthetic_records(arms: dict, seeds=(0, 1), name: str = "s") -> dict:
+    """Loaded steps-saved records of ``arms`` ({arm: held-out losses (seed, step, example)}) at steps 0, 1, 2."""
+    budget = {"epochs": 1, "batch_size": 2, "lr": 3e-4, "rank": 16, "alpha": 16}
+    rec = {"meta": {"settings": {"name": name, "arms": list(arms), "seeds": list(seeds), "heldout_at": [0, 1, 2],
+                                 "task": "gsm8k", "student": "tiny", "dtype": "float32", "budget": budget},
+                    "heldout": {"ids": list(range(6)), "description": "6 questions"}, "n_train": 4, "steps": 2},
+           "curves": {}}
+    for a, v in arms.items():
+        for seed in seeds:
+            heldout = [{"step": k, "per_example": [[float(x) * 10, 10] for x in v[seed, k]]} for k in range(3)]
+            rec["curves"][(a, seed)] = {"result": {"heldout": heldout, "batches": [[0], [1]], "train_loss": [1, 1],
+                                                   "train_seconds": 1.0 + seed}}
+    return rec
+
+
+def _base(seeds: int = 2):
     import numpy as np
 
+    rng = np.random.default_rng(0)
+    return rng, rng.uniform(1.0, 2.0, size=(seeds, 3, 6)) * np.array([1.0, 0.8, 0.6])[None, :, None]
+
+
+def test_every_stated_comparison_with_lora_is_in_one_holm_family():
+    """The steps-saved report corrects its comparisons with lora together: each step's difference and each arm's
+    steps saved (whose p comes from the same replicates as its interval), Holm over all of them."""
     from pkt.experiment.stats import holm
     from pkt.studies import steps_saved_report as R
 
     # two seeds, 6 held-out examples, steps 0-2: "close" is lora's curve nudged by noise around 0 (no real
     # difference), "far" is lora's curve lowered by a constant (a sure one)
-    rng = np.random.default_rng(0)
-    base = rng.uniform(1.0, 2.0, size=(2, 3, 6)) * np.array([1.0, 0.8, 0.6])[None, :, None]
-    arms = {"lora": base, "close": base + rng.normal(0, 0.02, size=base.shape), "far": base - 0.3}
-    rec = {"meta": {"settings": {"arms": list(arms), "seeds": [0, 1], "heldout_at": [0, 1, 2]},
-                    "heldout": {"ids": list(range(6))}}, "curves": {}}
-    for a, v in arms.items():
-        for seed in (0, 1):
-            heldout = [{"step": k, "per_example": [[float(x) * 10, 10] for x in v[seed, k]]} for k in range(3)]
-            rec["curves"][(a, seed)] = {"result": {"heldout": heldout, "batches": [[0], [1]], "train_loss": [1, 1]}}
-    d = R.derive(rec)
+    rng, base = _base()
+    d = R.derive(synthetic_records({"lora": base, "close": base + rng.normal(0, 0.02, size=base.shape),
+                                    "far": base - 0.3}))
     raw = [row["delta"][a][3] for row in d["table"] for a in ("close", "far")]
     raw += [d["summary"][a]["p"] for a in ("close", "far")]
     stated = [row["delta"][a][4] for row in d["table"] for a in ("close", "far")]
@@ -246,6 +259,43 @@ def test_every_stated_comparison_with_lora_is_in_one_holm_family(tmp_path):
     assert all(row["delta"]["far"][4] < 0.05 for row in d["table"])
     # the p of the steps saved is its replicates' two-sided bootstrap p (never below 2 / (draws + 1))
     assert d["summary"]["far"]["p"] == pytest.approx(2 / (R.N_BOOT + 1))
+    assert d["controls"] == [] and d["family"] == 8
+
+
+def test_a_joined_study_pairs_its_arms_with_the_others_and_compares_seeking_with_its_control():
+    """compare_with: a study with other arms and the same lora is reported as one, over the seeds both ran; Seeking
+    minus its control is stated (loss and steps) in the Holm family; a study with another lora or other settings
+    is refused with a line naming what differs."""
+    import copy
+
+    from pkt.errors import PktError
+    from pkt.studies import steps_saved_report as R
+
+    rng, base = _base(3)
+    first = synthetic_records({"lora": base, "seeking": base - 0.25}, seeds=(0, 1, 2), name="first")
+    controls = synthetic_records({"lora": base, "seeking-random": base - 0.2 + rng.normal(0, 0.01, base.shape)},
+                                 seeds=(0, 1), name="controls")
+    joined = R.join(controls, [first])
+    assert joined["meta"]["settings"]["arms"] == ["lora", "seeking-random", "seeking"]
+    assert joined["meta"]["settings"]["seeds"] == [0, 1] and joined["meta"]["joined"] == {"first": ["lora", "seeking"]}
+    d = R.derive(joined)
+    assert d["recorded"] == d["expected"] == 6
+    (x,) = d["controls"]
+    assert (x["arm"], x["control"]) == ("seeking", "seeking-random")
+    assert x["loss"][0] == pytest.approx(-0.05, abs=0.01) and x["loss"][2] < 0  # Seeking lower, by its interval
+    assert x["saved"] > 0 and x["saved_ci"][0] > 0
+    assert d["family"] == 2 * 3 + 2 + 2  # two arms against lora at 3 steps, their steps saved, the control pair
+    text = R.render(joined, d)
+    assert "| seeking − seeking-random |" in text and "Joined with first (its lora, seeking)" in text
+
+    other = copy.deepcopy(first)  # another lora at seed 1: the arms would not be paired
+    other["curves"][("lora", 1)]["result"]["heldout"][2]["per_example"][0][0] += 1e-6
+    with pytest.raises(PktError, match="first's lora curve of seed 1 is not controls's"):
+        R.join(controls, [other])
+    other = copy.deepcopy(first)
+    other["meta"]["settings"]["heldout_at"] = [0, 1, 4]
+    with pytest.raises(PktError, match="first is not controls's study with other arms: its heldout_at differs"):
+        R.join(controls, [other])
 
 @pytest.mark.parametrize("setting, needle", [
     ({"arms": ["laten-lora"]}, "arms: Value error, 'lora' must be among the arms"),
@@ -258,6 +308,7 @@ def test_every_stated_comparison_with_lora_is_in_one_holm_family(tmp_path):
     ({"lr": 1e-3}, "lr: Extra inputs are not permitted"),
     ({"arm_lrs": {"seeking": 1e-4}}, "Value error, arm_lrs: 'seeking' is not one of the arms ['lora', 'laten-lora']"),
     ({"arm_lrs": {"lora": 0}}, "arm_lrs.lora: Input should be greater than 0"),
+    ({"compare_with": ["no/such/records"]}, "compare_with: Value error, no/such/records holds no steps-saved records"),
 ])
 def test_a_bad_config_is_one_line_naming_the_setting(tmp_path, shared_data, pkt_cli, setting, needle):
     code, out, err = pkt_cli("study", "steps-saved", _config(tmp_path, "qwen2.5-coder-1.5b-instruct",

@@ -210,7 +210,8 @@ def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, lo
     args = ap.parse_args(argv)
     cfg, text = load_config(args.config)
     if args.report:
-        path = report.write_report(cfg.records)
+        # a study's config may name what its report reads besides its records (steps-saved: compare_with)
+        path = report.write_report(cfg.records, **(cfg.report_options() if hasattr(cfg, "report_options") else {}))
         print(f"wrote {path} and {path.with_name(report.PLOT)}")
         return 0
     log = lambda m: print(m, flush=True)  # noqa: E731

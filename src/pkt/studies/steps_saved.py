@@ -84,6 +84,10 @@ class StepsSavedConfig(Settings):
     # optimizer steps at which the held-out loss is measured: 0 (before any update) first, the run's last step last
     heldout_at: list[int] = [0, 1, 2, 4, 8]
     heldout: HeldoutSettings = HeldoutSettings()
+    # records directories of steps-saved studies with the same lora (the same settings but for their arms and lrs):
+    # the report sets their arms beside these, paired (steps_saved_report.join checks that the lora curves are
+    # equal bit for bit). Read by the report only; nothing of theirs is run
+    compare_with: list[str] = []
     dtype: Literal["float32", "bfloat16"] = "float32"
     teacher_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     style: Literal["chat", "tulu"] = "chat"
@@ -114,6 +118,18 @@ class StepsSavedConfig(Settings):
         if bad:
             raise ValueError(f"arm_lrs: {bad[0]!r} is not one of the arms {self.arms}")
         return self
+
+    @field_validator("compare_with")
+    @classmethod
+    def _compare_with(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not (Path(d) / R.META).is_file():
+                raise ValueError(f"{d} holds no steps-saved records ({R.META})")
+        return v
+
+    def report_options(self) -> dict:
+        """What ``--report`` passes to the report besides the records directory."""
+        return {"compare_with": self.compare_with}
 
     @field_validator("heldout_at")
     @classmethod
@@ -293,9 +309,9 @@ class StepsSaved:
                     losses = ", ".join(f"{r['step']}: {r['loss']:.4f}" for r in res["heldout"])
                     self.log(f"[steps-saved] {done}/{total} {arm} seed {seed}: held-out loss by step {losses}")
                 self._prune_laten(seed)
-                R.write_report(self.records)
+                R.write_report(self.records, self.cfg.compare_with)
             record.drop_others(R.CURVES)  # a record of other arms or seeds: not this study's
-            report = R.write_report(self.records)
+            report = R.write_report(self.records, self.cfg.compare_with)
         self.log(f"[steps-saved] wrote {report} and {report.with_name(R.PLOT)}")
         return report
 

@@ -22,12 +22,24 @@ What it states, over the seeds whose every arm is recorded:
 * Holm's adjusted p beside every raw one, over one family: every comparison with lora the report states (each
   step's difference and each arm's steps saved).
 
+* each Seeking control beside Seeking where both are arms (``seeking-random``, ``seeking-shuffled``: the same
+  spectrum, other blocks): Seeking minus its control in held-out loss at the last measured step and in steps to
+  LoRA's final loss, from the same bootstrap replicates, in the same Holm family. This is the comparison that says
+  whether the teacher's blocks matter, which the two rows against lora only suggest.
+
 A record whose batches differ from lora's of the same seed is refused: the comparison is paired by construction.
+
+**Joined studies.** A study whose config names others in ``compare_with`` (records directories of steps-saved
+studies with the same lora: the same settings but for the arms and their lrs, the same held-out examples) is
+reported with their arms beside its own, over the seeds every arm has. The lora curves of a seed must be equal
+bit for bit across the studies (the same code path on the same batches; only the time taken may differ): that is
+what makes the arms of separate runs paired, and a study whose lora differs is refused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -51,11 +63,58 @@ def curve_file(arm: str, seed: int) -> str:
     return f"{arm}-s{seed}.json"
 
 
-def load(records: str | Path) -> dict:
-    """{"meta", "curves": {(arm, seed): record}} of a records directory."""
+def load(records: str | Path, compare_with: Sequence[str | Path] = ()) -> dict:
+    """{"meta", "curves": {(arm, seed): record}} of a records directory, joined with the studies of
+    ``compare_with`` (:func:`join`)."""
     root = staged.records_root(records, META, "steps-saved")
     curves = staged.seeded_records(root / CURVES, "steps-saved", "curve", "arm")
-    return {"meta": read_record(root / META, "steps-saved"), "curves": curves}
+    rec = {"meta": read_record(root / META, "steps-saved"), "curves": curves}
+    return join(rec, [load(d) for d in compare_with]) if compare_with else rec
+
+
+# the settings two joined studies may differ in: which arms and seeds they ran, at which lr, where they wrote
+_OWN = ("name", "records", "seeds", "arms", "arm_lrs", "compare_with", "progress")
+
+
+def join(rec: dict, others: list[dict]) -> dict:
+    """``rec`` with the arms of ``others`` (loaded steps-saved records) added, for a report of them all: each must
+    have ``rec``'s settings but for :data:`_OWN`, its held-out examples, and at every seed both ran, a lora curve
+    equal to ``rec``'s but for the time it took. An arm both ran is ``rec``'s."""
+    meta = {**rec["meta"], "settings": dict(rec["meta"]["settings"])}
+    s = meta["settings"]
+    arms, lrs, curves, names = list(s["arms"]), dict(s.get("arm_lrs") or {}), dict(rec["curves"]), []
+    for o in others:
+        so, name = o["meta"]["settings"], o["meta"]["settings"]["name"]
+        diff = sorted(k for k in set(s) | set(so) if k not in _OWN and s.get(k) != so.get(k))
+        if diff:
+            raise PktError(f"compare_with: {name} is not {s['name']}'s study with other arms: its {diff[0]} differs")
+        if o["meta"]["heldout"]["ids"] != meta["heldout"]["ids"]:
+            raise PktError(f"compare_with: {name} measures other held-out examples than {s['name']}")
+        for (a, seed), r in o["curves"].items():
+            if a == "lora" and ("lora", seed) in curves:
+                mine, theirs = ({k: v for k, v in c["result"].items() if k != "train_seconds"}
+                                for c in (curves[("lora", seed)], r))
+                if mine != theirs:
+                    raise PktError(f"compare_with: {name}'s lora curve of seed {seed} is not {s['name']}'s: the "
+                                   "studies' arms are not paired")
+        new = [a for a in so["arms"] if a not in arms]
+        arms += new
+        lrs.update({a: x for a, x in (so.get("arm_lrs") or {}).items() if a in new})
+        curves.update({k: v for k, v in o["curves"].items() if k[0] in new})
+        names.append(name)
+    s["arms"], s["arm_lrs"] = arms, lrs
+    s["seeds"] = [x for x in s["seeds"] if all(x in o["meta"]["settings"]["seeds"] for o in others)]
+    meta["joined"] = {n: o["meta"]["settings"]["arms"] for n, o in zip(names, others)}
+    return {"meta": meta, "curves": curves}
+
+
+def control_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(arm, control) for each arm that is a control of another arm (pkt run's method declares a ``control`` of
+    its ``init``: seeking-random and seeking-shuffled of seeking), where both are among ``arms``."""
+    from pkt.methods import REGISTRY
+
+    return [(REGISTRY[c].init, c) for c in arms
+            if getattr(REGISTRY.get(c), "control", None) and REGISTRY[c].init in arms]
 
 
 def crossings(curves: np.ndarray, at: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -106,7 +165,8 @@ def derive(rec: dict) -> dict:
     arms, seeds, at = list(s["arms"]), list(s["seeds"]), list(s["heldout_at"])
     n = len(rec["meta"]["heldout"]["ids"])
     complete = _check(rec, arms, seeds, at, n)
-    out = {"arms": arms, "at": at, "seeds": complete, "recorded": len(rec["curves"]),
+    out = {"arms": arms, "at": at, "seeds": complete,
+           "recorded": sum((a, seed) in rec["curves"] for a in arms for seed in seeds),
            "expected": len(arms) * len(seeds)}
     if not complete:
         return out
@@ -142,10 +202,18 @@ def derive(rec: dict) -> dict:
                       "saved_ci": _interval(saved), "reached": float(np.isfinite(reach[a]).mean())}
         if a != "lora":
             summary[a]["p"] = bootstrap_p(saved)
-    # one family for every comparison with lora the report states (each step's difference and the steps saved):
-    # Holm's adjusted p beside each raw one
-    deltas = [(row["delta"], a) for row in table for a in row["delta"]]
-    saves = [summary[a] for a in arms if a != "lora"]
+    controls = []
+    for a, c in control_pairs(arms):  # the arm minus its control: in loss at the last step, and in steps
+        i, j = arms.index(a), arms.index(c)
+        d = paired_difference(loss[i, :, -1].tolist(), loss[j, :, -1].tolist())
+        # a replicate where neither reaches the target: no step saved either way
+        more = np.where(np.isinf(reach[a]) & np.isinf(reach[c]), 0.0, reach[c] - reach[a])
+        controls.append({"arm": a, "control": c, "loss": (d.mean, d.low, d.high, d.p),
+                         "saved": point[c] - point[a], "saved_ci": _interval(more), "p": bootstrap_p(more)})
+    # one family for every comparison the report states (each step's difference with lora, the steps saved, the
+    # arms against their controls): Holm's adjusted p beside each raw one
+    deltas = [(row["delta"], a) for row in table for a in row["delta"]] + [(x, "loss") for x in controls]
+    saves = [summary[a] for a in arms if a != "lora"] + controls
     adjusted = holm([d[a][3] for d, a in deltas] + [x["p"] for x in saves])
     for (d, a), q in zip(deltas, adjusted):
         d[a] = (*d[a], q)  # (mean, low, high, p, Holm)
@@ -153,8 +221,8 @@ def derive(rec: dict) -> dict:
         x["holm"] = q
     train = {a: [float(np.mean([rec["curves"][(a, seed)]["result"]["train_loss"][t] for seed in complete]))
                  for t in range(len(rec["curves"][(a, complete[0])]["result"]["train_loss"]))] for a in arms}
-    out.update(table=table, target=float(target), summary=summary, train=train, examples=int(scored.sum()),
-               mean=mean.tolist())
+    out.update(table=table, target=float(target), summary=summary, controls=controls, train=train,
+               examples=int(scored.sum()), mean=mean.tolist(), family=len(adjusted))
     return out
 
 
@@ -173,6 +241,33 @@ def _steps(v: float) -> str:
     if v == -np.inf:
         return "−∞"
     return f"{v:.2f}".replace("-", "−")
+
+
+def _joined(meta: dict) -> list[str]:
+    """The note on the studies joined into this report (none: nothing)."""
+    joined = meta.get("joined")
+    if not joined:
+        return []
+    return ["Joined with " + "; ".join(f"{n} (its {', '.join(a)})" for n, a in joined.items())
+            + "'s records (`compare_with`): their lora curves equal this study's bit for bit at every seed both "
+            "ran (checked), so their arms are paired with these; seeds are those every study ran.", ""]
+
+
+def _controls(out: dict) -> list[str]:
+    """The section on each arm against its controls."""
+    last = out["at"][-1]
+    lines = ["## Against its controls", "",
+             "The arm minus its control (the same spectrum from other blocks; the same seed, batches and lr): "
+             "whether the teacher's blocks do more than a large init of their size.", "",
+             f"| arm − control | held-out loss at step {last} [95% CI] | p | Holm | steps saved over the control "
+             "[95% CI] | p | Holm |", "|---|---|---:|---:|---|---:|---:|"]
+    for x in out["controls"]:
+        m, lo, hi, p, q = x["loss"]
+        lines.append(f"| {x['arm']} − {x['control']} | {_signed(m)} [{_signed(lo)}, {_signed(hi)}] | {p_value(p)} | "
+                     f"{p_value(q)} | {_steps(x['saved'])} [{_steps(x['saved_ci'][0])}, {_steps(x['saved_ci'][1])}] "
+                     f"| {p_value(x['p'])} | {p_value(x['holm'])} |")
+    return lines + ["", "Steps saved over the control: the control's steps to lora's final held-out loss minus the "
+                    "arm's (positive: the arm gets there sooner), per bootstrap replicate.", ""]
 
 
 def render(rec: dict, out: dict) -> str:
@@ -195,12 +290,12 @@ def render(rec: dict, out: dict) -> str:
              f"Held-out set: {h['description']}; none is trained on by any arm. Held-out loss: the teacher-forced "
              f"NLL of the gold answers, the mean over examples of each example's mean token NLL, measured in eval "
              f"mode (no dropout) at optimizer steps {', '.join(map(str, at))} (0: before any update).", "",
+             *_joined(meta),
              f"Recorded: {out['recorded']} of {out['expected']} curves; complete seeds: "
              f"{', '.join(map(str, out['seeds'])) or 'none yet'}.", ""]
     if not out["seeds"]:
         return "\n".join(lines)
     others = [a for a in arms if a != "lora"]
-    n_family = len(others) * (len(out["table"]) + 1)
     lines += ["## Held-out loss by optimizer step", "",
               "| step | " + " | ".join(f"{a} [95% CI]" for a in arms)
               + "".join(f" | {a} − lora [95% CI] | p | Holm" for a in others) + " |",
@@ -229,10 +324,13 @@ def render(rec: dict, out: dict) -> str:
               f"seed and the seeds independently ({N_BOOT:,} draws, seed 0, `pkt.experiment.stats`); in each "
               "replicate the target and the crossings are recomputed; a replicate that never reaches the target "
               "counts as infinitely many steps. p: the bootstrap's two-sided p of the difference (of the steps "
-              f"saved: of lora's steps minus the arm's); Holm: Holm's adjusted p over the {n_family} comparisons with lora "
-              "these two tables state (every step's difference and every arm's steps saved), the family-wise "
-              "verdict at 5% is Holm ≤ 0.05.", "",
-              "## Training loss by step (mean over seeds)", "",
+              f"saved: of lora's steps minus the arm's); Holm: Holm's adjusted p over the {out['family']} comparisons the "
+              "report states (with lora: every step's difference and every arm's steps saved"
+              + ("; against a control: both below" if out["controls"] else "")
+              + "), the family-wise verdict at 5% is Holm ≤ 0.05.", ""]
+    if out["controls"]:
+        lines += _controls(out)
+    lines += ["## Training loss by step (mean over seeds)", "",
               "Each step's loss on its own minibatch, the same minibatch for every arm: the noisy measure the "
               "held-out loss replaces.", "",
               "| step | " + " | ".join(arms) + " |", "|---:|" + "---:|" * len(arms)]
@@ -262,6 +360,7 @@ def plot(rec: dict, out: dict, path: Path) -> None:
     staged.save_png(fig, path)
 
 
-def write_report(records: str | Path) -> Path:
-    """steps-saved.md and steps-saved.png in the records directory, from its records; returns the .md's path."""
-    return staged.write_report(records, REPORT, PLOT, load, derive, render, plot)
+def write_report(records: str | Path, compare_with: Sequence[str | Path] = ()) -> Path:
+    """steps-saved.md and steps-saved.png in the records directory, from its records (joined with those of
+    ``compare_with``); returns the .md's path."""
+    return staged.write_report(records, REPORT, PLOT, lambda r: load(r, compare_with), derive, render, plot)
