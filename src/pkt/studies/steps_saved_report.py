@@ -19,21 +19,20 @@ What it states, over the seeds whose every arm is recorded:
   (:func:`pkt.experiment.stats.two_way_counts`): in each replicate the target and every arm's crossing are
   recomputed from the resampled curves; a replicate whose curve never reaches the target counts as infinitely
   many steps. "Saved" is lora's steps minus the arm's, per replicate, with its bootstrap p;
-* Holm's adjusted p beside every raw one, over one family: every comparison with lora the report states (each
-  step's difference and each arm's steps saved).
-
 * each Seeking control beside Seeking where both are arms (``seeking-random``, ``seeking-shuffled``: the same
   spectrum, other blocks): Seeking minus its control in held-out loss at the last measured step and in steps to
-  LoRA's final loss, from the same bootstrap replicates, in the same Holm family. This is the comparison that says
-  whether the teacher's blocks matter, which the two rows against lora only suggest.
+  LoRA's final loss, from the same bootstrap replicates. This is the comparison that says whether the teacher's
+  blocks matter, which the two rows against lora only suggest;
+* Holm's adjusted p beside every raw one, over one family: every comparison the report states (each step's
+  difference with lora, each arm's steps saved, each arm against its control).
 
 A record whose batches differ from lora's of the same seed is refused: the comparison is paired by construction.
 
 **Joined studies.** A study whose config names others in ``compare_with`` (records directories of steps-saved
-studies with the same lora: the same settings but for the arms and their lrs, the same held-out examples) is
-reported with their arms beside its own, over the seeds every arm has. The lora curves of a seed must be equal
-bit for bit across the studies (the same code path on the same batches; only the time taken may differ): that is
-what makes the arms of separate runs paired, and a study whose lora differs is refused.
+studies with the same lora: the same settings but for the arms, their lrs and the seeds, the same held-out
+examples) is reported with their arms beside its own, over the seeds every study ran. The lora curves of a seed
+must be equal bit for bit across the studies (the same code path on the same batches; only the time taken may
+differ): that is what makes the arms of separate runs paired, and a study whose lora differs is refused.
 """
 
 from __future__ import annotations
