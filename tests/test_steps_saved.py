@@ -201,6 +201,34 @@ def test_tiny_study_pairs_its_arms_resumes_and_rederives_its_report(tmp_path, qw
     assert code == 2 and "laten-lora-s0.json: trained on other batches than lora's of seed 0" in err
 
 
+def test_report_joins_the_studies_its_config_names(tmp_path, shared_data, pkt_cli):
+    """`pkt study steps-saved CONFIG --report` passes the config's compare_with to the report: the committed
+    controls' records, reported from a copy with the committed config's settings, give the committed joined report."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from pkt.studies import steps_saved_report as R
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "docs" / "results" / "steps-saved-controls-gsm8k"
+    records = tmp_path / "records"
+    shutil.copytree(committed, records)
+    (records / R.REPORT).unlink()
+    cfg = yaml.safe_load((root / "configs" / "steps-saved-controls-gsm8k.yaml").read_text())
+    cfg.update(records=str(records), compare_with=[str(root / c) for c in cfg["compare_with"]])
+    path = tmp_path / "controls.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = pkt_cli("study", "steps-saved", path, "--report")
+    assert code == 0, err
+    assert (records / R.REPORT).read_bytes() == (committed / R.REPORT).read_bytes()
+    del cfg["compare_with"]  # without it, the same records give the report of this study's arms alone
+    path.write_text(yaml.safe_dump(cfg))
+    assert pkt_cli("study", "steps-saved", path, "--report")[0] == 0
+    assert "| seeking − seeking-random |" not in (records / R.REPORT).read_text(encoding="utf-8")
+
+
 def test_crossings_interpolate_between_measured_steps():
     import numpy as np
 
@@ -291,6 +319,11 @@ def test_a_joined_study_pairs_its_arms_with_the_others_and_compares_seeking_with
     other = copy.deepcopy(first)  # another lora at seed 1: the arms would not be paired
     other["curves"][("lora", 1)]["result"]["heldout"][2]["per_example"][0][0] += 1e-6
     with pytest.raises(PktError, match="first's lora curve of seed 1 is not controls's"):
+        R.join(controls, [other])
+    other = copy.deepcopy(first)  # an arm both ran, with other curves: refused too
+    other["curves"][("seeking-random", 0)] = copy.deepcopy(controls["curves"][("seeking-random", 0)])
+    other["curves"][("seeking-random", 0)]["result"]["train_loss"] = [1, 2]
+    with pytest.raises(PktError, match="first's seeking-random curve of seed 0 is not controls's"):
         R.join(controls, [other])
     other = copy.deepcopy(first)
     other["meta"]["settings"]["heldout_at"] = [0, 1, 4]

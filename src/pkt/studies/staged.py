@@ -194,10 +194,12 @@ def generation_result(task: str, metric: str, model, tok, ecfg, rows, d: Path) -
 
 
 def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, load_config: Callable,
-         study: Callable, render_plan: Callable, report, what: str) -> int:
+         study: Callable, render_plan: Callable, report, what: str,
+         report_options: Callable[[object], dict] = lambda cfg: {}) -> int:
     """``CONFIG --out DIR`` runs or resumes ``study(cfg, out, text, log=, dry=)``; ``--dry-run`` prints its plan;
     ``--report`` rebuilds the report (``report``: the study's report module, with ``write_report`` and ``PLOT``)
-    from the records alone. ``what`` says what goes to ``--out``."""
+    from the records alone, with ``report_options(cfg)`` (what else the config tells the report) as keyword
+    arguments. ``what`` says what goes to ``--out``."""
     from pkt.io import check_output_dir
 
     ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
@@ -210,8 +212,7 @@ def main(argv: list[str] | None, prog: str | None, *, doc: str, example: str, lo
     args = ap.parse_args(argv)
     cfg, text = load_config(args.config)
     if args.report:
-        # a study's config may name what its report reads besides its records (steps-saved: compare_with)
-        path = report.write_report(cfg.records, **(cfg.report_options() if hasattr(cfg, "report_options") else {}))
+        path = report.write_report(cfg.records, **report_options(cfg))
         print(f"wrote {path} and {path.with_name(report.PLOT)}")
         return 0
     log = lambda m: print(m, flush=True)  # noqa: E731

@@ -127,10 +127,6 @@ class StepsSavedConfig(Settings):
                 raise ValueError(f"{d} holds no steps-saved records ({R.META})")
         return v
 
-    def report_options(self) -> dict:
-        """What ``--report`` passes to the report besides the records directory."""
-        return {"compare_with": self.compare_with}
-
     @field_validator("heldout_at")
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
@@ -379,7 +375,8 @@ def restorable(records: Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return staged.main(argv, prog, doc=__doc__, example="configs/steps-saved-gsm8k.yaml", load_config=load_config,
-                       study=StepsSaved, render_plan=render_plan, report=R, what="stages")
+                       study=StepsSaved, render_plan=render_plan, report=R, what="stages",
+                       report_options=lambda cfg: {"compare_with": cfg.compare_with})
 
 if __name__ == "__main__":
     sys.exit(main())

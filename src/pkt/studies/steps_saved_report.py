@@ -77,8 +77,8 @@ _OWN = ("name", "records", "seeds", "arms", "arm_lrs", "compare_with", "progress
 
 def join(rec: dict, others: list[dict]) -> dict:
     """``rec`` with the arms of ``others`` (loaded steps-saved records) added, for a report of them all: each must
-    have ``rec``'s settings but for :data:`_OWN`, its held-out examples, and at every seed both ran, a lora curve
-    equal to ``rec``'s but for the time it took. An arm both ran is ``rec``'s."""
+    have ``rec``'s settings but for :data:`_OWN`, its held-out examples, and, for lora and any other arm both ran,
+    at every seed both ran, a curve equal to ``rec``'s but for the time it took."""
     meta = {**rec["meta"], "settings": dict(rec["meta"]["settings"])}
     s = meta["settings"]
     arms, lrs, curves, names = list(s["arms"]), dict(s.get("arm_lrs") or {}), dict(rec["curves"]), []
@@ -90,11 +90,11 @@ def join(rec: dict, others: list[dict]) -> dict:
         if o["meta"]["heldout"]["ids"] != meta["heldout"]["ids"]:
             raise PktError(f"compare_with: {name} measures other held-out examples than {s['name']}")
         for (a, seed), r in o["curves"].items():
-            if a == "lora" and ("lora", seed) in curves:
+            if (a, seed) in curves:  # lora, and any other arm both ran: the same curve, or not the same study
                 mine, theirs = ({k: v for k, v in c["result"].items() if k != "train_seconds"}
-                                for c in (curves[("lora", seed)], r))
+                                for c in (curves[(a, seed)], r))
                 if mine != theirs:
-                    raise PktError(f"compare_with: {name}'s lora curve of seed {seed} is not {s['name']}'s: the "
+                    raise PktError(f"compare_with: {name}'s {a} curve of seed {seed} is not {s['name']}'s: the "
                                    "studies' arms are not paired")
         new = [a for a in so["arms"] if a not in arms]
         arms += new
