@@ -20,15 +20,16 @@ COMMITTED = [(report, meta.parent) for report in (steps_saved_report, laten_dose
 
 
 def report_options(report, d: Path) -> dict:
-    """What `--report` passes besides the records, from the study's committed config (configs/<its name>.yaml)."""
+    """What `--report` passes besides the records (steps_saved.report_options), from the study's committed config
+    (configs/<its name>.yaml); its paths are relative to the repository's root, the tests' working directory."""
     if report is not steps_saved_report:
         return {}
-    from pkt.studies.steps_saved import load_config
+    from pkt.studies.steps_saved import load_config, report_options as options
 
     name = steps_saved_report.load(d)["meta"]["settings"]["name"]
     cfg = load_config(RESULTS.parents[1] / "configs" / f"{name}.yaml")[0]
     assert Path(cfg.records).name == d.name
-    return {"compare_with": [RESULTS.parents[1] / c for c in cfg.compare_with]}
+    return options(cfg)
 
 
 @pytest.mark.parametrize("report, d", COMMITTED, ids=[d.name for _, d in COMMITTED])
@@ -51,6 +52,6 @@ def test_the_steps_saved_records_are_committed(monkeypatch):
     assert (steps_saved_report, RESULTS / "steps-saved-gsm8k") in COMMITTED
     monkeypatch.chdir(RESULTS.parents[1])
     joined = report_options(steps_saved_report, RESULTS / "steps-saved-controls-gsm8k")["compare_with"]
-    assert joined == [RESULTS / "steps-saved-gsm8k"]
+    assert [Path(j).resolve() for j in joined] == [RESULTS / "steps-saved-gsm8k"]
     assert "| seeking − seeking-random |" in (RESULTS / "steps-saved-controls-gsm8k" / steps_saved_report.REPORT
                                               ).read_text(encoding="utf-8")

@@ -305,9 +305,9 @@ class StepsSaved:
                     losses = ", ".join(f"{r['step']}: {r['loss']:.4f}" for r in res["heldout"])
                     self.log(f"[steps-saved] {done}/{total} {arm} seed {seed}: held-out loss by step {losses}")
                 self._prune_laten(seed)
-                R.write_report(self.records, self.cfg.compare_with)
+                R.write_report(self.records, **report_options(self.cfg))
             record.drop_others(R.CURVES)  # a record of other arms or seeds: not this study's
-            report = R.write_report(self.records, self.cfg.compare_with)
+            report = R.write_report(self.records, **report_options(self.cfg))
         self.log(f"[steps-saved] wrote {report} and {report.with_name(R.PLOT)}")
         return report
 
@@ -373,10 +373,15 @@ def restorable(records: Path) -> dict[str, dict]:
     return staged.restorable(records, {R.CURVES: (("stage", "result"),)})
 
 
+def report_options(cfg: StepsSavedConfig) -> dict:
+    """What the report reads besides the records directory (``R.write_report``'s keyword arguments)."""
+    return {"compare_with": cfg.compare_with}
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return staged.main(argv, prog, doc=__doc__, example="configs/steps-saved-gsm8k.yaml", load_config=load_config,
                        study=StepsSaved, render_plan=render_plan, report=R, what="stages",
-                       report_options=lambda cfg: {"compare_with": cfg.compare_with})
+                       report_options=report_options)
 
 if __name__ == "__main__":
     sys.exit(main())
