@@ -118,7 +118,8 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
     before = measure(models.student)
     loc = next(stages.glob("locate-gsm8k-s0-*"))
     pairings = {r: load_pairing(loc / R.pairing_file(r)) for r in (0.1, 0.5)}
-    again = score_grid(models, run_dir, [1, 2], pairings, measure)
+    again = score_grid(models, run_dir, [1, 2], pairings, measure,
+                       LatenConfig(**json.loads((run_dir / "config.json").read_text())))
     assert [p["per_example"] for p in again] == [p["per_example"] for p in g["result"]["points"]]
     after = measure(models.student)
     assert after["per_example"] == before["per_example"]
@@ -140,6 +141,74 @@ def test_tiny_study_is_apply_restores_the_student_resumes_and_rederives(tmp_path
     copy = tmp_path / "copy"  # the records alone, elsewhere, without the report: re-derived byte for byte
     assert rederived(pkt_cli, "laten-dose", R, records, copy,
                      _config(tmp_path, "nowhere", "nowhere", records=str(copy))) == first
+
+
+def test_the_selected_point_against_its_random_null(tmp_path, qwen_pair, shared_data, pkt_cli):
+    """nulls: [random]: the selected point's run retrained per seed on the null's vectors, its grid scored (each
+    point `pkt.laten.apply` of the null's checkpoint), the null point evaluated on the held-out and test questions,
+    the report setting it beside the point, one Holm family over the stated tests; resumable and re-derived."""
+    from pkt.laten import apply
+    from pkt.models.load import load_model
+
+    t, s = saved_pair(qwen_pair, tmp_path)
+    small = {"steps": [1, 2], "trained_steps": None, "schedules": ["cycle"], "rates": [0.5], "penalties": [1000],
+             "accuracy": {"best": 1, "paper": False, "size": 3}, "nulls": ["random"]}
+    cfg = _config(tmp_path, t, s, **small)
+    out, records = tmp_path / "out", tmp_path / "records"
+    code, plan, err = pkt_cli("study", "laten-dose", cfg, "--dry-run")
+    assert code == 0, err
+    # per seed: the real cycle run and the null's (the longest run stands for the point still to be chosen)
+    assert "plan: 4 hypernetwork trainings, 2 locate stages, 4 grids and 11 evaluations" in plan, plan
+    assert "disk: 8 hypernetwork checkpoints" in plan
+    assert "train-gsm8k-k2of20-l1000-random-s1" in plan and "test-random-null (point to be chosen)-s0" in plan
+
+    code, log, err = pkt_cli("study", "laten-dose", cfg, "--out", out)
+    assert code == 0, err
+    rec = R.load(records)
+    chosen = R.select(rec)
+    q = {**chosen, "vectors": "random"}
+    assert sorted(rec["grids"]) == sorted((r, x) for x in SEEDS for r in ("k2of20-l1000", "k2of20-l1000-random"))
+    for x in SEEDS:
+        real, null = rec["grids"][("k2of20-l1000", x)], rec["grids"][("k2of20-l1000-random", x)]
+        assert null["vectors"] == "random" and "vectors" not in real
+        key = json.loads((out / "stages" / null["train_stage"] / "stage.json").read_text())["key"]
+        assert key["laten"]["teacher_vectors"] == "random" and key["checkpoints"] == [1, 2]
+        rp, np_ = real["result"]["points"], null["result"]["points"]
+        assert [(p["step"], p["rate"]) for p in rp] == [(p["step"], p["rate"]) for p in np_]
+        assert all(a["per_example"] != b["per_example"] and b["rel_norm"] > 0 for a, b in zip(rp, np_))
+        assert f"{R.point_label(q)}-s{x}" in rec["accuracy"] and f"{R.point_label(q)}-s{x}" in rec["tests"]
+        assert rec["tests"][f"{R.point_label(q)}-s{x}"]["test"]["ids"] == rec["student"]["test"]["ids"]
+    assert R.point_label(q) == R.point_label(chosen).replace("-l1000-", "-l1000-random-")
+    derived = R.derive(rec)
+    n = derived["nulls"][0]
+    assert n["grids"] == 2 and [p["step"] for p in n["points"]] == [1, 2]
+    assert sum(p["selected"] for p in n["points"]) == 1
+    family = [derived["test"], n["vs_null"], n["vs_student"]]
+    raw = [m[2] for c in family for m in c["mcnemar"]]
+    from pkt.experiment.stats import holm
+    assert [h for c in family for h in c["holm"]] == holm(raw) and len(raw) == 3 * len(SEEDS)
+    md = (records / R.REPORT).read_text()
+    assert "## The selected point against its `random` null" in md
+    assert "| selected point − null |" in md and "| null − student |" in md
+    assert "2 of 2 grids, 2 of 2 `random` null grids" in md
+
+    # the oracle: a null grid point is `pkt.laten.apply` of the null run's checkpoint, saved and reloaded
+    g = rec["grids"][("k2of20-l1000-random", 0)]
+    fused_dir = tmp_path / "null-applied"
+    manifest, _ = apply(out / "stages" / g["train_stage"] / "train", 2, 0.5, fused_dir, seed=0, log=lambda m: None)
+    assert manifest["teacher_vectors"] == "random"
+    want = _measure(s)(load_model(str(fused_dir)))
+    got = next(p for p in g["result"]["points"] if p["step"] == 2)
+    assert [x for x, _ in got["per_example"]] == pytest.approx([x for x, _ in want["per_example"]], rel=1e-5)
+
+    first = tree(records)
+    code, log, err = pkt_cli("study", "laten-dose", cfg, "--out", out)  # resume: no stage work
+    assert code == 0 and "[run]" not in log and "[redo]" not in log and tree(records) == first
+    code, log, err = pkt_cli("study", "laten-dose", cfg, "--out", tmp_path / "elsewhere")  # restored from records
+    assert code == 0 and "[run]" not in log and tree(records) == first
+    copy = tmp_path / "copy"
+    assert rederived(pkt_cli, "laten-dose", R, records, copy,
+                     _config(tmp_path, "nowhere", "nowhere", records=str(copy), **small)) == first
 
 
 def _rec(losses: dict, select: str = "loss", accuracy: dict | None = None) -> dict:

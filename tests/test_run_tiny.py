@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pkt.config import validate
@@ -313,3 +314,28 @@ def test_laten_lora_alone_prunes_its_laten_student(tiny_config):
     assert not list(stages.glob("laten-*/fused/model*.safetensors"))
     assert list(stages.glob("laten-*/fused/laten_deltas.safetensors"))
     assert not list(stages.glob("laten-lora-*/run/merged/model*.safetensors"))
+
+
+def test_laten_random_is_laten_on_random_teacher_vectors(tiny_config):
+    """The null arm: laten's training and point, the same located sites, values of its own; its model card and
+    the report's comparison name it."""
+    from pkt.inject import load_deltas
+
+    cfg, tmp = tiny_config
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student", "laten", "laten-random"],
+                                      "analysis": False})
+    Study(cfg, tmp / "null", log=lambda s: None).run()
+    stages = tmp / "null" / "stages"
+    real_dir, null_dir = (next(stages.glob(f"{m}-gsm8k-s0-*")) / "fused" for m in ("laten", "laten-random"))
+    manifests = [json.loads((d / "pkt-laten.json").read_text()) for d in (real_dir, null_dir)]
+    assert [m["teacher_vectors"] for m in manifests] == ["real", "random"]
+    assert manifests[0]["step"] == manifests[1]["step"] and manifests[0]["transfer_rate"] == manifests[1]["transfer_rate"]
+    real, null = (load_deltas(d / "laten_deltas.safetensors") for d in (real_dir, null_dir))
+    assert set(real) == set(null)
+    for key in real:
+        assert torch.equal(real[key][0], null[key][0]), key  # the same located student sites
+    assert any(not torch.allclose(real[k][1], null[k][1]) for k in real)  # other values
+    assert "`laten-random`" in (null_dir / "README.md").read_text()
+    rows = json.loads((tmp / "null" / "results.json").read_text())["records"]
+    assert {r["method"] for r in rows} >= {"laten", "laten-random"}
+    assert "laten − laten-random" in (tmp / "null" / "results.md").read_text()

@@ -53,6 +53,8 @@ METHODS = {
            "on its own samples",
     "laten": "PrePKT / LaTen: teacher neurons translated to the student's width by a trained hypernetwork and "
              "injected into the student's weights (no fine-tuning)",
+    "laten-random": "LaTen's random-teacher null: LaTen's hypernetwork training and injection with each located "
+                    "teacher vector replaced by a fixed random direction of its norm (a control, not a transfer)",
 }
 
 
@@ -260,7 +262,8 @@ def write_fused_card(out: str | Path, manifest: dict, command: str | None = None
     """Card of a LaTen fused checkpoint, from the manifest :func:`pkt.laten.apply` writes."""
     details = {"hypernetwork step": manifest.get("step"), "transfer rate": manifest.get("transfer_rate"),
                "modules": ",".join(manifest.get("modules") or []) or None}
-    card = build_card(library="transformers", method="laten", student=manifest.get("student"),
+    method = "laten-random" if manifest.get("teacher_vectors") == "random" else "laten"
+    card = build_card(library="transformers", method=method, student=manifest.get("student"),
                       teacher=manifest.get("teacher"), task=manifest.get("task"), data=manifest.get("data_source"),
                       command=command if command is not None else invocation(), details=details, results=results)
     return save_card(card, out)

@@ -98,6 +98,10 @@ class LatenConfig(Settings):
     # "trained": the OneCycle schedule spans the steps trained (min(max_steps, #extract)); "extract": it
     # spans the whole extract split whatever max_steps is (the reference's; stopping early then means low lr)
     schedule: Literal["trained", "extract"] = "trained"
+    # "real": the teacher's located vectors; "random": the random-teacher null (pkt.locate.pairing.null_vectors,
+    # seeded by ``seed``): the same sites and norms, random directions. What LaTen's training does without the
+    # teacher's content, in training and at the apply alike
+    teacher_vectors: Literal["real", "random"] = "real"
     norm: Literal["yu", "laten"] = "yu"
     vocab_top: int | None = Field(1024, ge=0)  # None or 0 = exact attribution (slow: see attribution.py)
     chunk: int = Field(256, ge=1)
@@ -170,6 +174,12 @@ def locate(m: Models, example: ChatExample, cfg: LatenConfig, rate: float, progr
     return pair(t_att, s_att, m.t_spec, m.s_spec, rate, cfg.layer_strategy, cfg.seed)
 
 
+def teacher_sources(m: Models, pairing: Pairing, kinds, cfg: LatenConfig) -> tuple[dict, dict]:
+    """The vectors a pairing feeds the hypernetwork (the teacher's, or ``cfg.teacher_vectors``' null) and their
+    student sites: what training, selection and apply all translate."""
+    return extract(m.teacher, m.t_spec, m.s_spec, pairing, kinds, cfg.teacher_vectors, cfg.seed)
+
+
 # ---- training -------------------------------------------------------------------------------------
 
 def ckpt_path(run: Path, step: int) -> Path:
@@ -208,7 +218,8 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
     resuming = resume and state_file.is_file()
     if resuming:
         saved_cfg = json.loads((run / "config.json").read_text())
-        saved_cfg.setdefault("schedule", "extract")  # runs written before the setting existed
+        saved_cfg.setdefault("schedule", "extract")  # runs written before the settings existed
+        saved_cfg.setdefault("teacher_vectors", "real")
         if cfg.schedule == "extract":
             saved_cfg["max_steps"] = cfg_dump["max_steps"]
         if saved_cfg != cfg_dump:
@@ -247,7 +258,7 @@ def train(cfg: LatenConfig, run_dir: str | Path, *, models: Models | None = None
         example = extract_set[t]
         pairing = locate(m, example, cfg, cfg.transfer_rate, progress)
         t_loc = time.perf_counter() - t0
-        sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, cfg.modules)
+        sources, sites = teacher_sources(m, pairing, cfg.modules, cfg)
         samples = random.Random(cfg.seed + t).sample(align_set, cfg.batch_size - 1) + [example]
         feats = [tokenize_example(e, m.tokenizer, cfg.style, cfg.cutoff_len) for e in samples]
         translated = net.translate(sources)
@@ -319,7 +330,7 @@ def select_point(run_dir: str | Path, steps, rates, examples: list[ChatExample],
     grid = []
     for rate in rates:
         pairing = locate(m, example, cfg, rate)
-        sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, nets[steps[0]].kinds)
+        sources, sites = teacher_sources(m, pairing, nets[steps[0]].kinds, cfg)
         for s in steps:
             deltas = translate(nets[s], sources, sites)
             loss = align_loss(m, deltas, examples, cfg)
@@ -361,13 +372,13 @@ def apply(run_dir: str | Path, step: int, transfer_rate: float, out: str | Path,
     example = seed_example(cfg, seed)
     t0 = time.perf_counter()
     pairing = locate(m, example, cfg, transfer_rate, progress)
-    sources, sites = extract(m.teacher, m.t_spec, m.s_spec, pairing, net.kinds)
+    sources, sites = teacher_sources(m, pairing, net.kinds, cfg)
     deltas = translate(net, sources, sites)
     size = delta_stats(m.student, deltas, m.s_spec)  # before fusing: relative to the student's own weights
     manifest = {
         "method": "laten", "teacher": cfg.teacher, "student": cfg.student, "run": str(run), "step": step,
         "transfer_rate": transfer_rate, "seed": seed, "seed_example": example.meta.get("id"),
-        "modules": net.kinds, "norm": cfg.norm, "vocab_top": cfg.vocab_top, **pairing.summary(),
+        "modules": net.kinds, "teacher_vectors": cfg.teacher_vectors, "norm": cfg.norm, "vocab_top": cfg.vocab_top, **pairing.summary(),
         "delta_rms": {k: float(torch.cat([v for (_, kk), (_, v) in deltas.items() if kk == k]).pow(2).mean().sqrt())
                       for k in net.kinds},
         "delta_rel_norm": size["rel_norm"], "delta_bf16_ratio": size["bf16_ratio"],

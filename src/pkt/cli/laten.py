@@ -48,7 +48,10 @@ def train(
     cutoff_len: int = typer.Option(None, help="Max tokens per sample."),
     norm: str = typer.Option(None, help="Attribution final-norm convention: yu | laten."),
     vocab_top: int = typer.Option(None, help="Attribution normaliser over the top-K tokens (0 = exact, slow)."),
-    seed: int = typer.Option(None, help="Seed (hypernetwork init, align sampling)."),
+    seed: int = typer.Option(None, help="Seed (hypernetwork init, align sampling, the random null's vectors)."),
+    teacher_vectors: str = typer.Option(None, help="What the hypernetwork translates: the teacher's located "
+                                        "vectors (real) or the random-teacher null, random directions of their "
+                                        "norms (random) [real]."),
     resume: bool = typer.Option(True, help="Continue an existing run in --out from its last step."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -64,7 +67,8 @@ def train(
                       task=task, extract_file=extract_file, align_file=align_file, seed_file=seed_file, style=style,
                       max_steps=steps, schedule=schedule, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       transfer_rate=transfer_rate, penalty=penalty, init_std=init_std, cutoff_len=cutoff_len,
-                      norm=norm, vocab_top=vocab_top, seed=seed, report_to=report_to)
+                      norm=norm, vocab_top=vocab_top, seed=seed, teacher_vectors=teacher_vectors,
+                      report_to=report_to)
     t0 = time.perf_counter()
     rows = _train(cfg, out, resume=resume, progress=progress, log=lambda s: typer.echo(s, err=True))
     last = rows[-1] if rows else {}

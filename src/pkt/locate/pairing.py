@@ -10,6 +10,12 @@ student's FFN width) for FFN and int(rate × the student's attention width num_h
 (attention neurons); all of length d_T. Under grouped-query attention several attention neurons read one v
 row: the teacher side keeps the neuron's own row (duplicates allowed), the student side injects each v row
 once, paired with the best-ranked located neuron that reads it (:func:`pair_v`).
+
+**The random-teacher null** (``vectors="random"``): the same located neurons, each extracted vector replaced by a
+fixed random direction of its own norm. Each direction is drawn from a generator seeded by ``seed``, the teacher
+layer, the module kind and the neuron, so one teacher neuron gets the same random vector at every hypernetwork step
+and at the apply, as a real one does (:func:`null_vectors`). It keeps everything LaTen's training can use but the
+teacher's content: the hypernetwork, the located sites, the vectors' sizes and their consistency across steps.
 """
 
 from __future__ import annotations
@@ -104,9 +110,36 @@ def pair_v(t_idx: torch.Tensor, s_idx: torch.Tensor, teacher: ArchSpec, student:
 Sites = dict[str, list[tuple[int, torch.Tensor]]]  # kind -> [(student layer, student indices)] in stacking order
 
 
+VECTORS = ("real", "random")  # what extract returns: the teacher's vectors, or the random-teacher null's
+
+
+def _row_seed(seed: int, t_layer: int, kind: str, position: int) -> int:
+    """A 32-bit generator seed for one teacher position (torch's CPU generator keeps only a seed's low 32 bits, so
+    the four numbers are hashed into them rather than packed)."""
+    import hashlib
+
+    key = f"{int(seed)}/{int(t_layer)}/{kind}/{int(position)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+
+
+def null_vectors(real: torch.Tensor, index: torch.Tensor, t_layer: int, kind: str, seed: int) -> torch.Tensor:
+    """The random-teacher null of the vectors ``real`` [n, d] extracted at positions ``index`` of a teacher
+    module: row i is a standard-normal direction drawn for position index[i] alone (its generator seeded by
+    (seed, t_layer, kind, index[i]), so it does not depend on which other positions are located, nor on their
+    order), scaled to real[i]'s norm."""
+    g = torch.Generator()
+    z = torch.stack([torch.randn(real.shape[1], generator=g.manual_seed(_row_seed(seed, t_layer, kind, j)))
+                     for j in index.tolist()]) if len(index) else real.new_zeros(real.shape)
+    return z * (real.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True))
+
+
 @torch.no_grad()
-def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds) -> tuple[dict, Sites]:
-    """Teacher vectors per module kind, stacked [N, d_T] (fp32), and where each goes in the student."""
+def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds, vectors: str = "real",
+            seed: int = 0) -> tuple[dict, Sites]:
+    """Teacher vectors per module kind, stacked [N, d_T] (fp32), and where each goes in the student; with
+    ``vectors="random"`` the random-teacher null's (:func:`null_vectors`, seeded by ``seed``)."""
+    if vectors not in VECTORS:
+        raise PktError(f"teacher vectors {vectors!r}: expected one of {', '.join(VECTORS)}")
     sources: dict[str, torch.Tensor] = {}
     sites: Sites = {}
     for kind in kinds:
@@ -122,7 +155,10 @@ def extract(teacher, t_spec: ArchSpec, s_spec: ArchSpec, pairing: Pairing, kinds
             with align_module_device(mod):  # an offloaded teacher's weights are meta outside forward
                 w = mod.weight
                 t_idx = t_idx.to(w.device)
-                vecs.append((w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu())
+                real = (w.index_select(0, t_idx) if axis(kind) == 0 else w.index_select(1, t_idx).T).float().cpu()
+                if vectors == "random":
+                    real = null_vectors(real, t_idx, t_layer, kind, seed)
+                vecs.append(real)
             where.append((i, s_idx.cpu()))
         sources[kind] = torch.cat(vecs)
         sites[kind] = where

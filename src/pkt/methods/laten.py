@@ -90,17 +90,18 @@ class Laten(Method):
     name = "laten"
     resource = "laten"
     injection = INJECTION
+    vectors = "real"  # what the hypernetwork translates (pkt.laten.LatenConfig.teacher_vectors)
 
     def build(self, study, task, seed, inputs):
         c = study.cfg
-        lc = laten_cfg(study, task, seed)
+        lc = laten_cfg(study, task, seed).model_copy(update={"teacher_vectors": self.vectors})
         b = c.budget_for(task)
         choice = {"choice": b.laten_choice}
         if b.laten_choice == "select" or b.laten_grid:
             choice.update(rates=b.laten_select_rates, examples=b.laten_select_examples)
         if b.laten_grid and b.laten_choice != "select":
             choice["grid"] = True
-        payload = {"method": "laten", "laten": lc.model_dump(mode="json"), **choice}
+        payload = {"method": self.name, "laten": lc.model_dump(mode="json"), **choice}
         # its key's models and data are read from the settings (the teacher, the student, the task's splits)
         path, _ = study.run_stage(build_stage(self.name, task, seed), payload, lambda d: train_and_fuse(study, lc, d))
         return str(path / "fused"), c.eval_dtype

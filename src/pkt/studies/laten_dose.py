@@ -28,6 +28,12 @@ point is chosen on held-out data only (:func:`pkt.studies.laten_dose_report.sele
 seeds, or best accuracy with ``select: accuracy``; ties to the smaller dose) and only that point is evaluated on
 the test subset, for every seed, paired with the untuned student question by question.
 
+The hypernetwork is trained on the student's own loss over align examples, so a point can lower the held-out loss
+whatever the teacher's vectors hold. ``nulls`` (``random``: :func:`pkt.locate.pairing.null_vectors`, the same located
+sites with each teacher vector replaced by a fixed random direction of its norm) retrains the selected point's run
+per seed with the null's vectors, scores its grid, and evaluates the selected point's null on the held-out
+questions and the test subset: LaTen's gain counts only against its null's, question by question.
+
 Every piece is a stage of :class:`pkt.experiment.cache.StageCache` under ``OUT/stages`` keyed like the pilot's
 (settings, code, libraries, models, data, the held-out examples): a rerun resumes at the first unfinished stage,
 and a stage is computed only when something that still has to run reads it. Each finished piece writes a small
@@ -75,6 +81,9 @@ class LatenDoseConfig(Settings):
     rates: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.1, 0.3, 1.0], min_length=1)
     penalties: list[Annotated[float, Field(ge=0)]] = Field([1000.0, 0.0], min_length=1)  # λ
     select: Literal["loss", "accuracy"] = "loss"  # what chooses the operating point, on the held-out set
+    # the selected point again with the teacher's vectors replaced by a null's (pkt.laten.LatenConfig
+    # .teacher_vectors): its run retrained and scored per seed, its point evaluated like the selected one
+    nulls: list[Literal["random"]] = []
     heldout: HeldoutSettings = HeldoutSettings(size=64)
     accuracy: AccuracySettings = AccuracySettings()
     eval: EvalSettings = EvalSettings()
@@ -88,7 +97,8 @@ class LatenDoseConfig(Settings):
     budget: Budget = Budget()
 
     _has_heldout = field_validator("task")(heldout_task)
-    _distinct = field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps")(staged.distinct)
+    _distinct = field_validator("seeds", "steps", "schedules", "rates", "penalties", "trained_steps",
+                                "nulls")(staged.distinct)
 
     @field_validator("steps")
     @classmethod
@@ -122,15 +132,27 @@ def load_config(path: str | Path) -> tuple[LatenDoseConfig, str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One hypernetwork training: ``trained`` steps of a OneCycle spanning ``span`` steps, at penalty λ."""
+    """One hypernetwork training: ``trained`` steps of a OneCycle spanning ``span`` steps, at penalty λ, on the
+    teacher's vectors or a null's (``vectors``)."""
 
     trained: int
     span: int
     penalty: float
+    vectors: str = "real"
 
     @property
     def label(self) -> str:
-        return R.run_label(self.trained, self.span, self.penalty)
+        return R.run_label(self.trained, self.span, self.penalty, self.vectors)
+
+    @property
+    def real(self) -> "Run":
+        """The same training on the teacher's vectors (a null run's twin)."""
+        return Run(self.trained, self.span, self.penalty)
+
+
+def run_of_point(p: dict) -> Run:
+    """The training a point (a record's POINT_KEYS, and ``vectors`` for a null's) reads its checkpoint from."""
+    return Run(p["trained"], p["span"], float(p["penalty"]), p.get("vectors", "real"))
 
 
 # ---- the work of the stages (module functions: the tests call them on tiny models) ----------------------------
@@ -151,29 +173,29 @@ def heldout_measure(tok, examples, style: str, batch_size: int, max_length: int)
     return measure
 
 
-def point_deltas(models, pairing, net):
-    """The deltas of hypernetwork ``net`` on the teacher vectors of ``pairing``'s located neurons, as
-    :func:`pkt.laten.apply` makes them."""
-    from pkt.laten import translate
-    from pkt.locate.pairing import extract
+def point_deltas(models, pairing, net, lc):
+    """The deltas of hypernetwork ``net`` on the vectors of ``pairing``'s located neurons (the teacher's, or the
+    null's of the run's settings ``lc``), as :func:`pkt.laten.apply` makes them."""
+    from pkt.laten import teacher_sources, translate
 
-    sources, sites = extract(models.teacher, models.t_spec, models.s_spec, pairing, net.kinds)
+    sources, sites = teacher_sources(models, pairing, net.kinds, lc)
     return translate(net, sources, sites)
 
 
-def score_grid(models, run_dir: Path, steps: list[int], pairings: dict, measure, log=lambda m: None) -> list[dict]:
-    """Every (step, rate) of one run: translate, fuse into the student in memory, measure, restore. ``pairings``:
-    {rate: Pairing}. A point records the held-out loss and the size of its Δ (:func:`pkt.inject.delta_stats`)."""
+def score_grid(models, run_dir: Path, steps: list[int], pairings: dict, measure, lc,
+               log=lambda m: None) -> list[dict]:
+    """Every (step, rate) of one run (its settings ``lc``): translate, fuse into the student in memory, measure,
+    restore. ``pairings``: {rate: Pairing}. A point records the held-out loss and the size of its Δ
+    (:func:`pkt.inject.delta_stats`)."""
     from pkt.align.hypernet import HyperNet
     from pkt.inject import delta_stats, fused
-    from pkt.laten import ckpt_path, translate
-    from pkt.locate.pairing import extract
+    from pkt.laten import ckpt_path, teacher_sources, translate
 
     nets = {s: HyperNet.load(ckpt_path(run_dir, s)) for s in steps}
     points = []
     for rate, pairing in pairings.items():
         # the teacher's vectors depend on the rate's pairing only: extracted once for every step
-        sources, sites = extract(models.teacher, models.t_spec, models.s_spec, pairing, nets[steps[0]].kinds)
+        sources, sites = teacher_sources(models, pairing, nets[steps[0]].kinds, lc)
         for s in steps:
             deltas = translate(nets[s], sources, sites)
             size = delta_stats(models.student, deltas, models.s_spec)
@@ -249,9 +271,9 @@ class LatenDose:
         return Run(t, s, float(penalty))
 
     def scored(self, run: Run) -> list[int]:
-        """The steps of a run's checkpoints that the grid scores."""
+        """The steps of a run's checkpoints that the grid scores (a null run's: its real twin's)."""
         return sorted({k for sch in self.cfg.schedules for lam in self.cfg.penalties
-                       for k in R.schedule_steps(self.settings, sch) if self.run_of(sch, k, lam) == run})
+                       for k in R.schedule_steps(self.settings, sch) if self.run_of(sch, k, lam) == run.real})
 
     def laten_cfg(self, run: Run, seed: int):
         """pkt run's hypernetwork settings with the run's steps, schedule and penalty (a cycle spanning the
@@ -260,7 +282,8 @@ class LatenDose:
 
         schedule = "trained" if run.span == run.trained else "extract"
         return laten_settings(self.ecfg, self.cfg.task, seed).model_copy(
-            update={"max_steps": run.trained, "schedule": schedule, "penalty": run.penalty})
+            update={"max_steps": run.trained, "schedule": schedule, "penalty": run.penalty,
+                    "teacher_vectors": run.vectors})
 
     def _models_id(self, *refs: str) -> dict:
         from pkt.experiment.fingerprint import model_identity
@@ -324,7 +347,7 @@ class LatenDose:
 
     def point_model(self, p: dict, seed: int) -> dict:
         """What a LaTen point's evaluation reads: its run's checkpoint at the step, the seed's pairing at the rate."""
-        run = Run(p["trained"], p["span"], float(p["penalty"]))
+        run = run_of_point(p)
         return {"train": self.cache.path(*self.train_key(run, seed)).name,
                 "locate": self.cache.path(*self.locate_key(seed)).name, "step": p["step"], "rate": p["rate"]}
 
@@ -401,7 +424,7 @@ class LatenDose:
             measure = heldout_measure(m.tokenizer, self.heldout.loss, self.cfg.style, self.cfg.heldout.batch_size,
                                       self.max_length)
             points = score_grid(m, self.cache.path(tname, tkey) / "train", self.scored(run), pairings, measure,
-                                log=self.log)
+                                lc, log=self.log)
             del m
             gc.collect()
             return {"points": points}
@@ -436,7 +459,7 @@ class LatenDose:
         if point is not None and not self.cache.dry and not self.cache.is_cached(name, key):
             p, seed = point
             self.locate(seed)
-            self.train(Run(p["trained"], p["span"], float(p["penalty"])), seed)
+            self.train(run_of_point(p), seed)
 
         def fn(d: Path) -> dict:
             import gc
@@ -457,11 +480,12 @@ class LatenDose:
                 from pkt.locate.pairing import load_pairing
 
                 p, seed = point
-                run = Run(p["trained"], p["span"], float(p["penalty"]))
-                m = load_models(self.laten_cfg(run, seed), log=self.log)
+                lc = self.laten_cfg(run_of_point(p), seed)
+                m = load_models(lc, log=self.log)
                 pairing = load_pairing(self.cache.path(*self.locate_key(seed)) / R.pairing_file(p["rate"]))
-                net = HyperNet.load(ckpt_path(self.cache.path(*self.train_key(run, seed)) / "train", p["step"]))
-                deltas = point_deltas(m, pairing, net)
+                net = HyperNet.load(ckpt_path(self.cache.path(*self.train_key(run_of_point(p), seed)) / "train",
+                                              p["step"]))
+                deltas = point_deltas(m, pairing, net, lc)
                 size = delta_stats(m.student, deltas, m.s_spec)
                 fuse(m.student, deltas, m.s_spec)
                 model = m.student
@@ -496,6 +520,23 @@ class LatenDose:
                 "laten": {k: v for k, v in lc.items() if k not in ("max_steps", "schedule", "penalty", "seed")},
                 **self.common, "test": staged.describe_test_subset(self.cfg.eval, self.cfg.task)}
 
+    def _record_grid(self, record, run: Run, seed: int) -> dict:
+        stage, res, tstage, tres = self.grid(run, seed)
+        record(f"{R.GRIDS}/{R.grid_file(run.label, seed)}",
+               {"run": run.label, "trained": run.trained, "span": run.span, "penalty": run.penalty,
+                **({"vectors": run.vectors} if run.vectors != "real" else {}),
+                "seed": seed, "stage": stage, "result": res, "train_stage": tstage, "train": tres})
+        return res
+
+    def _evaluate_point(self, record, p: dict, which: str) -> None:
+        """A point's evaluation on the held-out questions or the test subset, every seed, each recorded."""
+        where, field = (R.ACCURACY, "heldout") if which == "heldout" else (R.TESTS, "test")
+        for seed in self.cfg.seeds:
+            stage, res = self.point_eval(p, seed, which)
+            record(f"{where}/{R.point_label(p)}-s{seed}.json",
+                   {"point": R.point_label(p), **p, "seed": seed, "eval_stage": stage, field: res})
+            self.log(f"[laten-dose] {R.point_label(p)} seed {seed}: {field} {res['score']:.1%}")
+
     def run(self) -> Path:
         from pkt.experiment.preflight import check_models
 
@@ -510,10 +551,7 @@ class LatenDose:
             runs, total, done = self.runs(), len(self.runs()) * len(c.seeds), 0
             for seed in c.seeds:
                 for run in runs:
-                    stage, res, tstage, tres = self.grid(run, seed)
-                    record(f"{R.GRIDS}/{R.grid_file(run.label, seed)}",
-                           {"run": run.label, "trained": run.trained, "span": run.span, "penalty": run.penalty,
-                            "seed": seed, "stage": stage, "result": res, "train_stage": tstage, "train": tres})
+                    res = self._record_grid(record, run, seed)
                     done += 1
                     self.log(f"[laten-dose] grid {done}/{total} {run.label} seed {seed}: held-out loss "
                              + ", ".join(f"step {p['step']} rate {p['rate']:g} {p['loss_per_example']:.4f}"
@@ -524,18 +562,16 @@ class LatenDose:
                 record(R.STUDENT, student)
             rec = R.load(self.records)
             for p in R.accuracy_points(rec):
-                for seed in c.seeds:
-                    stage, res = self.point_eval(p, seed, "heldout")
-                    record(f"{R.ACCURACY}/{R.point_label(p)}-s{seed}.json",
-                           {"point": R.point_label(p), **p, "seed": seed, "eval_stage": stage, "heldout": res})
-                    self.log(f"[laten-dose] {R.point_label(p)} seed {seed}: held-out {res['score']:.1%}")
+                self._evaluate_point(record, p, "heldout")
             R.write_report(self.records)
             chosen = R.select(R.load(self.records))
-            for seed in c.seeds:
-                stage, res = self.point_eval(chosen, seed, "test")
-                record(f"{R.TESTS}/{R.point_label(chosen)}-s{seed}.json",
-                       {"point": R.point_label(chosen), **chosen, "seed": seed, "eval_stage": stage, "test": res})
-                self.log(f"[laten-dose] selected {R.point_label(chosen)} seed {seed}: test {res['score']:.1%}")
+            self._evaluate_point(record, chosen, "test")
+            for null in c.nulls:  # the selected point on the null's vectors: its run, then its evaluations
+                p = {**chosen, "vectors": null}
+                for seed in c.seeds:
+                    self._record_grid(record, run_of_point(p), seed)
+                for which in ("heldout", "test"):
+                    self._evaluate_point(record, p, which)
             record.drop_others(R.GRIDS, R.ACCURACY, R.TESTS)  # another grid's or settings': not this study's
             report = R.write_report(self.records)
         self.log(f"[laten-dose] wrote {report} and {report.with_name(R.PLOT)}")

@@ -96,8 +96,12 @@ class Costs:
             return "disk: unknown until both models are prepared"
         h_t, h_s = teacher.spec.hidden_size, student.spec.hidden_size
         per = 4 * (h_t * h_t + h_s * h_t) * 4  # a translator per module kind: two fp32 layers (pkt.align.hypernet)
-        n = len(self.cfg.seeds) * sum(len(self.study.scored(r)) if not self.cfg.keep_checkpoints
-                                      else r.trained + 1 for r in self.study.runs())
+        def kept(r) -> int:
+            return len(self.study.scored(r)) if not self.cfg.keep_checkpoints else r.trained + 1
+
+        runs = self.study.runs()
+        # a null retrains the selected point's run: at most the run that keeps the most checkpoints
+        n = len(self.cfg.seeds) * (sum(map(kept, runs)) + len(self.cfg.nulls) * max(map(kept, runs)))
         return (f"disk: {n} hypernetwork checkpoints of {per / 1e6:.0f} MB ({n * per / 1e9:.1f} GB; each run keeps "
                 f"{'every step' if self.cfg.keep_checkpoints else 'those of its scored steps'}) besides the "
                 "pairings (kilobytes)")
@@ -155,7 +159,36 @@ def plan(study) -> tuple[list[tuple[str, bool, float, str]], list[str]]:
         else:
             rows.append((f"test-selected-s{seed} (point to be chosen)", False, cost.evaluate("test"),
                          cost.eval_work("test")))
+    rows += _null_rows(study, cost, chosen)
     return rows, cost.notes
+
+
+def _null_rows(study, cost: Costs, chosen: dict | None) -> list[tuple[str, bool, float, str]]:
+    """Each null's stages: the selected point's run retrained and its grid scored per seed, then the point's
+    held-out and test evaluations. Before the point is chosen, the longest run (the cycle's) stands for it."""
+    from pkt.studies.laten_dose import Run, run_of_point
+
+    c = study.cfg
+    rows = []
+    for null in c.nulls:
+        if chosen is not None:
+            p = {**chosen, "vectors": null}
+            run, label = run_of_point(p), R.point_label(p)
+        else:
+            longest = max(study.runs(), key=lambda r: (r.trained, r.span))
+            run, label = Run(longest.trained, longest.span, longest.penalty, null), f"{null}-null (point to be chosen)"
+        for seed in c.seeds:
+            _, gres, _, _ = study.grid(run, seed) if chosen is not None else (None, None, None, None)
+            tname, tkey = study.train_key(run, seed)
+            rows += [(tname, gres is not None or study.cache.is_cached(tname, tkey), cost.train(run.trained),
+                      f"{run.trained} hypernetwork steps of a {run.span}-step cycle, λ {run.penalty:g}, {null} null"),
+                     (study.grid_key(run, seed)[0], gres is not None, cost.grid(len(study.scored(run))),
+                      cost.grid_work(len(study.scored(run))))]
+        for which in ("heldout", "test"):
+            for seed in c.seeds:
+                res = study.point_eval(p, seed, which)[1] if chosen is not None else None
+                rows.append((f"{which}-{label}-s{seed}", res is not None, cost.evaluate(which), cost.eval_work(which)))
+    return rows
 
 
 def render_plan(study) -> str:

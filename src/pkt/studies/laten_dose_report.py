@@ -9,7 +9,8 @@ surviving bf16), ``accuracy/<point>-s<seed>.json`` (a point's held-out accuracy)
 commit byte for byte (no timestamps, paths or timings in the output, a seeded bootstrap, PNG metadata without the
 library version).
 
-Names. A run ``k{k}of{s}-l{λ}`` is k hypernetwork steps of a OneCycle spanning s steps at penalty λ; a point
+Names. A run ``k{k}of{s}-l{λ}`` is k hypernetwork steps of a OneCycle spanning s steps at penalty λ (a null's run
+adds its name: ``k{k}of{s}-l{λ}-random``); a point
 ``<run>-step{t}-r{rate}`` is its checkpoint t applied at that transfer rate. A row of the grid is (schedule, λ,
 step, rate): the ``cycle`` schedule's step t is the point ``k{max}of{n_extract}-…-step{t}``, the ``trained``
 schedule's is ``k{t}of{t}-…-step{t}`` (the two are one training when t is the whole extract split).
@@ -25,7 +26,10 @@ Statistics. Δ of a row against the student: the paired bootstrap over held-out 
 every seed) and seeds (:func:`pkt.experiment.stats.paired_difference`); a row helps where the whole 95% interval
 is below 0, hurts where it is above. On the test subset the selected point is compared with the student as the
 pilot compares a build (:func:`pkt.studies.pilot_report.compare`: Δ with its interval, exact McNemar per seed,
-Holm over the seeds' comparisons stated).
+Holm over the seeds' comparisons stated). The selected point against its null (``nulls``): the held-out loss
+paired over examples and seeds as above, and on the test subset the point minus its null, seed by seed; the seeds'
+McNemar tests of the point against the student, of the point against each null and of each null against the
+student are one Holm family.
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ LOCATE_SETTINGS = ("teacher", "student", "task", "seed_file", "style", "modules"
 POINT_KEYS = ("schedule", "penalty", "step", "rate", "trained", "span")
 
 
-def run_label(trained: int, span: int, penalty: float) -> str:
-    return f"k{trained}of{span}-l{penalty:g}"
+def run_label(trained: int, span: int, penalty: float, vectors: str = "real") -> str:
+    return f"k{trained}of{span}-l{penalty:g}" + ("" if vectors == "real" else f"-{vectors}")
 
 
 def point_label(p: dict) -> str:
-    return f"{run_label(p['trained'], p['span'], p['penalty'])}-step{p['step']}-r{p['rate']:g}"
+    return (f"{run_label(p['trained'], p['span'], p['penalty'], p.get('vectors', 'real'))}-step{p['step']}"
+            f"-r{p['rate']:g}")
 
 
 def grid_file(label: str, seed: int) -> str:
@@ -235,8 +240,9 @@ def derive(rec: dict) -> dict:
             d = paired_difference([_per_example(p) for p in per_seed], [ref] * len(per_seed))
             r["delta"] = (d.mean, d.low, d.high, d.p)
             r["below"] = sum(x < base["loss_per_example"] for x in losses)
-    out = {"rows": grid, "complete": grids_complete(rec), "n_grids": len(rec["grids"]), "accuracy": None,
-           "selected": None, "test": None}
+    real = [k for k in rec["grids"] if k[0] in {run_label(r["trained"], r["span"], r["penalty"]) for r in grid}]
+    out = {"rows": grid, "complete": grids_complete(rec), "n_grids": len(real), "accuracy": None,
+           "selected": None, "test": None, "nulls": []}
     if not out["complete"]:
         return out
     points = accuracy_points(rec)
@@ -256,14 +262,59 @@ def derive(rec: dict) -> dict:
     chosen = select(rec)
     out["selected"] = {"point": chosen, "row": next(r for r in grid if _same(r, chosen))}
     tests = [rec["tests"].get(f"{point_label(chosen)}-s{seed}") for seed in seeds]
+    out["nulls"] = [_null(rec, chosen, null, grid, tests) for null in s.get("nulls") or []]
     if all(tests) and st.get("test"):
         from pkt.studies.pilot_report import compare
 
         c = compare(st["test"], tests)
-        c["holm"] = holm([m[2] for m in c["mcnemar"]])  # the seeds' McNemar tests are the comparisons stated
-        c["significant"] = c["delta"] > 0 and all(p <= ALPHA for p in c["holm"])
         c["scores"] = [t["test"]["score"] for t in tests]
         out["test"] = c
+        # the comparisons stated on the test subset, one Holm family: each seed's McNemar test of the point
+        # against the student, and of the point against each null and of each null against the student
+        family = [c] + [x for n in out["nulls"] for x in (n["vs_null"], n["vs_student"]) if x is not None]
+        adjusted = iter(holm([m[2] for x in family for m in x["mcnemar"]]))
+        for x in family:
+            x["holm"] = [next(adjusted) for _ in x["mcnemar"]]
+            x["significant"] = x["delta"] > 0 and all(p <= ALPHA for p in x["holm"])
+    return out
+
+
+def _null(rec: dict, chosen: dict, null: str, grid: list[dict], tests: list[dict | None]) -> dict:
+    """The selected point against its null ``null``: every point of the null's run beside the same point of the
+    real run (held-out loss, paired over examples and seeds), the selected point's held-out accuracy, and on the
+    test subset the point minus its null and the null minus the student."""
+    from pkt.studies.pilot_report import compare
+
+    seeds = list(rec["meta"]["settings"]["seeds"])
+    q = {**chosen, "vectors": null}
+    label = run_label(q["trained"], q["span"], q["penalty"], null)
+    grids = [rec["grids"].get((label, seed)) for seed in seeds]
+    points = []
+    if all(grids):
+        for first in grids[0]["result"]["points"]:
+            at = {**q, "step": first["step"], "rate": float(first["rate"])}
+            mine = [next(p for p in g["result"]["points"] if p["step"] == at["step"] and float(p["rate"]) == at["rate"])
+                    for g in grids]
+            twin = next(r for r in grid if _same(r, at))
+            d = paired_difference([_per_example(twin["seeds"][x]) for x in seeds], [_per_example(p) for p in mine])
+            losses = [p["loss_per_example"] for p in mine]
+            points.append({"step": at["step"], "rate": at["rate"], "real": twin["mean"],
+                           "mean": sum(losses) / len(losses), "sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                           "rel_norm": sum(p["rel_norm"] for p in mine) / len(mine), "delta": (d.mean, d.low, d.high, d.p),
+                           "selected": at["step"] == chosen["step"] and at["rate"] == float(chosen["rate"])})
+    acc = [_accuracy(rec, q, seed) for seed in seeds]
+    real_acc = [_accuracy(rec, chosen, seed) for seed in seeds]
+    ntests = [rec["tests"].get(f"{point_label(q)}-s{seed}") for seed in seeds]
+    out = {"null": null, "point": q, "grids": sum(g is not None for g in grids), "points": points,
+           "heldout": [a["heldout"]["score"] for a in acc] if all(acc) else None,
+           "real_heldout": [a["heldout"]["score"] for a in real_acc] if all(real_acc) else None,
+           "vs_null": None, "vs_student": None, "scores": None}
+    st = rec["student"].get("test")
+    if all(ntests) and st:
+        out["vs_student"] = compare(st, ntests)
+        out["scores"] = [t["test"]["score"] for t in ntests]
+        if all(tests):
+            out["vs_null"] = compare(st, tests, base=[t["test"] for t in ntests], against="its null's")
     return out
 
 
@@ -303,8 +354,9 @@ def render(rec: dict, out: dict) -> str:
              f"Held-out set: {h['description']}; held-out loss: the teacher-forced NLL of its gold answers, the mean "
              "over examples of each example's mean token NLL (steps-saved's measure). Held-out accuracy: "
              f"{meta['accuracy_set']['description']}, {t['protocol']}. Test: {t['description']}.", "",
-             f"Recorded: {out['n_grids']} of {n_runs * len(seeds)} grids, {len(rec['accuracy'])} held-out accuracy "
-             f"evaluations, {len(rec['tests'])} test evaluations.", ""]
+             f"Recorded: {out['n_grids']} of {n_runs * len(seeds)} grids"
+             + "".join(f", {n['grids']} of {len(seeds)} `{n['null']}` null grids" for n in out["nulls"])
+             + f", {len(rec['accuracy'])} held-out accuracy evaluations, {len(rec['tests'])} test evaluations.", ""]
     hl, ha, ht = st.get("heldout_loss"), st.get("heldout"), st.get("test")
     lines += [f"Untuned student: held-out loss {_f(hl and hl['loss_per_example'])}, held-out accuracy "
               f"{pct(ha and ha['score'])}, test {pct(ht and ht['score'])}"
@@ -362,12 +414,64 @@ def render(rec: dict, out: dict) -> str:
                      + f" | {pct(ht['score'])} | {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}] | "
                      f"{p_value(c['p_boot'])} | {mc} | {', '.join(map(p_value, c['holm']))} | "
                      f"{'✓' if c['significant'] else ''} |")
+    family = "the seeds' tests" + (", with those against the nulls below" if out["nulls"] else "")
     lines += ["", "Δ in points: the selected point's test score minus the untuned student's on the same questions; "
               "interval: paired bootstrap (questions and seeds resampled); McNemar: exact, per seed, on the "
-              f"discordant questions; Holm: over the seeds' tests; significant: Δ > 0 and every seed's Holm p ≤ "
-              f"{ALPHA:g}. The test subset played no part in any choice.", "",
-              f"![held-out loss by step]({PLOT})", ""]
+              f"discordant questions; Holm: over {family}; significant: Δ > 0 and every seed's Holm p ≤ "
+              f"{ALPHA:g}. The test subset played no part in any choice.", ""]
+    for n in out["nulls"]:
+        lines += _render_null(n, out, seeds, st)
+    lines += [f"![held-out loss by step]({PLOT})", ""]
     return "\n".join(lines)
+
+
+NULL_WHAT = {"random": "each located teacher vector replaced by a fixed random direction of its own norm (the same "
+                       "sites, sizes and consistency across steps; none of the teacher's content)"}
+
+
+def _comparison_row(name: str, c: dict, base: str) -> str:
+    mc = ", ".join(f"{p_value(p)} ({a}/{z})" for a, z, p in c["mcnemar"])
+    return (f"| {name} | {base} | {pts(c['delta'])} [{pts(c['low'])}, {pts(c['high'])}] | {p_value(c['p_boot'])} | "
+            f"{mc} | {', '.join(map(p_value, c['holm']))} | {'✓' if c['significant'] else ''} |")
+
+
+def _render_null(n: dict, out: dict, seeds: list[int], st: dict) -> list[str]:
+    """The selected point against one null: the null's run point by point, then the selected point's scores."""
+    q = n["point"]
+    seed_cols = " / ".join(f"s{x}" for x in seeds)
+    lines = [f"## The selected point against its `{n['null']}` null", "",
+             f"The selected point's run retrained per seed with {NULL_WHAT.get(n['null'], n['null'])}, and scored the "
+             f"same way (run `{run_label(q['trained'], q['span'], q['penalty'], n['null'])}`; {n['grids']} of "
+             f"{len(seeds)} seeds recorded). The hypernetwork learns from the student's own loss on align examples, "
+             "so it can lower the held-out loss whatever it is fed; the teacher's part is the difference.", ""]
+    if n["points"]:
+        lines += ["| step | rate | LaTen held-out loss | null held-out loss (mean ± SD) | LaTen − null [95% CI] | "
+                  "null ‖Δ‖/‖W‖ |", "|---:|---:|---:|---|---|---:|"]
+        for p in n["points"]:
+            d = p["delta"]
+            mark = "**" if p["selected"] else ""
+            lines.append(f"| {mark}{p['step']}{mark} | {p['rate']:g} | {_f(p['real'])} | {p['mean']:.4f} ± "
+                         f"{p['sd']:.4f} | {_signed(d[0])} [{_signed(d[1])}, {_signed(d[2])}] | {_sci(p['rel_norm'])} |")
+        lines += ["", "LaTen − null: held-out loss, paired bootstrap over the held-out examples and the seeds (negative: "
+                  "the teacher's vectors lower the loss more than the null's). Bold: the selected point.", ""]
+    held = n["heldout"]
+    lines += [f"Held-out accuracy at the selected point: LaTen {pct(_mean(n['real_heldout']))}, null "
+              f"{pct(_mean(held))}" + (f" (per seed {' / '.join(pct(x) for x in held)})" if held else "")
+              + f"; test: LaTen {pct(out['test'] and out['test']['score'])}, null {pct(_mean(n['scores']))}"
+              + (f" (per seed {' / '.join(pct(x) for x in n['scores'])})" if n["scores"] else "") + ".", ""]
+    if n["vs_student"] is not None:
+        lines += [f"| comparison on the test subset | against | Δ [95% CI] | bootstrap p | McNemar p per seed (only "
+                  f"the first / only the second; {seed_cols}) | Holm p | significant |",
+                  "|---|---|---|---:|---|---|:---:|"]
+        if n["vs_null"] is not None:
+            lines.append(_comparison_row("selected point − null", n["vs_null"], "the null, seed by seed"))
+        lines.append(_comparison_row("null − student", n["vs_student"], "the untuned student"))
+        lines.append("")
+    return lines
+
+
+def _mean(xs: list[float] | None) -> float | None:
+    return None if not xs else sum(xs) / len(xs)
 
 
 def _helps(out: dict, seeds: list[int]) -> list[str]:
