@@ -264,3 +264,34 @@ def test_the_report_names_the_methods_at_their_own_lr(tmp_path):
     assert "Learning rates: seqkd 0.0001" in (tmp_path / "own" / "report.html").read_text()
     assert "Learning rates" not in (tmp_path / "plain" / "results.md").read_text()
     assert "Learning rates" not in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_cost_per_method_reads_each_stages_own_time_and_peak(tmp_path):
+    """report.html's cost table: per method, task and kind of stage, the median and range of each stage's own wall
+    time and the largest peak memory, from the stage records (the manifest lists a cached stage at 0 s)."""
+    from pathlib import Path
+
+    from pkt.experiment.records import load
+    from pkt.experiment.report import cost_html, method_costs
+
+    stages = [{"stage": "lora-gsm8k-s0", "seconds": 100.0, "peak_rss_bytes": 2 * 2**30},
+              {"stage": "lora-gsm8k-s1", "seconds": 300.0, "peak_rss_bytes": 3 * 2**30},
+              {"stage": "lora-gsm8k-s2", "seconds": 200.0},
+              {"stage": "eval-lora-gsm8k-s0", "seconds": 600.0},
+              {"stage": "extract-gsm8k", "seconds": 50.0}, {"stage": "analysis", "seconds": 7200.0}]
+    got = {(r["method"], r["task"], r["stage"]): r for r in method_costs(stages, ["gsm8k"])}
+    build = got[("lora", "gsm8k", "build")]
+    assert (build["n"], build["median_s"], build["min_s"], build["max_s"]) == (3, 200.0, 100.0, 300.0)
+    assert build["peak_gib"] == pytest.approx(3.0)
+    assert got[("lora", "gsm8k", "evaluation")]["peak_gib"] is None
+    assert set(got) == {("lora", "gsm8k", "build"), ("lora", "gsm8k", "evaluation"), ("extract", "gsm8k", "extract"),
+                        ("analysis", None, "analysis")}
+    html = cost_html({"stages": stages}, ["gsm8k"])
+    assert "<td>lora</td><td>gsm8k</td><td>build</td><td>3</td><td>3.3 min</td><td>100 s – 5.0 min</td><td>3.0</td>" in html
+    assert "<td>2.00 h</td><td>–</td>" in html and cost_html(None, ["gsm8k"]) == ""
+    # the committed CPU study: its manifest lists lora-gsm8k-s0 as cached at 0 s; the table has the record's time
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-study"
+    listed = next(s for s in json.loads((root / "study.json").read_text())["stages"] if s["stage"] == "lora-gsm8k-s0")
+    record = json.loads((root / "stages" / "lora-gsm8k-s0.json").read_text())
+    timed = next(s for s in load(root).progress["stages"] if s["stage"] == "lora-gsm8k-s0")
+    assert listed["seconds"] == 0.0 and timed["seconds"] == record["seconds"] > 60

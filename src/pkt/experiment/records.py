@@ -295,12 +295,12 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
     """The report's inputs from the study's stage list (in run order) and its stage records by key."""
     tasks = [str(t) for t in study.get("tasks") or []]
     out = Loaded(manifest=study)
-    seen = set()
+    seen: dict[str, None] = {}  # in run order
     for s in study["stages"]:
         st = stages.get(s["key"])
         if st is None or s["key"] in seen:
             continue  # not finished (yet), or listed twice (a build another build reuses)
-        seen.add(s["key"])
+        seen[s["key"]] = None
         stage = _typed(st, tasks)
         if stage.kind == EVAL:
             out.records.append(_eval_row(st, stage, stages))
@@ -310,8 +310,12 @@ def assemble(study: dict, stages: dict[str, _Stage]) -> Loaded:
     out.records = _vanilla_for_every_seed(out.records, study)
     out.curves = _curves(out.records, stages)
     seconds = sum(float(stages[k].record.get("seconds") or 0) for k in seen)
+    # each recorded stage's own time and peak memory where it ran (the manifest lists a cached stage at 0 s)
+    timed = [{"stage": stages[k].record["stage"], "seconds": float(stages[k].record.get("seconds") or 0.0),
+              **{f: stages[k].record[f] for f in ("peak_rss_bytes", "machine") if stages[k].record.get(f)}}
+             for k in seen]
     out.progress = {"recorded": len(seen), "planned": len({s["key"] for s in study["stages"]}),
-                    "seconds": round(seconds, 1)}
+                    "seconds": round(seconds, 1), "stages": timed}
     return out
 
 

@@ -99,6 +99,58 @@ def stage_time_note(progress: dict | None) -> str:
             "stage's own time).")
 
 
+def method_costs(stages: list[dict], tasks: list[str]) -> list[dict]:
+    """What each method cost on the machine that ran the study, from its recorded stages (records.Loaded.progress:
+    each stage's own wall time and, where recorded, its peak resident memory): per method (or shared stage) and
+    task, its builds and its evaluations, in the order the study first ran them. In report.html only, as every
+    timing."""
+    import statistics
+
+    from pkt.stage import BUILD, EVAL, Stage
+
+    groups: dict[tuple, dict] = {}
+    for s in stages:
+        try:
+            st = Stage.from_name(s["stage"], tasks)
+        except ValueError:
+            continue
+        what = {BUILD: "build", EVAL: "evaluation"}.get(st.kind, st.kind)
+        g = groups.setdefault((st.method or st.kind, st.task, what), {"seconds": [], "peaks": []})
+        g["seconds"].append(float(s.get("seconds") or 0.0))
+        if s.get("peak_rss_bytes"):
+            g["peaks"].append(int(s["peak_rss_bytes"]))
+    return [{"method": m, "task": t, "stage": w, "n": len(g["seconds"]), "median_s": statistics.median(g["seconds"]),
+             "min_s": min(g["seconds"]), "max_s": max(g["seconds"]),
+             "peak_gib": max(g["peaks"]) / 2**30 if g["peaks"] else None} for (m, t, w), g in groups.items()]
+
+
+def cost_html(progress: dict | None, tasks: list[str]) -> str:
+    """The per-method cost table of report.html (:func:`method_costs`), or nothing without stage records."""
+    stages = (progress or {}).get("stages") or []
+    rows = method_costs(stages, tasks)
+    if not rows:
+        return ""
+    machines = sorted({f"{m.get('cpu', '?')} ({m.get('arch', '?')}, {m.get('cpu_capability', '?')}"
+                       f"{', AMX bf16' if m.get('amx_bf16') else ''}), torch {m.get('torch', '?')}"
+                       for m in (s.get("machine") for s in stages) if isinstance(m, dict)})
+    where = f" Machine: {'; '.join(machines)}." if machines else ""
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+            r["method"], r["task"] or "–", r["stage"], r["n"], _span(r["median_s"]),
+            f"{_span(r['min_s'])} – {_span(r['max_s'])}" if r["n"] > 1 else "–",
+            "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}")) + "</tr>" for r in rows)
+    return ("<h2>Cost per method</h2><table id=\"costs\"><tr><th>method</th><th>task</th><th>stage</th><th>n</th>"
+            "<th>wall time (median)</th><th>range</th><th>peak resident memory (GiB, max)</th></tr>"
+            f"{body}</table><p>Each stage's own wall time and peak resident memory on the machine that ran it (a "
+            "stage restored from records keeps the time it took where it ran); builds include their training, "
+            f"evaluations their generation and scoring.{html.escape(where)}</p>")
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.2f} h"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
@@ -221,13 +273,15 @@ def write_report(out: Path, records: list[dict], manifest: dict, figures: list[P
     figs = [Path(f) for f in figs if f is not None and Path(f).is_file()]
     for f in figs:
         plots.compact_png(f)
+    tasks = [str(t) for t in manifest.get("tasks") or []]
     write_text(out / "report.html", render_html(manifest, rows, figs, f"{status}{stage_time_note(progress)}",
-                                                family=family))
+                                                family=family, costs=cost_html(progress, tasks)))
     return {"rows": rows, "files": ["results.json", "results.csv", "results.md", "report.html",
                                     *(f.relative_to(out).as_posix() for f in figs)]}
 
 
-def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "", family: int = 0) -> str:
+def render_html(manifest: dict, rows: list[dict], figures: list[Path], status: str = "", family: int = 0,
+                costs: str = "") -> str:
     first = any("first_answer" in r for r in rows)
     head = ["method", "task", "metric", "seeds", "n", "score", "Δ vs student [95% CI]", "p (Holm)",
             "Δ vs lora [95% CI]", "p (Holm)",
@@ -271,6 +325,7 @@ finished {html.escape(str(manifest.get('finished', '')))}</p>
 <p>Scores are means ± std over seeds; Δ is the paired difference to the vanilla student (or to LoRA);
 answer loss is the mean teacher-forced NLL of gold responses (lower is better). {html.escape(stats_note(family)) if family else ""}{html.escape(" " + lrs) if lrs else ""}</p>
 <h2>Figures</h2>{''.join(imgs)}
+{costs}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>status</th></tr>{stages}</table>
 <h2>Configuration</h2><pre>{cfg}</pre>
 </body></html>
