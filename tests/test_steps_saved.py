@@ -201,6 +201,31 @@ def test_tiny_study_pairs_its_arms_resumes_and_rederives_its_report(tmp_path, qw
     assert code == 2 and "laten-lora-s0.json: trained on other batches than lora's of seed 0" in err
 
 
+def test_laten_lora_against_its_random_teacher_null(tmp_path, qwen_pair, shared_data, pkt_cli):
+    """laten-random-lora: the same fine-tuning on the same batches of the student LaTen's null injected (built by
+    pkt run's laten-random, its fused weights pruned like LaTen's); the report states laten-lora minus it."""
+    import json
+
+    from pkt.studies import steps_saved_report as R
+
+    t, s = saved_pair(qwen_pair, tmp_path)
+    cfg = _config(tmp_path, t, s, seeds=[0], arms=["lora", "laten-lora", "laten-random-lora"])
+    out, records = tmp_path / "out", tmp_path / "records"
+    code, log, err = pkt_cli("study", "steps-saved", cfg, "--out", out)
+    assert code == 0, err
+    rec = R.load(records)
+    real, null = (rec["curves"][(a, 0)]["result"] for a in ("laten-lora", "laten-random-lora"))
+    assert real["batches"] == null["batches"] == rec["curves"][("lora", 0)]["result"]["batches"]
+    assert real["heldout"][0]["loss"] != null["heldout"][0]["loss"]  # another injection from step 0 on
+    stages = out / "stages"
+    manifest = json.loads(next(stages.glob("laten-random-gsm8k-s0-*/fused/pkt-laten.json")).read_text())
+    assert manifest["teacher_vectors"] == "random"
+    assert not list(stages.glob("laten*/fused/model*.safetensors"))  # both LaTen students pruned, deltas kept
+    assert len(list(stages.glob("laten*/fused/laten_deltas.safetensors"))) == 2
+    md = (records / R.REPORT).read_text()
+    assert "| laten-lora − laten-random-lora |" in md and "LaTen's random-teacher null injected" in md
+
+
 def test_report_joins_the_studies_its_config_names(tmp_path, shared_data, pkt_cli):
     """`pkt study steps-saved CONFIG --report` passes the config's compare_with to the report: the committed
     controls' records, reported from a copy with the committed config's settings, give the committed joined report."""

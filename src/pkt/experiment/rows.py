@@ -125,11 +125,11 @@ def _dtype_cell(recs: list[dict]) -> str | None:
 # its controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
 # language-based transfer at the same teacher-derived examples; function-transfer against its nulls (the teacher's
 # directions, the layer pairing); and whether the split teaches the teacher itself (teacher-lora against the teacher
-# it was fine-tuned from); LaTen against its random-teacher null. A pair whose arms a study lacks is skipped, so older reports keep their table.
+# it was fine-tuned from); LaTen and laten-lora against their random-teacher nulls. A pair whose arms a study lacks is skipped, so older reports keep their table.
 COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), ("seeking", "pissa"),
                ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten"),
                ("function-transfer", "function-transfer-random"), ("function-transfer", "function-transfer-shuffled"),
-               ("teacher-lora", "teacher"), ("laten", "laten-random")]
+               ("teacher-lora", "teacher"), ("laten", "laten-random"), ("laten-lora", "laten-random-lora")]
 
 def comparisons(records: list[dict], pairs=COMPARISONS) -> list[dict]:
     """Paired differences a − b on each task over the seeds both arms have: the score's difference with its 95%

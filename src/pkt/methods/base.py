@@ -42,6 +42,8 @@ class Method:
     injection: tuple[str, ...] = ()
     # its build fine-tunes with :func:`finetune_cfg`, so the config's ``method_lrs`` may give it its own lr
     finetunes: bool = False
+    # the arm this one is a null of (seeking-random: "seeking"; laten-random: "laten"), set beside it in comparisons
+    controls: str | None = None
 
     def build(self, study, task: str, seed: int, inputs: dict) -> tuple[str, str]:
         """(model reference, dtype) of the method's model for ``task`` and ``seed``. ``inputs`` maps each

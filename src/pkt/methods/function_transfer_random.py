@@ -12,6 +12,7 @@ from pkt.methods.registry import register
 class FunctionTransferRandom(FunctionTransfer):
     name = "function-transfer-random"
     task_vector = "random"
+    controls = "function-transfer"
 
 
 register(FunctionTransferRandom())

@@ -11,6 +11,7 @@ from pkt.methods.registry import register
 class FunctionTransferShuffled(FunctionTransfer):
     name = "function-transfer-shuffled"
     pairing = "shuffled"
+    controls = "function-transfer"
 
 
 register(FunctionTransferShuffled())

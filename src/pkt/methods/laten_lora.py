@@ -13,14 +13,15 @@ from pkt.methods.base import Method, data_setting, finetune_cfg, merged, seeking
 
 class LatenLoRA(Method):
     name = "laten-lora"
-    reads = ("laten",)
+    source = "laten"  # the injected student it fine-tunes (laten-random-lora: LaTen's null's)
+    reads = (source,)
     finetunes = True
 
     def build(self, study, task, seed, inputs):
         from pkt.postpkt import run_postpkt
 
         c = study.cfg
-        laten_ref, _ = study.build("laten", task, seed, inputs)
+        laten_ref, _ = study.build(self.source, task, seed, inputs)
         deltas = Path(laten_ref) / "laten_deltas.safetensors"
         ft = finetune_cfg(study, task, seed, self.name)
         payload = {"method": self.name, "task": task, "student": c.student, "finetune": ft.model_dump(),

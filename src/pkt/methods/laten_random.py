@@ -12,7 +12,7 @@ from pkt.methods.registry import register
 class LatenRandom(Laten):
     name = "laten-random"
     vectors = "random"
-    control = "random"
+    controls = "laten"
 
 
 register(LatenRandom())

@@ -12,6 +12,7 @@ class SeekingRandom(PostPktArm):
     name = "seeking-random"
     init = "seeking"
     control = "random"
+    controls = "seeking"
     reads = ("extract",)
 
 

@@ -11,6 +11,7 @@ class SeekingShuffled(PostPktArm):
     name = "seeking-shuffled"
     init = "seeking"
     control = "shuffled"
+    controls = "seeking"
     reads = ("extract",)
 
 

@@ -13,6 +13,7 @@ from pkt.methods.semalign import SemAlign
 class SemAlignShuffled(SemAlign):
     name = "semalign-shuffled"
     vocab = "shuffled"
+    controls = "semalign"
 
 
 register(SemAlignShuffled())

@@ -11,8 +11,8 @@ arm's loss is measured on ONE fixed held-out set at chosen optimizer steps (``he
 by the training loop's probe (:class:`pkt.align.loop.Probe`, which changes no training bit), so the curves differ
 only by the model.
 
-Per seed, every arm of ``arms`` (default lora and laten-lora; also seeking, its controls seeking-random and
-seeking-shuffled, or pissa) is fine-tuned exactly as
+Per seed, every arm of ``arms`` (default lora and laten-lora; also laten-lora's null laten-random-lora, seeking, its
+controls seeking-random and seeking-shuffled, or pissa) is fine-tuned exactly as
 ``pkt run`` builds it (:func:`pkt.methods.base.finetune_cfg`, :func:`pkt.postpkt.run_postpkt`; laten-lora's LaTen
 student is ``pkt run``'s ``laten`` build, :mod:`pkt.methods.laten`), with the same seed for the LoRA init, the
 data order and the dropout masks: the arms of a seed train on the same examples in the same steps and
@@ -45,20 +45,20 @@ from pydantic import Field, PositiveFloat, field_validator, model_validator
 from pkt.config import Settings
 from pkt.errors import PktError
 from pkt.experiment.config import Budget
+from pkt.methods import REGISTRY
 from pkt.studies import staged, steps_saved_report as R
 from pkt.studies.pilot import heldout_task
 from pkt.studies.pilot_heldout import heldout_set
 
 # arm -> the LoRA init it fine-tunes with (laten-lora: plain LoRA on the LaTen-injected student)
-INITS = {"lora": "lora", "laten-lora": "lora", "seeking": "seeking", "seeking-random": "seeking",
-         "seeking-shuffled": "seeking", "pissa": "pissa"}
+INITS = {"lora": "lora", "laten-lora": "lora", "laten-random-lora": "lora", "seeking": "seeking",
+         "seeking-random": "seeking", "seeking-shuffled": "seeking", "pissa": "pissa"}
 
 
 def control_of(arm: str) -> str | None:
     """The control Seeking's factors are turned into for ``arm`` (pkt.postpkt.control_factors, seeded with the
     fine-tuning seed), as pkt run's method of that name declares it: whether a curve below LoRA's comes from the
     teacher's blocks or from a large init of their spectrum. None for every other arm."""
-    from pkt.methods import REGISTRY
 
     return getattr(REGISTRY[arm], "control", None)
 
@@ -195,8 +195,9 @@ class StepsSaved:
     def _inputs(self, arm: str, seed: int) -> dict:
         """What the arm starts from besides the student, as stage paths: LaTen's fused student (laten-lora) or
         Seeking's factors; built unless cached (or, in a peek, only named)."""
-        if arm == "laten-lora":
-            ref, _ = self.study.build("laten", self.cfg.task, seed, {})
+        source = getattr(REGISTRY[arm], "source", None)  # laten-lora's LaTen build, laten-random-lora's null's
+        if source:
+            ref, _ = self.study.build(source, self.cfg.task, seed, {})
             return {"laten": ref}
         if INITS[arm] == "seeking":  # Seeking and its controls start from the task's one extraction
             return {"factors": str(self.study.shared_stage("extract", self.cfg.task))}
@@ -274,15 +275,18 @@ class StepsSaved:
                 "train_seconds": summary.get("train_seconds")}
 
     def _prune_laten(self, seed: int) -> None:
-        """LaTen's fused student once its seed's arms are done (its delta file and record stay)."""
-        if self.cfg.keep_checkpoints or "laten-lora" not in self.cfg.arms:
+        """The LaTen students (LaTen's, its null's) once their seed's arms are done (delta files and records stay)."""
+        if self.cfg.keep_checkpoints:
             return
-        with self._dry():
-            ref = Path(self.study.build("laten", self.cfg.task, seed, {})[0])
-        files = sorted(ref.glob("model*.safetensors"))
-        if files:
-            freed = self.study.cache.prune(ref.parent, files, "LaTen's fused weights deleted after its seed's curves")
-            self.log(f"[pruned] {ref.parent.name}/{ref.name}: {freed / 1e9:.2f} GB")
+        for source in dict.fromkeys(getattr(REGISTRY[a], "source", None) for a in self.cfg.arms):
+            if source is None:
+                continue
+            with self._dry():
+                ref = Path(self.study.build(source, self.cfg.task, seed, {})[0])
+            files = sorted(ref.glob("model*.safetensors"))
+            if files:
+                freed = self.study.cache.prune(ref.parent, files, "LaTen's fused weights deleted after its seed's curves")
+                self.log(f"[pruned] {ref.parent.name}/{ref.name}: {freed / 1e9:.2f} GB")
 
     def meta(self) -> dict:
         return {"format": 1, "settings": self.cfg.model_dump(mode="json"), "config_yaml": self.config_text,

@@ -19,10 +19,11 @@ What it states, over the seeds whose every arm is recorded:
   (:func:`pkt.experiment.stats.two_way_counts`): in each replicate the target and every arm's crossing are
   recomputed from the resampled curves; a replicate whose curve never reaches the target counts as infinitely
   many steps. "Saved" is lora's steps minus the arm's, per replicate, with its bootstrap p;
-* each Seeking control beside Seeking where both are arms (``seeking-random``, ``seeking-shuffled``: the same
-  spectrum, other blocks): Seeking minus its control in held-out loss at the last measured step and in steps to
-  LoRA's final loss, from the same bootstrap replicates. This is the comparison that says whether the teacher's
-  blocks matter, which the two rows against lora only suggest;
+* each control beside its arm where both are arms (``seeking-random``, ``seeking-shuffled``: the same spectrum,
+  other blocks; ``laten-random-lora``: LaTen's random-teacher null injected before the same fine-tuning): the arm
+  minus its control in held-out loss at the last measured step and in steps to LoRA's final loss, from the same
+  bootstrap replicates. This is the comparison that says whether the teacher's part matters, which the two rows
+  against lora only suggest;
 * Holm's adjusted p beside every raw one, over one family: every comparison the report states (each step's
   difference with lora, each arm's steps saved, each arm against its control).
 
@@ -108,12 +109,12 @@ def join(rec: dict, others: list[dict]) -> dict:
 
 
 def control_pairs(arms: list[str]) -> list[tuple[str, str]]:
-    """(arm, control) for each arm that is a control of another arm (pkt run's method declares a ``control`` of
-    its ``init``: seeking-random and seeking-shuffled of seeking), where both are among ``arms``."""
+    """(arm, control) for each arm that is a null of another arm (pkt run's method names it in ``controls``:
+    seeking-random and seeking-shuffled of seeking, laten-random-lora of laten-lora), where both are among
+    ``arms``."""
     from pkt.methods import REGISTRY
 
-    return [(REGISTRY[c].init, c) for c in arms
-            if getattr(REGISTRY.get(c), "control", None) and REGISTRY[c].init in arms]
+    return [(REGISTRY[c].controls, c) for c in arms if c in REGISTRY and REGISTRY[c].controls in arms]
 
 
 def crossings(curves: np.ndarray, at: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -255,9 +256,15 @@ def _joined(meta: dict) -> list[str]:
 def _controls(out: dict) -> list[str]:
     """The section on each arm against its controls."""
     last = out["at"][-1]
+    what = []
+    if any(x["arm"] == "seeking" for x in out["controls"]):
+        what.append("Seeking's: the same spectrum from other blocks, whether the teacher's blocks do more than a "
+                    "large init of their size")
+    if any(x["arm"] == "laten-lora" for x in out["controls"]):
+        what.append("laten-lora's: the same fine-tuning of the student LaTen's random-teacher null injected, whether "
+                    "the teacher's vectors do more than the hypernetwork's own training on the student's loss")
     lines = ["## Against its controls", "",
-             "The arm minus its control (the same spectrum from other blocks; the same seed, batches and lr): "
-             "whether the teacher's blocks do more than a large init of their size.", "",
+             f"The arm minus its control (the same seed, batches and lr; {'; '.join(what)}).", "",
              f"| arm − control | held-out loss at step {last} [95% CI] | p | Holm | steps saved over the control "
              "[95% CI] | p | Holm |", "|---|---|---:|---:|---|---:|---:|"]
     for x in out["controls"]:
