@@ -339,3 +339,22 @@ def test_laten_random_is_laten_on_random_teacher_vectors(tiny_config):
     rows = json.loads((tmp / "null" / "results.json").read_text())["records"]
     assert {r["method"] for r in rows} >= {"laten", "laten-random"}
     assert "laten − laten-random" in (tmp / "null" / "results.md").read_text()
+
+
+def test_laten_at_a_selected_point_trains_and_applies_as_the_budget_says(tiny_config):
+    """A point `pkt study laten-dose` may select: k steps of the extract split's cycle, λ 0, trained at one rate
+    and applied at another; pkt run's laten build is exactly that point."""
+    cfg, tmp = tiny_config
+    budget = {**cfg.budget.model_dump(mode="json"), "laten_choice": "fixed", "laten_steps": 2,
+              "laten_schedule": "extract", "laten_rate": 0.1, "laten_apply_rate": 0.5, "laten_penalty": 0.0}
+    cfg = validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "methods": ["student", "laten"],
+                                      "analysis": False, "budget": budget})
+    Study(cfg, tmp / "point", log=lambda s: None).run()
+    stage = next((tmp / "point" / "stages").glob("laten-gsm8k-s0-*"))
+    trained = json.loads((stage / "train" / "config.json").read_text())
+    assert (trained["max_steps"], trained["schedule"], trained["transfer_rate"], trained["penalty"]) == (
+        2, "extract", 0.1, 0.0)
+    manifest = json.loads((stage / "fused" / "pkt-laten.json").read_text())
+    assert (manifest["step"], manifest["transfer_rate"]) == (2, 0.5)
+    rows = [json.loads(x) for x in (stage / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["penalty"] for r in rows] == [0.0, 0.0] and rows[0]["lr"] < cfg.budget.laten_lr / 5  # the cycle's warm-up

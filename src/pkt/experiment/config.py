@@ -55,7 +55,11 @@ class Budget(Settings):
     # the reference's; at a budget of fewer steps than extract examples the lr then stays near lr/25)
     laten_schedule: Literal["trained", "extract"] = "trained"
     laten_batch: int = Field(16, ge=1)
-    laten_rate: float = Field(0.1, gt=0, le=1)
+    laten_rate: float = Field(0.1, gt=0, le=1)  # the share of neurons located: in training and at the apply
+    # the apply's rate when it differs from the training's (None: laten_rate), and the alignment penalty λ: a
+    # point that `pkt study laten-dose` selected (trained at one rate, applied at another; λ 1000 or none)
+    laten_apply_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    laten_penalty: float = Field(1000.0, ge=0)
     laten_lr: float = 3e-4
     # knowledge distillation: teacher answers for the train prompts
     kd_max_new_tokens: int = Field(256, ge=1)

@@ -42,7 +42,7 @@ def laten_settings(c, task: str, seed: int):
 
     b = c.budget_for(task)
     return LatenConfig(teacher=c.teacher, student=c.student, task=task, style=c.style,
-                       transfer_rate=b.laten_rate, lr=b.laten_lr, batch_size=b.laten_batch,
+                       transfer_rate=b.laten_rate, penalty=b.laten_penalty, lr=b.laten_lr, batch_size=b.laten_batch,
                        micro_batch=min(4, b.laten_batch), max_steps=train_steps(c, task), seed=seed,
                        cutoff_len=b.max_length, teacher_dtype=c.teacher_dtype,
                        student_dtype=c.dtype, schedule=b.laten_schedule,
@@ -57,7 +57,7 @@ def train_and_fuse(study, lc, d: Path) -> dict:
     b = study.cfg.budget_for(lc.task)
     models = load_models(lc, log=study.echo)
     rows = train(lc, d / "train", models=models, resume=False, progress=True, log=lambda s: None)
-    point, grid, vanilla = {"step": lc.max_steps, "rate": b.laten_rate}, None, None
+    point, grid, vanilla = {"step": lc.max_steps, "rate": b.laten_apply_rate or b.laten_rate}, None, None
     if b.laten_choice == "select" or b.laten_grid:
         from pkt.laten import align_loss, select_point, split_examples
 

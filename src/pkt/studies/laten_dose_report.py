@@ -84,7 +84,8 @@ def run_of(settings: dict, n_extract: int, schedule: str, step: int) -> tuple[in
 
 
 def paper_point(settings: dict, step: int | None, n_extract: int | None = None) -> dict | None:
-    """pkt run's LaTen point for the budget (its step, ``laten_rate``, λ 1000 and ``laten_schedule``), or None
+    """pkt run's LaTen point for the budget (its step, ``laten_apply_rate`` or ``laten_rate``, ``laten_penalty``
+    and ``laten_schedule``), or None
     without ``accuracy.paper``; a PktError naming the setting when the grid does not hold it."""
     if step is None:
         return None
@@ -92,7 +93,8 @@ def paper_point(settings: dict, step: int | None, n_extract: int | None = None) 
 
     b = settings["budget"]
     p = {"schedule": "trained" if b["laten_schedule"] == "trained" else "cycle",
-         "penalty": float(LatenConfig.model_fields["penalty"].default), "step": step, "rate": float(b["laten_rate"])}
+         "penalty": float(b.get("laten_penalty", LatenConfig.model_fields["penalty"].default)), "step": step,
+         "rate": float(b.get("laten_apply_rate") or b["laten_rate"])}
     what = f"pkt run's LaTen point ({p['schedule']} schedule, step {step}, rate {p['rate']:g}, λ {p['penalty']:g})"
     if p["schedule"] not in settings["schedules"]:
         raise PktError(f"accuracy.paper: {what} needs schedules to hold {p['schedule']!r}")

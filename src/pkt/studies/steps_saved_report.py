@@ -282,8 +282,15 @@ def render(rec: dict, out: dict) -> str:
     arms, at = out["arms"], out["at"]
     lat = ""
     if "laten-lora" in arms:
-        lat = (f" laten-lora fine-tunes LaTen's injected student (`pkt run`'s laten build: {b['laten_choice']} step, "
-               f"rate {b['laten_rate']:g}, {b['laten_batch']} examples per hypernetwork step) with the same LoRA.")
+        # a point other than the paper's is named in full (records of the paper's point keep their sentence)
+        step = (f"{b['laten_steps']} steps of a cycle over "
+                f"{'the extract split' if b.get('laten_schedule') == 'extract' else 'the steps trained'}"
+                if b["laten_choice"] == "fixed" else f"{b['laten_choice']} step")
+        rate = f"rate {b['laten_rate']:g}" + (f" (applied at {b['laten_apply_rate']:g})" if b.get("laten_apply_rate")
+                                               else "")
+        lam = "" if b.get("laten_penalty", 1000.0) == 1000.0 else f", λ {b['laten_penalty']:g}"
+        lat = (f" laten-lora fine-tunes LaTen's injected student (`pkt run`'s laten build: {step}, {rate}{lam}, "
+               f"{b['laten_batch']} examples per hypernetwork step) with the same LoRA.")
     own = s.get("arm_lrs") or {}  # records made before arms could have their own lr have none
     lr = f"lr {b['lr']:g}" + (f" ({', '.join(f'{a}: {x:g}' for a, x in own.items())})" if own else "")
     lines = [f"# Steps saved: {s['name']}", "",
