@@ -270,6 +270,14 @@ class LatenDose:
         t, s = R.run_of(self.settings, self.n_extract, schedule, step)
         return Run(t, s, float(penalty))
 
+    def null_run(self, null: str, point: dict | None) -> Run:
+        """The training a null retrains: the selected ``point``'s run on the null's vectors, or, before a point is
+        chosen, the longest run's (the plan's stand-in)."""
+        if point is not None:
+            return run_of_point({**point, "vectors": null})
+        longest = max(self.runs(), key=lambda r: (r.trained, r.span))
+        return Run(longest.trained, longest.span, longest.penalty, null)
+
     def scored(self, run: Run) -> list[int]:
         """The steps of a run's checkpoints that the grid scores (a null run's: its real twin's)."""
         return sorted({k for sch in self.cfg.schedules for lam in self.cfg.penalties
@@ -569,7 +577,7 @@ class LatenDose:
             for null in c.nulls:  # the selected point on the null's vectors: its run, then its evaluations
                 p = {**chosen, "vectors": null}
                 for seed in c.seeds:
-                    self._record_grid(record, run_of_point(p), seed)
+                    self._record_grid(record, self.null_run(null, chosen), seed)
                 for which in ("heldout", "test"):
                     self._evaluate_point(record, p, which)
             record.drop_others(R.GRIDS, R.ACCURACY, R.TESTS)  # another grid's or settings': not this study's

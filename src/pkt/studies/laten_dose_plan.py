@@ -166,17 +166,12 @@ def plan(study) -> tuple[list[tuple[str, bool, float, str]], list[str]]:
 def _null_rows(study, cost: Costs, chosen: dict | None) -> list[tuple[str, bool, float, str]]:
     """Each null's stages: the selected point's run retrained and its grid scored per seed, then the point's
     held-out and test evaluations. Before the point is chosen, the longest run (the cycle's) stands for it."""
-    from pkt.studies.laten_dose import Run, run_of_point
-
     c = study.cfg
     rows = []
     for null in c.nulls:
-        if chosen is not None:
-            p = {**chosen, "vectors": null}
-            run, label = run_of_point(p), R.point_label(p)
-        else:
-            longest = max(study.runs(), key=lambda r: (r.trained, r.span))
-            run, label = Run(longest.trained, longest.span, longest.penalty, null), f"{null}-null (point to be chosen)"
+        run = study.null_run(null, chosen)
+        p = {**chosen, "vectors": null} if chosen is not None else None
+        label = R.point_label(p) if p is not None else f"{null}-null (point to be chosen)"
         for seed in c.seeds:
             _, gres, _, _ = study.grid(run, seed) if chosen is not None else (None, None, None, None)
             tname, tkey = study.train_key(run, seed)
