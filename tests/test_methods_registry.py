@@ -219,6 +219,20 @@ def test_a_name_of_no_stage_is_refused():
 
 
 # ---- the registry -----------------------------------------------------------------------------------------
+def test_every_null_is_compared_with_the_arm_it_controls():
+    """A method that declares ``controls`` is a null: its arm exists, and every report states arm − null (the
+    comparisons are read from the registry, so a new null needs nothing else)."""
+    from pkt.experiment.rows import HEAD_TO_HEAD, comparison_pairs
+
+    nulls = {m.name: m.controls for m in methods.REGISTRY.values() if m.controls}
+    assert {"seeking-random", "seeking-shuffled", "function-transfer-random", "function-transfer-shuffled",
+            "semalign-shuffled", "laten-random", "laten-random-lora"} <= set(nulls)
+    pairs = comparison_pairs()
+    for null, arm in nulls.items():
+        assert arm in methods.REGISTRY and (arm, null) in pairs, null
+    assert pairs[-len(HEAD_TO_HEAD):] == HEAD_TO_HEAD and len(pairs) == len(set(pairs))
+
+
 def test_every_configurable_method_is_registered_and_consistent():
     assert set(ALL_METHODS) <= set(methods.REGISTRY)
     for m in methods.REGISTRY.values():

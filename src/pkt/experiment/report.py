@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 # rows and sections are computed in their own modules; their public names stay importable from here
-from pkt.experiment.rows import ALPHA, BASELINE_FP32, COMPARISONS, adjust, aggregate, comparisons  # noqa: F401
+from pkt.experiment.rows import ALPHA, BASELINE_FP32, adjust, aggregate, comparisons  # noqa: F401
 from pkt.experiment.sections import (analysis_tables, equal_steps_table, injection_table,  # noqa: F401
                                      laten_grid_table, plot_laten_grid, save_png)
 from pkt.experiment.stats import holm
@@ -176,7 +176,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparisons_table(records: list[dict], pairs=COMPARISONS, comps: list[dict] | None = None) -> str:
+def comparisons_table(records: list[dict], pairs: list[tuple[str, str]] | None = None,
+                      comps: list[dict] | None = None) -> str:
     """:func:`comparisons` as a markdown table; ``comps``: already computed (and Holm-adjusted by :func:`adjust`),
     else computed here and adjusted among themselves."""
     if comps is None:

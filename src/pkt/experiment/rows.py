@@ -121,20 +121,30 @@ def _dtype_cell(recs: list[dict]) -> str | None:
 
 
 # The study's head-to-head questions beyond "vs student" and "vs LoRA" (the table's columns, which every built arm,
-# function-transfer included, already has: listed here too they would enter Holm's family twice): Seeking against
-# its controls and PiSSA (is the located sub-matrix what helps, or any SVD init?), and parametric against
-# language-based transfer at the same teacher-derived examples; function-transfer against its nulls (the teacher's
-# directions, the layer pairing); and whether the split teaches the teacher itself (teacher-lora against the teacher
-# it was fine-tuned from); LaTen and laten-lora against their random-teacher nulls. A pair whose arms a study lacks is skipped, so older reports keep their table.
-COMPARISONS = [("seeking", "seeking-random"), ("seeking", "seeking-shuffled"), ("seeking", "pissa"),
-               ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"), ("laten-lora", "laten"),
-               ("function-transfer", "function-transfer-random"), ("function-transfer", "function-transfer-shuffled"),
-               ("teacher-lora", "teacher"), ("laten", "laten-random"), ("laten-lora", "laten-random-lora")]
+# function-transfer included, already has: listed here too they would enter Holm's family twice). First every arm
+# against each of its nulls, read from the methods' ``controls`` (seeking-random and -shuffled of Seeking, the
+# function-transfer and SemAlign nulls, LaTen's and laten-lora's random-teacher nulls: a new null is compared with
+# its arm by declaring it); then Seeking against PiSSA (is the located sub-matrix what helps, or any SVD init?),
+# parametric against language-based transfer at the same teacher-derived examples, laten-lora against LaTen, and
+# whether the split teaches the teacher itself (teacher-lora against the teacher it was fine-tuned from). A pair
+# whose arms a study lacks is skipped, so older reports keep their table.
+HEAD_TO_HEAD = [("seeking", "pissa"), ("seeking", "seqkd"), ("seeking", "gkd"), ("laten", "seqkd"),
+                ("laten-lora", "laten"), ("teacher-lora", "teacher")]
 
-def comparisons(records: list[dict], pairs=COMPARISONS) -> list[dict]:
-    """Paired differences a − b on each task over the seeds both arms have: the score's difference with its 95%
+
+def comparison_pairs() -> list[tuple[str, str]]:
+    """(arm, other) of every comparison a report states: each registered null against its arm, then HEAD_TO_HEAD."""
+    from pkt.methods import REGISTRY
+
+    return [(m.controls, m.name) for m in REGISTRY.values() if m.controls] + HEAD_TO_HEAD
+
+
+def comparisons(records: list[dict], pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Paired differences a − b (``pairs``, default :func:`comparison_pairs`) on each task over the seeds both arms
+    have: the score's difference with its 95%
     paired-bootstrap interval and p-value, and the answer loss's (mean ± std over seeds of the per-seed
     difference). Only arms evaluated in the same dtype on the same examples are compared."""
+    pairs = comparison_pairs() if pairs is None else pairs
     out = []
     for task in dict.fromkeys(r["task"] for r in records):
         by = {}
