@@ -358,3 +358,5 @@ def test_laten_at_a_selected_point_trains_and_applies_as_the_budget_says(tiny_co
     assert (manifest["step"], manifest["transfer_rate"]) == (2, 0.5)
     rows = [json.loads(x) for x in (stage / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["penalty"] for r in rows] == [0.0, 0.0] and rows[0]["lr"] < cfg.budget.laten_lr / 5  # the cycle's warm-up
+    with pytest.raises(Exception, match="laten_apply_rate: laten_choice 'select' chooses the rate itself"):
+        validate(ExperimentConfig, {**cfg.model_dump(mode="json"), "budget": {**budget, "laten_choice": "select"}})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pkt.config import Settings
 from pkt.data.tasks import TASKS
@@ -114,6 +114,13 @@ class Budget(Settings):
 
         parse_protocol(v)  # a ValueError naming the unknown task or protocol becomes a settings error
         return v
+
+    @model_validator(mode="after")
+    def _apply_rate_of_a_fixed_point(self):
+        if self.laten_apply_rate is not None and self.laten_choice == "select":
+            raise ValueError("laten_apply_rate: laten_choice 'select' chooses the rate itself (laten_select_rates); "
+                             "use 'paper' or 'fixed'")
+        return self
 
 
 STAGE_KINDS = ("extract", "kd-data", "finetune", "gkd", "laten", "eval", "analysis")
